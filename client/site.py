@@ -1,0 +1,108 @@
+"""What one site holds: its data (local file or simulated partition), preprocessed locally.
+
+In deployment the SuperNode's node config names the site's data file
+(``data-path``); in simulation Flower gives each virtual node a
+``partition-id`` of ``num-partitions`` and the site takes that share of the
+embedded dataset's training pool (never the server's held-out part).
+Feature scaling is fitted on the site's own training split only.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import RunConfig
+from common.data import (
+    Dataset,
+    Standardizer,
+    load_builtin,
+    load_site_file,
+    split_holdout_stratified,
+    split_train_test,
+)
+from common.errors import ConfigurationError
+from common.partition import dirichlet_partition, iid_partition
+from common.rng import seeded_generator
+from common.task import TaskSpec
+
+LOCAL_TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class SiteData:
+    """A site's preprocessed train/test arrays, shaped for the run's model."""
+
+    dataset_id: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def site_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> Dataset:
+    """The simulated site's share of the embedded dataset's training pool."""
+    if not (0 <= partition_id < num_partitions):
+        raise ConfigurationError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    pool, _ = split_holdout_stratified(load_builtin(cfg.dataset), cfg.test_fraction, cfg.seed)
+    rng = seeded_generator(cfg.seed)
+    if cfg.partition == "iid":
+        parts = iid_partition(len(pool), num_partitions, rng)
+    else:
+        parts = dirichlet_partition(pool.y, num_partitions, cfg.alpha, rng)
+    return pool.subset(parts[partition_id])
+
+
+def load_site_data(cfg: RunConfig, task: TaskSpec, node_config: Mapping[str, Any]) -> SiteData:
+    """Resolve, load, split and standardise the data of the site running this ClientApp."""
+    key = tuple(sorted((str(k), str(v)) for k, v in node_config.items()))
+    return _load_cached(cfg, task, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(cfg: RunConfig, task: TaskSpec, node_key: tuple[tuple[str, str], ...]) -> SiteData:
+    node_config = dict(node_key)
+    if "data-path" in node_config:
+        path = Path(node_config["data-path"])
+        data = load_site_file(
+            path,
+            num_classes=task.num_classes,
+            label_column=node_config.get("label-column", "label"),
+        )
+        dataset_id = node_config.get("dataset-id") or _file_id(path)
+    elif "partition-id" in node_config:
+        if cfg.dataset == "custom":
+            raise ConfigurationError("dataset 'custom' needs a data-path in the node config")
+        pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        data = site_partition(cfg, pid, n)
+        dataset_id = f"{cfg.dataset}-seed{cfg.seed}-{cfg.partition}-p{pid}of{n}"
+    else:
+        raise ConfigurationError(
+            "node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)"
+        )
+    # Split with a generator keyed by the dataset id, so reruns give the same split.
+    digest = int.from_bytes(hashlib.sha256(dataset_id.encode()).digest()[:8], "big")
+    train, test = split_train_test(data, LOCAL_TEST_FRACTION, seeded_generator(digest))
+    scaler = Standardizer.fit(train.x)
+    return SiteData(
+        dataset_id,
+        task.shape_examples(scaler.transform(train.x)),
+        train.y,
+        task.shape_examples(scaler.transform(test.x)),
+        test.y,
+    )
+
+
+def _file_id(path: Path) -> str:
+    """A stable dataset id for a site file: its name and a hash of its content."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return f"{path.name}-{h.hexdigest()[:16]}"

@@ -1,0 +1,74 @@
+"""Plain PyTorch local training and evaluation (no Flower in here)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda":
+        if not torch.cuda.is_available():
+            from common.errors import ConfigurationError
+
+            raise ConfigurationError("device 'cuda' requested but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_loader(
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
+) -> DataLoader[tuple[torch.Tensor, ...]]:
+    generator = torch.Generator().manual_seed(seed)
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainStats:
+    loss: float
+    accuracy: float
+    examples: int
+    steps: int
+    seconds: float
+
+
+def train_local(
+    model: nn.Module,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> TrainStats:
+    """Run ``epochs`` passes of cross-entropy training; returns mean loss/accuracy seen."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            if len(yb) == 0:  # Poisson sampling may draw an empty batch
+                continue
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            total_loss += float(loss.detach()) * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return TrainStats(total_loss / max(seen, 1), correct / max(seen, 1), seen, steps, seconds)

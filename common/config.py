@@ -1,0 +1,159 @@
+"""The run configuration: one validated value shared by server, sites and simulations.
+
+A :class:`RunConfig` is built from command-line options (``fedseal-sim``), or
+from Flower's ``context.run_config`` (``flwr run``, the Deployment Engine),
+whose keys are the kebab-case field names (``local-epochs``). Every value is
+checked at construction; a bad value raises :class:`ConfigurationError`
+naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from common.errors import ConfigurationError
+
+DATASETS = ("digits", "breast_cancer", "custom")
+MODELS = ("auto", "mlp", "cnn")
+PARTITIONS = ("iid", "dirichlet")
+SAMPLINGS = ("fixed", "poisson")
+ACCOUNTANTS = ("prv", "rdp")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Everything a fedseal run needs to agree on between server and sites.
+
+    Units are in the names; fractions lie in (0, 1].
+    """
+
+    # data and model
+    dataset: str = "digits"
+    model: str = "auto"
+    num_features: int = 0  # only for dataset="custom": features per example
+    num_classes: int = 0  # only for dataset="custom"
+    partition: str = "iid"
+    alpha: float = 0.5
+    test_fraction: float = 0.2
+    # federation
+    num_sites: int = 10  # simulation only: virtual sites
+    rounds: int = 5
+    fraction_train: float = 1.0
+    min_sites: int = 2
+    sampling: str = "fixed"
+    round_timeout_s: float = 600.0
+    # local training
+    local_epochs: int = 2
+    batch_size: int = 16
+    learning_rate: float = 0.1
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("model", self.model, MODELS)
+        _choice("partition", self.partition, PARTITIONS)
+        _choice("sampling", self.sampling, SAMPLINGS)
+        _choice("device", self.device, DEVICES)
+        _positive_int("rounds", self.rounds)
+        _positive_int("num_sites", self.num_sites)
+        _positive_int("min_sites", self.min_sites)
+        _positive_int("local_epochs", self.local_epochs)
+        _positive_int("batch_size", self.batch_size)
+        _non_negative_int("seed", self.seed)
+        _non_negative_int("num_features", self.num_features)
+        _non_negative_int("num_classes", self.num_classes)
+        _fraction("fraction_train", self.fraction_train)
+        _positive_float("alpha", self.alpha)
+        _positive_float("learning_rate", self.learning_rate)
+        _positive_float("round_timeout_s", self.round_timeout_s)
+        if not (0.0 < self.test_fraction < 1.0):
+            raise ConfigurationError(
+                f"test_fraction must lie in (0, 1), got {self.test_fraction!r}"
+            )
+        if self.dataset == "custom" and (self.num_features < 1 or self.num_classes < 2):
+            raise ConfigurationError(
+                "dataset='custom' needs num_features >= 1 and num_classes >= 2 "
+                "(the server builds the model before any site data is seen)"
+            )
+
+    # ------------------------------------------------------------------ Flower
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flat kebab-case mapping, as Flower's ``run_config`` holds it."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's ``context.run_config``; unknown keys are an error.
+
+        Flower's own TOML types arrive as bool/int/float/str; ints given where a
+        float is expected are accepted, and nothing else is coerced.
+        """
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigurationError(f"unknown run-config key {key!r}")
+            values[name] = _coerce(name, known[name].type, value)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, annotation: object, value: Any) -> Any:
+    kind = str(annotation)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{name} must be a boolean, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigurationError(f"{name} must be an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigurationError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _positive_float(name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _fraction(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 < value <= 1.0):
+        raise ConfigurationError(f"{name} must lie in (0, 1], got {value!r}")

@@ -1,0 +1,172 @@
+"""One place for model weights on the wire: torch state_dict <-> flat vector <-> Flower record.
+
+Weights and updates travel as a single flat float32 vector (one Flower
+``Array`` inside an ``ArrayRecord``); the receiver rebuilds the structure
+from its own :class:`ModelSpec`. Everything arriving from the network is
+checked for type, dtype, shape, size and finiteness *before* it is used.
+
+Wire keys (the record names in a message's ``RecordDict``) are defined here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from common.config import RunConfig
+from common.errors import ConfigurationError, DataError
+
+# Record names inside a Message's RecordDict.
+KEY_ARRAYS = "arrays"
+KEY_CONFIG = "config"
+KEY_METRICS = "metrics"
+# Array name inside the ArrayRecord.
+KEY_VECTOR = "vector"
+
+WIRE_DTYPE = np.dtype("<f4")
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """Names and shapes of a model's floating-point parameters, in state_dict order."""
+
+    params: tuple[ParamSpec, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.params)
+
+    @classmethod
+    def of(cls, state_dict: Mapping[str, torch.Tensor]) -> ModelSpec:
+        specs = []
+        for name, tensor in state_dict.items():
+            if not torch.is_floating_point(tensor):
+                raise DataError(f"parameter {name!r} is not floating point ({tensor.dtype})")
+            specs.append(ParamSpec(name, tuple(int(s) for s in tensor.shape)))
+        return cls(tuple(specs))
+
+
+def state_dict_to_vector(state_dict: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Concatenate all parameters (state_dict order) into one float32 vector."""
+    parts = []
+    for name, tensor in state_dict.items():
+        if not torch.is_floating_point(tensor):
+            raise DataError(f"parameter {name!r} is not floating point ({tensor.dtype})")
+        parts.append(tensor.detach().to("cpu", torch.float32).reshape(-1).numpy())
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def vector_to_state_dict(vector: np.ndarray, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`state_dict_to_vector` for a model with ``spec``."""
+    vector = check_vector(vector, spec.size, what="model vector")
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for p in spec.params:
+        out[p.name] = torch.from_numpy(vector[offset : offset + p.size].reshape(p.shape).copy())
+        offset += p.size
+    return out
+
+
+def check_vector(vector: object, expected_size: int, *, what: str = "vector") -> np.ndarray:
+    """Return ``vector`` as float32 if it is a finite 1-D float array of ``expected_size``.
+
+    Raises
+    ------
+    DataError
+        Not an ndarray, not floating point, wrong shape, NaN or Inf.
+    """
+    if not isinstance(vector, np.ndarray):
+        raise DataError(f"{what}: expected a numpy array, got {type(vector).__name__}")
+    if vector.dtype.kind != "f":
+        raise DataError(f"{what}: expected floating point values, got dtype {vector.dtype}")
+    if vector.shape != (expected_size,):
+        raise DataError(f"{what}: expected shape ({expected_size},), got {vector.shape}")
+    if not np.all(np.isfinite(vector)):
+        raise DataError(f"{what}: contains NaN or infinite values")
+    return vector.astype(np.float32, copy=False)
+
+
+def vector_to_record(vector: np.ndarray) -> ArrayRecord:
+    """Wrap a flat vector in an ArrayRecord (one array named :data:`KEY_VECTOR`)."""
+    return ArrayRecord({KEY_VECTOR: Array(np.ascontiguousarray(vector, dtype=WIRE_DTYPE))})
+
+
+def record_to_vector(record: object, expected_size: int, *, what: str = "vector") -> np.ndarray:
+    """Extract and validate the flat vector from a received ArrayRecord.
+
+    The array's declared dtype, shape and byte length are checked before its
+    bytes are parsed, so an oversized or mistyped payload costs no decoding.
+    """
+    if not isinstance(record, ArrayRecord):
+        raise DataError(f"{what}: expected an ArrayRecord, got {type(record).__name__}")
+    if list(record.keys()) != [KEY_VECTOR]:
+        raise DataError(f"{what}: expected exactly one array named {KEY_VECTOR!r}")
+    arr = record[KEY_VECTOR]
+    if tuple(arr.shape) != (expected_size,):
+        raise DataError(f"{what}: expected shape ({expected_size},), got {tuple(arr.shape)}")
+    if np.dtype(arr.dtype) != WIRE_DTYPE:
+        raise DataError(f"{what}: expected dtype float32, got {arr.dtype}")
+    # .npy header is at most a few hundred bytes; anything larger is not our encoding.
+    if not (
+        expected_size * WIRE_DTYPE.itemsize
+        <= len(arr.data)
+        <= expected_size * WIRE_DTYPE.itemsize + 4096
+    ):
+        raise DataError(f"{what}: payload size {len(arr.data)} does not match the declared shape")
+    try:
+        vector = arr.numpy()
+    except Exception as exc:  # numpy raises several types for corrupt .npy bytes
+        raise DataError(f"{what}: undecodable array ({exc})") from exc
+    return check_vector(vector, expected_size, what=what)
+
+
+# ---------------------------------------------------------------- run config
+# Key in an instruction's config record besides the RunConfig fields.
+KEY_ROUND = "server-round"
+
+
+def config_to_record(
+    cfg: RunConfig, server_round: int, **extra: bool | int | float | str
+) -> ConfigRecord:
+    """The config record the server sends with each instruction."""
+    return ConfigRecord({**cfg.to_flower(), KEY_ROUND: server_round, **extra})
+
+
+def record_to_config(
+    record: object, extra_keys: tuple[str, ...] = ()
+) -> tuple[RunConfig, int, dict[str, object]]:
+    """Parse an instruction's config record into (RunConfig, round, extra values).
+
+    Raises
+    ------
+    ConfigurationError
+        Not a ConfigRecord, an unknown key, or a value of the wrong type.
+    """
+    if not isinstance(record, ConfigRecord):
+        raise ConfigurationError(f"expected a ConfigRecord, got {type(record).__name__}")
+    values: dict[str, Any] = dict(record.items())
+    if KEY_ROUND not in values:
+        raise ConfigurationError(f"instruction lacks {KEY_ROUND!r}")
+    server_round = values.pop(KEY_ROUND)
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
+        raise ConfigurationError(f"bad {KEY_ROUND}: {server_round!r}")
+    extra = {k: values.pop(k) for k in extra_keys if k in values}
+    return RunConfig.from_flower(values), server_round, extra

@@ -1,0 +1,61 @@
+"""The learning task of a run: which model, what one example looks like, how many classes.
+
+Server and sites derive the same :class:`TaskSpec` from the same
+:class:`~common.config.RunConfig`, so the server can build the initial model
+before it has seen any site data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from common.config import RunConfig
+from common.data import Dataset, load_builtin
+from common.errors import ConfigurationError
+from common.models import build_model
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    model_name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_features: int
+
+    def build(self, seed: int) -> nn.Module:
+        return build_model(self.model_name, self.input_shape, self.num_classes, seed=seed)
+
+    def shape_examples(self, x: np.ndarray) -> np.ndarray:
+        """Reshape flat ``(n, features)`` rows into the model's input shape."""
+        if x.shape[1:] != (self.num_features,):
+            raise ConfigurationError(
+                f"this run's model expects {self.num_features} features per example, "
+                f"the data has {x.shape[1:]}"
+            )
+        return x.reshape((len(x), *self.input_shape))
+
+
+def task_for(cfg: RunConfig) -> TaskSpec:
+    """The task implied by ``cfg`` (for built-in datasets: from the dataset's metadata)."""
+    if cfg.dataset == "custom":
+        num_features, num_classes, image_shape = cfg.num_features, cfg.num_classes, None
+    else:
+        data: Dataset = load_builtin(cfg.dataset)
+        num_features, num_classes, image_shape = (
+            data.num_features,
+            data.num_classes,
+            data.image_shape,
+        )
+    name = "mlp" if cfg.model == "auto" else cfg.model
+    if name == "cnn":
+        if image_shape is None:
+            raise ConfigurationError(
+                f"model 'cnn' needs image data; dataset {cfg.dataset!r} is tabular"
+            )
+        input_shape: tuple[int, ...] = image_shape
+    else:
+        input_shape = (num_features,)
+    return TaskSpec(name, input_shape, num_classes, num_features)

@@ -1,0 +1,55 @@
+"""Per-round results: what the server reports to observers and writes as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SiteOutcome:
+    """One sampled site's part in a round."""
+
+    node_id: int
+    accepted: bool
+    reason: str = ""
+    num_examples: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    round: int
+    accuracy: float | None
+    loss: float | None
+    participants: int
+    sampled: int
+    seconds: float
+    sites: tuple[SiteOutcome, ...] = field(default_factory=tuple)
+    evaluation: str = "central"  # "central" (server's held-out split) or "federated"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["sites"] = [asdict(s) for s in self.sites]
+        return out
+
+
+class RoundObserver(Protocol):
+    """Receives progress from a running ServerApp (progress bars, records)."""
+
+    def on_start(self, run_id: str, total_rounds: int) -> None: ...
+
+    def on_round(self, result: RoundResult) -> None: ...
+
+    def on_finish(self, results: list[RoundResult]) -> None: ...
+
+
+class NullObserver:
+    def on_start(self, run_id: str, total_rounds: int) -> None:
+        pass
+
+    def on_round(self, result: RoundResult) -> None:
+        pass
+
+    def on_finish(self, results: list[RoundResult]) -> None:
+        pass

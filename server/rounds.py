@@ -1,0 +1,268 @@
+"""The server's round driver: sample sites, send instructions, validate replies, aggregate.
+
+Flower's ``Strategy.start`` drives one train exchange per round; fedseal's
+rounds also need refusals recorded, and (with secure aggregation) several
+exchanges per round, so this driver talks to Flower's ``Grid`` directly
+(``send_and_receive``), which is Flower's own transport and scheduling.
+Aggregation is FedAvg: the mean of the sites' updates weighted by their
+example counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common.config import RunConfig
+from common.data import Standardizer, load_builtin, split_holdout_stratified
+from common.errors import DataError, FedsealError, ProtocolAbort
+from common.evaluation import evaluate as evaluate_model
+from common.records import (
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_METRICS,
+    ModelSpec,
+    config_to_record,
+    record_to_vector,
+    state_dict_to_vector,
+    vector_to_record,
+    vector_to_state_dict,
+)
+from common.rng import secure_generator, seeded_generator
+from common.task import TaskSpec, task_for
+from server.results import NullObserver, RoundObserver, RoundResult, SiteOutcome
+
+log = logging.getLogger("flwr.fedseal.server")
+
+NODE_WAIT_POLL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SiteUpdate:
+    node_id: int
+    update: np.ndarray
+    num_examples: int
+    train_seconds: float
+
+
+class HeldOut:
+    """The server's own evaluation split of an embedded dataset (scaled on itself)."""
+
+    def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
+        _, holdout = split_holdout_stratified(
+            load_builtin(cfg.dataset), cfg.test_fraction, cfg.seed
+        )
+        scaler = Standardizer.fit(holdout.x)
+        self.x = task.shape_examples(scaler.transform(holdout.x))
+        self.y = holdout.y
+
+
+def sample_cohort(node_ids: list[int], cfg: RunConfig, server_round: int) -> list[int]:
+    """Choose this round's sites.
+
+    ``fixed``: ``max(min_sites, ceil(fraction_train * n))`` sites uniformly without
+    replacement (reproducible from the run seed). ``poisson``: each site
+    independently with probability ``fraction_train``, from OS entropy, as
+    privacy amplification by sampling assumes.
+    """
+    nodes = sorted(node_ids)
+    if cfg.sampling == "poisson":
+        rng = secure_generator()
+        return [n for n in nodes if rng.random() < cfg.fraction_train]
+    k = min(len(nodes), max(cfg.min_sites, math.ceil(cfg.fraction_train * len(nodes))))
+    rng = seeded_generator(cfg.seed * 1_000_003 + server_round)
+    picked = rng.choice(len(nodes), size=k, replace=False)  # indices: node ids exceed int64
+    return sorted(nodes[int(i)] for i in picked)
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
+    """Block until ``minimum`` nodes are connected; ProtocolAbort after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise ProtocolAbort(
+                f"only {len(nodes)} site(s) connected after {timeout_s:.0f} s; need {minimum}"
+            )
+        time.sleep(NODE_WAIT_POLL_S)
+
+
+def parse_train_reply(reply: Message, size: int) -> SiteUpdate:
+    """Validate one site's train reply; DataError says why it is unusable."""
+    node_id = reply.metadata.src_node_id
+    if reply.has_error():
+        raise DataError(f"site error: {reply.error.reason}")
+    content = reply.content
+    if KEY_ARRAYS not in content.array_records or KEY_METRICS not in content.metric_records:
+        raise DataError("reply lacks the update or its metrics")
+    metrics = content.metric_records[KEY_METRICS]
+    n = metrics.get("num-examples")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DataError(f"num-examples must be a positive integer, got {n!r}")
+    seconds = metrics.get("train-seconds", 0.0)
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+    ):
+        raise DataError("train-seconds must be a finite number")
+    update = record_to_vector(content.array_records[KEY_ARRAYS], size, what="update")
+    return SiteUpdate(node_id, update, n, float(seconds))
+
+
+def fedavg(updates: list[SiteUpdate]) -> np.ndarray:
+    """Example-weighted mean of the updates (float64 accumulation)."""
+    total = sum(u.num_examples for u in updates)
+    acc = np.zeros_like(updates[0].update, dtype=np.float64)
+    for u in updates:
+        acc += (u.num_examples / total) * u.update
+    return acc.astype(np.float32)
+
+
+class FederatedRun:
+    """One run of R rounds over the sites connected to ``grid``."""
+
+    def __init__(self, cfg: RunConfig, grid: Grid, observer: RoundObserver | None = None) -> None:
+        self.cfg = cfg
+        self.grid = grid
+        self.observer = observer or NullObserver()
+        self.run_id = uuid.uuid4().hex[:12]
+        self.task = task_for(cfg)
+        model = self.task.build(seed=cfg.seed)
+        self.spec = ModelSpec.of(model.state_dict())
+        self.global_vector = state_dict_to_vector(model.state_dict())
+        self.model = model
+        self.heldout = HeldOut(cfg, self.task) if cfg.dataset != "custom" else None
+        self.results: list[RoundResult] = []
+
+    # ------------------------------------------------------------------ rounds
+    def execute(self) -> list[RoundResult]:
+        self.observer.on_start(self.run_id, self.cfg.rounds)
+        log.info(
+            "fedseal run %s: %d rounds, dataset %s", self.run_id, self.cfg.rounds, self.cfg.dataset
+        )
+        for server_round in range(1, self.cfg.rounds + 1):
+            result = self.run_round(server_round)
+            self.results.append(result)
+            self.observer.on_round(result)
+            log.info(
+                "round %d: accuracy=%s loss=%s participants=%d/%d",
+                server_round,
+                _fmt(result.accuracy),
+                _fmt(result.loss),
+                result.participants,
+                result.sampled,
+            )
+        self.observer.on_finish(self.results)
+        return self.results
+
+    def run_round(self, server_round: int) -> RoundResult:
+        start = time.perf_counter()
+        nodes = wait_for_nodes(self.grid, self.cfg.min_sites, self.cfg.round_timeout_s)
+        cohort = sample_cohort(nodes, self.cfg, server_round)
+        outcomes: list[SiteOutcome] = []
+        updates: list[SiteUpdate] = []
+        if cohort:
+            replies = self._exchange(cohort, MessageType.TRAIN, server_round, with_model=True)
+            for node_id in cohort:
+                reply = replies.get(node_id)
+                if reply is None:
+                    outcomes.append(
+                        SiteOutcome(node_id, False, "no reply before the round timeout")
+                    )
+                    continue
+                try:
+                    u = parse_train_reply(reply, self.spec.size)
+                except FedsealError as exc:
+                    outcomes.append(SiteOutcome(node_id, False, str(exc)))
+                    log.warning(
+                        "round %d: update from node %d rejected: %s", server_round, node_id, exc
+                    )
+                    continue
+                updates.append(u)
+                outcomes.append(SiteOutcome(node_id, True, "", u.num_examples, u.train_seconds))
+        if len(updates) < self.cfg.min_sites:
+            raise ProtocolAbort(
+                f"round {server_round}: {len(updates)} usable update(s) from {len(cohort)} sampled "
+                f"site(s); the run needs at least {self.cfg.min_sites}. The global model is unchanged."
+            )
+        self.global_vector = self.global_vector + fedavg(updates)
+        loss, accuracy, how = self.evaluate(server_round)
+        return RoundResult(
+            round=server_round,
+            accuracy=accuracy,
+            loss=loss,
+            participants=len(updates),
+            sampled=len(cohort),
+            seconds=time.perf_counter() - start,
+            sites=tuple(outcomes),
+            evaluation=how,
+        )
+
+    def _exchange(
+        self, cohort: list[int], message_type: str, server_round: int, *, with_model: bool
+    ) -> dict[int, Message]:
+        content = RecordDict({KEY_CONFIG: config_to_record(self.cfg, server_round)})
+        if with_model:
+            content[KEY_ARRAYS] = vector_to_record(self.global_vector)
+        messages = [
+            Message(
+                content=content,
+                dst_node_id=n,
+                message_type=message_type,
+                group_id=str(server_round),
+            )
+            for n in cohort
+        ]
+        replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s)
+        by_node: dict[int, Message] = {}
+        wanted = set(cohort)
+        for r in replies:
+            src = r.metadata.src_node_id
+            if src in wanted and src not in by_node:
+                by_node[src] = r
+        return by_node
+
+    # ------------------------------------------------------------- evaluation
+    def evaluate(self, server_round: int) -> tuple[float | None, float | None, str]:
+        """Central evaluation on the held-out split, or federated evaluation on the sites."""
+        if self.heldout is not None:
+            self.model.load_state_dict(vector_to_state_dict(self.global_vector, self.spec))
+            loss, accuracy = evaluate_model(
+                self.model, self.heldout.x, self.heldout.y, torch.device("cpu")
+            )
+            return loss, accuracy, "central"
+        nodes = list(self.grid.get_node_ids())
+        replies = self._exchange(nodes, MessageType.EVALUATE, server_round, with_model=True)
+        total, loss_sum, acc_sum = 0, 0.0, 0.0
+        for reply in replies.values():
+            if reply.has_error() or KEY_METRICS not in reply.content.metric_records:
+                continue
+            m = reply.content.metric_records[KEY_METRICS]
+            n, loss, acc = m.get("num-examples"), m.get("loss"), m.get("accuracy")
+            if not (isinstance(n, int) and n > 0 and _finite(loss) and _finite(acc)):
+                continue
+            total += n
+            loss_sum += n * float(loss)  # type: ignore[arg-type]
+            acc_sum += n * float(acc)  # type: ignore[arg-type]
+        if total == 0:
+            return None, None, "federated"
+        return loss_sum / total, acc_sum / total, "federated"
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,170 @@
+"""``fedseal-sim``: local federated simulations on Flower's Simulation Engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.config import RunConfig
+from common.errors import FedsealError
+from server.results import RoundResult
+
+app = typer.Typer(
+    name="fedseal-sim",
+    help="Run fedseal federations locally: N virtual sites on Flower's Simulation Engine.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+_D = RunConfig()  # defaults live in one place
+
+
+class Dataset(str, Enum):
+    digits = "digits"
+    breast_cancer = "breast_cancer"
+
+
+class Partition(str, Enum):
+    iid = "iid"
+    dirichlet = "dirichlet"
+
+
+class Model(str, Enum):
+    auto = "auto"
+    mlp = "mlp"
+    cnn = "cnn"
+
+
+class Sampling(str, Enum):
+    fixed = "fixed"
+    poisson = "poisson"
+
+
+class ProgressObserver:
+    """A rich progress bar over rounds (on stderr, so --json stdout stays clean)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: Any = None
+
+    def on_start(self, run_id: str, total_rounds: int) -> None:
+        self.task = self.progress.add_task(f"run {run_id}", total=total_rounds, acc="")
+
+    def on_round(self, result: RoundResult) -> None:
+        acc = "" if result.accuracy is None else f"acc {result.accuracy:.3f}"
+        self.progress.update(self.task, advance=1, acc=acc)
+
+    def on_finish(self, results: list[RoundResult]) -> None:
+        pass
+
+
+@app.callback()
+def _root() -> None:
+    """fedseal simulations: `run` a federation, `bench` the protocols."""
+
+
+@app.command("run")
+def run_cmd(
+    clients: Annotated[int, typer.Option("--clients", "-n", help="Number of virtual sites.")] = _D.num_sites,
+    rounds: Annotated[int, typer.Option("--rounds", "-r", help="Federated rounds.")] = _D.rounds,
+    dataset: Annotated[Dataset, typer.Option(help="Embedded dataset (scikit-learn).")] = Dataset.digits,
+    model: Annotated[Model, typer.Option(help="Model from the zoo; auto picks the MLP.")] = Model.auto,
+    partition: Annotated[Partition, typer.Option(help="How the data is split across sites.")] = Partition.iid,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (dirichlet partition).")] = _D.alpha,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _D.local_epochs,
+    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = _D.batch_size,
+    lr: Annotated[float, typer.Option("--lr", help="Local SGD learning rate.")] = _D.learning_rate,
+    fraction: Annotated[float, typer.Option(help="Fraction of sites sampled per round.")] = _D.fraction_train,
+    min_sites: Annotated[int, typer.Option(help="Fewest usable updates a round accepts.")] = _D.min_sites,
+    sampling: Annotated[Sampling, typer.Option(help="fixed-size cohort or Poisson sampling.")] = Sampling.fixed,
+    seed: Annotated[int, typer.Option(help="Seed for partitions, initial weights and sampling.")] = _D.seed,
+    out: Annotated[Path | None, typer.Option(help="Directory for result.json (created).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+    cpus_per_client: Annotated[float, typer.Option(help="Ray CPUs reserved per virtual site.")] = 1.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower and Ray logs.")] = False,
+) -> None:
+    """Run a federated simulation and report accuracy and loss per round."""
+    try:
+        cfg = RunConfig(
+            dataset=dataset.value,
+            model=model.value,
+            partition=partition.value,
+            alpha=alpha,
+            num_sites=clients,
+            rounds=rounds,
+            fraction_train=fraction,
+            min_sites=min(min_sites, clients),
+            sampling=sampling.value,
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            learning_rate=lr,
+            seed=seed,
+        )
+    except FedsealError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+    from simulations.engine import run_simulation, stdout_to_stderr
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=json_out,
+    )
+    try:
+        with progress, stdout_to_stderr():
+            run_id, results = run_simulation(
+                cfg, observer=ProgressObserver(progress), cpus_per_site=cpus_per_client, verbose=verbose
+            )
+    except FedsealError as exc:
+        err.print(f"[red]run failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    except RuntimeError as exc:  # Flower wraps ServerApp failures
+        cause = exc.__cause__ or exc
+        err.print(f"[red]run failed:[/red] {cause}")
+        raise typer.Exit(1) from None
+
+    doc = {"run_id": run_id, "config": asdict(cfg), "rounds": [r.to_json() for r in results]}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if json_out:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+        return
+    table = Table(title=f"fedseal run {run_id}")
+    for col in ("round", "accuracy", "loss", "participants", "seconds"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(
+            str(r.round),
+            "n/a" if r.accuracy is None else f"{r.accuracy:.4f}",
+            "n/a" if r.loss is None else f"{r.loss:.4f}",
+            f"{r.participants}/{r.sampled}",
+            f"{r.seconds:.2f}",
+        )
+    Console().print(table)
+    if out is not None:
+        Console().print(f"results written to {out / 'result.json'}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Running fedseal on Flower's Simulation Engine (Ray), in this process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+from common.config import RunConfig
+from common.env import apply_safe_flower_env
+from server.results import RoundObserver, RoundResult
+
+
+class _Collector:
+    """Keeps the round results and forwards them to an optional observer."""
+
+    def __init__(self, inner: RoundObserver | None) -> None:
+        self.inner = inner
+        self.run_id = ""
+        self.results: list[RoundResult] = []
+
+    def on_start(self, run_id: str, total_rounds: int) -> None:
+        self.run_id = run_id
+        if self.inner:
+            self.inner.on_start(run_id, total_rounds)
+
+    def on_round(self, result: RoundResult) -> None:
+        self.results.append(result)
+        if self.inner:
+            self.inner.on_round(result)
+
+    def on_finish(self, results: list[RoundResult]) -> None:
+        if self.inner:
+            self.inner.on_finish(results)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to fd 1 (Ray, Flower, workers) to fd 2 meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def run_simulation(
+    cfg: RunConfig,
+    *,
+    observer: RoundObserver | None = None,
+    cpus_per_site: float = 1.0,
+    gpus_per_site: float = 0.0,
+    total_cpus: int | None = None,
+    verbose: bool = False,
+) -> tuple[str, list[RoundResult]]:
+    """Run ``cfg.num_sites`` virtual sites for ``cfg.rounds`` rounds; return (run id, results).
+
+    The ServerApp runs in a thread of this process and the ClientApps in Ray
+    actors; Ray is shut down before returning, also on error.
+    """
+    apply_safe_flower_env()
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    collector = _Collector(observer)
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("flwr.fedseal").setLevel(level)
+    init_args: dict[str, object] = {
+        "include_dashboard": False,
+        "logging_level": "INFO" if verbose else "ERROR",
+        "log_to_driver": verbose,
+    }
+    init_args["num_cpus"] = total_cpus or os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
+        "init_args": init_args,
+    }
+    try:
+        flwr_run_simulation(
+            server_app=make_server_app(cfg, collector),
+            client_app=make_client_app(),
+            num_supernodes=cfg.num_sites,
+            backend_config=backend_config,  # type: ignore[arg-type]
+        )
+    finally:
+        _shutdown_ray()
+    return collector.run_id, collector.results
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # shutting down is best effort; the run's outcome is already known
+        logging.getLogger("flwr.fedseal").debug("ray shutdown failed", exc_info=True)
