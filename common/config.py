@@ -23,6 +23,8 @@ PARTITIONS = ("iid", "dirichlet")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("prv", "rdp")
 DEVICES = ("auto", "cpu", "cuda")
+# run_config keys with this prefix configure the coordinator only (paths, keys).
+SERVER_ONLY_PREFIX = "server-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,8 @@ class RunConfig:
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in run_config.items():
+            if key.startswith(SERVER_ONLY_PREFIX):
+                continue  # the coordinator's own settings, never sent to sites
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigurationError(f"unknown run-config key {key!r}")

@@ -10,11 +10,14 @@ example counts.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,8 +135,15 @@ def fedavg(updates: list[SiteUpdate]) -> np.ndarray:
 class FederatedRun:
     """One run of R rounds over the sites connected to ``grid``."""
 
-    def __init__(self, cfg: RunConfig, grid: Grid, observer: RoundObserver | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        grid: Grid,
+        observer: RoundObserver | None = None,
+        out_dir: Path | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.out_dir = out_dir
         self.grid = grid
         self.observer = observer or NullObserver()
         self.run_id = uuid.uuid4().hex[:12]
@@ -164,7 +174,20 @@ class FederatedRun:
                 result.sampled,
             )
         self.observer.on_finish(self.results)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "result.json").write_text(
+                json.dumps(self.result_doc(), indent=2) + "\n"
+            )
         return self.results
+
+    def result_doc(self) -> dict[str, Any]:
+        """The run's results as the JSON document fedseal prints and writes."""
+        return {
+            "run_id": self.run_id,
+            "config": asdict(self.cfg),
+            "rounds": [r.to_json() for r in self.results],
+        }
 
     def run_round(self, server_round: int) -> RoundResult:
         start = time.perf_counter()

@@ -1,0 +1,134 @@
+"""``fedseal-client``: the site agent's command line."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from common.cli_errors import one_line_errors
+from common.env import apply_safe_flower_env
+from common.errors import ConfigurationError
+
+app = typer.Typer(
+    name="fedseal-client",
+    help="The fedseal site agent: joins a coordinator's federation with this site's data.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+out = Console()
+
+
+@app.command("keys")
+@one_line_errors
+def keys_cmd(
+    path: Annotated[
+        Path, typer.Argument(help="Private key file to create; the public key gets .pub.")
+    ],
+    force: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+) -> None:
+    """Create this site's node-authentication key pair (send the .pub file to the coordinator)."""
+    from common.pki import make_node_key
+
+    priv, pub = make_node_key(path, force=force)
+    out.print(f"private key {priv} (0600, stays here); public key {pub} (give to the coordinator)")
+
+
+@app.command("start")
+@one_line_errors
+def start_cmd(
+    data: Annotated[
+        Path, typer.Option(help="This site's data: CSV (header, label column) or NPZ.")
+    ],
+    superlink: Annotated[
+        str, typer.Option(help="Coordinator SuperLink HOST:PORT.")
+    ] = "127.0.0.1:9092",
+    ca: Annotated[Path | None, typer.Option(help="Coordinator CA certificate (ca.crt).")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Connect WITHOUT TLS (testing only).")
+    ] = False,
+    auth_key: Annotated[
+        Path | None, typer.Option(help="Node-authentication private key (see `keys`).")
+    ] = None,
+    label_column: Annotated[str, typer.Option(help="Name of the label column.")] = "label",
+    port: Annotated[
+        int, typer.Option(help="Local port of the SuperNode's ClientAppIo API.")
+    ] = 9094,
+    state_dir: Annotated[Path, typer.Option(help="SuperNode state and logs.")] = Path(
+        ".fedseal-site"
+    ),
+    max_retries: Annotated[int, typer.Option(help="Reconnection attempts (0 = forever).")] = 0,
+) -> None:
+    """Start a Flower SuperNode whose fedseal ClientApp trains on --data.
+
+    Runs until stopped (Ctrl-C). TLS is on unless --insecure is given.
+    """
+    apply_safe_flower_env()
+    from common.processes import (
+        check_port_free,
+        check_reachable,
+        flower_env,
+        flower_executable,
+        start_group,
+        stop_group,
+    )
+
+    if ca is None and not insecure:
+        raise typer.BadParameter("give --ca (the coordinator's ca.crt) or --insecure explicitly")
+    if ca is not None and not ca.is_file():
+        raise ConfigurationError(f"CA certificate not found: {ca}")
+    if not data.is_file():
+        raise ConfigurationError(f"site data file not found: {data}")
+    if auth_key is not None and not auth_key.is_file():
+        raise ConfigurationError(f"node key not found: {auth_key}")
+    check_port_free("127.0.0.1", port)
+    check_reachable(superlink)
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    node_config = f'data-path="{data.resolve()}" label-column="{label_column}"'
+    argv = [
+        flower_executable("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--node-config",
+        node_config,
+        "--port",
+        str(port),
+    ]
+    if max_retries:
+        argv += ["--max-retries", str(max_retries)]
+    argv += ["--insecure"] if ca is None else ["--root-certificates", str(ca.resolve())]
+    if auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(auth_key.resolve())]
+        pub = auth_key.with_name(auth_key.name + ".pub")
+        if pub.is_file():
+            argv += ["--auth-supernode-public-key", str(pub.resolve())]
+    proc = start_group(argv, flower_env(state_dir / "flwr"))
+    out.print(f"SuperNode started (pid {proc.pid}), connecting to {superlink}; Ctrl-C to stop")
+
+    def _stop(signum: int, frame: object) -> None:
+        stop_group(proc)
+        raise typer.Exit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        stop_group(proc)
+        raise typer.Exit(0) from None
+    if code != 0:
+        from common.errors import FedsealError
+
+        raise FedsealError(f"the SuperNode exited with code {code}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

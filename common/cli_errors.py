@@ -1,0 +1,36 @@
+"""How fedseal's command-line tools turn errors into one clear line and an exit code."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from common.errors import ConfigurationError, DataError, FedsealError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+err_console = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def one_line_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Decorator: a FedsealError becomes ``error: <message>`` and exit 2 (config) or 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except (ConfigurationError, DataError) as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(EXIT_USAGE) from None
+        except FedsealError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
+
+    return wrapper

@@ -1,0 +1,155 @@
+"""``fedseal-server``: the coordinator's command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from common.cli_errors import one_line_errors
+from common.config import RunConfig
+from common.env import apply_safe_flower_env
+from common.pki import CertPaths, make_certs
+
+app = typer.Typer(
+    name="fedseal-server",
+    help="The fedseal coordinator: TLS material, the SuperLink and the fedseal ServerApp.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+out = Console()
+_D = RunConfig()
+
+
+@app.command("certs")
+@one_line_errors
+def certs_cmd(
+    directory: Annotated[
+        Path, typer.Argument(help="Where to write ca.crt/ca.key/server.crt/server.key.")
+    ],
+    host: Annotated[
+        list[str], typer.Option("--host", help="DNS name or IP the sites dial (repeatable).")
+    ] = ["localhost", "127.0.0.1"],  # noqa: B006 - typer needs a literal default
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    force: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+) -> None:
+    """Create a private CA and a SuperLink server certificate (ECDSA P-384)."""
+    paths = make_certs(directory, host, days=days, force=force)
+    out.print(f"CA certificate   {paths.ca_cert}  (give this to the sites)")
+    out.print(f"server cert/key  {paths.server_cert}, {paths.server_key} (0600)")
+
+
+@app.command("start")
+@one_line_errors
+def start_cmd(
+    certs: Annotated[
+        Path | None, typer.Option(help="Directory made by `fedseal-server certs`.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Run WITHOUT TLS (testing only).")
+    ] = False,
+    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "0.0.0.0",
+    port: Annotated[
+        int, typer.Option(help="SuperLink port (Fleet, Control and ServerAppIo APIs).")
+    ] = 9092,
+    state_dir: Annotated[Path, typer.Option(help="SuperLink state, logs and Flower home.")] = Path(
+        ".fedseal-server"
+    ),
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write result.json here.")] = None,
+    auth_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory of allowed site public keys (*.pub); enables node authentication."
+        ),
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = _D.rounds,
+    min_sites: Annotated[int, typer.Option(help="Sites required per round.")] = _D.min_sites,
+    fraction: Annotated[
+        float, typer.Option(help="Fraction of connected sites sampled.")
+    ] = _D.fraction_train,
+    dataset: Annotated[str, typer.Option(help="digits | breast_cancer | custom.")] = _D.dataset,
+    num_features: Annotated[int, typer.Option(help="Features per example (dataset custom).")] = 0,
+    num_classes: Annotated[int, typer.Option(help="Classes (dataset custom).")] = 0,
+    model: Annotated[str, typer.Option(help="auto | mlp | cnn.")] = _D.model,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _D.local_epochs,
+    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = _D.batch_size,
+    lr: Annotated[float, typer.Option("--lr", help="Local learning rate.")] = _D.learning_rate,
+    round_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for sites per round.")
+    ] = _D.round_timeout_s,
+    seed: Annotated[int, typer.Option(help="Seed for initial weights and sampling.")] = _D.seed,
+) -> None:
+    """Start Flower's SuperLink and run the fedseal ServerApp on it until the run ends.
+
+    TLS is on unless --insecure is given. Sites connect with `fedseal-client start`.
+    """
+    apply_safe_flower_env()
+    from server.app import KEY_OUT_DIR
+    from server.deploy import LinkSettings, SuperLink, write_app_dir
+
+    if certs is None and not insecure:
+        raise typer.BadParameter(
+            "give --certs DIR (see `fedseal-server certs`) or --insecure explicitly"
+        )
+    if certs is not None and insecure:
+        raise typer.BadParameter("--certs and --insecure exclude each other")
+    cfg = RunConfig(
+        dataset=dataset,
+        model=model,
+        num_features=num_features,
+        num_classes=num_classes,
+        rounds=rounds,
+        min_sites=min_sites,
+        fraction_train=fraction,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        learning_rate=lr,
+        round_timeout_s=round_timeout,
+        seed=seed,
+    )
+    keys = tuple(sorted(auth_keys.glob("*.pub"))) if auth_keys is not None else ()
+    if auth_keys is not None and not keys:
+        raise typer.BadParameter(f"no *.pub site keys in {auth_keys}")
+    settings = LinkSettings(
+        host=host,
+        port=port,
+        state_dir=state_dir.resolve(),
+        certs=CertPaths.in_dir(certs) if certs is not None else None,
+        auth_keys=keys,
+    )
+    result_dir = (out_dir or state_dir / "runs").resolve()
+    with tempfile.TemporaryDirectory(prefix="fedseal-app-") as tmp:
+        app_dir = write_app_dir(Path(tmp), cfg, {KEY_OUT_DIR: str(result_dir)})
+        with SuperLink(settings) as link:
+            out.print(
+                f"SuperLink listening on {host}:{port} ({'TLS' if certs else 'INSECURE'}); log: {link.log_path}"
+            )
+            code = link.run_app(app_dir)
+    result = result_dir / "result.json"
+    if code != 0 or not result.is_file():
+        from common.errors import FedsealError
+
+        raise FedsealError(
+            f"the run did not complete (flwr exit code {code}); see {settings.state_dir}"
+        )
+    doc = json.loads(result.read_text())
+    for r in doc["rounds"]:
+        out.print(
+            f"round {r['round']}: accuracy={r['accuracy']} loss={r['loss']} participants={r['participants']}"
+        )
+    out.print(f"results: {result}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    app()
+
+
+if __name__ == "__main__":
+    main()

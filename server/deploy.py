@@ -1,0 +1,199 @@
+"""The coordinator's deployment: Flower's SuperLink plus the fedseal ServerApp submitted to it.
+
+``fedseal-server start`` = start ``flower-superlink`` (TLS unless explicitly
+insecure, node authentication when site keys are allow-listed), register the
+allowed site keys, then ``flwr run`` the fedseal app against it and stream its
+logs. The FAB (Flower app bundle) that ``flwr run`` submits is generated: a
+``pyproject.toml`` naming ``server.app:app``/``client.app:app`` and carrying the
+run configuration; the code itself is the installed fedseal package on the
+coordinator and on every site.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import RunConfig
+from common.errors import ConfigurationError, FedsealError
+from common.pki import CertPaths
+from common.processes import (
+    check_port_free,
+    flower_env,
+    flower_executable,
+    start_group,
+    stop_group,
+    wait_for_port,
+)
+
+CONNECTION = "fedseal"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    host: str
+    port: int
+    state_dir: Path
+    certs: CertPaths | None  # None = insecure (explicitly requested)
+    auth_keys: tuple[Path, ...] = ()
+    startup_timeout_s: float = 60.0
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr"
+
+
+def _toml_value(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_app_dir(
+    directory: Path, cfg: RunConfig, server_settings: dict[str, str] | None = None
+) -> Path:
+    """Write the FAB source directory: one pyproject.toml (no code)."""
+    from importlib.metadata import version
+
+    directory.mkdir(parents=True, exist_ok=True)
+    values: dict[str, bool | int | float | str] = dict(cfg.to_flower())
+    values.update(server_settings or {})
+    lines = [
+        "[build-system]",
+        'requires = ["hatchling"]',
+        'build-backend = "hatchling.build"',
+        "",
+        "[project]",
+        'name = "fedseal"',
+        f'version = "{version("fedseal")}"',
+        'description = "fedseal federated run"',
+        'license = "Apache-2.0"',
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedseal"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "server.app:app"',
+        'clientapp = "client.app:app"',
+        "",
+        "[tool.flwr.app.config]",
+        *(f"{k} = {_toml_value(v)}" for k, v in values.items()),
+        "",
+    ]
+    (directory / "pyproject.toml").write_text("\n".join(lines))
+    return directory
+
+
+def write_connection(settings: LinkSettings) -> None:
+    """Write $FLWR_HOME/config.toml with one connection named :data:`CONNECTION`."""
+    settings.flwr_home.mkdir(parents=True, exist_ok=True)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "{host}:{settings.port}"',
+    ]
+    if settings.certs is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{settings.certs.ca_cert.resolve()}"')
+    (settings.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+class SuperLink:
+    """A running ``flower-superlink``; use as a context manager to always stop it."""
+
+    def __init__(self, settings: LinkSettings) -> None:
+        self.settings = settings
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> SuperLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def log_path(self) -> Path:
+        return self.settings.state_dir / "superlink.log"
+
+    def start(self) -> None:
+        s = self.settings
+        if s.certs is not None and (missing := s.certs.missing()):
+            raise ConfigurationError(
+                "missing TLS files: "
+                + ", ".join(str(p) for p in missing)
+                + " (create them with `fedseal-server certs DIR`, or pass --insecure explicitly)"
+            )
+        if s.auth_keys and s.certs is None:
+            raise ConfigurationError("node authentication needs TLS; drop --insecure")
+        for key in s.auth_keys:
+            if not key.is_file():
+                raise ConfigurationError(f"site public key not found: {key}")
+        check_port_free(s.host, s.port)
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        write_connection(s)
+        argv = [
+            flower_executable("flower-superlink"),
+            "--host",
+            s.host,
+            "--port",
+            str(s.port),
+            "--database",
+            str(s.state_dir / "superlink-state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        if s.certs is None:
+            argv.append("--insecure")
+        else:
+            argv += [
+                "--ssl-ca-certfile",
+                str(s.certs.ca_cert),
+                "--ssl-certfile",
+                str(s.certs.server_cert),
+                "--ssl-keyfile",
+                str(s.certs.server_key),
+            ]
+        if s.auth_keys:
+            argv.append("--enable-supernode-auth")
+        self.proc = start_group(argv, flower_env(s.flwr_home), self.log_path)
+        probe_host = "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host
+        try:
+            wait_for_port(probe_host, s.port, self.proc, s.startup_timeout_s, "the SuperLink")
+        except FedsealError as exc:
+            self.stop()
+            raise FedsealError(f"{exc} (see {self.log_path})") from None
+        for key in s.auth_keys:
+            self.flwr(["supernode", "register", str(key.resolve()), CONNECTION], check=True)
+
+    def flwr(
+        self, args: list[str], *, check: bool = False, stream: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` CLI against this SuperLink."""
+        proc = subprocess.run(
+            [flower_executable("flwr"), *args],
+            env=flower_env(self.settings.flwr_home),
+            text=True,
+            capture_output=not stream,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            detail = (proc.stdout or "") + (proc.stderr or "")
+            raise FedsealError(f"`flwr {' '.join(args[:2])}` failed: {detail.strip()[-500:]}")
+        return proc
+
+    def run_app(self, app_dir: Path) -> int:
+        """Submit the app and stream its logs until the run ends; returns flwr's exit code."""
+        return self.flwr(["run", str(app_dir), CONNECTION, "--stream"], stream=True).returncode
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
