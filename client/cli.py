@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +24,8 @@ app = typer.Typer(
     add_completion=False,
 )
 out = Console()
+# flower-supernode's exit code when the SuperLink does not know its public key.
+SUPERNODE_AUTH_REFUSED = 305
 
 
 @app.command("keys")
@@ -72,7 +78,6 @@ def start_cmd(
         check_reachable,
         flower_env,
         flower_executable,
-        start_group,
         stop_group,
     )
 
@@ -103,10 +108,13 @@ def start_cmd(
     argv += ["--insecure"] if ca is None else ["--root-certificates", str(ca.resolve())]
     if auth_key is not None:
         argv += ["--auth-supernode-private-key", str(auth_key.resolve())]
-        pub = auth_key.with_name(auth_key.name + ".pub")
-        if pub.is_file():
-            argv += ["--auth-supernode-public-key", str(pub.resolve())]
-    proc = start_group(argv, flower_env(state_dir / "flwr"))
+    proc = subprocess.Popen(
+        argv,
+        env=flower_env(state_dir / "flwr"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     out.print(f"SuperNode started (pid {proc.pid}), connecting to {superlink}; Ctrl-C to stop")
 
     def _stop(signum: int, frame: object) -> None:
@@ -114,14 +122,34 @@ def start_cmd(
         raise typer.Exit(0)
 
     signal.signal(signal.SIGTERM, _stop)
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+
+    def _echo() -> None:
+        # Flower's output goes to our stderr and a short tail is kept to explain failures.
+        if proc.stdout is None:
+            return
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            tail.append(line)
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    reader = threading.Thread(target=_echo, daemon=True)
+    reader.start()
     try:
         code = proc.wait()
     except KeyboardInterrupt:
         stop_group(proc)
         raise typer.Exit(0) from None
+    stop_group(proc)  # the SuperNode's own children (superexec) hold the pipe open
+    reader.join(timeout=5)
     if code != 0:
         from common.errors import FedsealError
 
+        if f"Exit Code: {SUPERNODE_AUTH_REFUSED}" in "".join(tail):
+            raise FedsealError(
+                "the SuperLink refused this site: its public key is not registered with the coordinator"
+            )
         raise FedsealError(f"the SuperNode exited with code {code}")
 
 

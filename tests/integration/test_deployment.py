@@ -50,10 +50,13 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def test_deployment_tls_two_sites_two_rounds_complete(tmp_path: Path) -> None:
+def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     subprocess.run([str(BIN / "fedseal-server"), "certs", str(certs)], check=True, capture_output=True)
     assert oct((certs / "server.key").stat().st_mode & 0o777) == "0o600"
+    keys, stranger = tmp_path / "allowed", tmp_path / "stranger"
+    for stem in (keys / "site0", keys / "site1", stranger / "site9"):
+        subprocess.run([str(BIN / "fedseal-client"), "keys", str(stem)], check=True, capture_output=True)
     for i in range(2):
         _write_site_csv(tmp_path / f"site{i}.csv", i)
     port = _free_port()
@@ -63,27 +66,36 @@ def test_deployment_tls_two_sites_two_rounds_complete(tmp_path: Path) -> None:
         server = _start(
             [str(BIN / "fedseal-server"), "start", "--certs", str(certs), "--host", "127.0.0.1",
              "--port", str(port), "--rounds", "2", "--min-sites", "2", "--round-timeout", "150",
-             "--state-dir", str(tmp_path / "srv"), "--out", str(out)],
+             "--state-dir", str(tmp_path / "srv"), "--out", str(out), "--auth-keys", str(keys)],
             tmp_path / "server.log",
         )
         procs.append(server)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()
-                time.sleep(0.3)
+        # "SuperLink listening" is printed once the SuperLink is up and site keys are registered.
+        deadline = time.monotonic() + 90
+        while "SuperLink listening" not in (tmp_path / "server.log").read_text():
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "SuperLink did not come up"
+            time.sleep(0.3)
         for i in range(2):
             procs.append(
                 _start(
                     [str(BIN / "fedseal-client"), "start", "--data", str(tmp_path / f"site{i}.csv"),
                      "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
-                     "--port", str(_free_port()), "--state-dir", str(tmp_path / f"site{i}")],
+                     "--port", str(_free_port()), "--state-dir", str(tmp_path / f"site{i}"),
+                     "--auth-key", str(keys / f"site{i}")],
                     tmp_path / f"site{i}.log",
                 )
             )
+        # A site whose key the coordinator never allow-listed is refused.
+        intruder = subprocess.run(
+            [str(BIN / "fedseal-client"), "start", "--data", str(tmp_path / "site0.csv"),
+             "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
+             "--port", str(_free_port()), "--state-dir", str(tmp_path / "site9"),
+             "--auth-key", str(stranger / "site9")],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert intruder.returncode == 1
+        assert "not registered" in intruder.stderr, intruder.stderr[-2000:]
         code = server.wait(timeout=240)
         log = (tmp_path / "server.log").read_text()
         assert code == 0, log[-4000:]
