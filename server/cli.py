@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -123,6 +124,8 @@ def start_cmd(
         auth_keys=keys,
     )
     result_dir = (out_dir or state_dir / "runs").resolve()
+    # SIGTERM unwinds like Ctrl-C, so the SuperLink (its own process group) is stopped too.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="fedseal-app-") as tmp:
         app_dir = write_app_dir(Path(tmp), cfg, {KEY_OUT_DIR: str(result_dir)})
         with SuperLink(settings) as link:
@@ -143,6 +146,10 @@ def start_cmd(
             f"round {r['round']}: accuracy={r['accuracy']} loss={r['loss']} participants={r['participants']}"
         )
     out.print(f"results: {result}")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
