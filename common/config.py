@@ -18,7 +18,10 @@ from typing import Any
 from common.errors import ConfigurationError
 
 DATASETS = ("digits", "breast_cancer", "custom")
-MODELS = ("auto", "mlp", "cnn")
+MODELS = ("auto", "mlp", "cnn", "vector")
+# "train": sites train on their data. "echo": sites skip training and return a fixed
+# update (protocol benchmarks measure aggregation cost alone).
+WORKLOADS = ("train", "echo")
 PARTITIONS = ("iid", "dirichlet")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("prv", "rdp")
@@ -55,6 +58,7 @@ class RunConfig:
     learning_rate: float = 0.1
     device: str = "auto"
     seed: int = 0
+    workload: str = "train"
 
     def __post_init__(self) -> None:
         _choice("dataset", self.dataset, DATASETS)
@@ -62,6 +66,11 @@ class RunConfig:
         _choice("partition", self.partition, PARTITIONS)
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("device", self.device, DEVICES)
+        _choice("workload", self.workload, WORKLOADS)
+        if (self.model == "vector") != (self.workload == "echo"):
+            raise ConfigurationError(
+                "model 'vector' and workload 'echo' go together (benchmarks only)"
+            )
         _positive_int("rounds", self.rounds)
         _positive_int("num_sites", self.num_sites)
         _positive_int("min_sites", self.min_sites)

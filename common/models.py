@@ -54,6 +54,24 @@ class SmallCNN(nn.Module):
         return self.head(torch.flatten(self.features(x), 1))  # type: ignore[no-any-return]
 
 
+class ParameterVector(nn.Module):
+    """A bare parameter vector: the model of protocol benchmarks (no forward computation)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ConfigurationError("the 'vector' model is for protocol benchmarks and cannot predict")
+
+
+def _build_vector(shape: Sequence[int], num_classes: int) -> nn.Module:
+    size = 1
+    for s in shape:
+        size *= int(s)
+    return ParameterVector(size)
+
+
 def _build_mlp(shape: Sequence[int], num_classes: int) -> nn.Module:
     features = 1
     for s in shape:
@@ -72,6 +90,7 @@ def _build_cnn(shape: Sequence[int], num_classes: int) -> nn.Module:
 _ZOO: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
+    "vector": _build_vector,
 }
 
 

@@ -170,3 +170,32 @@ def record_to_config(
         raise ConfigurationError(f"bad {KEY_ROUND}: {server_round!r}")
     extra = {k: values.pop(k) for k in extra_keys if k in values}
     return RunConfig.from_flower(values), server_round, extra
+
+
+# ---------------------------------------------------------------- opaque payloads
+# Protocol messages (secure aggregation) travel as one uint8 array, so Flower
+# chunks them like model weights; the protocol decodes and checks the bytes.
+KEY_PAYLOAD = "payload"
+
+
+def bytes_to_record(data: bytes) -> ArrayRecord:
+    """Wrap protocol bytes in an ArrayRecord (one uint8 array named :data:`KEY_PAYLOAD`)."""
+    return ArrayRecord({KEY_PAYLOAD: Array(np.frombuffer(data, dtype=np.uint8))})
+
+
+def record_to_bytes(record: object, max_size: int, *, what: str = "payload") -> bytes:
+    """Extract protocol bytes, refusing anything but one 1-D uint8 array of at most ``max_size``.
+
+    The declared shape is checked before any bytes are parsed.
+    """
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [KEY_PAYLOAD]:
+        raise DataError(f"{what}: expected an ArrayRecord with one array {KEY_PAYLOAD!r}")
+    arr = record[KEY_PAYLOAD]
+    if np.dtype(arr.dtype) != np.uint8 or len(arr.shape) != 1:
+        raise DataError(f"{what}: expected a 1-D uint8 array")
+    if arr.shape[0] > max_size or len(arr.data) > max_size + 4096:
+        raise DataError(f"{what}: {arr.shape[0]} bytes exceeds the limit of {max_size}")
+    try:
+        return arr.numpy().tobytes()
+    except Exception as exc:  # corrupt .npy bytes
+        raise DataError(f"{what}: undecodable payload ({exc})") from exc

@@ -50,6 +50,8 @@ def task_for(cfg: RunConfig) -> TaskSpec:
             data.image_shape,
         )
     name = "mlp" if cfg.model == "auto" else cfg.model
+    if name == "vector":
+        return TaskSpec(name, (num_features,), num_classes, num_features)
     if name == "cnn":
         if image_shape is None:
             raise ConfigurationError(

@@ -152,7 +152,9 @@ class FederatedRun:
         self.spec = ModelSpec.of(model.state_dict())
         self.global_vector = state_dict_to_vector(model.state_dict())
         self.model = model
-        self.heldout = HeldOut(cfg, self.task) if cfg.dataset != "custom" else None
+        self.heldout = (
+            HeldOut(cfg, self.task) if cfg.dataset != "custom" and cfg.workload == "train" else None
+        )
         self.results: list[RoundResult] = []
 
     # ------------------------------------------------------------------ rounds
@@ -259,6 +261,8 @@ class FederatedRun:
     # ------------------------------------------------------------- evaluation
     def evaluate(self, server_round: int) -> tuple[float | None, float | None, str]:
         """Central evaluation on the held-out split, or federated evaluation on the sites."""
+        if self.cfg.workload == "echo":
+            return None, None, "none"
         if self.heldout is not None:
             self.model.load_state_dict(vector_to_state_dict(self.global_vector, self.spec))
             loss, accuracy = evaluate_model(
