@@ -1,0 +1,338 @@
+"""The validated configuration of one secure-aggregation round.
+
+Guarantee: a :class:`SecAggConfig` that exists is consistent. In particular
+
+* ``1 <= t <= k <= n - 1`` and ``2t > k`` (a strict majority of a node's
+  neighbours is needed to reconstruct either of its secrets, so a server
+  that sends inconsistent survivor lists to different neighbours cannot
+  obtain both the self-mask seed and the mask key of one node; Bonawitz et
+  al. 2017 §4; Bell et al. 2020 §3);
+* ``k`` is ``n - 1`` (complete graph) or even (a circulant k-regular graph);
+* the quantisation cannot wrap: with ``M = ceil(value_bound * scale)`` every
+  quantised coordinate lies in ``[-M, M]`` and ``n * M <= 2^(b-1) - 1``, so
+  the sum of ``n`` inputs read as a signed integer modulo ``2^b`` is exact.
+
+Anything else raises :class:`~common.errors.ConfigurationError` at
+construction. The configuration is public (it carries no secret) and
+travels to clients via :meth:`SecAggConfig.encode`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from common.crypto.prg import SEED_SIZE, ring_dtype
+from common.errors import ConfigurationError
+
+PROTOCOL_VERSION = 1
+"""Wire and key-derivation version of this implementation."""
+NEIGHBOUR_FACTOR = 3.0
+"""``c`` in the default neighbour degree ``k = c * log2(n)`` (rounded up to even)."""
+MIN_BITS = 8
+MAX_BITS = 53
+"""Up to 53 bits so that every quantised sum is exact in a float64 mantissa."""
+MAX_COHORT = 65_536
+MAX_VECTOR_LENGTH = 2**32 - 1
+_U64_MAX = 2**64 - 1
+
+_MAGIC = b"fsac"
+_HEAD = struct.Struct(">4sBQQI")
+_TAIL = struct.Struct(">II32sIdBd")
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggConfig:
+    """Public parameters of one secure-aggregation round; build with :func:`make_config`.
+
+    Attributes
+    ----------
+    version : int
+        Protocol version (:data:`PROTOCOL_VERSION`).
+    run_id, round : int
+        The run and round this configuration belongs to (bound into every key and message).
+    cohort : tuple[int, ...]
+        The sorted, distinct node ids invited to the round.
+    threshold : int
+        ``t``: shares needed to reconstruct a node's secret; minimum live neighbours.
+    neighbours : int
+        ``k``: degree of the neighbour graph.
+    graph_seed : bytes
+        32 public bytes fixing the neighbour graph, chosen before keys are seen.
+    vector_length : int
+        Number of coordinates ``d`` of every input.
+    value_bound : float
+        Every input coordinate must satisfy ``|x| <= value_bound``.
+    bits : int
+        ``b``: arithmetic is in Z_{2^b}.
+    scale : float
+        Quantisation scale: ``x`` becomes a stochastic rounding of ``x * scale``.
+    """
+
+    version: int
+    run_id: int
+    round: int
+    cohort: tuple[int, ...]
+    threshold: int
+    neighbours: int
+    graph_seed: bytes
+    vector_length: int
+    value_bound: float
+    bits: int
+    scale: float
+
+    @property
+    def size(self) -> int:
+        """``n``, the number of invited clients."""
+        return len(self.cohort)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """Little-endian word type of ring elements (uint32 for b <= 32, else uint64)."""
+        return ring_dtype(self.bits)
+
+    @property
+    def max_quantised(self) -> int:
+        """``M = ceil(value_bound * scale)``: the largest magnitude of a quantised coordinate."""
+        return math.ceil(self.value_bound * self.scale)
+
+    @property
+    def masked_size(self) -> int:
+        """Bytes of one masked vector on the wire."""
+        return self.vector_length * self.dtype.itemsize
+
+    def share_index(self, node_id: int) -> int:
+        """The Shamir evaluation point of ``node_id``: its 1-based position in the cohort.
+
+        Raises
+        ------
+        ConfigurationError
+            If ``node_id`` is not in the cohort.
+        """
+        position = bisect.bisect_left(self.cohort, node_id)
+        if position == len(self.cohort) or self.cohort[position] != node_id:
+            raise ConfigurationError(f"node {node_id} is not in the cohort")
+        return position + 1
+
+    def contains(self, node_id: object) -> bool:
+        """Whether ``node_id`` is an int (not bool) naming a cohort member."""
+        if type(node_id) is not int:
+            return False
+        position = bisect.bisect_left(self.cohort, node_id)
+        return position < len(self.cohort) and self.cohort[position] == node_id
+
+    def encode(self) -> bytes:
+        """Canonical bytes of this configuration (big-endian, fixed layout)."""
+        head = _HEAD.pack(_MAGIC, self.version, self.run_id, self.round, len(self.cohort))
+        ids = struct.pack(f">{len(self.cohort)}Q", *self.cohort)
+        tail = _TAIL.pack(
+            self.threshold,
+            self.neighbours,
+            self.graph_seed,
+            self.vector_length,
+            self.value_bound,
+            self.bits,
+            self.scale,
+        )
+        return head + ids + tail
+
+    def digest(self) -> bytes:
+        """SHA-256 of :meth:`encode`, to bind state to this exact configuration."""
+        return hashlib.sha256(self.encode()).digest()
+
+    @classmethod
+    def decode(cls, data: bytes) -> SecAggConfig:
+        """Parse and re-validate bytes from :meth:`encode`.
+
+        Raises
+        ------
+        ConfigurationError
+            On a wrong type, size, magic, version, or any invalid value.
+        """
+        if type(data) is not bytes or len(data) < _HEAD.size + _TAIL.size:
+            raise ConfigurationError("secure-aggregation configuration: too short or not bytes")
+        magic, version, run_id, round_, count = _HEAD.unpack_from(data)
+        if magic != _MAGIC or version != PROTOCOL_VERSION:
+            raise ConfigurationError("secure-aggregation configuration: unknown format or version")
+        if count > MAX_COHORT or len(data) != _HEAD.size + 8 * count + _TAIL.size:
+            raise ConfigurationError("secure-aggregation configuration: wrong size")
+        cohort = struct.unpack_from(f">{count}Q", data, _HEAD.size)
+        t, k, seed, d, bound, bits, scale = _TAIL.unpack_from(data, _HEAD.size + 8 * count)
+        if list(cohort) != sorted(set(cohort)):
+            raise ConfigurationError("secure-aggregation configuration: cohort not canonical")
+        config = make_config(
+            run_id=run_id,
+            round=round_,
+            cohort=cohort,
+            threshold=t,
+            value_bound=bound,
+            vector_length=d,
+            bits=bits,
+            graph_seed=seed,
+            neighbours=k,
+            scale=scale,
+        )
+        if config.encode() != data:
+            raise ConfigurationError("secure-aggregation configuration: not canonical")
+        return config
+
+
+def _check_u64(name: str, value: object) -> int:
+    if type(value) is not int or not 0 <= value <= _U64_MAX:
+        raise ConfigurationError(f"{name} must be an int in [0, 2^64), got {value!r}")
+    return value
+
+
+def _normalise_degree(k: int, n: int) -> int:
+    """Round ``k`` up to a degree a circulant graph on ``n`` nodes can have."""
+    if k >= n - 1:
+        return n - 1
+    k += k % 2
+    return n - 1 if k >= n - 1 else k
+
+
+def default_neighbours(n: int) -> int:
+    """Default degree: ``ceil(c * log2 n)`` rounded up to even, or ``n - 1`` for small ``n``."""
+    return _normalise_degree(max(1, math.ceil(NEIGHBOUR_FACTOR * math.log2(n))), n)
+
+
+def _choose_scale(value_bound: float, bits: int, n: int, scale: float | None) -> float:
+    limit = (1 << (bits - 1)) - 1
+    if scale is None:
+        largest = limit // n
+        if largest < 1:
+            raise ConfigurationError(f"{n} clients cannot share a {bits}-bit ring without wrapping")
+        chosen = largest / value_bound
+        while math.ceil(value_bound * chosen) > largest:
+            chosen = math.nextafter(chosen, 0.0)
+        return chosen
+    if type(scale) is not float or not math.isfinite(scale) or scale <= 0:
+        raise ConfigurationError(f"scale must be a positive finite float, got {scale!r}")
+    if n * math.ceil(value_bound * scale) > limit:
+        raise ConfigurationError(
+            f"the sum of {n} inputs bounded by {value_bound} at scale {scale} can wrap "
+            f"Z_2^{bits}: need n * ceil(bound * scale) <= 2^{bits - 1} - 1"
+        )
+    return scale
+
+
+def make_config(
+    *,
+    run_id: int,
+    round: int,
+    cohort: Sequence[int],
+    threshold: float | int,
+    value_bound: float,
+    vector_length: int,
+    bits: int = 32,
+    graph_seed: bytes,
+    neighbours: int | None = None,
+    scale: float | None = None,
+) -> SecAggConfig:
+    """Build a validated :class:`SecAggConfig`.
+
+    Parameters
+    ----------
+    run_id, round : int
+        In [0, 2^64).
+    cohort : Sequence[int]
+        At least 2 distinct node ids in [1, 2^64); stored sorted.
+    threshold : float or int
+        A float in (0.5, 1] is a fraction of the neighbour degree
+        (``t = ceil(fraction * k)``); an int is the count ``t`` itself.
+    value_bound : float
+        Positive, finite bound on every input coordinate's magnitude.
+    vector_length : int
+        ``d`` in [1, 2^32).
+    bits : int
+        Ring size exponent ``b`` in [8, 53]; 32 (uint32 words) is fastest.
+    graph_seed : bytes
+        32 public random bytes, fixed before clients advertise keys.
+    neighbours : int or None
+        Degree ``k``; default ``ceil(3 log2 n)`` rounded up to even and at
+        least ``t``, or ``n - 1`` when that is not smaller.
+    scale : float or None
+        Quantisation scale; default the largest one that cannot wrap,
+        ``floor((2^(b-1) - 1) / n) / value_bound``.
+
+    Raises
+    ------
+    ConfigurationError
+        On any invalid or inconsistent value (see the module docstring).
+    """
+    _check_u64("run_id", run_id)
+    _check_u64("round", round)
+    if isinstance(cohort, str | bytes) or not isinstance(cohort, Sequence):
+        raise ConfigurationError("cohort must be a sequence of node ids")
+    ids = tuple(_check_u64("node id", node) for node in cohort)
+    if len(set(ids)) != len(ids) or 0 in ids:
+        raise ConfigurationError("cohort node ids must be distinct and non-zero")
+    n = len(ids)
+    if not 2 <= n <= MAX_COHORT:
+        raise ConfigurationError(f"a secure-aggregation cohort needs 2..{MAX_COHORT} clients")
+    if type(bits) is not int or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigurationError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    if type(vector_length) is not int or not 1 <= vector_length <= MAX_VECTOR_LENGTH:
+        raise ConfigurationError(
+            f"vector_length must be an int in [1, 2^32), got {vector_length!r}"
+        )
+    if (
+        isinstance(value_bound, bool)
+        or not isinstance(value_bound, int | float)
+        or not math.isfinite(value_bound)
+        or value_bound <= 0
+    ):
+        raise ConfigurationError(f"value_bound must be positive and finite, got {value_bound!r}")
+    bound = float(value_bound)
+    if type(graph_seed) is not bytes or len(graph_seed) != SEED_SIZE:
+        raise ConfigurationError(f"graph_seed must be exactly {SEED_SIZE} bytes")
+
+    if type(threshold) is float:
+        if not 0.5 < threshold <= 1.0:
+            raise ConfigurationError(f"a threshold fraction must be in (0.5, 1], got {threshold}")
+        k = default_neighbours(n) if neighbours is None else neighbours
+        if type(k) is not int:
+            raise ConfigurationError(f"neighbours must be an int, got {k!r}")
+        t = math.ceil(threshold * k)
+    elif type(threshold) is int:
+        t = threshold
+        if neighbours is None:
+            k = _normalise_degree(max(default_neighbours(n), t), n)
+        else:
+            k = neighbours
+    else:
+        raise ConfigurationError(
+            f"threshold must be a float fraction or an int count, got {threshold!r}"
+        )
+    if type(k) is not int or not 1 <= k <= n - 1:
+        raise ConfigurationError(f"neighbours must be an int in [1, {n - 1}], got {k!r}")
+    if k != n - 1 and k % 2:
+        raise ConfigurationError(f"neighbours must be even or n - 1 = {n - 1}, got {k}")
+    if not 1 <= t <= k:
+        raise ConfigurationError(f"threshold {t} must be in [1, neighbours = {k}]")
+    if 2 * t <= k:
+        raise ConfigurationError(
+            f"threshold {t} must exceed half the neighbours ({k}) so that no node's two "
+            "secrets can both be reconstructed"
+        )
+    chosen_scale = _choose_scale(bound, bits, n, scale)
+    return SecAggConfig(
+        version=PROTOCOL_VERSION,
+        run_id=run_id,
+        round=round,
+        cohort=tuple(sorted(ids)),
+        threshold=t,
+        neighbours=k,
+        graph_seed=graph_seed,
+        vector_length=vector_length,
+        value_bound=bound,
+        bits=bits,
+        scale=chosen_scale,
+    )

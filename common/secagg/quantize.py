@@ -1,0 +1,124 @@
+"""Stochastic rounding of bounded real vectors into Z_{2^b}, and back for sums.
+
+Guarantee. Let ``s = config.scale``, ``M = ceil(fl(value_bound * s))`` and ``n`` the
+cohort size; :func:`~common.secagg.params.make_config` ensures
+``n * M <= 2^(b-1) - 1``. For an input ``x`` with ``|x_j| <= value_bound``:
+
+1. :func:`quantize` returns ``q_j mod 2^b`` where ``q_j = floor(y_j) + B_j``,
+   ``y_j = fl(x_j * s)`` and ``B_j ~ Bernoulli(y_j - floor(y_j))`` drawn from
+   the given generator; hence ``E[q_j] = y_j`` (unbiased), ``|q_j - y_j| < 1``
+   and ``|q_j| <= M`` (rounding is monotone, so ``|y_j| <= fl(bound * s) <= M``).
+2. For ``m <= n`` such inputs the integer sum ``S_j = sum_i q_ij`` satisfies
+   ``|S_j| <= n * M < 2^(b-1)``, so reading the ring sum as a signed integer in
+   ``[-2^(b-1), 2^(b-1))`` recovers ``S_j`` exactly (:func:`lift_signed`).
+3. :func:`dequantize_sum` returns ``fl(S_j / s)``, and for every coordinate
+   (exact real arithmetic on the right, ``u = 2^-53`` the float64 unit roundoff)::
+
+       |fl(S_j / s) - sum_i x_ij| < m (1 + u) / s + 3 m u value_bound
+
+   Proof: split the error as ``A + B + C`` with
+   ``A = fl(S_j / s) - S_j / s``, ``B = (S_j - sum_i y_ij) / s`` and
+   ``C = sum_i (y_ij - x_ij s) / s``. One rounding gives
+   ``|A| <= u |S_j| / s <= u m M / s < u m (2 value_bound + 1 / s)`` since
+   ``M < fl(value_bound s) + 1 <= value_bound s (1 + u) + 1``; (1) gives ``|B| < m / s``; one rounding
+   per product gives ``|C| <= m u value_bound``. Summing proves the bound,
+   which :func:`error_bound` returns.
+
+The generator is passed in (never a global one); use
+:func:`common.rng.secure_generator` in production so the rounding noise is
+unpredictable to the server.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from common.crypto.prg import RingArray
+from common.errors import DataError
+from common.secagg.params import SecAggConfig
+
+
+def error_bound(config: SecAggConfig, count: int) -> float:
+    """The per-coordinate bound on ``|dequantize_sum(S) - sum x|`` for ``count`` inputs."""
+    unit = 2.0**-53
+    return count * (1.0 + unit) / config.scale + 3.0 * count * unit * config.value_bound
+
+
+def check_input(x: object, config: SecAggConfig) -> npt.NDArray[np.float64]:
+    """Validate an input vector and return it as float64.
+
+    Raises
+    ------
+    DataError
+        If ``x`` is not a 1-D real array of length ``vector_length`` whose
+        entries are finite with ``|x_j| <= value_bound``.
+    """
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiu" or x.dtype == np.bool_:
+        raise DataError("a secure-aggregation input must be a real numpy array")
+    if x.shape != (config.vector_length,):
+        raise DataError(f"input shape {x.shape} != ({config.vector_length},)")
+    values = np.asarray(x, dtype=np.float64)
+    if not np.all(np.abs(values) <= config.value_bound):  # False for NaN too
+        raise DataError(
+            f"input has entries that are not finite or exceed the bound {config.value_bound}; "
+            "clip before secure aggregation"
+        )
+    return values
+
+
+def quantize(x: object, config: SecAggConfig, rng: np.random.Generator) -> RingArray:
+    """Stochastically round ``x * scale`` and embed it into Z_{2^b}.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Shape ``(vector_length,)``, finite, ``|x_j| <= value_bound``.
+    config : SecAggConfig
+        The round's configuration (scale, bits).
+    rng : numpy.random.Generator
+        Source of the rounding coins.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``config.dtype`` words in ``[0, 2^b)``.
+
+    Raises
+    ------
+    DataError
+        On an invalid input (see :func:`check_input`).
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise DataError("quantize needs a numpy Generator")
+    values = check_input(x, config)
+    scaled = values * config.scale
+    floor = np.floor(scaled)
+    rounded = floor.astype(np.int64)
+    rounded += rng.random(values.shape[0]) < (scaled - floor)
+    ring: RingArray = rounded.astype(config.dtype)
+    if config.bits not in (32, 64):
+        np.bitwise_and(ring, config.dtype.type((1 << config.bits) - 1), out=ring)
+    return ring
+
+
+def lift_signed(ring: RingArray, bits: int) -> npt.NDArray[np.int64]:
+    """Read ring elements as signed integers in ``[-2^(bits-1), 2^(bits-1))``."""
+    wide = ring.astype(np.int64)
+    wide[wide >= 1 << (bits - 1)] -= 1 << bits
+    return wide
+
+
+def dequantize_sum(
+    ring_sum: RingArray, config: SecAggConfig
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """The real sum and the exact integer sum encoded by a ring sum of at most n inputs.
+
+    Returns
+    -------
+    tuple
+        ``(sum_float, sum_int)``: ``sum_int`` is the signed integer sum of the
+        quantised inputs (exact), ``sum_float = sum_int / scale`` (float64).
+    """
+    sum_int = lift_signed(ring_sum, config.bits)
+    return sum_int / config.scale, sum_int

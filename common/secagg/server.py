@@ -1,0 +1,416 @@
+"""The server side of a SecAgg+ round as a pure state machine.
+
+Guarantee: if every client follows the protocol, :meth:`SecAggServer.receive_unmask`
+returns exactly ``sum_{u in U3} q_u (mod 2^b)``, the sum of the quantised
+inputs of the clients whose masked vectors arrived (``U3``), lifted to signed
+integers and dequantised (error bound in :mod:`common.secagg.quantize`). It
+learns nothing else about individual inputs under the client module's
+assumptions (honest-but-curious server, at most ``t - 1`` colluding clients;
+Bell et al. CCS 2020 Thm. 3.6, Bonawitz et al. CCS 2017 Thm. 6.3).
+
+Dropout handling: a node with fewer than ``t`` live neighbours is excluded
+before it shares or masks (its neighbours then never mask with it); after
+masking, every survivor's self-mask seed and every dropped neighbour's mask
+key must be reconstructable from ``t`` shares of responders, else the round
+aborts with :class:`~common.errors.ProtocolAbort` naming the node. Fewer
+than ``t`` participants at any stage aborts too. A reconstructed mask key
+is checked against the public key its owner advertised
+(:class:`~common.errors.IntegrityError` otherwise).
+
+Replies are validated (type, run, round, sender expected at this stage, no
+duplicates, exact recipient sets) before any of their content is used; a
+reply that fails raises :class:`~common.errors.ProtocolError` and the server
+refuses further calls. Replies missing from a list are dropouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from common.crypto.keys import KeyPair, key_pair_from_private_bytes
+from common.crypto.prg import RingArray
+from common.crypto.shamir import Share, combine_shares
+from common.errors import (
+    ConfigurationError,
+    FedsealError,
+    IntegrityError,
+    ProtocolAbort,
+    ProtocolError,
+)
+from common.secagg.client import pairwise_mask, self_mask
+from common.secagg.graph import neighbour_graph
+from common.secagg.messages import (
+    AdvertiseKeysReply,
+    AdvertiseKeysRequest,
+    Ciphertext,
+    CollectMaskedReply,
+    CollectMaskedRequest,
+    PeerKeys,
+    ShareKeysReply,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from common.secagg.params import SecAggConfig
+from common.secagg.quantize import dequantize_sum
+from common.secagg.stages import Stage, check_transition
+
+_Reply = TypeVar("_Reply", AdvertiseKeysReply, ShareKeysReply, CollectMaskedReply, UnmaskReply)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AggregateResult:
+    """The outcome of a completed secure-aggregation round.
+
+    Attributes
+    ----------
+    sum : numpy.ndarray
+        float64, the dequantised sum of the contributors' inputs.
+    sum_int : numpy.ndarray
+        int64, the exact integer sum of the contributors' quantised inputs.
+    contributors : tuple[int, ...]
+        Node ids whose masked inputs are in the sum.
+    dropped : tuple[int, ...]
+        Cohort node ids whose inputs are not in the sum.
+    threshold : int
+        ``t`` of the round.
+    neighbours : int
+        ``k`` of the round.
+    """
+
+    sum: npt.NDArray[np.float64]
+    sum_int: npt.NDArray[np.int64]
+    contributors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    threshold: int
+    neighbours: int
+
+    @property
+    def participants(self) -> int:
+        """The number of invited clients (contributors + dropped)."""
+        return len(self.contributors) + len(self.dropped)
+
+
+class SecAggServer:
+    """The server's state for one secure-aggregation round.
+
+    Call, in order: :meth:`start`, :meth:`receive_advertise_keys`,
+    :meth:`receive_share_keys`, :meth:`receive_masked`, :meth:`receive_unmask`;
+    each consumes the replies that arrived and returns the next per-node
+    requests (the last returns the :class:`AggregateResult`).
+    """
+
+    __slots__ = (
+        "_config",
+        "_failed",
+        "_graph",
+        "_keys",
+        "_live",
+        "_masked_with",
+        "_requested",
+        "_routed",
+        "_stage",
+        "_sum",
+        "_unmask_requests",
+    )
+
+    def __init__(self, config: SecAggConfig) -> None:
+        if not isinstance(config, SecAggConfig):
+            raise ConfigurationError("config must be a SecAggConfig")
+        self._config = config
+        self._graph = neighbour_graph(config)
+        self._stage = Stage.INIT
+        self._failed = False
+        self._requested: frozenset[int] = frozenset()
+        self._keys: dict[int, AdvertiseKeysReply] = {}
+        self._live: frozenset[int] = frozenset()
+        self._routed: dict[int, dict[int, bytes]] = {}
+        self._masked_with: dict[int, frozenset[int]] = {}
+        self._sum: RingArray | None = None
+        self._unmask_requests: dict[int, UnmaskRequest] = {}
+
+    @property
+    def config(self) -> SecAggConfig:
+        """The round's configuration."""
+        return self._config
+
+    @property
+    def graph(self) -> dict[int, frozenset[int]]:
+        """The public neighbour graph (a copy)."""
+        return dict(self._graph)
+
+    def _advance(self, following: Stage) -> None:
+        if self._failed:
+            raise ProtocolAbort("this secure-aggregation round already aborted")
+        try:
+            check_transition(self._stage, following)
+        except FedsealError:
+            self._failed = True
+            raise
+        self._stage = following
+
+    def _collect(self, replies: Sequence[object], expected: type[_Reply]) -> dict[int, _Reply]:
+        if self._failed:
+            raise ProtocolAbort("this secure-aggregation round already aborted")
+        if self._stage is not expected.STAGE:
+            raise ProtocolError(f"not expecting {expected.__name__} at stage {self._stage.name}")
+        received: dict[int, _Reply] = {}
+        for reply in replies:
+            if type(reply) is not expected:
+                raise ProtocolError(
+                    f"wrong stage: expected {expected.__name__}, got {type(reply).__name__}"
+                )
+            if (reply.run_id, reply.round) != (self._config.run_id, self._config.round):
+                raise ProtocolError(f"reply for run {reply.run_id} round {reply.round}")
+            if reply.node_id not in self._requested:
+                raise ProtocolError(f"unexpected reply from node {reply.node_id}")
+            if reply.node_id in received:
+                raise ProtocolError(f"duplicate reply from node {reply.node_id}")
+            received[reply.node_id] = reply
+        return received
+
+    def _guarded(self, replies: Sequence[object], expected: type[_Reply]) -> dict[int, _Reply]:
+        try:
+            return self._collect(replies, expected)
+        except FedsealError:
+            self._failed = True
+            raise
+
+    def _prune(self, alive: set[int], stage: str) -> frozenset[int]:
+        t = self._config.threshold
+        changed = True
+        while changed:
+            weak = {u for u in alive if len(self._graph[u] & alive) < t}
+            changed = bool(weak)
+            alive -= weak
+        if len(alive) < t:
+            raise ProtocolAbort(
+                f"secure aggregation aborted at {stage}: {len(alive)} usable clients, "
+                f"fewer than the threshold {t}"
+            )
+        return frozenset(alive)
+
+    def start(self) -> dict[int, AdvertiseKeysRequest]:
+        """Begin the round: one ADVERTISE_KEYS request per cohort node."""
+        self._advance(Stage.ADVERTISE_KEYS)
+        config = self._config
+        self._requested = frozenset(config.cohort)
+        return {u: AdvertiseKeysRequest(config.run_id, config.round, u) for u in config.cohort}
+
+    def receive_advertise_keys(
+        self, replies: Sequence[AdvertiseKeysReply]
+    ) -> dict[int, ShareKeysRequest]:
+        """Consume public keys; send each live node its live neighbours' keys.
+
+        Raises
+        ------
+        ProtocolError
+            On an invalid reply or repeated public keys.
+        ProtocolAbort
+            If fewer than ``t`` usable clients remain.
+        """
+        received = self._guarded(replies, AdvertiseKeysReply)
+        try:
+            keys = [k for r in received.values() for k in (r.encryption_key, r.mask_key)]
+            if len(set(keys)) != len(keys):
+                raise ProtocolError("two advertised public keys are equal")
+            live = self._prune(set(received), "ADVERTISE_KEYS")
+            self._advance(Stage.SHARE_KEYS)
+        except FedsealError:
+            self._failed = True
+            raise
+        self._keys = {u: received[u] for u in live}
+        self._live = live
+        self._requested = live
+        config = self._config
+        return {
+            u: ShareKeysRequest(
+                config.run_id,
+                config.round,
+                u,
+                tuple(
+                    PeerKeys(v, self._keys[v].encryption_key, self._keys[v].mask_key)
+                    for v in sorted(self._graph[u] & live)
+                ),
+            )
+            for u in sorted(live)
+        }
+
+    def receive_share_keys(
+        self, replies: Sequence[ShareKeysReply]
+    ) -> dict[int, CollectMaskedRequest]:
+        """Consume share ciphertexts; route each to its receiver.
+
+        Raises
+        ------
+        ProtocolError
+            If a reply's receivers are not exactly the neighbours it was sent keys for.
+        ProtocolAbort
+            If fewer than ``t`` usable clients remain.
+        """
+        received = self._guarded(replies, ShareKeysReply)
+        try:
+            for u, reply in received.items():
+                receivers = {c.node_id for c in reply.ciphertexts}
+                if receivers != self._graph[u] & self._live:
+                    raise ProtocolError(f"node {u} sent shares to the wrong set of nodes")
+            live = self._prune(set(received), "SHARE_KEYS")
+            self._advance(Stage.COLLECT_MASKED)
+        except FedsealError:
+            self._failed = True
+            raise
+        routed: dict[int, dict[int, bytes]] = {u: {} for u in live}
+        for v in live:
+            for c in received[v].ciphertexts:
+                if c.node_id in live:
+                    routed[c.node_id][v] = c.data
+        self._live = live
+        self._requested = live
+        self._masked_with = {u: frozenset(routed[u]) for u in live}
+        config = self._config
+        return {
+            u: CollectMaskedRequest(
+                config.run_id,
+                config.round,
+                u,
+                tuple(Ciphertext(v, routed[u][v]) for v in sorted(routed[u])),
+            )
+            for u in sorted(live)
+        }
+
+    def receive_masked(self, replies: Sequence[CollectMaskedReply]) -> dict[int, UnmaskRequest]:
+        """Consume masked vectors (summing them at once); ask survivors for shares.
+
+        Raises
+        ------
+        ProtocolError
+            On a vector of the wrong length or type.
+        ProtocolAbort
+            If fewer than ``t`` masked vectors arrived, or a survivor has fewer
+            than ``t`` surviving neighbours (its self-mask could not be removed).
+        """
+        received = self._guarded(replies, CollectMaskedReply)
+        config = self._config
+        try:
+            survivors = frozenset(received)
+            if len(survivors) < config.threshold:
+                raise ProtocolAbort(
+                    f"secure aggregation aborted at COLLECT_MASKED: {len(survivors)} masked "
+                    f"inputs, fewer than the threshold {config.threshold}"
+                )
+            for u in survivors:
+                masked = received[u].masked
+                if masked.shape != (config.vector_length,) or masked.dtype != config.dtype:
+                    raise ProtocolError(f"node {u} sent a masked vector of the wrong shape or type")
+                alive = self._masked_with[u] & survivors
+                if len(alive) < config.threshold:
+                    raise ProtocolAbort(
+                        f"secure aggregation aborted: node {u} has {len(alive)} surviving "
+                        f"neighbours, fewer than the threshold {config.threshold}"
+                    )
+            self._advance(Stage.UNMASK)
+        except FedsealError:
+            self._failed = True
+            raise
+        total: RingArray = np.zeros(config.vector_length, dtype=config.dtype)
+        for u in sorted(survivors):
+            np.add(total, received[u].masked, out=total)
+        self._sum = total
+        self._live = survivors
+        self._requested = survivors
+        self._unmask_requests = {
+            u: UnmaskRequest(
+                config.run_id,
+                config.round,
+                u,
+                tuple(sorted(self._masked_with[u] & survivors)),
+                tuple(sorted(self._masked_with[u] - survivors)),
+            )
+            for u in sorted(survivors)
+        }
+        return dict(self._unmask_requests)
+
+    def receive_unmask(self, replies: Sequence[UnmaskReply]) -> AggregateResult:
+        """Reconstruct seeds and dropped keys, remove every mask, return the sum.
+
+        Raises
+        ------
+        ProtocolError
+            If a reply's share owners differ from what was asked.
+        ProtocolAbort
+            If fewer than ``t`` shares arrived for a needed secret.
+        IntegrityError
+            If a reconstructed mask key does not match its advertised public key.
+        """
+        received = self._guarded(replies, UnmaskReply)
+        try:
+            result = self._unmask(received)
+        except FedsealError:
+            self._failed = True
+            raise
+        self._failed = True  # a round completes once; later calls are refused
+        return result
+
+    def _unmask(self, received: dict[int, UnmaskReply]) -> AggregateResult:
+        config = self._config
+        t = config.threshold
+        seed_shares: dict[int, list[Share]] = {u: [] for u in self._live}
+        key_shares: dict[int, list[Share]] = {}
+        for w, reply in received.items():
+            request = self._unmask_requests[w]
+            if (
+                tuple(s.owner for s in reply.seed_shares) != request.survivors
+                or tuple(s.owner for s in reply.key_shares) != request.dropped
+            ):
+                raise ProtocolError(f"node {w} answered shares for other nodes than asked")
+            index = config.share_index(w)
+            for share in reply.seed_shares:
+                seed_shares[share.owner].append(Share(index, share.value))
+            for share in reply.key_shares:
+                key_shares.setdefault(share.owner, []).append(Share(index, share.value))
+        needed_keys = {x for u in self._live for x in self._masked_with[u] - self._live}
+        for owner, shares in [
+            *seed_shares.items(),
+            *((x, key_shares.get(x, [])) for x in needed_keys),
+        ]:
+            if len(shares) < t:
+                raise ProtocolAbort(
+                    f"secure aggregation aborted at UNMASK: {len(shares)} shares for node "
+                    f"{owner}, fewer than the threshold {t}"
+                )
+        if self._sum is None:
+            raise ProtocolError("no masked inputs")
+        total = self._sum
+        for u in sorted(self._live):
+            seed = combine_shares(seed_shares[u], threshold=t)
+            np.subtract(total, self_mask(seed, config, u), out=total)
+        for x in sorted(needed_keys):
+            secret = combine_shares(key_shares[x], threshold=t)
+            pair: KeyPair = key_pair_from_private_bytes(secret)
+            if pair.public_bytes != self._keys[x].mask_key:
+                raise IntegrityError("a reconstructed mask key does not match its public key")
+            for u in sorted(self._live):
+                if x in self._masked_with[u]:
+                    mask = pairwise_mask(pair, self._keys[u].mask_key, config, x, u)
+                    # u added +mask if u < x, else -mask: remove it.
+                    if u < x:
+                        np.subtract(total, mask, out=total)
+                    else:
+                        np.add(total, mask, out=total)
+        if config.bits not in (32, 64):
+            np.bitwise_and(total, config.dtype.type((1 << config.bits) - 1), out=total)
+        sum_float, sum_int = dequantize_sum(total, config)
+        self._sum = None
+        return AggregateResult(
+            sum=sum_float,
+            sum_int=sum_int,
+            contributors=tuple(sorted(self._live)),
+            dropped=tuple(sorted(set(config.cohort) - self._live)),
+            threshold=t,
+            neighbours=config.neighbours,
+        )

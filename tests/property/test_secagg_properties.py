@@ -1,0 +1,100 @@
+"""Hypothesis properties of secure aggregation over n, t, k, vector sizes and dropouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.crypto import shamir
+from common.errors import ProtocolAbort
+from common.rng import seeded_generator
+from common.secagg import Stage, make_config, run_round
+from common.secagg.graph import neighbour_graph
+from common.secagg.quantize import error_bound, lift_signed, quantize
+from common.secagg.simulate import client_generators
+
+
+@st.composite
+def rounds(draw: st.DrawFn) -> tuple:
+    n = draw(st.integers(3, 16))
+    k_choices = [n - 1] + [k for k in range(2, n - 1) if k % 2 == 0]
+    k = draw(st.sampled_from(k_choices))
+    t = draw(st.integers(k // 2 + 1, k))
+    d = draw(st.integers(1, 40))
+    bits = draw(st.sampled_from([16, 32, 40]))
+    config = make_config(
+        run_id=draw(st.integers(0, 2**64 - 1)),
+        round=draw(st.integers(0, 1000)),
+        cohort=draw(st.lists(st.integers(1, 2**64 - 1), min_size=n, max_size=n, unique=True)),
+        threshold=t,
+        neighbours=k,
+        value_bound=1.5,
+        vector_length=d,
+        bits=bits,
+        graph_seed=draw(st.binary(min_size=32, max_size=32)),
+    )
+    stage = draw(st.sampled_from(list(Stage)[1:]))
+    dropped = draw(st.sets(st.sampled_from(config.cohort), max_size=n))
+    return config, stage, dropped, draw(st.integers(0, 2**32))
+
+
+def _expected_contributors(config, stage: Stage, dropped: set[int]) -> set[int] | None:
+    """An independent model of the protocol's dropout rules: contributors, or None for abort."""
+    graph = neighbour_graph(config)
+    t = config.threshold
+    alive = set(config.cohort) - dropped
+    if stage in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS):
+        while True:  # nodes with fewer than t live neighbours are excluded
+            weak = {u for u in alive if len(graph[u] & alive) < t}
+            if not weak:
+                break
+            alive -= weak
+        return alive if len(alive) >= t else None
+    if stage is Stage.COLLECT_MASKED:
+        if len(alive) < t:
+            return None
+        needed = alive | {x for x in dropped if graph[x] & alive}
+        return alive if all(len(graph[u] & alive) >= t for u in needed) else None
+    # UNMASK: every node's seed needs t responding neighbours.
+    return set(config.cohort) if all(len(graph[u] & alive) >= t for u in config.cohort) else None
+
+
+@settings(max_examples=40, deadline=None)
+@given(rounds())
+def test_run_round_any_dropout_pattern_exact_sum_or_abort(case: tuple) -> None:
+    config, stage, dropped, seed = case
+    rng = seeded_generator(seed)
+    inputs = {u: rng.uniform(-1.5, 1.5, config.vector_length) for u in config.cohort}
+    contributors = _expected_contributors(config, stage, dropped)
+    if contributors is None:
+        with pytest.raises(ProtocolAbort):
+            run_round(inputs, config, {stage: dropped}, seeded_generator(seed))
+        return
+    result = run_round(inputs, config, {stage: dropped}, seeded_generator(seed))
+    assert set(result.contributors) == contributors
+    generators = client_generators(config, seeded_generator(seed))
+    expected = np.zeros(config.vector_length, dtype=np.int64)
+    for u in contributors:
+        expected += lift_signed(quantize(inputs[u], config, generators[u]), config.bits)
+    assert np.array_equal(result.sum_int, expected)
+    plain = np.sum([inputs[u] for u in contributors], axis=0)
+    assert np.all(np.abs(result.sum - plain) <= error_bound(config, len(contributors)) + 1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    secret=st.binary(min_size=32, max_size=32),
+    k=st.integers(1, 12),
+    data=st.data(),
+)
+def test_shamir_roundtrip_any_t_subset(secret: bytes, k: int, data: st.DataObject) -> None:
+    t = data.draw(st.integers(1, k))
+    indices = data.draw(st.lists(st.integers(1, 2**32 - 1), min_size=k, max_size=k, unique=True))
+    shares = shamir.split_secret(secret, threshold=t, indices=indices)
+    subset = data.draw(st.permutations(shares))[:t]
+    assert shamir.combine_shares(subset, threshold=t) == secret
+    if t > 1:
+        with pytest.raises(ProtocolAbort):
+            shamir.combine_shares(subset[: t - 1], threshold=t)

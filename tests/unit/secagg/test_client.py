@@ -1,0 +1,318 @@
+"""Rejection properties of the client and server state machines and the wire format."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+
+from common.errors import (
+    ConfigurationError,
+    IntegrityError,
+    ProtocolAbort,
+    ProtocolError,
+)
+from common.rng import secure_bytes, seeded_generator
+from common.secagg import SecAggClient, SecAggServer, make_config
+from common.secagg.messages import (
+    MESSAGE_TYPES,
+    AdvertiseKeysRequest,
+    Ciphertext,
+    CollectMaskedReply,
+    CollectMaskedRequest,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+    decode_message,
+)
+from common.secagg.params import SecAggConfig
+
+
+def _config(round_: int = 4, n: int = 5) -> SecAggConfig:
+    return make_config(
+        run_id=11,
+        round=round_,
+        cohort=list(range(1, n + 1)),
+        threshold=0.6,
+        value_bound=1.0,
+        vector_length=16,
+        graph_seed=bytes(32),
+    )
+
+
+class Round:
+    """Drives clients and server stage by stage, keeping every message."""
+
+    def __init__(self, config: SecAggConfig) -> None:
+        self.config = config
+        self.clients = {u: SecAggClient(u, config) for u in config.cohort}
+        self.server = SecAggServer(config)
+        self.advertise = self.server.start()
+        self.keys = [self.clients[u].advertise_keys(r) for u, r in self.advertise.items()]
+        self.share = self.server.receive_advertise_keys(self.keys)
+        self.shares = [self.clients[u].share_keys(r) for u, r in self.share.items()]
+        self.collect = self.server.receive_share_keys(self.shares)
+
+    def masked(self, skip: frozenset[int] = frozenset()) -> dict[int, UnmaskRequest]:
+        self.masked_replies = [
+            self.clients[u].collect_masked(r, np.zeros(16), seeded_generator(u))
+            for u, r in self.collect.items()
+            if u not in skip
+        ]
+        return self.server.receive_masked(self.masked_replies)
+
+
+def test_client_not_in_cohort_raises() -> None:
+    with pytest.raises(ConfigurationError):
+        SecAggClient(99, _config())
+
+
+def test_client_wrong_stage_message_rejected_and_client_aborts() -> None:
+    config = _config()
+    client = SecAggClient(1, config)
+    with pytest.raises(ProtocolError, match="cannot follow"):
+        client.share_keys(ShareKeysRequest(11, 4, 1, ()))  # type: ignore[arg-type]
+    with pytest.raises(ProtocolAbort):
+        client.advertise_keys(AdvertiseKeysRequest(11, 4, 1))
+
+
+def test_client_message_of_other_type_rejected() -> None:
+    client = SecAggClient(1, _config())
+    with pytest.raises(ProtocolError, match="wrong stage"):
+        client.share_keys(AdvertiseKeysRequest(11, 4, 1))  # type: ignore[arg-type]
+
+
+def test_client_replayed_stage_rejected() -> None:
+    r = Round(_config())
+    with pytest.raises(ProtocolError):
+        r.clients[1].advertise_keys(r.advertise[1])
+    with pytest.raises(ProtocolAbort):
+        r.clients[1].collect_masked(r.collect[1], np.zeros(16), seeded_generator(0))
+
+
+def test_client_wrong_round_or_node_rejected() -> None:
+    client = SecAggClient(1, _config())
+    with pytest.raises(ProtocolError, match="round"):
+        client.advertise_keys(AdvertiseKeysRequest(11, 5, 1))
+    other = SecAggClient(2, _config())
+    with pytest.raises(ProtocolError, match="node"):
+        other.advertise_keys(AdvertiseKeysRequest(11, 4, 1))
+
+
+def test_client_tampered_ciphertext_rejected() -> None:
+    r = Round(_config())
+    request = r.collect[1]
+    first = request.ciphertexts[0]
+    flipped = first.data[:20] + bytes([first.data[20] ^ 1]) + first.data[21:]
+    bad = dataclasses.replace(
+        request, ciphertexts=(Ciphertext(first.node_id, flipped),) + request.ciphertexts[1:]
+    )
+    with pytest.raises(IntegrityError):
+        r.clients[1].collect_masked(bad, np.zeros(16), seeded_generator(0))
+
+
+def test_client_ciphertext_relabelled_sender_rejected() -> None:
+    r = Round(_config())
+    request = r.collect[1]
+    a, b = request.ciphertexts[0], request.ciphertexts[1]
+    swapped = (Ciphertext(a.node_id, b.data), Ciphertext(b.node_id, a.data)) + request.ciphertexts[
+        2:
+    ]
+    with pytest.raises(IntegrityError):
+        r.clients[1].collect_masked(
+            dataclasses.replace(request, ciphertexts=swapped), np.zeros(16), seeded_generator(0)
+        )
+
+
+def test_client_ciphertext_replayed_from_other_round_rejected() -> None:
+    old, new = Round(_config(round_=4)), Round(_config(round_=5))
+    request = new.collect[1]
+    replayed = tuple(
+        Ciphertext(
+            c.node_id, next(o.data for o in old.collect[1].ciphertexts if o.node_id == c.node_id)
+        )
+        for c in request.ciphertexts
+    )
+    with pytest.raises(IntegrityError):
+        new.clients[1].collect_masked(
+            dataclasses.replace(request, ciphertexts=replayed), np.zeros(16), seeded_generator(0)
+        )
+
+
+def test_client_share_keys_non_neighbour_or_duplicate_keys_rejected() -> None:
+    config = make_config(
+        run_id=1,
+        round=1,
+        cohort=list(range(1, 21)),
+        threshold=0.6,
+        value_bound=1.0,
+        vector_length=4,
+        graph_seed=bytes(32),
+    )
+    server = SecAggServer(config)
+    clients = {u: SecAggClient(u, config) for u in config.cohort}
+    keys = [clients[u].advertise_keys(r) for u, r in server.start().items()]
+    share = server.receive_advertise_keys(keys)
+    u = config.cohort[0]
+    stranger = next(v for v in config.cohort if v != u and v not in clients[u].neighbours)
+    peers = share[u].peers
+    foreign = dataclasses.replace(peers[0], node_id=stranger)
+    bad = dataclasses.replace(
+        share[u], peers=tuple(sorted((foreign,) + peers[1:], key=lambda p: p.node_id))
+    )
+    with pytest.raises(ProtocolError, match="non-neighbours"):
+        clients[u].share_keys(bad)
+    v = config.cohort[1]
+    twin = dataclasses.replace(share[v].peers[1], mask_key=share[v].peers[0].mask_key)
+    with pytest.raises(ProtocolError, match="distinct"):
+        clients[v].share_keys(
+            dataclasses.replace(share[v], peers=(share[v].peers[0], twin) + share[v].peers[2:])
+        )
+
+
+def _unmask_with(r: Round, u: int, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> Any:
+    return r.clients[u].unmask(UnmaskRequest(11, 4, u, survivors, dropped))
+
+
+def test_client_unmask_overlapping_sets_rejected() -> None:
+    r = Round(_config(n=7))
+    r.masked()
+    with pytest.raises(ProtocolError, match="both"):
+        _unmask_with(r, 1, (2, 3, 4, 5, 6, 7), (2,))
+
+
+def test_client_unmask_non_neighbour_or_incomplete_rejected() -> None:
+    config = make_config(
+        run_id=11,
+        round=4,
+        cohort=list(range(1, 21)),
+        threshold=0.6,
+        value_bound=1.0,
+        vector_length=16,
+        graph_seed=bytes(32),
+    )
+    r = Round(config)
+    requests = r.masked()
+    u = 1
+    stranger = next(v for v in config.cohort if v != u and v not in r.clients[u].neighbours)
+    survivors = tuple(sorted(requests[u].survivors + (stranger,)))
+    with pytest.raises(ProtocolError, match="non-neighbours"):
+        _unmask_with(r, u, survivors, ())
+    v = 2
+    with pytest.raises(ProtocolError, match="account"):
+        _unmask_with(r, v, requests[v].survivors[1:], ())
+
+
+def test_client_unmask_too_few_survivors_aborts() -> None:
+    r = Round(_config(n=7))  # k = 6, t = 4
+    r.masked()
+    with pytest.raises(ProtocolAbort, match="threshold"):
+        _unmask_with(r, 1, (2, 3, 4), (5, 6, 7))
+
+
+def test_client_unmask_answers_once_and_never_both_shares() -> None:
+    r = Round(_config(n=7))
+    requests = r.masked()
+    reply = r.clients[1].unmask(requests[1])
+    owners_seed = {s.owner for s in reply.seed_shares}
+    owners_key = {s.owner for s in reply.key_shares}
+    assert not owners_seed & owners_key
+    with pytest.raises(ProtocolError):
+        r.clients[1].unmask(requests[1])
+
+
+def test_server_rejects_duplicate_foreign_and_wrong_type_replies() -> None:
+    r = Round(_config())
+    server = SecAggServer(r.config)
+    server.start()
+    with pytest.raises(ProtocolError, match="duplicate"):
+        server.receive_advertise_keys([r.keys[0], r.keys[0]])
+    server = SecAggServer(r.config)
+    server.start()
+    with pytest.raises(ProtocolError, match="wrong stage"):
+        server.receive_advertise_keys(r.shares)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolAbort):
+        server.receive_advertise_keys(r.keys)
+
+
+def test_server_rejects_share_answered_for_other_node() -> None:
+    r = Round(_config(n=7))
+    requests = r.masked()
+    replies = [r.clients[u].unmask(q) for u, q in requests.items()]
+    first = replies[0]
+    forged = UnmaskReply(
+        first.run_id, first.round, first.node_id, first.seed_shares[1:], first.seed_shares[:1]
+    )
+    with pytest.raises(ProtocolError, match="other nodes"):
+        r.server.receive_unmask([forged, *replies[1:]])
+
+
+def test_client_seal_open_roundtrip_and_wrong_key_rejected() -> None:
+    r = Round(_config())
+    key = secure_bytes(32)
+    blob = r.clients[1].seal(key)
+    restored = SecAggClient.open(blob, key, 1, r.config)
+    reply = restored.collect_masked(r.collect[1], np.zeros(16), seeded_generator(1))
+    original = r.clients[1].collect_masked(r.collect[1], np.zeros(16), seeded_generator(1))
+    assert np.array_equal(reply.masked, original.masked)
+    with pytest.raises(IntegrityError):
+        SecAggClient.open(blob, secure_bytes(32), 1, r.config)
+    with pytest.raises(IntegrityError):
+        SecAggClient.open(blob, key, 2, r.config)
+    with pytest.raises(IntegrityError):
+        SecAggClient.open(blob, key, 1, _config(round_=5))
+    with pytest.raises(IntegrityError):
+        SecAggClient.open(blob[:-1] + bytes([blob[-1] ^ 1]), key, 1, r.config)
+
+
+def test_messages_roundtrip_through_wire() -> None:
+    r = Round(_config(n=7))
+    requests = r.masked()
+    replies = [r.clients[u].unmask(q) for u, q in requests.items()]
+    messages: list[Any] = [
+        *r.advertise.values(),
+        *r.keys,
+        *r.share.values(),
+        *r.shares,
+        *r.collect.values(),
+        *requests.values(),
+        *replies,
+    ]
+    for message in messages:
+        assert type(message).decode(message.encode(), r.config) == message
+        assert decode_message(message.encode(), r.config) == message
+    masked = r.masked_replies[0]
+    decoded = CollectMaskedReply.decode(masked.encode(), r.config)
+    assert np.array_equal(decoded.masked, masked.masked)
+    assert {cls.KIND for cls in MESSAGE_TYPES} == set(range(1, 9))
+
+
+def test_messages_wrong_size_stage_round_rejected() -> None:
+    r = Round(_config())
+    data = r.share[1].encode()
+    for bad in (data[:-1], data + b"\x00", data[:10], b"", bytearray(data)):
+        with pytest.raises(ProtocolError):
+            ShareKeysRequest.decode(bad, r.config)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="wrong stage"):
+        CollectMaskedRequest.decode(data, r.config)
+    with pytest.raises(ProtocolError, match="round"):
+        ShareKeysRequest.decode(data, _config(round_=5))
+    inflated = data[:30] + (10**6).to_bytes(4, "big") + data[34:]
+    with pytest.raises(ProtocolError, match="exceed"):
+        ShareKeysRequest.decode(inflated, r.config)
+    masked = CollectMaskedReply(11, 4, 1, np.zeros(15, dtype=np.uint32)).encode()
+    with pytest.raises(ProtocolError):
+        CollectMaskedReply.decode(masked, r.config)
+
+
+def test_messages_bool_and_duplicate_ids_rejected() -> None:
+    with pytest.raises(ProtocolError):
+        AdvertiseKeysRequest(11, True, 1)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError):
+        UnmaskRequest(11, 4, 1, (2, 2), ())
+    with pytest.raises(ProtocolError):
+        UnmaskRequest(11, 4, 1, (3, 2), ())
+    with pytest.raises(ProtocolError):
+        UnmaskRequest(11, 4, 1, (1, 2), ())
