@@ -13,6 +13,7 @@ server from its :class:`~common.config.RunConfig`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -21,15 +22,30 @@ from flwr.clientapp import ClientApp
 from client.agent import SiteContext, compute_update, load_global
 from client.training import select_device
 from common.evaluation import evaluate
-from common.records import KEY_ARRAYS, KEY_CONFIG, KEY_METRICS, record_to_config, vector_to_record
+from common.records import (
+    ACTION_SECAGG_KEYS,
+    ACTION_SECAGG_MASKED,
+    ACTION_SECAGG_SHARES,
+    ACTION_SECAGG_UNMASK,
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_METRICS,
+    record_to_config,
+    vector_to_record,
+)
+from common.updates import clip_update
 
 
 def handle_train(msg: Message, context: Context, site_root: Path | None = None) -> Message:
     cfg, server_round, _ = record_to_config(msg.content[KEY_CONFIG])
     site = SiteContext.of(cfg, server_round, context, site_root)
     local = compute_update(site, msg.content[KEY_ARRAYS])
-    metrics = MetricRecord({"num-examples": local.num_examples, **local.metrics})
-    content = RecordDict({KEY_ARRAYS: vector_to_record(local.update), KEY_METRICS: metrics})
+    update, norm = local.update, None
+    if cfg.clips_updates:
+        update, norm = clip_update(update, cfg.clip_norm)
+    extra = {} if norm is None else {"update-norm": norm}
+    metrics = MetricRecord({"num-examples": local.num_examples, **local.metrics, **extra})
+    content = RecordDict({KEY_ARRAYS: vector_to_record(update), KEY_METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -44,6 +60,15 @@ def handle_evaluate(msg: Message, context: Context, site_root: Path | None = Non
     return Message(content=RecordDict({KEY_METRICS: metrics}), reply_to=msg)
 
 
+def _bind(
+    handler: Callable[[Message, Context, Path | None], Message], site_root: Path | None
+) -> Callable[[Message, Context], Message]:
+    def bound(msg: Message, context: Context) -> Message:
+        return handler(msg, context, site_root)
+
+    return bound
+
+
 def make_client_app(site_root: Path | None = None) -> ClientApp:
     """Build the fedseal ClientApp; ``site_root`` holds simulated sites' state directories."""
     client_app = ClientApp()
@@ -51,6 +76,16 @@ def make_client_app(site_root: Path | None = None) -> ClientApp:
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, site_root)
+
+    from client import secure
+
+    for action, handler in (
+        (ACTION_SECAGG_KEYS, secure.handle_keys),
+        (ACTION_SECAGG_SHARES, secure.handle_shares),
+        (ACTION_SECAGG_MASKED, secure.handle_masked),
+        (ACTION_SECAGG_UNMASK, secure.handle_unmask),
+    ):
+        client_app.train(action)(_bind(handler, site_root))
 
     @client_app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

@@ -22,6 +22,7 @@ MODELS = ("auto", "mlp", "cnn", "vector")
 # "train": sites train on their data. "echo": sites skip training and return a fixed
 # update (protocol benchmarks measure aggregation cost alone).
 WORKLOADS = ("train", "echo")
+DROP_STAGES = ("keys", "shares", "masked", "unmask")
 PARTITIONS = ("iid", "dirichlet")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("prv", "rdp")
@@ -59,6 +60,16 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
     workload: str = "train"
+    # update clipping (client's job): L2 bound C on each site's update whenever
+    # central DP or secure aggregation is on
+    clip_norm: float = 5.0
+    # secure aggregation (SecAgg+)
+    secagg: bool = True
+    secagg_threshold: float = 0.6  # <= 1: fraction of neighbours; > 1: a count
+    secagg_bits: int = 32
+    # fault injection (simulations): sites that go silent at one stage
+    drop_rate: float = 0.0
+    drop_stage: str = "masked"
 
     def __post_init__(self) -> None:
         _choice("dataset", self.dataset, DATASETS)
@@ -67,6 +78,17 @@ class RunConfig:
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("device", self.device, DEVICES)
         _choice("workload", self.workload, WORKLOADS)
+        _choice("drop_stage", self.drop_stage, DROP_STAGES)
+        _positive_float("clip_norm", self.clip_norm)
+        if not (0.0 <= self.drop_rate < 1.0):
+            raise ConfigurationError(f"drop_rate must lie in [0, 1), got {self.drop_rate!r}")
+        t = self.secagg_threshold
+        if not (0.5 < t <= 1.0 or (t > 1.0 and float(t).is_integer())):
+            raise ConfigurationError(
+                f"secagg_threshold must be a fraction in (0.5, 1] or a whole count >= 2, got {t!r}"
+            )
+        if isinstance(self.secagg_bits, bool) or not (8 <= self.secagg_bits <= 53):
+            raise ConfigurationError(f"secagg_bits must lie in [8, 53], got {self.secagg_bits!r}")
         if (self.model == "vector") != (self.workload == "echo"):
             raise ConfigurationError(
                 "model 'vector' and workload 'echo' go together (benchmarks only)"
@@ -115,6 +137,17 @@ class RunConfig:
                 raise ConfigurationError(f"unknown run-config key {key!r}")
             values[name] = _coerce(name, known[name].type, value)
         return cls(**values)
+
+    @property
+    def secagg_threshold_value(self) -> float | int:
+        """The threshold as :func:`common.secagg.make_config` takes it (fraction or count)."""
+        t = self.secagg_threshold
+        return t if t <= 1.0 else int(t)
+
+    @property
+    def clips_updates(self) -> bool:
+        """Whether sites clip their update to ``clip_norm`` before sending it."""
+        return self.secagg or getattr(self, "central_dp", False)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (validated again)."""

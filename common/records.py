@@ -199,3 +199,24 @@ def record_to_bytes(record: object, max_size: int, *, what: str = "payload") -> 
         return arr.numpy().tobytes()
     except Exception as exc:  # corrupt .npy bytes
         raise DataError(f"{what}: undecodable payload ({exc})") from exc
+
+
+# ---------------------------------------------------------------- secure aggregation
+# Record names and ClientApp actions of the four SecAgg+ stages.
+KEY_SECAGG_CONFIG = "secagg-config"
+KEY_SECAGG_MSG = "secagg-msg"
+ACTION_SECAGG_KEYS = "secagg_keys"
+ACTION_SECAGG_SHARES = "secagg_shares"
+ACTION_SECAGG_MASKED = "secagg_masked"
+ACTION_SECAGG_UNMASK = "secagg_unmask"
+MAX_SECAGG_CONFIG_BYTES = 1 << 20
+
+
+def max_secagg_request_bytes(cohort_size: int) -> int:
+    """Upper bound on a server->client SecAgg message (checked before parsing)."""
+    return (1 << 16) + 1024 * cohort_size
+
+
+def max_secagg_reply_bytes(cohort_size: int, masked_size: int) -> int:
+    """Upper bound on a client->server SecAgg message (checked before parsing)."""
+    return (1 << 16) + 1024 * cohort_size + masked_size

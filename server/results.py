@@ -27,6 +27,7 @@ class RoundResult:
     seconds: float
     sites: tuple[SiteOutcome, ...] = field(default_factory=tuple)
     evaluation: str = "central"  # "central" (server's held-out split) or "federated"
+    secagg: dict[str, int] | None = None  # participants, dropouts, threshold, neighbours
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

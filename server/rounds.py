@@ -15,6 +15,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -195,44 +196,125 @@ class FederatedRun:
         start = time.perf_counter()
         nodes = wait_for_nodes(self.grid, self.cfg.min_sites, self.cfg.round_timeout_s)
         cohort = sample_cohort(nodes, self.cfg, server_round)
-        outcomes: list[SiteOutcome] = []
-        updates: list[SiteUpdate] = []
-        if cohort:
-            replies = self._exchange(cohort, MessageType.TRAIN, server_round, with_model=True)
-            for node_id in cohort:
-                reply = replies.get(node_id)
-                if reply is None:
-                    outcomes.append(
-                        SiteOutcome(node_id, False, "no reply before the round timeout")
-                    )
-                    continue
-                try:
-                    u = parse_train_reply(reply, self.spec.size)
-                except FedsealError as exc:
-                    outcomes.append(SiteOutcome(node_id, False, str(exc)))
-                    log.warning(
-                        "round %d: update from node %d rejected: %s", server_round, node_id, exc
-                    )
-                    continue
-                updates.append(u)
-                outcomes.append(SiteOutcome(node_id, True, "", u.num_examples, u.train_seconds))
-        if len(updates) < self.cfg.min_sites:
-            raise ProtocolAbort(
-                f"round {server_round}: {len(updates)} usable update(s) from {len(cohort)} sampled "
-                f"site(s); the run needs at least {self.cfg.min_sites}. The global model is unchanged."
+        if self.cfg.secagg:
+            mean_update, outcomes, participants, secagg_info = self._secure_round(
+                server_round, cohort
             )
-        self.global_vector = self.global_vector + fedavg(updates)
+        else:
+            mean_update, outcomes, participants = self._plain_round(server_round, cohort)
+            secagg_info = None
+        self.global_vector = self.global_vector + mean_update
         loss, accuracy, how = self.evaluate(server_round)
         return RoundResult(
             round=server_round,
             accuracy=accuracy,
             loss=loss,
-            participants=len(updates),
+            participants=participants,
             sampled=len(cohort),
             seconds=time.perf_counter() - start,
             sites=tuple(outcomes),
             evaluation=how,
+            secagg=secagg_info,
         )
+
+    def _require_min(self, server_round: int, usable: int, sampled: int) -> None:
+        if usable < self.cfg.min_sites:
+            raise ProtocolAbort(
+                f"round {server_round}: {usable} usable update(s) from {sampled} sampled "
+                f"site(s); the run needs at least {self.cfg.min_sites}. The global model is unchanged."
+            )
+
+    def _plain_round(
+        self, server_round: int, cohort: list[int]
+    ) -> tuple[np.ndarray, list[SiteOutcome], int]:
+        outcomes: list[SiteOutcome] = []
+        updates: list[SiteUpdate] = []
+        replies = (
+            self._exchange(cohort, MessageType.TRAIN, server_round, with_model=True)
+            if cohort
+            else {}
+        )
+        for node_id in cohort:
+            reply = replies.get(node_id)
+            if reply is None:
+                outcomes.append(SiteOutcome(node_id, False, "no reply before the round timeout"))
+                continue
+            try:
+                u = parse_train_reply(reply, self.spec.size)
+            except FedsealError as exc:
+                outcomes.append(SiteOutcome(node_id, False, str(exc)))
+                log.warning(
+                    "round %d: update from node %d rejected: %s", server_round, node_id, exc
+                )
+                continue
+            updates.append(u)
+            outcomes.append(SiteOutcome(node_id, True, "", u.num_examples, u.train_seconds))
+        self._require_min(server_round, len(updates), len(cohort))
+        return fedavg(updates), outcomes, len(updates)
+
+    def _secure_round(
+        self, server_round: int, cohort: list[int]
+    ) -> tuple[np.ndarray, list[SiteOutcome], int, dict[str, int]]:
+        from server.secure import SecureRound
+
+        if len(cohort) < 2:
+            raise ProtocolAbort(
+                f"round {server_round}: secure aggregation needs at least 2 sampled sites"
+            )
+        droppers: frozenset[int] = frozenset()
+        if self.cfg.drop_rate > 0:
+            rng = seeded_generator(self.cfg.seed * 7_919 + server_round)
+            k = int(round(self.cfg.drop_rate * len(cohort)))
+            droppers = frozenset(
+                cohort[int(i)] for i in rng.choice(len(cohort), size=k, replace=False)
+            )
+
+        def exchange(action: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+            return self._send(
+                {n: (c, f"{MessageType.TRAIN}.{action}") for n, c in contents.items()}, server_round
+            )
+
+        secure = SecureRound(
+            cfg=self.cfg,
+            server_round=server_round,
+            run_number=int(self.run_id, 16),
+            cohort=cohort,
+            vector_length=self.spec.size,
+            exchange=exchange,
+            base_content=lambda: RecordDict({KEY_CONFIG: config_to_record(self.cfg, server_round)}),
+            global_arrays=lambda: vector_to_record(self.global_vector),
+            droppers=droppers,
+        )
+        outcome = secure.run()
+        result = outcome.result
+        contributors = set(result.contributors)
+        outcomes = []
+        for node_id in cohort:
+            m = outcome.site_metrics.get(node_id, {})
+            if node_id in contributors:
+                outcomes.append(
+                    SiteOutcome(
+                        node_id,
+                        True,
+                        "",
+                        int(m.get("num-examples", 0)),
+                        float(m.get("train-seconds", 0.0)),
+                    )
+                )
+            else:
+                why = outcome.rejected.get(node_id) or (
+                    "dropped out (injected)" if node_id in outcome.injected_drops else "dropped out"
+                )
+                outcomes.append(SiteOutcome(node_id, False, why))
+        self._require_min(server_round, len(contributors), len(cohort))
+        mean = (result.sum / len(contributors)).astype(np.float32)
+        info = {
+            "participants": result.participants,
+            "dropouts": len(result.dropped),
+            "threshold": result.threshold,
+            "neighbours": result.neighbours,
+        }
+        return mean, outcomes, len(contributors), info
 
     def _exchange(
         self, cohort: list[int], message_type: str, server_round: int, *, with_model: bool
@@ -240,21 +322,21 @@ class FederatedRun:
         content = RecordDict({KEY_CONFIG: config_to_record(self.cfg, server_round)})
         if with_model:
             content[KEY_ARRAYS] = vector_to_record(self.global_vector)
+        return self._send({n: (content, message_type) for n in cohort}, server_round)
+
+    def _send(
+        self, outgoing: Mapping[int, tuple[RecordDict, str]], server_round: int
+    ) -> dict[int, Message]:
+        """One Grid exchange; returns the first reply from each addressed node."""
         messages = [
-            Message(
-                content=content,
-                dst_node_id=n,
-                message_type=message_type,
-                group_id=str(server_round),
-            )
-            for n in cohort
+            Message(content=content, dst_node_id=n, message_type=mtype, group_id=str(server_round))
+            for n, (content, mtype) in outgoing.items()
         ]
         replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s)
         by_node: dict[int, Message] = {}
-        wanted = set(cohort)
         for r in replies:
             src = r.metadata.src_node_id
-            if src in wanted and src not in by_node:
+            if src in outgoing and src not in by_node:
                 by_node[src] = r
         return by_node
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,25 +28,32 @@ err = Console(stderr=True)
 _D = RunConfig()  # defaults live in one place
 
 
-class Dataset(str, Enum):
+class Dataset(StrEnum):
     digits = "digits"
     breast_cancer = "breast_cancer"
 
 
-class Partition(str, Enum):
+class Partition(StrEnum):
     iid = "iid"
     dirichlet = "dirichlet"
 
 
-class Model(str, Enum):
+class Model(StrEnum):
     auto = "auto"
     mlp = "mlp"
     cnn = "cnn"
 
 
-class Sampling(str, Enum):
+class Sampling(StrEnum):
     fixed = "fixed"
     poisson = "poisson"
+
+
+class DropStage(StrEnum):
+    keys = "keys"
+    shares = "shares"
+    masked = "masked"
+    unmask = "unmask"
 
 
 class ProgressObserver:
@@ -74,23 +81,66 @@ def _root() -> None:
 
 @app.command("run")
 def run_cmd(
-    clients: Annotated[int, typer.Option("--clients", "-n", help="Number of virtual sites.")] = _D.num_sites,
+    clients: Annotated[
+        int, typer.Option("--clients", "-n", help="Number of virtual sites.")
+    ] = _D.num_sites,
     rounds: Annotated[int, typer.Option("--rounds", "-r", help="Federated rounds.")] = _D.rounds,
-    dataset: Annotated[Dataset, typer.Option(help="Embedded dataset (scikit-learn).")] = Dataset.digits,
-    model: Annotated[Model, typer.Option(help="Model from the zoo; auto picks the MLP.")] = Model.auto,
-    partition: Annotated[Partition, typer.Option(help="How the data is split across sites.")] = Partition.iid,
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (dirichlet partition).")] = _D.alpha,
+    dataset: Annotated[
+        Dataset, typer.Option(help="Embedded dataset (scikit-learn).")
+    ] = Dataset.digits,
+    model: Annotated[
+        Model, typer.Option(help="Model from the zoo; auto picks the MLP.")
+    ] = Model.auto,
+    partition: Annotated[
+        Partition, typer.Option(help="How the data is split across sites.")
+    ] = Partition.iid,
+    alpha: Annotated[
+        float, typer.Option(help="Dirichlet concentration (dirichlet partition).")
+    ] = _D.alpha,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _D.local_epochs,
     batch_size: Annotated[int, typer.Option(help="Local batch size.")] = _D.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="Local SGD learning rate.")] = _D.learning_rate,
-    fraction: Annotated[float, typer.Option(help="Fraction of sites sampled per round.")] = _D.fraction_train,
-    min_sites: Annotated[int, typer.Option(help="Fewest usable updates a round accepts.")] = _D.min_sites,
-    sampling: Annotated[Sampling, typer.Option(help="fixed-size cohort or Poisson sampling.")] = Sampling.fixed,
-    seed: Annotated[int, typer.Option(help="Seed for partitions, initial weights and sampling.")] = _D.seed,
+    fraction: Annotated[
+        float, typer.Option(help="Fraction of sites sampled per round.")
+    ] = _D.fraction_train,
+    min_sites: Annotated[
+        int, typer.Option(help="Fewest usable updates a round accepts.")
+    ] = _D.min_sites,
+    sampling: Annotated[
+        Sampling, typer.Option(help="fixed-size cohort or Poisson sampling.")
+    ] = Sampling.fixed,
+    seed: Annotated[
+        int, typer.Option(help="Seed for partitions, initial weights and sampling.")
+    ] = _D.seed,
+    secagg: Annotated[
+        bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation (SecAgg+).")
+    ] = _D.secagg,
+    secagg_threshold: Annotated[
+        float,
+        typer.Option(help="SecAgg+ threshold: fraction of neighbours in (0.5, 1], or a count > 1."),
+    ] = _D.secagg_threshold,
+    clip_norm: Annotated[
+        float,
+        typer.Option(
+            help="L2 bound C on each site's update (with secure aggregation or central DP)."
+        ),
+    ] = _D.clip_norm,
+    drop_rate: Annotated[
+        float, typer.Option(help="Fault injection: fraction of sampled sites that drop out.")
+    ] = 0.0,
+    drop_stage: Annotated[
+        DropStage, typer.Option(help="Secure-aggregation stage at which those sites drop out.")
+    ] = DropStage.masked,
     out: Annotated[Path | None, typer.Option(help="Directory for result.json (created).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
-    cpus_per_client: Annotated[float, typer.Option(help="Ray CPUs reserved per virtual site.")] = 1.0,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower and Ray logs.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+    ] = False,
+    cpus_per_client: Annotated[
+        float, typer.Option(help="Ray CPUs reserved per virtual site.")
+    ] = 1.0,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Flower and Ray logs.")
+    ] = False,
 ) -> None:
     """Run a federated simulation and report accuracy and loss per round."""
     try:
@@ -108,6 +158,11 @@ def run_cmd(
             batch_size=batch_size,
             learning_rate=lr,
             seed=seed,
+            secagg=secagg,
+            secagg_threshold=secagg_threshold,
+            clip_norm=clip_norm,
+            drop_rate=drop_rate,
+            drop_stage=drop_stage.value,
         )
     except FedsealError as exc:
         err.print(f"[red]error:[/red] {exc}")
@@ -127,7 +182,10 @@ def run_cmd(
     try:
         with progress, stdout_to_stderr():
             run_id, results = run_simulation(
-                cfg, observer=ProgressObserver(progress), cpus_per_site=cpus_per_client, verbose=verbose
+                cfg,
+                observer=ProgressObserver(progress),
+                cpus_per_site=cpus_per_client,
+                verbose=verbose,
             )
     except FedsealError as exc:
         err.print(f"[red]run failed:[/red] {exc}")

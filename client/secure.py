@@ -1,0 +1,155 @@
+"""Client side of secure aggregation on Flower's Message API: the four SecAgg+ stages.
+
+Flower may run every message in a fresh process (Deployment Engine), so a
+client's round state cannot live in memory between stages. It is kept in the
+node's ``context.state`` only as an AEAD ciphertext (:meth:`SecAggClient.seal`)
+under the site's own state key (:mod:`client.state`), bound to this node and
+this round's configuration; it is deleted after the unmask stage. The server
+never sees it; a stale or foreign blob fails authentication.
+
+Order on the client: (keys) advertise -> (shares) share -> (masked) train,
+clip to C, quantise, mask -> (unmask) reveal shares. The update is clipped
+here, by the client, so that the server only ever sees the masked sum.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.agent import SiteContext, compute_update
+from client.state import state_key
+from common.errors import ProtocolError
+from common.records import (
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_METRICS,
+    KEY_SECAGG_CONFIG,
+    KEY_SECAGG_MSG,
+    MAX_SECAGG_CONFIG_BYTES,
+    bytes_to_record,
+    max_secagg_request_bytes,
+    record_to_bytes,
+    record_to_config,
+)
+from common.rng import secure_generator
+from common.secagg import SecAggClient, SecAggConfig
+from common.secagg.messages import (
+    AdvertiseKeysRequest,
+    CollectMaskedRequest,
+    ShareKeysRequest,
+    UnmaskRequest,
+)
+from common.updates import clip_update
+
+STATE_RECORD = "fedseal.secagg"
+
+
+def _load(context: Context, server_round: int) -> tuple[SecAggConfig, bytes]:
+    record = context.state.config_records.get(STATE_RECORD)
+    if record is None or record.get("round") != server_round:
+        raise ProtocolError(f"no secure-aggregation state for round {server_round} on this site")
+    config_bytes, sealed = record.get("config"), record.get("sealed")
+    if not isinstance(config_bytes, bytes) or not isinstance(sealed, bytes):
+        raise ProtocolError("secure-aggregation state is malformed")
+    return SecAggConfig.decode(config_bytes), sealed
+
+
+def _save(
+    context: Context, server_round: int, config: SecAggConfig, client: SecAggClient, key: bytes
+) -> None:
+    context.state[STATE_RECORD] = ConfigRecord(
+        {"round": server_round, "config": config.encode(), "sealed": client.seal(key)}
+    )
+
+
+def _clear(context: Context) -> None:
+    if STATE_RECORD in context.state.config_records:
+        del context.state[STATE_RECORD]
+
+
+def _reply(msg: Message, payload: bytes, metrics: dict[str, float | int] | None = None) -> Message:
+    content = RecordDict({KEY_SECAGG_MSG: bytes_to_record(payload)})
+    if metrics is not None:
+        content[KEY_METRICS] = MetricRecord(metrics)
+    return Message(content=content, reply_to=msg)
+
+
+def handle_keys(msg: Message, context: Context, site_root: Path | None) -> Message:
+    """Stage 1: check the round's public configuration, make keys, advertise them."""
+    cfg, server_round, _ = record_to_config(msg.content[KEY_CONFIG])
+    site = SiteContext.of(cfg, server_round, context, site_root)
+    config = SecAggConfig.decode(
+        record_to_bytes(msg.content[KEY_SECAGG_CONFIG], MAX_SECAGG_CONFIG_BYTES)
+    )
+    if config.round != server_round:
+        raise ProtocolError(
+            f"secure-aggregation config is for round {config.round}, not {server_round}"
+        )
+    if config.value_bound != cfg.clip_norm:
+        raise ProtocolError("secure-aggregation value bound differs from the run's clip norm")
+    model_size = site.task.build(seed=cfg.seed)
+    expected = sum(p.numel() for p in model_size.parameters())
+    if config.vector_length != expected:
+        raise ProtocolError(
+            f"secure-aggregation vector length {config.vector_length} != model size {expected}"
+        )
+    _clear(context)  # a new round discards whatever an aborted one left
+    request = AdvertiseKeysRequest.decode(
+        record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
+    )
+    client = SecAggClient(context.node_id, config)
+    reply = client.advertise_keys(request)
+    _save(context, server_round, config, client, state_key(site.directory))
+    return _reply(msg, reply.encode())
+
+
+def _resume(
+    msg: Message, context: Context, site_root: Path | None
+) -> tuple[SiteContext, SecAggConfig, SecAggClient, bytes]:
+    cfg, server_round, _ = record_to_config(msg.content[KEY_CONFIG])
+    site = SiteContext.of(cfg, server_round, context, site_root)
+    config, sealed = _load(context, server_round)
+    key = state_key(site.directory)
+    client = SecAggClient.open(sealed, key, context.node_id, config)
+    return site, config, client, key
+
+
+def handle_shares(msg: Message, context: Context, site_root: Path | None) -> Message:
+    """Stage 2: Shamir-share the mask key and self-mask seed among the neighbours."""
+    site, config, client, key = _resume(msg, context, site_root)
+    request = ShareKeysRequest.decode(
+        record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
+    )
+    reply = client.share_keys(request)
+    _save(context, site.server_round, config, client, key)
+    return _reply(msg, reply.encode())
+
+
+def handle_masked(msg: Message, context: Context, site_root: Path | None) -> Message:
+    """Stage 3: train, clip the update to C, quantise and mask it."""
+    site, config, client, key = _resume(msg, context, site_root)
+    request = CollectMaskedRequest.decode(
+        record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
+    )
+    local = compute_update(site, msg.content[KEY_ARRAYS])
+    clipped, norm = clip_update(local.update, site.cfg.clip_norm)
+    reply = client.collect_masked(request, clipped.astype(np.float64), secure_generator())
+    _save(context, site.server_round, config, client, key)
+    metrics = {"num-examples": local.num_examples, "update-norm": norm, **local.metrics}
+    return _reply(msg, reply.encode(), metrics)
+
+
+def handle_unmask(msg: Message, context: Context, site_root: Path | None) -> Message:
+    """Stage 4: reveal, per neighbour, the self-mask share (survivor) or key share (dropped)."""
+    _, config, client, _ = _resume(msg, context, site_root)
+    request = UnmaskRequest.decode(
+        record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
+    )
+    try:
+        reply = client.unmask(request)
+    finally:
+        _clear(context)  # the round's secrets are gone whatever happens
+    return _reply(msg, reply.encode())
