@@ -1,0 +1,40 @@
+"""The tamper-evident audit log: hash chain, signed heads, witness checks, export format.
+
+Pure: no database, no network, no Flower. The server's record
+(``server.record``) stores events and seals; sites keep signed heads and use
+:func:`check_witness` on an exported history.
+"""
+
+from common.audit.chain import (
+    GENESIS_HASH,
+    AuditEvent,
+    VerifyReport,
+    canonical_json,
+    event_hash,
+    find_chain_break,
+    make_event,
+    verify_chain,
+)
+from common.audit.export import AuditExport, encode_export, parse_export
+from common.audit.seal import SignedHead, load_public_key_pem, sign_head
+from common.audit.witness import HeadCheck, WitnessReport, check_witness
+
+__all__ = [
+    "GENESIS_HASH",
+    "AuditEvent",
+    "AuditExport",
+    "HeadCheck",
+    "SignedHead",
+    "VerifyReport",
+    "WitnessReport",
+    "canonical_json",
+    "check_witness",
+    "encode_export",
+    "event_hash",
+    "find_chain_break",
+    "load_public_key_pem",
+    "make_event",
+    "parse_export",
+    "sign_head",
+    "verify_chain",
+]
