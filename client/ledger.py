@@ -1,0 +1,422 @@
+"""The site privacy ledger: every DP-SGD application to a dataset, on the site's disk.
+
+A small SQLite database (SQLModel) holds one row per mechanism application
+(dataset, run, round, noise multiplier, sample rate, steps, delta,
+accountant, state). The record-level epsilon of a dataset is always
+recomputed from its full history (all runs, all rounds, reserved rows
+included) by :func:`common.dp.accounting.epsilon_for`, never kept as a
+running number.
+
+Reserve, then confirm: :meth:`SiteLedger.reserve` writes the round's row as
+``reserved`` *before* training, in one ``BEGIN IMMEDIATE`` transaction that
+first computes the epsilon the round would bring the total to and refuses
+(:class:`~common.errors.PrivacyBudgetExceeded`, nothing written) if it would
+exceed the budget. ``BEGIN IMMEDIATE`` takes SQLite's write lock before the
+history is read, so several processes sharing the file cannot both pass the
+check on the same history. A reserved row counts as spent, so a crash
+between reserve and confirm can only over-count. Reserving the same
+(dataset, run, round) again returns the existing row and is not counted
+twice. The ledger stores no data and no secrets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, UniqueConstraint, event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import registry
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from common.dp.accounting import epsilon_for, validate_accountant, validate_delta
+from common.dp.events import PrivacyEvent, PrivacyLevel
+from common.errors import ConfigurationError, PrivacyBudgetExceeded, RecordError
+
+__all__ = ["DatasetTotal", "LedgerEntry", "SiteLedger"]
+
+RESERVED = "reserved"
+CONFIRMED = "confirmed"
+_BUSY_TIMEOUT_S = 30.0
+
+
+class _LedgerModel(SQLModel, registry=registry()):
+    """Base with its own metadata, so the ledger file holds only ledger tables."""
+
+
+class LedgerRow(_LedgerModel, table=True):
+    """One mechanism application (SQL row)."""
+
+    __tablename__ = "privacy_ledger"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "run_id", "round", name="uq_dataset_run_round"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: str = Field(index=True)
+    run_id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+    state: str
+    created_at: datetime
+    confirmed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A ledger row as a value."""
+
+    id: int
+    dataset_id: str
+    run_id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+    state: str
+    created_at: datetime
+    confirmed_at: datetime | None
+
+    @property
+    def event(self) -> PrivacyEvent:
+        """The record-level privacy event this row records."""
+        return PrivacyEvent(
+            self.noise_multiplier, self.sample_rate, self.steps, PrivacyLevel.RECORD
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (ISO 8601 times)."""
+        return {
+            "id": self.id,
+            "dataset_id": self.dataset_id,
+            "run_id": self.run_id,
+            "round": self.round,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "state": self.state,
+            "created_at": self.created_at.isoformat(),
+            "confirmed_at": self.confirmed_at.isoformat() if self.confirmed_at else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetTotal:
+    """Record-level spend of one dataset, recomputed from its full history."""
+
+    dataset_id: str
+    entries: int
+    reserved: int
+    confirmed: int
+    steps: int
+    delta: float
+    accountant: str
+    record_level_epsilon: float
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict; an infinite epsilon (noise 0) is written as the string ``"inf"``."""
+        eps: float | str = (
+            self.record_level_epsilon if math.isfinite(self.record_level_epsilon) else "inf"
+        )
+        return {
+            "dataset_id": self.dataset_id,
+            "entries": self.entries,
+            "reserved": self.reserved,
+            "confirmed": self.confirmed,
+            "steps": self.steps,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "record_level_epsilon": eps,
+        }
+
+
+def _entry(row: LedgerRow) -> LedgerEntry:
+    if row.id is None:
+        raise RecordError("ledger row without an id")
+    return LedgerEntry(
+        id=row.id,
+        dataset_id=row.dataset_id,
+        run_id=row.run_id,
+        round=row.round,
+        noise_multiplier=row.noise_multiplier,
+        sample_rate=row.sample_rate,
+        steps=row.steps,
+        delta=row.delta,
+        accountant=row.accountant,
+        state=row.state,
+        created_at=row.created_at,
+        confirmed_at=row.confirmed_at,
+    )
+
+
+def _check_text(name: str, value: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_budget(budget: float) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise ConfigurationError(f"budget must be a real number, got {budget!r}")
+    if not (math.isfinite(budget) and budget > 0):
+        raise ConfigurationError(f"budget must be finite and > 0, got {budget!r}")
+    return float(budget)
+
+
+class SiteLedger:
+    """The site privacy ledger in the SQLite file at ``path`` (created if missing).
+
+    Parameters
+    ----------
+    path : str or Path
+        Database file; its parent folder must exist.
+
+    Raises
+    ------
+    RecordError
+        If the database cannot be opened or created.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise RecordError(f"ledger folder {self.path.parent} does not exist")
+        self._engine: Engine = create_engine(
+            f"sqlite:///{self.path}", connect_args={"timeout": _BUSY_TIMEOUT_S}
+        )
+
+        @event.listens_for(self._engine, "connect")
+        def _no_implicit_transactions(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" event issue the BEGIN (pysqlite would defer it).
+            dbapi_connection.isolation_level = None
+            dbapi_connection.execute("PRAGMA synchronous=FULL")
+
+        @event.listens_for(self._engine, "begin")
+        def _begin_immediate(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        try:
+            _LedgerModel.metadata.create_all(self._engine)
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot open the privacy ledger {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> SiteLedger:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        """One ``BEGIN IMMEDIATE`` transaction: commit on success, roll back on error."""
+        with Session(self._engine) as session, session.begin():
+            yield session
+
+    @staticmethod
+    def _events(session: Session, dataset_id: str) -> list[PrivacyEvent]:
+        rows = session.exec(
+            select(LedgerRow).where(LedgerRow.dataset_id == dataset_id).order_by(LedgerRow.id)  # type: ignore[arg-type]
+        ).all()
+        try:
+            return [_entry(r).event for r in rows]
+        except ConfigurationError as exc:
+            raise RecordError(f"the ledger holds an invalid row for {dataset_id!r}: {exc}") from exc
+
+    def spent(self, dataset_id: str, delta: float, accountant: str = "prv") -> float:
+        """Record-level epsilon of the full history of ``dataset_id`` at ``delta``.
+
+        Reserved and confirmed rows of every run count.
+        """
+        _check_text("dataset_id", dataset_id)
+        d = validate_delta(delta)
+        name = validate_accountant(accountant)
+        try:
+            with self._session() as session:
+                events = self._events(session, dataset_id)
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot read the privacy ledger {self.path}: {exc}") from exc
+        return epsilon_for(events, d, name)
+
+    def reserve(
+        self,
+        dataset_id: str,
+        run_id: str,
+        round: int,
+        event: PrivacyEvent,
+        delta: float,
+        accountant: str,
+        budget: float,
+    ) -> int:
+        """Reserve ``event`` for (dataset, run, round) if it stays within ``budget``.
+
+        Parameters
+        ----------
+        dataset_id, run_id : str
+            Non-empty identifiers.
+        round : int
+            Round number, ``>= 0``.
+        event : PrivacyEvent
+            Record-level event the round will apply (planned steps).
+        delta : float
+            Delta at which the budget is checked, in (0, 1).
+        accountant : {"prv", "rdp"}
+            Accountant of the check.
+        budget : float
+            Lifetime record-level epsilon budget of the dataset, ``> 0``.
+
+        Returns
+        -------
+        int
+            The entry id (the existing one if this round was reserved before).
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            If the full history plus ``event`` exceeds ``budget``; nothing is written.
+        RecordError
+            If the round was reserved before with a different mechanism, or
+            the database fails.
+        ConfigurationError
+            For invalid arguments.
+        """
+        _check_text("dataset_id", dataset_id)
+        _check_text("run_id", run_id)
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise ConfigurationError(f"round must be an int >= 0, got {round!r}")
+        if not isinstance(event, PrivacyEvent) or event.level is not PrivacyLevel.RECORD:
+            raise ConfigurationError("the site ledger records record-level PrivacyEvents only")
+        d = validate_delta(delta)
+        name = validate_accountant(accountant)
+        limit = _check_budget(budget)
+        try:
+            with self._session() as session:
+                existing = session.exec(
+                    select(LedgerRow).where(
+                        LedgerRow.dataset_id == dataset_id,
+                        LedgerRow.run_id == run_id,
+                        LedgerRow.round == round,
+                    )
+                ).first()
+                if existing is not None:
+                    if (existing.noise_multiplier, existing.sample_rate, existing.steps) != (
+                        event.noise_multiplier,
+                        event.sample_rate,
+                        event.steps,
+                    ):
+                        raise RecordError(
+                            f"round {round} of run {run_id!r} on {dataset_id!r} is already "
+                            "reserved with a different mechanism"
+                        )
+                    return _entry(existing).id
+                history = self._events(session, dataset_id)
+                spent = epsilon_for(history, d, name)
+                would_be = epsilon_for([*history, event], d, name)
+                if would_be > limit:
+                    raise PrivacyBudgetExceeded(spent, limit, would_be)
+                row = LedgerRow(
+                    dataset_id=dataset_id,
+                    run_id=run_id,
+                    round=round,
+                    noise_multiplier=event.noise_multiplier,
+                    sample_rate=event.sample_rate,
+                    steps=event.steps,
+                    delta=d,
+                    accountant=name,
+                    state=RESERVED,
+                    created_at=datetime.now(UTC),
+                )
+                session.add(row)
+                session.flush()
+                entry_id = _entry(row).id
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot write the privacy ledger {self.path}: {exc}") from exc
+        return entry_id
+
+    def confirm(self, entry_id: int) -> None:
+        """Mark a reserved entry confirmed (the update has left the site); idempotent.
+
+        Raises
+        ------
+        RecordError
+            If no entry has this id.
+        """
+        if isinstance(entry_id, bool) or not isinstance(entry_id, int):
+            raise ConfigurationError(f"entry_id must be an int, got {entry_id!r}")
+        try:
+            with self._session() as session:
+                row = session.get(LedgerRow, entry_id)
+                if row is None:
+                    raise RecordError(f"no ledger entry {entry_id}")
+                if row.state != CONFIRMED:
+                    row.state = CONFIRMED
+                    row.confirmed_at = datetime.now(UTC)
+                    session.add(row)
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot write the privacy ledger {self.path}: {exc}") from exc
+
+    def history(self, dataset_id: str | None = None) -> list[LedgerEntry]:
+        """Every entry (of one dataset, or all), in insertion order."""
+        query = select(LedgerRow).order_by(LedgerRow.id)  # type: ignore[arg-type]
+        if dataset_id is not None:
+            query = query.where(LedgerRow.dataset_id == dataset_id)
+        try:
+            with self._session() as session:
+                entries = [_entry(r) for r in session.exec(query).all()]
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot read the privacy ledger {self.path}: {exc}") from exc
+        return entries
+
+    def summary(
+        self, delta: float | None = None, accountant: str | None = None
+    ) -> list[DatasetTotal]:
+        """Per-dataset totals, epsilon recomputed from each full history.
+
+        ``delta`` and ``accountant`` default, per dataset, to those of its
+        latest entry.
+        """
+        entries = self.history()
+        by_dataset: dict[str, list[LedgerEntry]] = {}
+        for entry in entries:
+            by_dataset.setdefault(entry.dataset_id, []).append(entry)
+        totals: list[DatasetTotal] = []
+        for dataset_id, rows in sorted(by_dataset.items()):
+            d = validate_delta(delta if delta is not None else rows[-1].delta)
+            name = validate_accountant(
+                accountant if accountant is not None else rows[-1].accountant
+            )
+            try:
+                events = [r.event for r in rows]
+            except ConfigurationError as exc:
+                raise RecordError(
+                    f"the ledger holds an invalid row for {dataset_id!r}: {exc}"
+                ) from exc
+            totals.append(
+                DatasetTotal(
+                    dataset_id=dataset_id,
+                    entries=len(rows),
+                    reserved=sum(r.state == RESERVED for r in rows),
+                    confirmed=sum(r.state == CONFIRMED for r in rows),
+                    steps=sum(r.steps for r in rows),
+                    delta=d,
+                    accountant=name,
+                    record_level_epsilon=epsilon_for(events, d, name),
+                )
+            )
+        return totals

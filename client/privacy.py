@@ -1,0 +1,385 @@
+"""Site DP-SGD: Opacus wiring, model validation and privacy planning.
+
+What it guarantees
+------------------
+With ``poisson_sampling=True`` every training step samples each record of the
+site's dataset independently with probability ``sample_rate`` (Opacus'
+``DPDataLoader``), clips each per-sample gradient to L2 norm
+``max_grad_norm`` and adds Gaussian noise of std
+``noise_multiplier * max_grad_norm`` to their sum (Abadi et al., CCS 2016).
+The steps actually taken are the record-level
+:class:`~common.dp.events.PrivacyEvent` ``(noise_multiplier, sample_rate,
+steps)`` that :class:`DpSgdHandle` reports and the site ledger accounts.
+The guarantee is against anyone who sees the model updates that leave the
+site (the server, other sites), assuming the noise generator is not
+observed. Opacus draws the noise from torch's generator; with
+``secure_mode=True`` it uses ``torchcsprng`` (not installed by default).
+
+Without Poisson sampling the accountant's assumption does not hold; the
+handle then refuses to produce an event (:class:`NotSupportedError`) rather
+than report an epsilon that is not proven.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from common.dp.accounting import (
+    AccountantName,
+    calibrate_noise_multiplier,
+    epsilon_for,
+    validate_accountant,
+    validate_delta,
+)
+from common.dp.events import PrivacyEvent, PrivacyLevel
+from common.errors import ConfigurationError, NotSupportedError
+
+__all__ = ["DpSgdHandle", "SiteDpPlan", "make_private", "plan_site_dp", "validate_model"]
+
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+
+def _unsupported_layers(model: nn.Module) -> list[str]:
+    from opacus.utils.module_utils import trainable_modules
+    from opacus.validators import ModuleValidator
+
+    problems: list[str] = []
+    for name, sub in trainable_modules(model):
+        validator = ModuleValidator.VALIDATORS.get(type(sub))
+        messages = [str(e) for e in validator(sub)] if validator is not None else []
+        if not messages and any(True for _ in sub.buffers(recurse=False)):
+            messages = ["trainable layer with buffers (its statistics would not be private)"]
+        for message in messages:
+            problems.append(f"{name or '<root>'} ({type(sub).__name__}): {message}")
+    return problems
+
+
+def validate_model(model: nn.Module) -> nn.Module:
+    """Return a model Opacus can train privately, fixing what can be fixed.
+
+    Layers Opacus knows how to replace (e.g. BatchNorm -> GroupNorm) are
+    replaced in a *copy* (Opacus' ``ModuleValidator.fix``), on the model's
+    device; a model that is already valid is returned as is. The model is put
+    in training mode.
+
+    Raises
+    ------
+    ConfigurationError
+        Naming every layer (path and type) that cannot be made private.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigurationError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    from opacus.validators import ModuleValidator
+
+    model.train()
+    if not _unsupported_layers(model):
+        return model
+    fixed: nn.Module = ModuleValidator.fix(model)
+    fixed.train()
+    remaining = _unsupported_layers(fixed)
+    if remaining:
+        raise ConfigurationError(
+            "the model has layers Opacus cannot train with differential privacy: "
+            + "; ".join(remaining)
+        )
+    return fixed
+
+
+class DpSgdHandle:
+    """What one private training session spent: the mechanism and its steps.
+
+    Produced by :func:`make_private`; reads the step count from the Opacus
+    accountant the optimizer reports to, so it counts exactly the noised
+    steps taken.
+    """
+
+    __slots__ = (
+        "_engine",
+        "criterion",
+        "grad_sample_mode",
+        "max_grad_norm",
+        "noise_multiplier",
+        "poisson_sampling",
+        "sample_rate",
+    )
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        poisson_sampling: bool,
+        grad_sample_mode: str,
+        criterion: nn.Module | None,
+    ) -> None:
+        self._engine = engine
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.sample_rate = sample_rate
+        self.poisson_sampling = poisson_sampling
+        self.grad_sample_mode = grad_sample_mode
+        #: The loss to call ``backward`` on in ghost-clipping mode (``None`` for hooks).
+        self.criterion = criterion
+
+    @property
+    def steps(self) -> int:
+        """Noised optimizer steps taken so far."""
+        return sum(int(s) for _, _, s in self._engine.accountant.history)
+
+    def event(self) -> PrivacyEvent:
+        """The record-level event of the steps taken so far.
+
+        Raises
+        ------
+        NotSupportedError
+            If Poisson sampling is off (no proven accounting).
+        ConfigurationError
+            If no step has been taken yet.
+        """
+        if not self.poisson_sampling:
+            raise NotSupportedError(
+                "without Poisson sampling the DP-SGD accountant's assumption does not hold; "
+                "fedseal does not report an epsilon for it"
+            )
+        if self.steps == 0:
+            raise ConfigurationError("no private step has been taken yet")
+        return PrivacyEvent(
+            self.noise_multiplier, self.sample_rate, self.steps, PrivacyLevel.RECORD
+        )
+
+    def epsilon(self, delta: float, accountant: str = "prv") -> float:
+        """Record-level epsilon of this session alone (the ledger composes sessions)."""
+        return epsilon_for([self.event()], delta, accountant)
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader[Any],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool = True,
+    grad_sample_mode: str = "hooks",
+    secure_mode: bool = False,
+    noise_generator: torch.Generator | None = None,
+    criterion: nn.Module | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader[Any], DpSgdHandle]:
+    """Wrap model, optimizer and loader for DP-SGD with Opacus.
+
+    The model must already be valid (:func:`validate_model`) and its
+    parameters on the device training will use; the optimizer must hold the
+    model's parameters. Noise is generated on that device.
+
+    Parameters
+    ----------
+    model, optimizer, data_loader
+        The plain PyTorch objects (loader with ``drop_last=False``).
+    noise_multiplier : float
+        ``z >= 0``: noise std over ``max_grad_norm``.
+    max_grad_norm : float
+        Per-sample gradient L2 clipping bound, ``> 0``.
+    poisson_sampling : bool
+        Replace the loader's batching by Poisson sampling (required for the
+        reported epsilon).
+    grad_sample_mode : {"hooks", "ghost"}
+        Opacus per-sample gradient implementation; ``"ghost"`` is ghost
+        clipping, which needs :attr:`DpSgdHandle.criterion` as the loss.
+    secure_mode : bool
+        Use a cryptographically secure noise generator (needs ``torchcsprng``).
+    noise_generator : torch.Generator, optional
+        Seeded generator for reproducible tests; refused with ``secure_mode``.
+    criterion : nn.Module, optional
+        Loss for ghost clipping (default cross-entropy).
+
+    Returns
+    -------
+    tuple
+        ``(private_model, dp_optimizer, private_loader, handle)``.
+
+    Raises
+    ------
+    ConfigurationError
+        On invalid parameters or a model Opacus cannot wrap.
+    NotSupportedError
+        If ``secure_mode`` is requested without ``torchcsprng``.
+    """
+    if isinstance(noise_multiplier, bool) or not (
+        isinstance(noise_multiplier, int | float)
+        and math.isfinite(noise_multiplier)
+        and noise_multiplier >= 0
+    ):
+        raise ConfigurationError(
+            f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}"
+        )
+    if isinstance(max_grad_norm, bool) or not (
+        isinstance(max_grad_norm, int | float)
+        and math.isfinite(max_grad_norm)
+        and max_grad_norm > 0
+    ):
+        raise ConfigurationError(f"max_grad_norm must be finite and > 0, got {max_grad_norm!r}")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ConfigurationError(
+            f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
+        )
+    problems = _unsupported_layers(model)
+    if problems:
+        raise ConfigurationError(
+            "the model is not DP-compatible (call validate_model first): " + "; ".join(problems)
+        )
+    if noise_generator is not None:
+        device = next(model.parameters()).device
+        if noise_generator.device.type != device.type:
+            raise ConfigurationError(
+                f"noise_generator is on {noise_generator.device}, the model on {device}"
+            )
+    from opacus import PrivacyEngine
+
+    try:
+        engine = PrivacyEngine(accountant="prv", secure_mode=secure_mode)
+    except ImportError as exc:
+        raise NotSupportedError(
+            "secure_mode needs the torchcsprng package, which is not installed"
+        ) from exc
+    kwargs: dict[str, Any] = {}
+    if grad_sample_mode == "ghost":
+        kwargs["criterion"] = criterion if criterion is not None else nn.CrossEntropyLoss()
+    try:
+        wrapped = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=float(noise_multiplier),
+            max_grad_norm=float(max_grad_norm),
+            poisson_sampling=poisson_sampling,
+            grad_sample_mode=grad_sample_mode,
+            noise_generator=noise_generator,
+            **kwargs,
+        )
+    except (NotImplementedError, ValueError) as exc:
+        raise ConfigurationError(f"Opacus cannot make this training private: {exc}") from exc
+    if grad_sample_mode == "ghost":
+        private_model, dp_optimizer, dp_criterion, loader = wrapped
+    else:
+        private_model, dp_optimizer, loader = wrapped
+        dp_criterion = None
+    handle = DpSgdHandle(
+        engine,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        sample_rate=1.0 / len(data_loader),
+        poisson_sampling=poisson_sampling,
+        grad_sample_mode=grad_sample_mode,
+        criterion=dp_criterion,
+    )
+    return private_model, dp_optimizer, loader, handle
+
+
+@dataclass(frozen=True, slots=True)
+class SiteDpPlan:
+    """A site's DP-SGD parameters for a run.
+
+    Attributes
+    ----------
+    noise_multiplier : float
+        ``z`` used for every step.
+    sample_rate : float
+        Poisson rate, ``1 / ceil(dataset_size / batch_size)`` as Opacus uses.
+    steps_per_round : int
+        Noised steps one round takes (``local_epochs`` Poisson epochs, each
+        of ``int(1 / sample_rate)`` steps, as Opacus' sampler runs them).
+    planned_rounds : int
+        Rounds the plan covers.
+    planned_epsilon : float
+        Record-level epsilon after ``planned_rounds`` rounds (including any
+        prior history given to :func:`plan_site_dp`).
+    delta : float
+        Delta of ``planned_epsilon``.
+    accountant : {"prv", "rdp"}
+        Accountant of ``planned_epsilon``.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    planned_rounds: int
+    planned_epsilon: float
+    delta: float
+    accountant: AccountantName
+
+    def round_event(self) -> PrivacyEvent:
+        """The record-level event of one planned round (what the ledger reserves)."""
+        return PrivacyEvent(self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def plan_site_dp(
+    target_epsilon: float,
+    delta: float,
+    dataset_size: int,
+    batch_size: int,
+    local_epochs: int,
+    planned_rounds: int,
+    accountant: str = "prv",
+    noise_multiplier: float | None = None,
+    *,
+    prior_events: tuple[PrivacyEvent, ...] = (),
+) -> SiteDpPlan:
+    """Plan DP-SGD so the site's record-level epsilon stays within ``target_epsilon``.
+
+    Without ``noise_multiplier`` the smallest ``z`` (to 0.01 in epsilon) is
+    calibrated so that ``prior_events`` (the dataset's ledger history) plus
+    ``planned_rounds`` rounds stay at or below ``target_epsilon``. With it,
+    ``z`` is taken as given and ``planned_epsilon`` says what it costs (the
+    ledger refuses rounds beyond the budget).
+
+    Raises
+    ------
+    ConfigurationError
+        For invalid arguments or a target that cannot be met.
+    """
+    name = validate_accountant(accountant)
+    d = validate_delta(delta)
+    n = _positive_int("dataset_size", dataset_size)
+    b = _positive_int("batch_size", batch_size)
+    epochs = _positive_int("local_epochs", local_epochs)
+    rounds = _positive_int("planned_rounds", planned_rounds)
+    batches = math.ceil(n / b)
+    sample_rate = 1.0 / batches
+    steps_per_round = epochs * int(1.0 / sample_rate)
+    if noise_multiplier is None:
+        z = calibrate_noise_multiplier(
+            target_epsilon,
+            d,
+            sample_rate,
+            rounds * steps_per_round,
+            name,
+            prior_events=prior_events,
+        )
+    else:
+        z = PrivacyEvent(noise_multiplier, sample_rate, 1).noise_multiplier
+    planned = epsilon_for(
+        [*prior_events, PrivacyEvent(z, sample_rate, rounds * steps_per_round)], d, name
+    )
+    return SiteDpPlan(
+        noise_multiplier=z,
+        sample_rate=sample_rate,
+        steps_per_round=steps_per_round,
+        planned_rounds=rounds,
+        planned_epsilon=planned,
+        delta=d,
+        accountant=name,
+    )
