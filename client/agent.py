@@ -13,13 +13,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import Context, Message
 
 from client.site import SiteData, load_site_data
-from client.state import site_dir
+from client.state import WITNESS_FILE, site_dir
 from client.training import make_loader, select_device, train_local
+from client.witness import witness_head
 from common.config import RunConfig
-from common.records import ModelSpec, record_to_vector, state_dict_to_vector, vector_to_state_dict
+from common.records import (
+    KEY_AUDIT_HEAD,
+    KEY_CONFIG,
+    ModelSpec,
+    record_to_config,
+    record_to_vector,
+    state_dict_to_vector,
+    vector_to_state_dict,
+)
 from common.task import TaskSpec, task_for
 
 ECHO_UPDATE_VALUE = 1e-3
@@ -45,16 +54,13 @@ class SiteContext:
     directory: Path
 
     @classmethod
-    def of(
-        cls, cfg: RunConfig, server_round: int, context: Context, site_root: Path | None
-    ) -> SiteContext:
-        return cls(
-            cfg,
-            server_round,
-            task_for(cfg),
-            context,
-            site_dir(context.node_config, context.node_id, site_root),
-        )
+    def of(cls, msg: Message, context: Context, site_root: Path | None) -> SiteContext:
+        """Parse an instruction; keep the server's signed audit head it carries."""
+        cfg, server_round, extra = record_to_config(msg.content[KEY_CONFIG])
+        directory = site_dir(context.node_config, context.node_id, site_root)
+        if KEY_AUDIT_HEAD in extra:
+            witness_head(directory / WITNESS_FILE, extra[KEY_AUDIT_HEAD])
+        return cls(cfg, server_round, task_for(cfg), context, directory)
 
     def data(self) -> SiteData:
         return load_site_data(self.cfg, self.task, self.context.node_config)

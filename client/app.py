@@ -28,17 +28,15 @@ from common.records import (
     ACTION_SECAGG_SHARES,
     ACTION_SECAGG_UNMASK,
     KEY_ARRAYS,
-    KEY_CONFIG,
     KEY_METRICS,
-    record_to_config,
     vector_to_record,
 )
 from common.updates import clip_update
 
 
 def handle_train(msg: Message, context: Context, site_root: Path | None = None) -> Message:
-    cfg, server_round, _ = record_to_config(msg.content[KEY_CONFIG])
-    site = SiteContext.of(cfg, server_round, context, site_root)
+    site = SiteContext.of(msg, context, site_root)
+    cfg = site.cfg
     local = compute_update(site, msg.content[KEY_ARRAYS])
     update, norm = local.update, None
     if cfg.clips_updates:
@@ -50,8 +48,8 @@ def handle_train(msg: Message, context: Context, site_root: Path | None = None) 
 
 
 def handle_evaluate(msg: Message, context: Context, site_root: Path | None = None) -> Message:
-    cfg, server_round, _ = record_to_config(msg.content[KEY_CONFIG])
-    site = SiteContext.of(cfg, server_round, context, site_root)
+    site = SiteContext.of(msg, context, site_root)
+    cfg = site.cfg
     data = site.data()
     model, _, _ = load_global(site, msg.content[KEY_ARRAYS])
     device = select_device(cfg.device)

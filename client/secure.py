@@ -24,7 +24,6 @@ from client.state import state_key
 from common.errors import ProtocolError
 from common.records import (
     KEY_ARRAYS,
-    KEY_CONFIG,
     KEY_METRICS,
     KEY_SECAGG_CONFIG,
     KEY_SECAGG_MSG,
@@ -32,7 +31,6 @@ from common.records import (
     bytes_to_record,
     max_secagg_request_bytes,
     record_to_bytes,
-    record_to_config,
 )
 from common.rng import secure_generator
 from common.secagg import SecAggClient, SecAggConfig
@@ -79,8 +77,8 @@ def _reply(msg: Message, payload: bytes, metrics: dict[str, float | int] | None 
 
 def handle_keys(msg: Message, context: Context, site_root: Path | None) -> Message:
     """Stage 1: check the round's public configuration, make keys, advertise them."""
-    cfg, server_round, _ = record_to_config(msg.content[KEY_CONFIG])
-    site = SiteContext.of(cfg, server_round, context, site_root)
+    site = SiteContext.of(msg, context, site_root)
+    cfg, server_round = site.cfg, site.server_round
     config = SecAggConfig.decode(
         record_to_bytes(msg.content[KEY_SECAGG_CONFIG], MAX_SECAGG_CONFIG_BYTES)
     )
@@ -109,9 +107,8 @@ def handle_keys(msg: Message, context: Context, site_root: Path | None) -> Messa
 def _resume(
     msg: Message, context: Context, site_root: Path | None
 ) -> tuple[SiteContext, SecAggConfig, SecAggClient, bytes]:
-    cfg, server_round, _ = record_to_config(msg.content[KEY_CONFIG])
-    site = SiteContext.of(cfg, server_round, context, site_root)
-    config, sealed = _load(context, server_round)
+    site = SiteContext.of(msg, context, site_root)
+    config, sealed = _load(context, site.server_round)
     key = state_key(site.directory)
     client = SecAggClient.open(sealed, key, context.node_id, config)
     return site, config, client, key

@@ -139,8 +139,9 @@ def record_to_vector(record: object, expected_size: int, *, what: str = "vector"
 
 
 # ---------------------------------------------------------------- run config
-# Key in an instruction's config record besides the RunConfig fields.
+# Keys in an instruction's config record besides the RunConfig fields.
 KEY_ROUND = "server-round"
+KEY_AUDIT_HEAD = "audit-head"  # the server's latest signed audit head (bytes)
 
 
 def config_to_record(
@@ -151,7 +152,7 @@ def config_to_record(
 
 
 def record_to_config(
-    record: object, extra_keys: tuple[str, ...] = ()
+    record: object, extra_keys: tuple[str, ...] = (KEY_AUDIT_HEAD,)
 ) -> tuple[RunConfig, int, dict[str, object]]:
     """Parse an instruction's config record into (RunConfig, round, extra values).
 

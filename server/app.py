@@ -2,40 +2,118 @@
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import SERVER_ONLY_PREFIX, RunConfig
+from common.errors import ConfigurationError
+from server.book import RunBook, default_db_url, load_or_create_key
+from server.record import SqlRecord
 from server.results import RoundObserver
 from server.rounds import FederatedRun
 
 # Coordinator-only run_config keys (never sent to sites).
 KEY_OUT_DIR = SERVER_ONLY_PREFIX + "out-dir"
+KEY_DB_URL = SERVER_ONLY_PREFIX + "db-url"
+KEY_KEY_DIR = SERVER_ONLY_PREFIX + "key-dir"
+KEY_RESUME = SERVER_ONLY_PREFIX + "resume-run"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Where the coordinator keeps its record and key, and whether it resumes a run."""
+
+    db_url: str | None = None
+    key_dir: Path | None = None
+    out_dir: Path | None = None
+    resume_run_id: str | None = None
+
+    def to_flower(self) -> dict[str, str]:
+        out = {}
+        if self.db_url:
+            out[KEY_DB_URL] = self.db_url
+        if self.key_dir:
+            out[KEY_KEY_DIR] = str(self.key_dir)
+        if self.out_dir:
+            out[KEY_OUT_DIR] = str(self.out_dir)
+        if self.resume_run_id:
+            out[KEY_RESUME] = self.resume_run_id
+        return out
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, object]) -> ServerSettings:
+        def text(key: str) -> str | None:
+            value = run_config.get(key)
+            return value if isinstance(value, str) and value else None
+
+        key_dir, out_dir = text(KEY_KEY_DIR), text(KEY_OUT_DIR)
+        return cls(
+            db_url=text(KEY_DB_URL),
+            key_dir=Path(key_dir) if key_dir else None,
+            out_dir=Path(out_dir) if out_dir else None,
+            resume_run_id=text(KEY_RESUME),
+        )
+
+
+def open_run(
+    cfg: RunConfig | None, settings: ServerSettings, run_config: dict[str, object]
+) -> tuple[RunConfig, RunBook]:
+    """Open the record and the signing key; for a resume, the run's own configuration."""
+    db_url = settings.db_url or default_db_url()
+    record = SqlRecord(db_url)
+    key_dir = settings.key_dir or _default_key_dir(db_url)
+    key = load_or_create_key(key_dir)
+    if settings.resume_run_id:
+        info = record.get_run(settings.resume_run_id)
+        if info.status == "finished":
+            raise ConfigurationError(
+                f"run {settings.resume_run_id} already finished; nothing to resume"
+            )
+        run_cfg = RunConfig(**info.config)
+        return run_cfg, RunBook(record, key, settings.resume_run_id)
+    run_cfg = cfg if cfg is not None else RunConfig.from_flower(run_config)
+    return run_cfg, RunBook(record, key, uuid.uuid4().hex[:12])
+
+
+def _default_key_dir(db_url: str) -> Path:
+    if db_url.startswith("sqlite:///"):
+        return Path(db_url.removeprefix("sqlite:///")).parent / "keys"
+    raise ConfigurationError("a record that is not a SQLite file needs an explicit key directory")
 
 
 def make_server_app(
     cfg: RunConfig | None = None,
     observer: RoundObserver | None = None,
-    out_dir: Path | None = None,
+    settings: ServerSettings | None = None,
 ) -> ServerApp:
     """Build the ServerApp.
 
-    ``cfg`` given: use it (simulations pass their options this way); otherwise
-    read Flower's ``context.run_config`` (``flwr run``, deployments), where
-    ``server-out-dir`` names the directory for ``result.json``.
+    ``cfg``/``settings`` given: use them (simulations pass their options this
+    way); otherwise read Flower's ``context.run_config`` (``flwr run``,
+    deployments), whose ``server-*`` keys configure the coordinator only.
     """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg if cfg is not None else RunConfig.from_flower(context.run_config)
-        target = out_dir
-        configured = context.run_config.get(KEY_OUT_DIR)
-        if target is None and isinstance(configured, str) and configured:
-            target = Path(configured)
-        FederatedRun(run_cfg, grid, observer, target).execute()
+        run_config = dict(context.run_config)
+        chosen = settings if settings is not None else ServerSettings.from_flower(run_config)
+        run_cfg, book = open_run(cfg, chosen, run_config)
+        try:
+            FederatedRun(
+                run_cfg,
+                grid,
+                observer,
+                chosen.out_dir,
+                book,
+                resume=chosen.resume_run_id is not None,
+            ).execute()
+        finally:
+            book.record.close()
 
     return server_app
 

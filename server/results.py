@@ -34,6 +34,14 @@ class RoundResult:
         out["sites"] = [asdict(s) for s in self.sites]
         return out
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RoundResult:
+        """Inverse of :meth:`to_json` (used when a run is resumed from the record)."""
+        fields = dict(doc)
+        fields["sites"] = tuple(SiteOutcome(**s) for s in fields.get("sites", ()))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in fields.items() if k in known})
+
 
 class RoundObserver(Protocol):
     """Receives progress from a running ServerApp (progress bars, records)."""

@@ -31,9 +31,11 @@ from common.errors import DataError, FedsealError, ProtocolAbort
 from common.evaluation import evaluate as evaluate_model
 from common.records import (
     KEY_ARRAYS,
+    KEY_AUDIT_HEAD,
     KEY_CONFIG,
     KEY_METRICS,
     ModelSpec,
+    check_vector,
     config_to_record,
     record_to_vector,
     state_dict_to_vector,
@@ -42,6 +44,7 @@ from common.records import (
 )
 from common.rng import secure_generator, seeded_generator
 from common.task import TaskSpec, task_for
+from server.book import RunBook
 from server.results import NullObserver, RoundObserver, RoundResult, SiteOutcome
 
 log = logging.getLogger("flwr.fedseal.server")
@@ -142,12 +145,16 @@ class FederatedRun:
         grid: Grid,
         observer: RoundObserver | None = None,
         out_dir: Path | None = None,
+        book: RunBook | None = None,
+        resume: bool = False,
     ) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
         self.grid = grid
         self.observer = observer or NullObserver()
-        self.run_id = uuid.uuid4().hex[:12]
+        self.book = book
+        self.resume = resume
+        self.run_id = book.run_id if book is not None else uuid.uuid4().hex[:12]
         self.task = task_for(cfg)
         model = self.task.build(seed=cfg.seed)
         self.spec = ModelSpec.of(model.state_dict())
@@ -157,25 +164,38 @@ class FederatedRun:
             HeldOut(cfg, self.task) if cfg.dataset != "custom" and cfg.workload == "train" else None
         )
         self.results: list[RoundResult] = []
+        self.first_round = 1
 
     # ------------------------------------------------------------------ rounds
     def execute(self) -> list[RoundResult]:
+        if self.book is not None:
+            self._open_book()
         self.observer.on_start(self.run_id, self.cfg.rounds)
+        for done in self.results:
+            self.observer.on_round(done)
         log.info(
             "fedseal run %s: %d rounds, dataset %s", self.run_id, self.cfg.rounds, self.cfg.dataset
         )
-        for server_round in range(1, self.cfg.rounds + 1):
-            result = self.run_round(server_round)
-            self.results.append(result)
-            self.observer.on_round(result)
-            log.info(
-                "round %d: accuracy=%s loss=%s participants=%d/%d",
-                server_round,
-                _fmt(result.accuracy),
-                _fmt(result.loss),
-                result.participants,
-                result.sampled,
-            )
+        try:
+            for server_round in range(self.first_round, self.cfg.rounds + 1):
+                result = self.run_round(server_round)
+                self.results.append(result)
+                self._book_round(result)
+                self.observer.on_round(result)
+                log.info(
+                    "round %d: accuracy=%s loss=%s participants=%d/%d",
+                    server_round,
+                    _fmt(result.accuracy),
+                    _fmt(result.loss),
+                    result.participants,
+                    result.sampled,
+                )
+        except FedsealError as exc:
+            if self.book is not None:
+                self.book.finish("aborted", str(exc))
+            raise
+        if self.book is not None:
+            self.book.finish("finished")
         self.observer.on_finish(self.results)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +203,49 @@ class FederatedRun:
                 json.dumps(self.result_doc(), indent=2) + "\n"
             )
         return self.results
+
+    def _open_book(self) -> None:
+        book = self.book
+        if book is None:
+            return
+        if not self.resume:
+            book.start(asdict(self.cfg), policy_hash=None)
+            return
+        version = book.resume()
+        for info in book.record.rounds(self.run_id):
+            if info.status == "finished" and info.metrics:
+                self.results.append(RoundResult.from_json(info.metrics))
+        if version is not None:
+            data = book.record.load_version_bytes(version.version)
+            self.global_vector = check_vector(
+                np.frombuffer(data, dtype=np.float32).copy(), self.spec.size, what="resumed model"
+            )
+            self.first_round = version.round + 1
+            self.results = [r for r in self.results if r.round <= version.round]
+        log.info("resuming run %s at round %d", self.run_id, self.first_round)
+
+    def _book_round(self, result: RoundResult) -> None:
+        book = self.book
+        if book is None:
+            return
+        doc = result.to_json()
+        book.round_finished(result.round, doc)
+        book.model_version(
+            result.round,
+            self.global_vector.astype(np.float32).tobytes(),
+            {"accuracy": result.accuracy, "loss": result.loss},
+            [s.node_id for s in result.sites if s.accepted],
+            record_level_epsilon=None,
+            client_level_epsilon=None,
+            energy_kwh=None,
+        )
+        book.seal()
+
+    def _extra(self) -> dict[str, bytes]:
+        """Values every instruction carries besides the run config (the signed audit head)."""
+        if self.book is None or self.book.head is None:
+            return {}
+        return {KEY_AUDIT_HEAD: self.book.head.encode()}
 
     def result_doc(self) -> dict[str, Any]:
         """The run's results as the JSON document fedseal prints and writes."""
@@ -196,6 +259,9 @@ class FederatedRun:
         start = time.perf_counter()
         nodes = wait_for_nodes(self.grid, self.cfg.min_sites, self.cfg.round_timeout_s)
         cohort = sample_cohort(nodes, self.cfg, server_round)
+        if self.book is not None:
+            self.book.nodes_seen(nodes)
+            self.book.round_started(server_round, cohort)
         if self.cfg.secagg:
             mean_update, outcomes, participants, secagg_info = self._secure_round(
                 server_round, cohort
@@ -216,6 +282,10 @@ class FederatedRun:
             evaluation=how,
             secagg=secagg_info,
         )
+
+    def _event(self, kind: str, payload: dict[str, Any]) -> None:
+        if self.book is not None:
+            self.book.event(kind, payload)
 
     def _require_min(self, server_round: int, usable: int, sampled: int) -> None:
         if usable < self.cfg.min_sites:
@@ -281,12 +351,38 @@ class FederatedRun:
             cohort=cohort,
             vector_length=self.spec.size,
             exchange=exchange,
-            base_content=lambda: RecordDict({KEY_CONFIG: config_to_record(self.cfg, server_round)}),
+            base_content=lambda: RecordDict(
+                {KEY_CONFIG: config_to_record(self.cfg, server_round, **self._extra())}
+            ),
             global_arrays=lambda: vector_to_record(self.global_vector),
             droppers=droppers,
         )
-        outcome = secure.run()
+        try:
+            outcome = secure.run()
+        except ProtocolAbort as exc:
+            self._event(
+                "secagg_outcome",
+                {
+                    "round": server_round,
+                    "status": "aborted",
+                    "reason": str(exc),
+                    "rejected": _str_keys(secure.rejected),
+                },
+            )
+            raise
         result = outcome.result
+        self._event(
+            "secagg_outcome",
+            {
+                "round": server_round,
+                "status": "completed",
+                "contributors": [str(n) for n in result.contributors],
+                "dropped": [str(n) for n in result.dropped],
+                "threshold": result.threshold,
+                "neighbours": result.neighbours,
+                "rejected": _str_keys(outcome.rejected),
+            },
+        )
         contributors = set(result.contributors)
         outcomes = []
         for node_id in cohort:
@@ -319,7 +415,9 @@ class FederatedRun:
     def _exchange(
         self, cohort: list[int], message_type: str, server_round: int, *, with_model: bool
     ) -> dict[int, Message]:
-        content = RecordDict({KEY_CONFIG: config_to_record(self.cfg, server_round)})
+        content = RecordDict(
+            {KEY_CONFIG: config_to_record(self.cfg, server_round, **self._extra())}
+        )
         if with_model:
             content[KEY_ARRAYS] = vector_to_record(self.global_vector)
         return self._send({n: (content, message_type) for n in cohort}, server_round)
@@ -367,6 +465,10 @@ class FederatedRun:
         if total == 0:
             return None, None, "federated"
         return loss_sum / total, acc_sum / total, "federated"
+
+
+def _str_keys(mapping: Mapping[int, str]) -> dict[str, str]:
+    return {str(k): v for k, v in mapping.items()}
 
 
 def _finite(value: object) -> bool:

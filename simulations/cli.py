@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -131,7 +131,15 @@ def run_cmd(
     drop_stage: Annotated[
         DropStage, typer.Option(help="Secure-aggregation stage at which those sites drop out.")
     ] = DropStage.masked,
-    out: Annotated[Path | None, typer.Option(help="Directory for result.json (created).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run directory: record.db, keys/, sites/, result.json, report (default runs/<time>)."
+        ),
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Resume this run id from the record in --out after a crash.")
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
     ] = False,
@@ -179,10 +187,17 @@ def run_cmd(
         console=err,
         transient=json_out,
     )
+    if resume and out is None:
+        err.print("[red]error:[/red] --resume needs --out, the directory of the run's record")
+        raise typer.Exit(2)
+    if out is None:
+        out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
         with progress, stdout_to_stderr():
             run_id, results = run_simulation(
                 cfg,
+                out_dir=out,
+                resume_run_id=resume,
                 observer=ProgressObserver(progress),
                 cpus_per_site=cpus_per_client,
                 verbose=verbose,
@@ -195,10 +210,7 @@ def run_cmd(
         err.print(f"[red]run failed:[/red] {cause}")
         raise typer.Exit(1) from None
 
-    doc = {"run_id": run_id, "config": asdict(cfg), "rounds": [r.to_json() for r in results]}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(doc, indent=2) + "\n")
+    doc = json.loads((out / "result.json").read_text())
     if json_out:
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
@@ -215,8 +227,7 @@ def run_cmd(
             f"{r.seconds:.2f}",
         )
     Console().print(table)
-    if out is not None:
-        Console().print(f"results written to {out / 'result.json'}")
+    Console().print(f"run directory: {out} (record.db, result.json)")
 
 
 def main() -> None:

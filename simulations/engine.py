@@ -6,7 +6,9 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 from common.config import RunConfig
 from common.env import apply_safe_flower_env
@@ -53,6 +55,8 @@ def stdout_to_stderr() -> Iterator[None]:
 def run_simulation(
     cfg: RunConfig,
     *,
+    out_dir: Path | None = None,
+    resume_run_id: str | None = None,
     observer: RoundObserver | None = None,
     cpus_per_site: float = 1.0,
     gpus_per_site: float = 0.0,
@@ -61,14 +65,29 @@ def run_simulation(
 ) -> tuple[str, list[RoundResult]]:
     """Run ``cfg.num_sites`` virtual sites for ``cfg.rounds`` rounds; return (run id, results).
 
-    The ServerApp runs in a thread of this process and the ClientApps in Ray
-    actors; Ray is shut down before returning, also on error.
+    Everything the run keeps lands under ``out_dir`` (a temporary directory if
+    None): the central record ``record.db`` with its model artifacts, the
+    server's audit key in ``keys/``, each site's state (ledger, witnessed
+    heads) in ``sites/site-<i>/``, and ``result.json``. The ServerApp runs in
+    a thread of this process and the ClientApps in Ray actors; Ray is shut
+    down before returning, also on error.
     """
     apply_safe_flower_env()
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from client.app import make_client_app
-    from server.app import make_server_app
+    from server.app import ServerSettings, make_server_app
+
+    if out_dir is None:
+        out_dir = Path(tempfile.mkdtemp(prefix="fedseal-sim-"))
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = ServerSettings(
+        db_url=f"sqlite:///{out_dir / 'record.db'}",
+        key_dir=out_dir / "keys",
+        out_dir=out_dir,
+        resume_run_id=resume_run_id,
+    )
 
     collector = _Collector(observer)
     level = logging.INFO if verbose else logging.WARNING
@@ -86,8 +105,8 @@ def run_simulation(
     }
     try:
         flwr_run_simulation(
-            server_app=make_server_app(cfg, collector),
-            client_app=make_client_app(),
+            server_app=make_server_app(None if resume_run_id else cfg, collector, settings),
+            client_app=make_client_app(out_dir / "sites"),
             num_supernodes=cfg.num_sites,
             backend_config=backend_config,  # type: ignore[arg-type]
         )
