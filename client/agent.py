@@ -7,22 +7,29 @@ central DP or secure aggregation is on) -> [secure aggregation masks it].
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.ledger import SiteLedger
+from client.privacy import SiteDpPlan, make_private, plan_site_dp, validate_model
 from client.site import SiteData, load_site_data
-from client.state import WITNESS_FILE, site_dir
-from client.training import make_loader, select_device, train_local
+from client.state import LEDGER_FILE, WITNESS_FILE, site_dir
+from client.training import TrainStats, make_loader, secret_seed, select_device, train_local
 from client.witness import witness_head
 from common.config import RunConfig
+from common.dp import epsilon_for
+from common.errors import ConfigurationError, PrivacyBudgetExceeded
 from common.records import (
     KEY_AUDIT_HEAD,
     KEY_CONFIG,
+    KEY_METRICS,
+    KEY_REFUSAL,
+    KEY_RUN_ID,
     ModelSpec,
     record_to_config,
     record_to_vector,
@@ -52,6 +59,7 @@ class SiteContext:
     task: TaskSpec
     context: Context
     directory: Path
+    run_id: str
 
     @classmethod
     def of(cls, msg: Message, context: Context, site_root: Path | None) -> SiteContext:
@@ -60,7 +68,10 @@ class SiteContext:
         directory = site_dir(context.node_config, context.node_id, site_root)
         if KEY_AUDIT_HEAD in extra:
             witness_head(directory / WITNESS_FILE, extra[KEY_AUDIT_HEAD])
-        return cls(cfg, server_round, task_for(cfg), context, directory)
+        run_id = extra.get(KEY_RUN_ID)
+        if not isinstance(run_id, str) or not run_id:
+            raise ConfigurationError("instruction lacks the run id")
+        return cls(cfg, server_round, task_for(cfg), context, directory, run_id)
 
     def data(self) -> SiteData:
         return load_site_data(self.cfg, self.task, self.context.node_config)
@@ -75,8 +86,69 @@ def load_global(site: SiteContext, arrays: object) -> tuple[torch.nn.Module, Mod
     return model, spec, global_vec
 
 
+def _dp_plan(site: SiteContext, dataset_size: int) -> SiteDpPlan:
+    cfg = site.cfg
+    return _cached_plan(
+        cfg.site_epsilon,
+        cfg.site_delta,
+        dataset_size,
+        cfg.batch_size,
+        cfg.local_epochs,
+        cfg.rounds,
+        cfg.accountant,
+        cfg.site_noise_multiplier or None,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_plan(
+    epsilon: float,
+    delta: float,
+    size: int,
+    batch: int,
+    epochs: int,
+    rounds: int,
+    accountant: str,
+    z: float | None,
+) -> SiteDpPlan:
+    """Calibration is a search over accountant evaluations (seconds with PRV): do it once per process."""
+    return plan_site_dp(epsilon, delta, size, batch, epochs, rounds, accountant, z)
+
+
+def site_budget(site: SiteContext) -> float:
+    """The site's lifetime record-level epsilon budget for this dataset."""
+    return site.cfg.site_epsilon
+
+
+def check_budget(site: SiteContext) -> str | None:
+    """Dry run before joining a round: the refusal reason if this round would exceed the budget."""
+    if not site.cfg.dp or site.cfg.workload == "echo":
+        return None
+    data = site.data()
+    plan = _dp_plan(site, len(data.y_train))
+    with SiteLedger(site.directory / LEDGER_FILE) as ledger:
+        history = [e.event for e in ledger.history(data.dataset_id)]
+        if any(
+            e.run_id == site.run_id and e.round == site.server_round
+            for e in ledger.history(data.dataset_id)
+        ):
+            return None  # already reserved (a resumed round): not counted again
+    spent = epsilon_for(history, site.cfg.site_delta, site.cfg.accountant)
+    would_be = epsilon_for([*history, plan.round_event()], site.cfg.site_delta, site.cfg.accountant)
+    budget = site_budget(site)
+    if would_be > budget:
+        return str(PrivacyBudgetExceeded(spent, budget, would_be))
+    return None
+
+
 def compute_update(site: SiteContext, arrays: object) -> LocalUpdate:
-    """Train locally from the global model in ``arrays``; return the (clipped) update."""
+    """Train locally from the global model in ``arrays``; return the update.
+
+    With record-level DP on, the round's mechanism is reserved in the site's
+    ledger *before* the data is touched (PrivacyBudgetExceeded if it would
+    exceed the budget) and confirmed once the update exists; a crash in
+    between leaves it reserved, which counts as spent.
+    """
     cfg = site.cfg
     model, spec, global_vec = load_global(site, arrays)
     if cfg.workload == "echo":
@@ -85,21 +157,88 @@ def compute_update(site: SiteContext, arrays: object) -> LocalUpdate:
         )
     data = site.data()
     device = select_device(cfg.device)
-    model.to(device)
-    loader = make_loader(
-        data.x_train,
-        data.y_train,
-        cfg.batch_size,
-        shuffle=True,
-        seed=cfg.seed * 100_003 + site.server_round,
+    if not cfg.dp:
+        model.to(device)
+        loader = make_loader(
+            data.x_train,
+            data.y_train,
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed * 100_003 + site.server_round,
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9)
+        stats = train_local(
+            model, loader, epochs=cfg.local_epochs, optimizer=optimizer, device=device
+        )
+        update = state_dict_to_vector(model.state_dict()) - global_vec
+        return LocalUpdate(update, len(data.y_train), _train_metrics(stats))
+
+    plan = _dp_plan(site, len(data.y_train))
+    ledger = SiteLedger(site.directory / LEDGER_FILE)
+    try:
+        entry = ledger.reserve(
+            data.dataset_id,
+            site.run_id,
+            site.server_round,
+            plan.round_event(),
+            cfg.site_delta,
+            cfg.accountant,
+            site_budget(site),
+        )
+        base = validate_model(model).to(device)
+        if ModelSpec.of(base.state_dict()) != spec:
+            raise ConfigurationError(
+                "Opacus' model fixes changed the parameter layout; use a zoo model"
+            )
+        optimizer = torch.optim.SGD(base.parameters(), lr=cfg.learning_rate, momentum=0.9)
+        loader = make_loader(data.x_train, data.y_train, cfg.batch_size, shuffle=False, seed=None)
+        noise = torch.Generator(device=device).manual_seed(secret_seed())
+        private_model, private_opt, private_loader, handle = make_private(
+            base,
+            optimizer,
+            loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=noise,
+        )
+        stats = train_local(
+            private_model,
+            private_loader,
+            epochs=cfg.local_epochs,
+            optimizer=private_opt,
+            device=device,
+            private=True,
+        )
+        update = state_dict_to_vector(base.state_dict()) - global_vec
+        ledger.confirm(entry)
+        spent = ledger.spent(data.dataset_id, cfg.site_delta, cfg.accountant)
+    finally:
+        ledger.close()
+    metrics = _train_metrics(stats)
+    metrics.update(
+        {
+            "record-level-epsilon": spent,
+            "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": plan.sample_rate,
+            "dp-steps": handle.steps,
+        }
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9)
-    stats = train_local(model, loader, epochs=cfg.local_epochs, optimizer=optimizer, device=device)
-    update = state_dict_to_vector(model.state_dict()) - global_vec
-    metrics: dict[str, Any] = {
+    return LocalUpdate(update, len(data.y_train), metrics)
+
+
+def _train_metrics(stats: TrainStats) -> dict[str, float | int]:
+    return {
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
         "train-seconds": stats.seconds,
         "steps": stats.steps,
     }
-    return LocalUpdate(update, len(data.y_train), metrics)
+
+
+def refusal(msg: Message, reason: str) -> Message:
+    """A reply saying this site does not take part in the round, and why."""
+    content = RecordDict(
+        {KEY_METRICS: MetricRecord({"refused": 1}), KEY_REFUSAL: ConfigRecord({"reason": reason})}
+    )
+    return Message(content=content, reply_to=msg)

@@ -19,8 +19,10 @@ from pathlib import Path
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.agent import SiteContext, compute_update, load_global
+from client.agent import SiteContext, compute_update, load_global, refusal
 from client.training import select_device
+from common.dp import clip_l2
+from common.errors import PrivacyBudgetExceeded
 from common.evaluation import evaluate
 from common.records import (
     ACTION_SECAGG_KEYS,
@@ -31,16 +33,18 @@ from common.records import (
     KEY_METRICS,
     vector_to_record,
 )
-from common.updates import clip_update
 
 
 def handle_train(msg: Message, context: Context, site_root: Path | None = None) -> Message:
     site = SiteContext.of(msg, context, site_root)
     cfg = site.cfg
-    local = compute_update(site, msg.content[KEY_ARRAYS])
+    try:
+        local = compute_update(site, msg.content[KEY_ARRAYS])
+    except PrivacyBudgetExceeded as exc:
+        return refusal(msg, str(exc))
     update, norm = local.update, None
     if cfg.clips_updates:
-        update, norm = clip_update(update, cfg.clip_norm)
+        update, norm = clip_l2(update, cfg.clip_norm)
     extra = {} if norm is None else {"update-norm": norm}
     metrics = MetricRecord({"num-examples": local.num_examples, **local.metrics, **extra})
     content = RecordDict({KEY_ARRAYS: vector_to_record(update), KEY_METRICS: metrics})

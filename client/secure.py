@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.agent import SiteContext, compute_update
+from client.agent import SiteContext, check_budget, compute_update, refusal
 from client.state import state_key
+from common.dp import clip_l2
 from common.errors import ProtocolError
 from common.records import (
     KEY_ARRAYS,
@@ -40,7 +41,6 @@ from common.secagg.messages import (
     ShareKeysRequest,
     UnmaskRequest,
 )
-from common.updates import clip_update
 
 STATE_RECORD = "fedseal.secagg"
 
@@ -95,6 +95,9 @@ def handle_keys(msg: Message, context: Context, site_root: Path | None) -> Messa
             f"secure-aggregation vector length {config.vector_length} != model size {expected}"
         )
     _clear(context)  # a new round discards whatever an aborted one left
+    reason = check_budget(site)
+    if reason is not None:
+        return refusal(msg, reason)
     request = AdvertiseKeysRequest.decode(
         record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
     )
@@ -132,7 +135,7 @@ def handle_masked(msg: Message, context: Context, site_root: Path | None) -> Mes
         record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
     )
     local = compute_update(site, msg.content[KEY_ARRAYS])
-    clipped, norm = clip_update(local.update, site.cfg.clip_norm)
+    clipped, norm = clip_l2(local.update, site.cfg.clip_norm)
     reply = client.collect_masked(request, clipped.astype(np.float64), secure_generator())
     _save(context, site.server_round, config, client, key)
     metrics = {"num-examples": local.num_examples, "update-norm": norm, **local.metrics}

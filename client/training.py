@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.rng import secure_bytes
+
 
 def select_device(preference: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
@@ -25,11 +27,21 @@ def select_device(preference: str = "auto") -> torch.device:
 
 
 def make_loader(
-    x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int | None
 ) -> DataLoader[tuple[torch.Tensor, ...]]:
-    generator = torch.Generator().manual_seed(seed)
+    """A loader over ``(x, y)``; ``seed=None`` seeds its generator from OS entropy.
+
+    DP training must use ``seed=None``: amplification by sampling assumes the
+    adversary cannot predict which records a step samples.
+    """
+    generator = torch.Generator().manual_seed(seed if seed is not None else secret_seed())
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def secret_seed() -> int:
+    """A 63-bit seed from the OS CSPRNG for torch generators (sampling, DP noise)."""
+    return int.from_bytes(secure_bytes(8), "big") >> 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +60,21 @@ def train_local(
     epochs: int,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    private: bool = False,
 ) -> TrainStats:
-    """Run ``epochs`` passes of cross-entropy training; returns mean loss/accuracy seen."""
+    """Run ``epochs`` passes of cross-entropy training; returns mean loss/accuracy seen.
+
+    ``private``: the loader Poisson-samples and the optimizer is Opacus' DP
+    optimizer, so an empty batch still takes its (noise-only) step: skipping
+    it would change the mechanism the accountant assumes.
+    """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     start = time.perf_counter()
     for _ in range(epochs):
         for xb, yb in loader:
-            if len(yb) == 0:  # Poisson sampling may draw an empty batch
+            if len(yb) == 0 and not private:
                 continue
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -65,6 +83,8 @@ def train_local(
             loss.backward()
             optimizer.step()
             steps += 1
+            if len(yb) == 0:
+                continue
             total_loss += float(loss.detach()) * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)

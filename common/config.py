@@ -60,6 +60,17 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
     workload: str = "train"
+    # record-level DP at each site (Opacus DP-SGD)
+    dp: bool = True
+    site_epsilon: float = 8.0  # target over the planned rounds; also the ledger budget without a site policy
+    site_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    site_noise_multiplier: float = 0.0  # 0: derived from site_epsilon
+    accountant: str = "prv"
+    # client-level DP at the server (DP-FedAvg)
+    central_dp: bool = False
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
     # update clipping (client's job): L2 bound C on each site's update whenever
     # central DP or secure aggregation is on
     clip_norm: float = 5.0
@@ -79,6 +90,22 @@ class RunConfig:
         _choice("device", self.device, DEVICES)
         _choice("workload", self.workload, WORKLOADS)
         _choice("drop_stage", self.drop_stage, DROP_STAGES)
+        _choice("accountant", self.accountant, ACCOUNTANTS)
+        _positive_float("site_epsilon", self.site_epsilon)
+        _positive_float("max_grad_norm", self.max_grad_norm)
+        _positive_float("noise_multiplier", self.noise_multiplier)
+        for name in ("site_delta", "delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 < value < 1.0):
+                raise ConfigurationError(f"{name} must lie in (0, 1), got {value!r}")
+        if isinstance(self.site_noise_multiplier, bool) or not (
+            isinstance(self.site_noise_multiplier, int | float)
+            and math.isfinite(self.site_noise_multiplier)
+            and self.site_noise_multiplier >= 0
+        ):
+            raise ConfigurationError(
+                f"site_noise_multiplier must be >= 0 (0 = derive from site_epsilon), got {self.site_noise_multiplier!r}"
+            )
         _positive_float("clip_norm", self.clip_norm)
         if not (0.0 <= self.drop_rate < 1.0):
             raise ConfigurationError(f"drop_rate must lie in [0, 1), got {self.drop_rate!r}")
@@ -145,9 +172,19 @@ class RunConfig:
         return t if t <= 1.0 else int(t)
 
     @property
+    def client_sampling(self) -> str:
+        """How the client-level accountant treats site sampling (what the server really does)."""
+        return "poisson" if self.sampling == "poisson" else "fixed_cohort"
+
+    @property
+    def client_sample_rate(self) -> float:
+        """``q`` for the client-level accountant: the Poisson rate, or 1 (no amplification)."""
+        return self.fraction_train if self.sampling == "poisson" else 1.0
+
+    @property
     def clips_updates(self) -> bool:
         """Whether sites clip their update to ``clip_norm`` before sending it."""
-        return self.secagg or getattr(self, "central_dp", False)
+        return self.secagg or self.central_dp
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -11,11 +11,13 @@ and nowhere else.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.lib.format as npy_format
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
@@ -26,6 +28,7 @@ from common.errors import ConfigurationError, DataError
 KEY_ARRAYS = "arrays"
 KEY_CONFIG = "config"
 KEY_METRICS = "metrics"
+KEY_REFUSAL = "refusal"  # ConfigRecord {"reason": str} when a site declines a round
 # Array name inside the ArrayRecord.
 KEY_VECTOR = "vector"
 
@@ -142,6 +145,7 @@ def record_to_vector(record: object, expected_size: int, *, what: str = "vector"
 # Keys in an instruction's config record besides the RunConfig fields.
 KEY_ROUND = "server-round"
 KEY_AUDIT_HEAD = "audit-head"  # the server's latest signed audit head (bytes)
+KEY_RUN_ID = "run-id"  # the run's id in the central record (str)
 
 
 def config_to_record(
@@ -152,7 +156,7 @@ def config_to_record(
 
 
 def record_to_config(
-    record: object, extra_keys: tuple[str, ...] = (KEY_AUDIT_HEAD,)
+    record: object, extra_keys: tuple[str, ...] = (KEY_AUDIT_HEAD, KEY_RUN_ID)
 ) -> tuple[RunConfig, int, dict[str, object]]:
     """Parse an instruction's config record into (RunConfig, round, extra values).
 
@@ -179,27 +183,79 @@ def record_to_config(
 KEY_PAYLOAD = "payload"
 
 
+_PAYLOAD_DTYPE = np.dtype("u1")
+_NPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: ``data`` holds .npy bytes
+_NPY_HEADER_MAX = 4096
+
+
+def _npy_header(length: int) -> bytes:
+    out = io.BytesIO()
+    npy_format.write_array_header_1_0(
+        out,
+        {
+            "descr": npy_format.dtype_to_descr(_PAYLOAD_DTYPE),
+            "fortran_order": False,
+            "shape": (length,),
+        },
+    )
+    return out.getvalue()
+
+
 def bytes_to_record(data: bytes) -> ArrayRecord:
-    """Wrap protocol bytes in an ArrayRecord (one uint8 array named :data:`KEY_PAYLOAD`)."""
-    return ArrayRecord({KEY_PAYLOAD: Array(np.frombuffer(data, dtype=np.uint8))})
+    """Wrap protocol bytes in an ArrayRecord (one uint8 array named :data:`KEY_PAYLOAD`).
+
+    The array's ``data`` is exactly what ``np.save`` writes for
+    ``np.frombuffer(data, np.uint8)``, built with a single copy of ``data``.
+    """
+    array = Array(
+        dtype=str(_PAYLOAD_DTYPE),
+        shape=(len(data),),
+        stype=_NPY_STYPE,
+        data=_npy_header(len(data)) + data,
+    )
+    return ArrayRecord({KEY_PAYLOAD: array})
 
 
 def record_to_bytes(record: object, max_size: int, *, what: str = "payload") -> bytes:
     """Extract protocol bytes, refusing anything but one 1-D uint8 array of at most ``max_size``.
 
-    The declared shape is checked before any bytes are parsed.
+    The declared shape and the total size are checked before any bytes are
+    parsed; then the .npy header (format 1.0/2.0, at most 4 KiB, parsed by
+    numpy's safe header reader, never unpickled) must declare the same 1-D
+    uint8 shape and be followed by exactly that many bytes, which are
+    returned (one copy).
     """
     if not isinstance(record, ArrayRecord) or list(record.keys()) != [KEY_PAYLOAD]:
         raise DataError(f"{what}: expected an ArrayRecord with one array {KEY_PAYLOAD!r}")
     arr = record[KEY_PAYLOAD]
-    if np.dtype(arr.dtype) != np.uint8 or len(arr.shape) != 1:
+    if np.dtype(arr.dtype) != _PAYLOAD_DTYPE or len(arr.shape) != 1:
         raise DataError(f"{what}: expected a 1-D uint8 array")
-    if arr.shape[0] > max_size or len(arr.data) > max_size + 4096:
+    if arr.shape[0] > max_size or len(arr.data) > max_size + _NPY_HEADER_MAX:
         raise DataError(f"{what}: {arr.shape[0]} bytes exceeds the limit of {max_size}")
+    data = arr.data
+    if arr.stype != _NPY_STYPE or type(data) is not bytes:
+        raise DataError(f"{what}: expected .npy bytes")
     try:
-        return arr.numpy().tobytes()
-    except Exception as exc:  # corrupt .npy bytes
+        stream = io.BytesIO(data)
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except Exception as exc:  # numpy raises several types for a corrupt header
         raise DataError(f"{what}: undecodable payload ({exc})") from exc
+    offset = stream.tell()
+    if (
+        dtype != _PAYLOAD_DTYPE
+        or shape != (arr.shape[0],)
+        or offset > _NPY_HEADER_MAX
+        or len(data) - offset != arr.shape[0]
+    ):
+        raise DataError(f"{what}: payload does not match its declared 1-D uint8 shape")
+    del fortran_order  # irrelevant for a 1-D array
+    return data[offset:]
 
 
 # ---------------------------------------------------------------- secure aggregation

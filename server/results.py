@@ -15,6 +15,11 @@ class SiteOutcome:
     reason: str = ""
     num_examples: int = 0
     train_seconds: float = 0.0
+    refused: bool = False
+    record_level_epsilon: float | None = None  # the site's lifetime total for this dataset
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +33,7 @@ class RoundResult:
     sites: tuple[SiteOutcome, ...] = field(default_factory=tuple)
     evaluation: str = "central"  # "central" (server's held-out split) or "federated"
     secagg: dict[str, int] | None = None  # participants, dropouts, threshold, neighbours
+    client_level_epsilon: float | None = None  # DP-FedAvg, run so far (None when off)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

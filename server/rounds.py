@@ -4,8 +4,11 @@ Flower's ``Strategy.start`` drives one train exchange per round; fedseal's
 rounds also need refusals recorded, and (with secure aggregation) several
 exchanges per round, so this driver talks to Flower's ``Grid`` directly
 (``send_and_receive``), which is Flower's own transport and scheduling.
-Aggregation is FedAvg: the mean of the sites' updates weighted by their
-example counts.
+Aggregation is FedAvg. Plain rounds weight each update by its site's
+example count. When updates are clipped for privacy (secure aggregation or
+central DP), every contributor weighs the same: the server never learns a
+site's example count under secure aggregation, and DP-FedAvg's sensitivity
+(C on the sum) assumes unit weights.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.data import Standardizer, load_builtin, split_holdout_stratified
+from common.dp import ClientLevelAccountant, PrivacyEvent, PrivacyLevel, clip_l2, noise_aggregate
 from common.errors import DataError, FedsealError, ProtocolAbort
 from common.evaluation import evaluate as evaluate_model
 from common.records import (
@@ -34,6 +38,7 @@ from common.records import (
     KEY_AUDIT_HEAD,
     KEY_CONFIG,
     KEY_METRICS,
+    KEY_RUN_ID,
     ModelSpec,
     check_vector,
     config_to_record,
@@ -46,6 +51,7 @@ from common.rng import secure_generator, seeded_generator
 from common.task import TaskSpec, task_for
 from server.book import RunBook
 from server.results import NullObserver, RoundObserver, RoundResult, SiteOutcome
+from server.secure import refusal_reason
 
 log = logging.getLogger("flwr.fedseal.server")
 
@@ -58,6 +64,23 @@ class SiteUpdate:
     update: np.ndarray
     num_examples: int
     train_seconds: float
+    metrics: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Aggregate:
+    """A round's aggregation before the server's own steps (central noise, averaging).
+
+    ``total`` is the (weighted) sum of the contributors' updates and ``weight``
+    what it must be divided by: the example count for plain FedAvg, the number
+    of contributors when updates are clipped and summed unweighted.
+    """
+
+    total: np.ndarray
+    weight: float
+    contributors: list[int]
+    outcomes: list[SiteOutcome]
+    secagg: dict[str, int] | None = None
 
 
 class HeldOut:
@@ -124,16 +147,29 @@ def parse_train_reply(reply: Message, size: int) -> SiteUpdate:
     ):
         raise DataError("train-seconds must be a finite number")
     update = record_to_vector(content.array_records[KEY_ARRAYS], size, what="update")
-    return SiteUpdate(node_id, update, n, float(seconds))
+    return SiteUpdate(node_id, update, n, float(seconds), dict(metrics.items()))
 
 
-def fedavg(updates: list[SiteUpdate]) -> np.ndarray:
-    """Example-weighted mean of the updates (float64 accumulation)."""
-    total = sum(u.num_examples for u in updates)
-    acc = np.zeros_like(updates[0].update, dtype=np.float64)
-    for u in updates:
-        acc += (u.num_examples / total) * u.update
-    return acc.astype(np.float32)
+def site_outcome(node_id: int, metrics: Mapping[str, Any]) -> SiteOutcome:
+    """An accepted site's line in the round result, with its record-level privacy figures."""
+
+    def num(key: str) -> float | None:
+        value = metrics.get(key)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else None
+
+    steps = metrics.get("dp-steps")
+    return SiteOutcome(
+        node_id,
+        True,
+        "",
+        int(metrics.get("num-examples", 0)),
+        num("train-seconds") or 0.0,
+        record_level_epsilon=num("record-level-epsilon"),
+        noise_multiplier=num("noise-multiplier"),
+        sample_rate=num("sample-rate"),
+        steps=steps if isinstance(steps, int) and not isinstance(steps, bool) else None,
+    )
 
 
 class FederatedRun:
@@ -165,6 +201,11 @@ class FederatedRun:
         )
         self.results: list[RoundResult] = []
         self.first_round = 1
+        self.client_accountant = (
+            ClientLevelAccountant(cfg.client_sampling, cfg.client_sample_rate, cfg.accountant)
+            if cfg.central_dp
+            else None
+        )
 
     # ------------------------------------------------------------------ rounds
     def execute(self) -> list[RoundResult]:
@@ -212,6 +253,16 @@ class FederatedRun:
             book.start(asdict(self.cfg), policy_hash=None)
             return
         version = book.resume()
+        if self.client_accountant is not None:
+            done = version.round if version is not None else 0
+            events = [
+                PrivacyEvent(p.noise_multiplier, p.sample_rate, p.steps, PrivacyLevel.CLIENT)
+                for p in book.record.privacy(self.run_id)
+                if p.level == "client" and p.round <= done
+            ]
+            self.client_accountant = ClientLevelAccountant(
+                self.cfg.client_sampling, self.cfg.client_sample_rate, self.cfg.accountant, events
+            )
         for info in book.record.rounds(self.run_id):
             if info.status == "finished" and info.metrics:
                 self.results.append(RoundResult.from_json(info.metrics))
@@ -235,17 +286,25 @@ class FederatedRun:
             self.global_vector.astype(np.float32).tobytes(),
             {"accuracy": result.accuracy, "loss": result.loss},
             [s.node_id for s in result.sites if s.accepted],
-            record_level_epsilon=None,
-            client_level_epsilon=None,
+            record_level_epsilon=max(
+                (
+                    x.record_level_epsilon
+                    for x in result.sites
+                    if x.record_level_epsilon is not None
+                ),
+                default=None,
+            ),
+            client_level_epsilon=result.client_level_epsilon,
             energy_kwh=None,
         )
         book.seal()
 
-    def _extra(self) -> dict[str, bytes]:
-        """Values every instruction carries besides the run config (the signed audit head)."""
-        if self.book is None or self.book.head is None:
-            return {}
-        return {KEY_AUDIT_HEAD: self.book.head.encode()}
+    def _extra(self) -> dict[str, bytes | str]:
+        """Values every instruction carries besides the run config: run id, signed audit head."""
+        extra: dict[str, bytes | str] = {KEY_RUN_ID: self.run_id}
+        if self.book is not None and self.book.head is not None:
+            extra[KEY_AUDIT_HEAD] = self.book.head.encode()
+        return extra
 
     def result_doc(self) -> dict[str, Any]:
         """The run's results as the JSON document fedseal prints and writes."""
@@ -253,6 +312,22 @@ class FederatedRun:
             "run_id": self.run_id,
             "config": asdict(self.cfg),
             "rounds": [r.to_json() for r in self.results],
+            "privacy": {
+                "site_dp": self.cfg.dp,
+                "site_delta": self.cfg.site_delta,
+                "central_dp": self.cfg.central_dp,
+                "delta": self.cfg.delta,
+                "accountant": self.cfg.accountant,
+                "client_level_sampling": (
+                    f"poisson(q={self.cfg.client_sample_rate})"
+                    if self.cfg.client_sampling == "poisson"
+                    else "fixed cohort: accounted without amplification (q=1)"
+                ),
+                "units": {
+                    "record_level_epsilon": "per site dataset, DP-SGD (example-level), lifetime total from the site ledger",
+                    "client_level_epsilon": "per run, DP-FedAvg (site-level)",
+                },
+            },
         }
 
     def run_round(self, server_round: int) -> RoundResult:
@@ -262,25 +337,75 @@ class FederatedRun:
         if self.book is not None:
             self.book.nodes_seen(nodes)
             self.book.round_started(server_round, cohort)
-        if self.cfg.secagg:
-            mean_update, outcomes, participants, secagg_info = self._secure_round(
-                server_round, cohort
+        agg = (
+            self._secure_round(server_round, cohort)
+            if self.cfg.secagg
+            else self._plain_round(server_round, cohort)
+        )
+        self._require_min(server_round, len(agg.contributors), len(cohort))
+        client_epsilon = None
+        if self.client_accountant is not None:
+            central = noise_aggregate(
+                [agg.total],
+                len(agg.contributors),
+                noise_multiplier=self.cfg.noise_multiplier,
+                clip_norm=self.cfg.clip_norm,
+                rng=secure_generator(),
+                sample_rate=self.cfg.client_sample_rate,
             )
+            mean_update = np.asarray(central.mean[0], dtype=np.float32)
+            self.client_accountant.record(central.event)
+            client_epsilon = self.client_accountant.epsilon(self.cfg.delta)
+            if self.book is not None:
+                self.book.record.record_privacy(
+                    self.run_id,
+                    server_round,
+                    level="client",
+                    epsilon=client_epsilon,
+                    delta=self.cfg.delta,
+                    noise_multiplier=self.cfg.noise_multiplier,
+                    sample_rate=self.cfg.client_sample_rate,
+                    steps=1,
+                    accountant=self.cfg.accountant,
+                )
+                self._event(
+                    "central_dp_applied",
+                    {
+                        "round": server_round,
+                        "contributors": len(agg.contributors),
+                        "noise_std": central.noise_std,
+                        "sampling": self.cfg.client_sampling,
+                    },
+                )
         else:
-            mean_update, outcomes, participants = self._plain_round(server_round, cohort)
-            secagg_info = None
+            mean_update = (agg.total / agg.weight).astype(np.float32)
+        for site in agg.outcomes:
+            if site.accepted and site.record_level_epsilon is not None and self.book is not None:
+                self.book.record.record_privacy(
+                    self.run_id,
+                    server_round,
+                    level="record",
+                    epsilon=site.record_level_epsilon,
+                    delta=self.cfg.site_delta,
+                    noise_multiplier=site.noise_multiplier or 0.0,
+                    sample_rate=site.sample_rate or 1.0,
+                    steps=site.steps or 1,
+                    accountant=self.cfg.accountant,
+                    node_id=site.node_id,
+                )
         self.global_vector = self.global_vector + mean_update
         loss, accuracy, how = self.evaluate(server_round)
         return RoundResult(
             round=server_round,
             accuracy=accuracy,
             loss=loss,
-            participants=participants,
+            participants=len(agg.contributors),
             sampled=len(cohort),
             seconds=time.perf_counter() - start,
-            sites=tuple(outcomes),
+            sites=tuple(agg.outcomes),
             evaluation=how,
-            secagg=secagg_info,
+            secagg=agg.secagg,
+            client_level_epsilon=client_epsilon,
         )
 
     def _event(self, kind: str, payload: dict[str, Any]) -> None:
@@ -294,9 +419,7 @@ class FederatedRun:
                 f"site(s); the run needs at least {self.cfg.min_sites}. The global model is unchanged."
             )
 
-    def _plain_round(
-        self, server_round: int, cohort: list[int]
-    ) -> tuple[np.ndarray, list[SiteOutcome], int]:
+    def _plain_round(self, server_round: int, cohort: list[int]) -> Aggregate:
         outcomes: list[SiteOutcome] = []
         updates: list[SiteUpdate] = []
         replies = (
@@ -309,22 +432,41 @@ class FederatedRun:
             if reply is None:
                 outcomes.append(SiteOutcome(node_id, False, "no reply before the round timeout"))
                 continue
+            if (reason := refusal_reason(reply)) is not None:
+                outcomes.append(SiteOutcome(node_id, False, reason, refused=True))
+                self._event(
+                    "site_refused",
+                    {"round": server_round, "node_id": str(node_id), "reason": reason},
+                )
+                continue
             try:
                 u = parse_train_reply(reply, self.spec.size)
             except FedsealError as exc:
                 outcomes.append(SiteOutcome(node_id, False, str(exc)))
+                self._event(
+                    "update_rejected",
+                    {"round": server_round, "node_id": str(node_id), "reason": str(exc)},
+                )
                 log.warning(
                     "round %d: update from node %d rejected: %s", server_round, node_id, exc
                 )
                 continue
             updates.append(u)
-            outcomes.append(SiteOutcome(node_id, True, "", u.num_examples, u.train_seconds))
-        self._require_min(server_round, len(updates), len(cohort))
-        return fedavg(updates), outcomes, len(updates)
+            outcomes.append(site_outcome(node_id, u.metrics))
+        contributors = [u.node_id for u in updates]
+        if not updates:
+            return Aggregate(np.zeros(self.spec.size), 1.0, contributors, outcomes)
+        total = np.zeros(self.spec.size, dtype=np.float64)
+        if self.cfg.central_dp:
+            # Sensitivity C needs every update clipped: the server re-clips what it can see.
+            for u in updates:
+                total += clip_l2(u.update, self.cfg.clip_norm)[0]
+            return Aggregate(total, float(len(updates)), contributors, outcomes)
+        for u in updates:
+            total += u.num_examples * u.update.astype(np.float64)
+        return Aggregate(total, float(sum(u.num_examples for u in updates)), contributors, outcomes)
 
-    def _secure_round(
-        self, server_round: int, cohort: list[int]
-    ) -> tuple[np.ndarray, list[SiteOutcome], int, dict[str, int]]:
+    def _secure_round(self, server_round: int, cohort: list[int]) -> Aggregate:
         from server.secure import SecureRound
 
         if len(cohort) < 2:
@@ -359,7 +501,7 @@ class FederatedRun:
         )
         try:
             outcome = secure.run()
-        except ProtocolAbort as exc:
+        except FedsealError as exc:  # abort, or a failed integrity check while unmasking
             self._event(
                 "secagg_outcome",
                 {
@@ -383,34 +525,31 @@ class FederatedRun:
                 "rejected": _str_keys(outcome.rejected),
             },
         )
+        for node_id, reason in outcome.refused.items():
+            self._event(
+                "site_refused", {"round": server_round, "node_id": str(node_id), "reason": reason}
+            )
         contributors = set(result.contributors)
         outcomes = []
         for node_id in cohort:
-            m = outcome.site_metrics.get(node_id, {})
             if node_id in contributors:
-                outcomes.append(
-                    SiteOutcome(
-                        node_id,
-                        True,
-                        "",
-                        int(m.get("num-examples", 0)),
-                        float(m.get("train-seconds", 0.0)),
-                    )
-                )
+                outcomes.append(site_outcome(node_id, outcome.site_metrics.get(node_id, {})))
+            elif node_id in outcome.refused:
+                outcomes.append(SiteOutcome(node_id, False, outcome.refused[node_id], refused=True))
             else:
                 why = outcome.rejected.get(node_id) or (
                     "dropped out (injected)" if node_id in outcome.injected_drops else "dropped out"
                 )
                 outcomes.append(SiteOutcome(node_id, False, why))
-        self._require_min(server_round, len(contributors), len(cohort))
-        mean = (result.sum / len(contributors)).astype(np.float32)
         info = {
             "participants": result.participants,
             "dropouts": len(result.dropped),
             "threshold": result.threshold,
             "neighbours": result.neighbours,
         }
-        return mean, outcomes, len(contributors), info
+        return Aggregate(
+            result.sum, float(max(len(contributors), 1)), list(result.contributors), outcomes, info
+        )
 
     def _exchange(
         self, cohort: list[int], message_type: str, server_round: int, *, with_model: bool

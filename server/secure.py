@@ -27,6 +27,7 @@ from common.records import (
     ACTION_SECAGG_UNMASK,
     KEY_ARRAYS,
     KEY_METRICS,
+    KEY_REFUSAL,
     KEY_SECAGG_CONFIG,
     KEY_SECAGG_MSG,
     bytes_to_record,
@@ -60,6 +61,7 @@ class SecureRoundOutcome:
     site_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)  # node -> why its reply was unusable
     injected_drops: tuple[int, ...] = ()
+    refused: dict[int, str] = field(default_factory=dict)  # node -> the site's own reason
 
 
 @dataclass(slots=True)
@@ -76,6 +78,7 @@ class SecureRound:
     global_arrays: Callable[[], Any]
     droppers: frozenset[int] = frozenset()
     rejected: dict[int, str] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def run(self) -> SecureRoundOutcome:
@@ -113,6 +116,9 @@ class SecureRound:
                 if reply is None:
                     self.rejected[node_id] = f"no reply at stage {STAGE_OF_ACTION[action]}"
                     continue
+                if first and (reason := refusal_reason(reply)) is not None:
+                    self.refused[node_id] = reason  # declined before sharing keys
+                    continue
                 try:
                     if reply.has_error():
                         raise ProtocolError(f"site error: {reply.error.reason}")
@@ -141,6 +147,18 @@ class SecureRound:
         return SecureRoundOutcome(
             result, metrics, dict(self.rejected), tuple(sorted(self.droppers))
         )
+
+
+def refusal_reason(reply: Message) -> str | None:
+    """The site's reason if ``reply`` declines the round (metrics ``refused`` = 1), else None."""
+    if reply.has_error():
+        return None
+    metrics = reply.content.metric_records.get(KEY_METRICS)
+    if metrics is None or metrics.get("refused") != 1:
+        return None
+    record = reply.content.config_records.get(KEY_REFUSAL)
+    reason = record.get("reason") if record is not None else None
+    return reason[:500] if isinstance(reason, str) and reason else "refused (no reason given)"
 
 
 def _metrics(reply: Message) -> dict[str, Any]:

@@ -49,6 +49,11 @@ class Sampling(StrEnum):
     poisson = "poisson"
 
 
+class Accountant(StrEnum):
+    prv = "prv"
+    rdp = "rdp"
+
+
 class DropStage(StrEnum):
     keys = "keys"
     shares = "shares"
@@ -112,6 +117,35 @@ def run_cmd(
     seed: Annotated[
         int, typer.Option(help="Seed for partitions, initial weights and sampling.")
     ] = _D.seed,
+    dp: Annotated[
+        bool, typer.Option("--dp/--no-dp", help="Record-level DP-SGD (Opacus) at every site.")
+    ] = _D.dp,
+    site_epsilon: Annotated[
+        float,
+        typer.Option(
+            help="Each site's record-level epsilon target over the run (and its ledger budget)."
+        ),
+    ] = _D.site_epsilon,
+    site_delta: Annotated[float, typer.Option(help="Record-level delta.")] = _D.site_delta,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="DP-SGD per-example gradient clip.")
+    ] = _D.max_grad_norm,
+    site_noise_multiplier: Annotated[
+        float, typer.Option(help="DP-SGD noise multiplier; 0 derives it from --site-epsilon.")
+    ] = _D.site_noise_multiplier,
+    accountant: Annotated[
+        Accountant, typer.Option(help="Privacy accountant (both levels).")
+    ] = Accountant.prv,
+    central_dp: Annotated[
+        bool,
+        typer.Option(
+            "--central-dp/--no-central-dp", help="Client-level DP-FedAvg noise at the server."
+        ),
+    ] = _D.central_dp,
+    noise_multiplier: Annotated[
+        float, typer.Option(help="DP-FedAvg noise multiplier z (std z*C).")
+    ] = _D.noise_multiplier,
+    delta: Annotated[float, typer.Option(help="Client-level delta.")] = _D.delta,
     secagg: Annotated[
         bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation (SecAgg+).")
     ] = _D.secagg,
@@ -166,6 +200,15 @@ def run_cmd(
             batch_size=batch_size,
             learning_rate=lr,
             seed=seed,
+            dp=dp,
+            site_epsilon=site_epsilon,
+            site_delta=site_delta,
+            max_grad_norm=max_grad_norm,
+            site_noise_multiplier=site_noise_multiplier,
+            accountant=accountant.value,
+            central_dp=central_dp,
+            noise_multiplier=noise_multiplier,
+            delta=delta,
             secagg=secagg,
             secagg_threshold=secagg_threshold,
             clip_norm=clip_norm,
@@ -216,15 +259,30 @@ def run_cmd(
         sys.stdout.flush()
         return
     table = Table(title=f"fedseal run {run_id}")
-    for col in ("round", "accuracy", "loss", "participants", "seconds"):
+    for col in (
+        "round",
+        "accuracy",
+        "loss",
+        "participants",
+        "max site ε",
+        "client ε",
+        "refused",
+        "seconds",
+    ):
         table.add_column(col, justify="right")
-    for r in results:
+    for r in doc["rounds"]:
+        site_eps = [
+            s["record_level_epsilon"] for s in r["sites"] if s["record_level_epsilon"] is not None
+        ]
         table.add_row(
-            str(r.round),
-            "n/a" if r.accuracy is None else f"{r.accuracy:.4f}",
-            "n/a" if r.loss is None else f"{r.loss:.4f}",
-            f"{r.participants}/{r.sampled}",
-            f"{r.seconds:.2f}",
+            str(r["round"]),
+            "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}",
+            "n/a" if r["loss"] is None else f"{r['loss']:.4f}",
+            f"{r['participants']}/{r['sampled']}",
+            f"{max(site_eps):.3f}" if site_eps else "-",
+            "-" if r["client_level_epsilon"] is None else f"{r['client_level_epsilon']:.3f}",
+            str(sum(1 for s in r["sites"] if s["refused"])),
+            f"{r['seconds']:.2f}",
         )
     Console().print(table)
     Console().print(f"run directory: {out} (record.db, result.json)")

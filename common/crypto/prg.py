@@ -22,10 +22,16 @@ purposes must use distinct seeds; :mod:`common.crypto.kdf` guarantees that.
 
 The keystream is written in place into a freshly ``calloc``-ed numpy buffer
 (``update_into``), so expansion runs at the cipher's own speed.
+:func:`add_masks_inplace` adds (or subtracts) many such streams to one
+vector without materialising any of them: it walks the vector in
+cache-sized chunks and, per chunk, advances every seed's cipher context
+into one reused scratch buffer; the result is word for word what adding the
+:func:`expand_seed` outputs gives, at the speed of an L2-resident keystream.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -44,6 +50,8 @@ RingArray: TypeAlias = npt.NDArray[np.unsignedinteger[Any]]
 """A numpy array of ring elements (uint32 or uint64 words)."""
 
 _ZERO_IV = bytes(16)
+CHUNK_WORDS = 1 << 15
+"""Words per chunk in :func:`add_masks_inplace` (128 KiB of uint32: stays in L2)."""
 
 
 def ring_dtype(bits: int) -> np.dtype[Any]:
@@ -99,6 +107,72 @@ def expand_seed(seed: bytes, length: int, bits: int) -> RingArray:
     if bits not in (32, 64):
         np.bitwise_and(out, dtype.type((1 << bits) - 1), out=out)
     return out
+
+
+def add_masks_inplace(target: RingArray, masks: Sequence[tuple[bytes, int]], bits: int) -> None:
+    """Add ``sign * expand_seed(seed, len(target), bits)`` for every (seed, sign) to ``target``.
+
+    The sum is taken in Z_{2^bits} and written into ``target`` (in place,
+    the only mutation); afterwards every word of ``target`` lies in
+    ``[0, 2^bits)``. The result equals adding the :func:`expand_seed` outputs
+    one by one, without allocating them: each seed's ChaCha20 stream is
+    produced chunk by chunk into one reused, cache-resident buffer.
+
+    Parameters
+    ----------
+    target : numpy.ndarray
+        1-D, C-contiguous, writeable array of ``ring_dtype(bits)``.
+    masks : sequence of (bytes, int)
+        Pairs of a 32-byte seed (secret, one stream per seed, as for
+        :func:`expand_seed`) and a sign, ``+1`` (add) or ``-1`` (subtract).
+    bits : int
+        Ring size exponent, 1 <= bits <= 64.
+
+    Raises
+    ------
+    ConfigurationError
+        On a target of the wrong type, shape, dtype or layout, a seed that is
+        not 32 bytes, a sign other than +-1, or a length beyond the keystream
+        limit; nothing is written then.
+    """
+    dtype = ring_dtype(bits)
+    if (
+        not isinstance(target, np.ndarray)
+        or target.ndim != 1
+        or target.dtype != dtype
+        or not target.flags.c_contiguous
+        or not target.flags.writeable
+    ):
+        raise ConfigurationError(f"target must be a writeable 1-D contiguous {dtype} array")
+    length = int(target.shape[0])
+    if length * dtype.itemsize > MAX_KEYSTREAM_BYTES:
+        raise ConfigurationError("mask longer than the keystream limit of one seed")
+    for seed, sign in masks:
+        _check_seed(seed)
+        if type(sign) is not int or sign not in (1, -1):
+            raise ConfigurationError(f"a mask sign must be +1 or -1, got {sign!r}")
+    if length and masks:
+        streams = [
+            (Cipher(algorithms.ChaCha20(seed, _ZERO_IV), mode=None).encryptor(), sign)
+            for seed, sign in masks
+        ]
+        chunk = min(length, CHUNK_WORDS)
+        zeros = memoryview(bytes(chunk * dtype.itemsize))
+        scratch = np.empty(chunk, dtype=dtype)
+        scratch_bytes = scratch.data.cast("B")
+        for start in range(0, length, chunk):
+            count = min(chunk, length - start)
+            nbytes = count * dtype.itemsize
+            part = target[start : start + count]
+            words = scratch[:count]
+            for encryptor, sign in streams:
+                encryptor.update_into(zeros[:nbytes], scratch_bytes[:nbytes])
+                if sign > 0:
+                    np.add(part, words, out=part)
+                else:
+                    np.subtract(part, words, out=part)
+    if bits not in (32, 64):
+        np.bitwise_and(target, dtype.type((1 << bits) - 1), out=target)
 
 
 def _check_seed(seed: bytes) -> None:

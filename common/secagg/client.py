@@ -46,7 +46,7 @@ from common.crypto.keys import (
     key_pair_from_private_bytes,
     private_bytes,
 )
-from common.crypto.prg import SEED_SIZE, RingArray, expand_seed
+from common.crypto.prg import SEED_SIZE, RingArray, add_masks_inplace, expand_seed
 from common.crypto.shamir import VALUE_SIZE, decode_value, encode_value, split_secret
 from common.errors import (
     ConfigurationError,
@@ -97,11 +97,11 @@ def share_encryption_key(
     )
 
 
-def pairwise_mask(
+def pairwise_mask_seed(
     private: KeyPair, peer_public: bytes, config: SecAggConfig, node_a: int, node_b: int
-) -> RingArray:
-    """The mask two neighbours share: PRG(HKDF(X25519, pairwise label)) in Z_{2^b}^d."""
-    seed = derive_pair_key(
+) -> bytes:
+    """The PRG seed of the mask two neighbours share: HKDF(X25519, pairwise label)."""
+    return derive_pair_key(
         agree(private.private_key, peer_public),
         LABEL_PAIRWISE_MASK,
         run_id=config.run_id,
@@ -109,15 +109,26 @@ def pairwise_mask(
         node_a=node_a,
         node_b=node_b,
     )
+
+
+def pairwise_mask(
+    private: KeyPair, peer_public: bytes, config: SecAggConfig, node_a: int, node_b: int
+) -> RingArray:
+    """The mask two neighbours share: PRG(HKDF(X25519, pairwise label)) in Z_{2^b}^d."""
+    seed = pairwise_mask_seed(private, peer_public, config, node_a, node_b)
     return expand_seed(seed, config.vector_length, config.bits)
+
+
+def self_mask_seed(seed: bytes, config: SecAggConfig, node_id: int) -> bytes:
+    """The PRG seed of a node's own mask: HKDF(b, self-mask label, run, round, node)."""
+    return derive_node_key(
+        seed, LABEL_SELF_MASK, run_id=config.run_id, round=config.round, node_id=node_id
+    )
 
 
 def self_mask(seed: bytes, config: SecAggConfig, node_id: int) -> RingArray:
     """A node's own mask: PRG(HKDF(b, self-mask label, run, round, node)) in Z_{2^b}^d."""
-    key = derive_node_key(
-        seed, LABEL_SELF_MASK, run_id=config.run_id, round=config.round, node_id=node_id
-    )
-    return expand_seed(key, config.vector_length, config.bits)
+    return expand_seed(self_mask_seed(seed, config, node_id), config.vector_length, config.bits)
 
 
 def share_associated_data(config: SecAggConfig, sender: int, receiver: int) -> bytes:
@@ -356,17 +367,14 @@ class SecAggClient:
                 decode_value(plaintext[:VALUE_SIZE]),
                 decode_value(plaintext[VALUE_SIZE:]),
             )
-        np.add(masked, self_mask(self._seed, config, self._node_id), out=masked)
+        # q + PRG(b) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv), streamed in one pass.
+        masks = [(self_mask_seed(self._seed, config, self._node_id), 1)]
         for node in senders:
-            mask = pairwise_mask(
+            seed = pairwise_mask_seed(
                 self._mask, self._peers[node].mask_key, config, self._node_id, node
             )
-            if self._node_id < node:
-                np.add(masked, mask, out=masked)
-            else:
-                np.subtract(masked, mask, out=masked)
-        if config.bits not in (32, 64):
-            np.bitwise_and(masked, config.dtype.type((1 << config.bits) - 1), out=masked)
+            masks.append((seed, 1 if self._node_id < node else -1))
+        add_masks_inplace(masked, masks, config.bits)  # ``masked`` is this call's own array
         self._held = held
         self._encryption = self._mask = None
         self._seed = None

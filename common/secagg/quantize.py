@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from common.crypto.prg import RingArray
+from common.crypto.prg import CHUNK_WORDS, RingArray
 from common.errors import DataError
 from common.secagg.params import SecAggConfig
 
@@ -43,6 +43,21 @@ def error_bound(config: SecAggConfig, count: int) -> float:
     """The per-coordinate bound on ``|dequantize_sum(S) - sum x|`` for ``count`` inputs."""
     unit = 2.0**-53
     return count * (1.0 + unit) / config.scale + 3.0 * count * unit * config.value_bound
+
+
+def _check_array(x: object, config: SecAggConfig) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiu" or x.dtype == np.bool_:
+        raise DataError("a secure-aggregation input must be a real numpy array")
+    if x.shape != (config.vector_length,):
+        raise DataError(f"input shape {x.shape} != ({config.vector_length},)")
+    return x
+
+
+def _out_of_bound(bound: float) -> DataError:
+    return DataError(
+        f"input has entries that are not finite or exceed the bound {bound}; "
+        "clip before secure aggregation"
+    )
 
 
 def check_input(x: object, config: SecAggConfig) -> npt.NDArray[np.float64]:
@@ -54,21 +69,19 @@ def check_input(x: object, config: SecAggConfig) -> npt.NDArray[np.float64]:
         If ``x`` is not a 1-D real array of length ``vector_length`` whose
         entries are finite with ``|x_j| <= value_bound``.
     """
-    if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiu" or x.dtype == np.bool_:
-        raise DataError("a secure-aggregation input must be a real numpy array")
-    if x.shape != (config.vector_length,):
-        raise DataError(f"input shape {x.shape} != ({config.vector_length},)")
-    values = np.asarray(x, dtype=np.float64)
+    values = np.asarray(_check_array(x, config), dtype=np.float64)
     if not np.all(np.abs(values) <= config.value_bound):  # False for NaN too
-        raise DataError(
-            f"input has entries that are not finite or exceed the bound {config.value_bound}; "
-            "clip before secure aggregation"
-        )
+        raise _out_of_bound(config.value_bound)
     return values
 
 
 def quantize(x: object, config: SecAggConfig, rng: np.random.Generator) -> RingArray:
     """Stochastically round ``x * scale`` and embed it into Z_{2^b}.
+
+    The vector is processed in cache-sized chunks (converted to float64
+    chunk by chunk, so a float32 input needs no full float64 copy); the
+    coins are drawn in order, so the output is the same as rounding the whole
+    vector at once with ``rng.random(d) < frac``.
 
     Parameters
     ----------
@@ -77,7 +90,7 @@ def quantize(x: object, config: SecAggConfig, rng: np.random.Generator) -> RingA
     config : SecAggConfig
         The round's configuration (scale, bits).
     rng : numpy.random.Generator
-        Source of the rounding coins.
+        Source of the rounding coins; nothing is drawn from it if ``x`` is invalid.
 
     Returns
     -------
@@ -91,12 +104,36 @@ def quantize(x: object, config: SecAggConfig, rng: np.random.Generator) -> RingA
     """
     if not isinstance(rng, np.random.Generator):
         raise DataError("quantize needs a numpy Generator")
-    values = check_input(x, config)
-    scaled = values * config.scale
-    floor = np.floor(scaled)
-    rounded = floor.astype(np.int64)
-    rounded += rng.random(values.shape[0]) < (scaled - floor)
-    ring: RingArray = rounded.astype(config.dtype)
+    x = _check_array(x, config)
+    length = config.vector_length
+    chunk = max(1, min(length, CHUNK_WORDS))
+    scaled = np.empty(chunk, dtype=np.float64)
+    rounded = np.empty(chunk, dtype=np.float64)
+    coins = np.empty(chunk, dtype=np.float64)
+    up = np.empty(chunk, dtype=np.bool_)
+    bound = config.value_bound
+    for start in range(0, length, chunk):  # validate everything before drawing any coin
+        count = min(chunk, length - start)
+        part = scaled[:count]
+        np.copyto(part, x[start : start + count], casting="unsafe")
+        np.abs(part, out=part)
+        if not bool(np.all(part <= bound)):  # False for NaN too
+            raise _out_of_bound(config.value_bound)
+    ring: RingArray = np.empty(length, dtype=config.dtype)
+    # |q_j| <= M < 2^(b-1): a signed word of the ring's width holds q_j exactly, and
+    # its two's-complement bits are q_j mod 2^w, the value the ring word must hold.
+    signed = ring.view(np.int32 if config.dtype.itemsize == 4 else np.int64)
+    for start in range(0, length, chunk):
+        count = min(chunk, length - start)
+        y, fl, c, b = scaled[:count], rounded[:count], coins[:count], up[:count]
+        np.copyto(y, x[start : start + count], casting="unsafe")  # exact: widening to float64
+        np.multiply(y, config.scale, out=y)  # y = fl(x * s)
+        np.floor(y, out=fl)
+        np.subtract(y, fl, out=y)  # fractional part, exact
+        rng.random(out=c)
+        np.less(c, y, out=b)  # B ~ Bernoulli(frac)
+        np.add(fl, b, out=fl)  # floor(y) + B: an integer below 2^53, exact
+        np.copyto(signed[start : start + count], fl, casting="unsafe")
     if config.bits not in (32, 64):
         np.bitwise_and(ring, config.dtype.type((1 << config.bits) - 1), out=ring)
     return ring

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from common.crypto.keys import KeyPair, key_pair_from_private_bytes
-from common.crypto.prg import RingArray
+from common.crypto.prg import RingArray, add_masks_inplace
 from common.crypto.shamir import Share, combine_shares
 from common.errors import (
     ConfigurationError,
@@ -42,7 +42,7 @@ from common.errors import (
     ProtocolAbort,
     ProtocolError,
 )
-from common.secagg.client import pairwise_mask, self_mask
+from common.secagg.client import pairwise_mask_seed, self_mask_seed
 from common.secagg.graph import neighbour_graph
 from common.secagg.messages import (
     AdvertiseKeysReply,
@@ -386,9 +386,11 @@ class SecAggServer:
         if self._sum is None:
             raise ProtocolError("no masked inputs")
         total = self._sum
-        for u in sorted(self._live):
-            seed = combine_shares(seed_shares[u], threshold=t)
-            np.subtract(total, self_mask(seed, config, u), out=total)
+        # Reconstruct and check every secret before any mask is expanded.
+        masks: list[tuple[bytes, int]] = [
+            (self_mask_seed(combine_shares(seed_shares[u], threshold=t), config, u), -1)
+            for u in sorted(self._live)
+        ]
         for x in sorted(needed_keys):
             secret = combine_shares(key_shares[x], threshold=t)
             pair: KeyPair = key_pair_from_private_bytes(secret)
@@ -396,14 +398,10 @@ class SecAggServer:
                 raise IntegrityError("a reconstructed mask key does not match its public key")
             for u in sorted(self._live):
                 if x in self._masked_with[u]:
-                    mask = pairwise_mask(pair, self._keys[u].mask_key, config, x, u)
+                    seed = pairwise_mask_seed(pair, self._keys[u].mask_key, config, x, u)
                     # u added +mask if u < x, else -mask: remove it.
-                    if u < x:
-                        np.subtract(total, mask, out=total)
-                    else:
-                        np.add(total, mask, out=total)
-        if config.bits not in (32, 64):
-            np.bitwise_and(total, config.dtype.type((1 << config.bits) - 1), out=total)
+                    masks.append((seed, -1 if u < x else 1))
+        add_masks_inplace(total, masks, config.bits)  # the server's own running sum
         sum_float, sum_int = dequantize_sum(total, config)
         self._sum = None
         return AggregateResult(

@@ -1,0 +1,1 @@
+"""Test doubles shared by integration tests (an in-memory Flower Grid with fault hooks)."""
