@@ -24,6 +24,12 @@ app = typer.Typer(
     add_completion=False,
 )
 out = Console()
+
+from client.cli_ledger import ledger_app  # noqa: E402
+from policies.cli import policy_app  # noqa: E402
+
+app.add_typer(ledger_app, name="ledger", help="This site's privacy ledger.")
+app.add_typer(policy_app, name="policy", help="Check policy files.")
 # flower-supernode's exit code when the SuperLink does not know its public key.
 SUPERNODE_AUTH_REFUSED = 305
 
@@ -93,7 +99,7 @@ def start_cmd(
     check_reachable(superlink)
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    node_config = f'data-path="{data.resolve()}" label-column="{label_column}"'
+    node_config = f'data-path="{data.resolve()}" label-column="{label_column}" state-dir="{state_dir / "site"}"'
     argv = [
         flower_executable("flower-supernode"),
         "--superlink",

@@ -26,6 +26,15 @@ app = typer.Typer(
 out = Console()
 _D = RunConfig()
 
+# Sub-commands that live with their subject.
+from policies.cli import policy_app  # noqa: E402
+from server.cli_record import audit_app, keys_cmd, models_app  # noqa: E402
+
+app.add_typer(audit_app, name="audit", help="Verify or export the tamper-evident audit log.")
+app.add_typer(models_app, name="models", help="The model registry: list, show, export, tag.")
+app.add_typer(policy_app, name="policy", help="Check policy files.")
+app.command("keys", help="Create the coordinator's Ed25519 audit-signing key pair.")(keys_cmd)
+
 
 @app.command("certs")
 @one_line_errors
@@ -62,6 +71,16 @@ def start_cmd(
         ".fedseal-server"
     ),
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write result.json here.")] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            help="Central record: SQLAlchemy URL or SQLite path (default STATE_DIR/record.db)."
+        ),
+    ] = None,
+    keys: Annotated[
+        Path | None,
+        typer.Option(help="Audit-signing key directory (default STATE_DIR/keys, created)."),
+    ] = None,
     auth_keys: Annotated[
         Path | None,
         typer.Option(
@@ -84,13 +103,22 @@ def start_cmd(
         float, typer.Option(help="Seconds to wait for sites per round.")
     ] = _D.round_timeout_s,
     seed: Annotated[int, typer.Option(help="Seed for initial weights and sampling.")] = _D.seed,
+    dp: Annotated[bool, typer.Option("--dp/--no-dp", help="Record-level DP-SGD at every site.")] = _D.dp,
+    site_epsilon: Annotated[float, typer.Option(help="Sites' record-level epsilon target.")] = _D.site_epsilon,
+    secagg: Annotated[bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation.")] = _D.secagg,
+    central_dp: Annotated[
+        bool, typer.Option("--central-dp/--no-central-dp", help="Client-level DP-FedAvg noise.")
+    ] = _D.central_dp,
+    noise_multiplier: Annotated[float, typer.Option(help="DP-FedAvg noise multiplier.")] = _D.noise_multiplier,
+    clip_norm: Annotated[float, typer.Option(help="L2 bound on each site's update.")] = _D.clip_norm,
+    sampling: Annotated[str, typer.Option(help="fixed | poisson site sampling.")] = _D.sampling,
 ) -> None:
     """Start Flower's SuperLink and run the fedseal ServerApp on it until the run ends.
 
     TLS is on unless --insecure is given. Sites connect with `fedseal-client start`.
     """
     apply_safe_flower_env()
-    from server.app import KEY_OUT_DIR
+    from server.app import ServerSettings
     from server.deploy import LinkSettings, SuperLink, write_app_dir
 
     if certs is None and not insecure:
@@ -112,22 +140,34 @@ def start_cmd(
         learning_rate=lr,
         round_timeout_s=round_timeout,
         seed=seed,
+        dp=dp,
+        site_epsilon=site_epsilon,
+        secagg=secagg,
+        central_dp=central_dp,
+        noise_multiplier=noise_multiplier,
+        clip_norm=clip_norm,
+        sampling=sampling,
     )
-    keys = tuple(sorted(auth_keys.glob("*.pub"))) if auth_keys is not None else ()
-    if auth_keys is not None and not keys:
+    site_keys = tuple(sorted(auth_keys.glob("*.pub"))) if auth_keys is not None else ()
+    if auth_keys is not None and not site_keys:
         raise typer.BadParameter(f"no *.pub site keys in {auth_keys}")
     settings = LinkSettings(
         host=host,
         port=port,
         state_dir=state_dir.resolve(),
         certs=CertPaths.in_dir(certs) if certs is not None else None,
-        auth_keys=keys,
+        auth_keys=site_keys,
     )
     result_dir = (out_dir or state_dir / "runs").resolve()
     # SIGTERM unwinds like Ctrl-C, so the SuperLink (its own process group) is stopped too.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="fedseal-app-") as tmp:
-        app_dir = write_app_dir(Path(tmp), cfg, {KEY_OUT_DIR: str(result_dir)})
+        server_settings = ServerSettings(
+            db_url=_db_url(db, settings.state_dir),
+            key_dir=(keys or settings.state_dir / "keys").resolve(),
+            out_dir=result_dir,
+        )
+        app_dir = write_app_dir(Path(tmp), cfg, server_settings.to_flower())
         with SuperLink(settings) as link:
             out.print(
                 f"SuperLink listening on {host}:{port} ({'TLS' if certs else 'INSECURE'}); log: {link.log_path}"
@@ -146,6 +186,14 @@ def start_cmd(
             f"round {r['round']}: accuracy={r['accuracy']} loss={r['loss']} participants={r['participants']}"
         )
     out.print(f"results: {result}")
+
+
+def _db_url(db: str | None, state_dir: Path) -> str:
+    if db is None:
+        return f"sqlite:///{(state_dir / 'record.db').resolve()}"
+    if "://" in db:
+        return db
+    return f"sqlite:///{Path(db).resolve()}"
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
