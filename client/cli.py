@@ -166,3 +166,48 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+audit_app = typer.Typer(
+    help="Check the coordinator's audit history against what this site witnessed."
+)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("check")
+@one_line_errors
+def audit_check_cmd(
+    record: Annotated[
+        Path,
+        typer.Option(
+            help="The coordinator's export (`fedseal-server audit export --format jsonl`)."
+        ),
+    ],
+    public_key: Annotated[
+        Path, typer.Option(help="The coordinator's audit public key (audit.pub) this site trusts.")
+    ],
+    state_dir: Annotated[
+        Path, typer.Option(help="This site's state directory (holds witnessed-heads.jsonl).")
+    ] = Path(".fedseal-site") / "site",
+) -> None:
+    """Exit 0 if the exported history still contains every signed head this site received."""
+    from client.state import WITNESS_FILE
+    from client.witness import read_heads
+    from common.audit.export import parse_export
+    from common.audit.seal import load_public_key_pem
+    from common.audit.witness import check_witness
+
+    if not record.is_file():
+        raise ConfigurationError(f"export not found: {record}")
+    if not public_key.is_file():
+        raise ConfigurationError(f"public key not found: {public_key}")
+    heads = read_heads(state_dir / WITNESS_FILE)
+    if not heads:
+        raise ConfigurationError(f"no witnessed heads in {state_dir / WITNESS_FILE}")
+    export = parse_export(record.read_text(encoding="utf-8").splitlines())
+    report = check_witness(
+        heads, export.events, load_public_key_pem(public_key.read_bytes()), export.record_id
+    )
+    out.print(report.summary(), highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)

@@ -145,7 +145,7 @@ class SecureRound:
         result = server.receive_unmask(stage(ACTION_SECAGG_UNMASK, requests, UnmaskReply))
         metrics = {n: m for n, m in self.site_metrics.items() if n in set(result.contributors)}
         return SecureRoundOutcome(
-            result, metrics, dict(self.rejected), tuple(sorted(self.droppers))
+            result, metrics, dict(self.rejected), tuple(sorted(self.droppers)), dict(self.refused)
         )
 
 
