@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.agent import SiteContext, check_budget, compute_update, refusal
@@ -136,7 +135,7 @@ def handle_masked(msg: Message, context: Context, site_root: Path | None) -> Mes
     )
     local = compute_update(site, msg.content[KEY_ARRAYS])
     clipped, norm = clip_l2(local.update, site.cfg.clip_norm)
-    reply = client.collect_masked(request, clipped.astype(np.float64), secure_generator())
+    reply = client.collect_masked(request, clipped, secure_generator())
     _save(context, site.server_round, config, client, key)
     metrics = {"num-examples": local.num_examples, "update-norm": norm, **local.metrics}
     return _reply(msg, reply.encode(), metrics)

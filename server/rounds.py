@@ -127,6 +127,28 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
         time.sleep(NODE_WAIT_POLL_S)
 
 
+def exchange_messages(grid: Grid, messages: list[Message], timeout_s: float) -> list[Message]:
+    """Push ``messages`` and pull replies until all are in or ``timeout_s`` passes.
+
+    Like ``Grid.send_and_receive``, but polls with a short, growing interval
+    (5 ms up to 0.5 s) instead of a fixed 0.1 s: a secure round has four
+    exchanges, and a fixed sleep would be paid at each.
+    """
+    ids = [i for i in grid.push_messages(messages) if i]
+    pending, replies = set(ids), []
+    deadline = time.monotonic() + timeout_s
+    wait = 0.005
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(list(pending)))
+        for reply in got:
+            pending.discard(reply.metadata.reply_to_message_id)
+        replies.extend(got)
+        if pending:
+            time.sleep(wait)
+            wait = min(wait * 1.5, 0.5)
+    return replies
+
+
 def parse_train_reply(reply: Message, size: int) -> SiteUpdate:
     """Validate one site's train reply; DataError says why it is unusable."""
     node_id = reply.metadata.src_node_id
@@ -569,7 +591,7 @@ class FederatedRun:
             Message(content=content, dst_node_id=n, message_type=mtype, group_id=str(server_round))
             for n, (content, mtype) in outgoing.items()
         ]
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s)
+        replies = exchange_messages(self.grid, messages, self.cfg.round_timeout_s)
         by_node: dict[int, Message] = {}
         for r in replies:
             src = r.metadata.src_node_id

@@ -79,6 +79,11 @@ class ProgressObserver:
         pass
 
 
+from simulations.bench.cli import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench", help="Benchmarks against the named peers (ratios in one run).")
+
+
 @app.callback()
 def _root() -> None:
     """fedseal simulations: `run` a federation, `bench` the protocols."""

@@ -29,7 +29,9 @@ def odd_num_shares(clients: int) -> int:
     return k
 
 
-def make_apps(clients: int, params: int, rounds: int, round_times: dict[int, float]) -> tuple[Any, Any]:
+def make_apps(
+    clients: int, params: int, rounds: int, round_times: dict[int, float]
+) -> tuple[Any, Any]:
     """Build (ServerApp, ClientApp) for Flower's SecAgg+; per-round seconds land in ``round_times``."""
     from flwr.client import ClientApp, NumPyClient
     from flwr.client.mod import secaggplus_mod
@@ -63,9 +65,13 @@ def make_apps(clients: int, params: int, rounds: int, round_times: dict[int, flo
             min_available_clients=clients,
             initial_parameters=ndarrays_to_parameters([np.zeros(params, dtype=np.float32)]),
         )
-        lctx = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
+        lctx = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
+        )
         workflow = DefaultWorkflow(
-            fit_workflow=SecAggPlusWorkflow(num_shares=odd_num_shares(clients), reconstruction_threshold=0.6)
+            fit_workflow=SecAggPlusWorkflow(
+                num_shares=odd_num_shares(clients), reconstruction_threshold=0.6
+            )
         )
         workflow(grid, lctx)
 

@@ -125,6 +125,20 @@ def bench_primitives(
     return rows
 
 
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("params", "params", "{:,}"),
+    ("clients", "clients", "{}"),
+    ("k", "neighbours", "{}"),
+    ("keystream MB/s (ceiling)", "keystream_mb_s", "{:,.0f}"),
+    ("mask expand MB/s", "mask_expand_mb_s", "{:,.0f}"),
+    ("quantise ms", "quantize_ms", "{:.2f}"),
+    ("mask 1 input ms", "mask_client_ms", "{:.2f}"),
+    ("unmask/client ms", "unmask_per_client_ms", "{:.2f}"),
+    ("round s (serial)", "round_s", "{:.2f}"),
+)
+"""Table columns of :func:`bench_primitives` rows: (title, key, format)."""
+
+
 def main() -> None:
     """Print the benchmark as a rich table."""
     from rich.console import Console
@@ -132,21 +146,10 @@ def main() -> None:
 
     rows = bench_primitives()
     table = Table(title="fedseal secure-aggregation primitives (ChaCha20 PRG, uint32 ring)")
-    columns = [
-        ("params", "params", "{:,}"),
-        ("clients", "clients", "{}"),
-        ("k", "neighbours", "{}"),
-        ("keystream MB/s (ceiling)", "keystream_mb_s", "{:,.0f}"),
-        ("mask expand MB/s", "mask_expand_mb_s", "{:,.0f}"),
-        ("quantise ms", "quantize_ms", "{:.2f}"),
-        ("mask 1 input ms", "mask_client_ms", "{:.2f}"),
-        ("unmask/client ms", "unmask_per_client_ms", "{:.2f}"),
-        ("round s (serial)", "round_s", "{:.2f}"),
-    ]
-    for title, _, _ in columns:
+    for title, _, _ in COLUMNS:
         table.add_column(title, justify="right")
     for row in rows:
-        table.add_row(*(fmt.format(row[key]) for _, key, fmt in columns))
+        table.add_row(*(fmt.format(row[key]) for _, key, fmt in COLUMNS))
     Console().print(table)
 
 

@@ -1,0 +1,224 @@
+"""``fedseal-sim bench``: the benchmarks, side by side in one run.
+
+Commands
+--------
+``secagg``
+    Per-round time of plain FedAvg, fedseal's secure aggregation and Flower's
+    own SecAgg+ on the Simulation Engine (:mod:`simulations.bench.secagg`).
+``primitives``
+    The secure-aggregation primitives alone against the ChaCha20 keystream
+    ceiling (:mod:`simulations.bench.secagg_primitives`).
+``dp``
+    DP-SGD step time against non-private training
+    (:mod:`simulations.bench.dp_sgd`, loaded only when asked for).
+
+Tables go to stdout; with ``--json`` stdout carries exactly one JSON
+document and everything Ray and Flower print is sent to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.errors import FedsealError
+
+bench_app = typer.Typer(
+    name="bench",
+    help="Benchmarks: secure aggregation vs plain and vs Flower's SecAgg+, primitives, DP-SGD.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+
+def parse_counts(text: str, option: str) -> list[int]:
+    """Parse a comma-separated list of positive integers (``"10,50"``).
+
+    Raises
+    ------
+    typer.BadParameter
+        On an empty list, a non-integer or a value below 1.
+    """
+    values: list[int] = []
+    for part in text.split(","):
+        item = part.strip().replace("_", "")
+        if not item.isdigit() or int(item) < 1:
+            raise typer.BadParameter(
+                f"expected comma-separated positive integers, got {text!r}", param_hint=option
+            )
+        values.append(int(item))
+    return values
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _emit_json(doc: object) -> None:
+    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
+
+
+@bench_app.command("secagg")
+def secagg_cmd(
+    clients: Annotated[
+        str, typer.Option("--clients", help="Comma-separated numbers of sites.")
+    ] = "10,50",
+    params: Annotated[
+        str, typer.Option("--params", help="Comma-separated parameter-vector lengths.")
+    ] = "100000,1000000",
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds", min=2, help="Rounds per variant; the median is taken after the first."
+        ),
+    ] = 4,
+    flower: Annotated[
+        bool, typer.Option("--flower/--no-flower", help="Also time Flower's own SecAgg+.")
+    ] = True,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """Time a round of plain FedAvg, fedseal SecAgg+ and Flower's SecAgg+ (clients do no training)."""
+    from simulations.bench.secagg import BenchRow, run_bench
+    from simulations.engine import stdout_to_stderr
+
+    client_counts = parse_counts(clients, "--clients")
+    lengths = parse_counts(params, "--params")
+
+    def announce(row: BenchRow) -> None:
+        err.print(
+            f"[dim]{row.clients} clients x {row.params:,} params: plain {row.plain_s:.3f} s, "
+            f"fedseal {_fmt(row.fedseal_s, '.3f')} s, "
+            f"flower {_fmt(row.flower_secaggplus_s, '.3f')} s[/dim]"
+        )
+
+    try:
+        with stdout_to_stderr():
+            rows = run_bench(client_counts, lengths, rounds, include_flower=flower, on_row=announce)
+    except FedsealError as exc:
+        err.print(f"[red]benchmark failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    except RuntimeError as exc:  # Flower wraps ServerApp failures
+        err.print(f"[red]benchmark failed:[/red] {exc.__cause__ or exc}")
+        raise typer.Exit(1) from None
+    if json_out:
+        _emit_json({"rows": [row.to_json() for row in rows]})
+        return
+    table = Table(
+        title=f"Secure aggregation round time (median of rounds 2..{rounds}; clients do no training)"
+    )
+    for title in (
+        "clients",
+        "params",
+        "plain s",
+        "fedseal s",
+        "flower SecAgg+ s",
+        "fedseal / plain",
+        "flower / fedseal",
+    ):
+        table.add_column(title, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row.clients),
+            f"{row.params:,}",
+            f"{row.plain_s:.3f}",
+            _fmt(row.fedseal_s, ".3f"),
+            _fmt(row.flower_secaggplus_s, ".3f"),
+            _fmt(ratio(row.fedseal_s, row.plain_s), ".2f"),
+            _fmt(ratio(row.flower_secaggplus_s, row.fedseal_s), ".1f"),
+        )
+    Console().print(table)
+
+
+@bench_app.command("primitives")
+def primitives_cmd(
+    params: Annotated[
+        str, typer.Option("--params", help="Comma-separated vector lengths.")
+    ] = "100000,1000000",
+    clients: Annotated[
+        int, typer.Option("--clients", min=2, help="Clients in the in-memory round.")
+    ] = 50,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timings per median.")] = 5,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """Time mask expansion, quantisation, masking and unmasking against the keystream ceiling."""
+    from simulations.bench.secagg_primitives import COLUMNS, bench_primitives
+
+    rows = bench_primitives(parse_counts(params, "--params"), clients=clients, repeats=repeats)
+    if json_out:
+        _emit_json({"rows": rows})
+        return
+    table = Table(title="fedseal secure-aggregation primitives (ChaCha20 PRG, uint32 ring)")
+    for title, _, _ in COLUMNS:
+        table.add_column(title, justify="right")
+    table.add_column("expand / ceiling", justify="right")
+    for row in rows:
+        cells = [fmt.format(row[key]) for _, key, fmt in COLUMNS]
+        cells.append(_fmt(ratio(row["mask_expand_mb_s"], row["keystream_mb_s"]), ".0%"))
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def _load_dp_bench() -> Callable[..., Sequence[dict[str, Any]]]:
+    try:
+        from simulations.bench import dp_sgd
+    except ImportError as exc:
+        raise typer.BadParameter(f"the DP-SGD benchmark is not available: {exc}") from None
+    bench = getattr(dp_sgd, "bench_dp_sgd", None)
+    if not callable(bench):
+        raise typer.BadParameter(
+            "the DP-SGD benchmark is not available: simulations.bench.dp_sgd has no bench_dp_sgd"
+        )
+    return bench  # type: ignore[no-any-return]
+
+
+@bench_app.command("dp")
+def dp_cmd(
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per mode.")] = 30,
+    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 5,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """Time a DP-SGD (Opacus) step against a non-private one."""
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"expected cpu or cuda, got {device!r}", param_hint="--device")
+    bench = _load_dp_bench()
+    rows = list(bench(device, batch_size=batch_size, steps=steps, warmup=warmup))
+    if json_out:
+        _emit_json({"rows": rows})
+        return
+    table = Table(title=f"DP-SGD step time vs non-private ({device}, batch {batch_size})")
+    columns = ("model", "params", "mode", "step ms", "x non-private", "note")
+    for title in columns:
+        table.add_column(title, justify="right" if title in ("params", "step ms") else "left")
+    for row in rows:
+        table.add_row(
+            str(row.get("model", "")),
+            str(row.get("params", "")),
+            str(row.get("mode", "")),
+            _fmt(row.get("step_ms"), ".3f"),
+            _fmt(row.get("ratio_vs_non_private"), ".2f"),
+            str(row.get("error") or ""),
+        )
+    Console().print(table)

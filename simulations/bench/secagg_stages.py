@@ -1,0 +1,215 @@
+"""Where a secure round's time goes: each stage's CPU work, in one process, without Ray.
+
+The same code paths as a simulated round (:class:`server.secure.SecureRound`
+on the server, :mod:`client.secure`'s stage handlers on the sites) are driven
+through an in-process loopback instead of Flower's Simulation Engine: each
+message goes through one pickle round trip (what Ray does to a Message
+between the ServerApp and a ClientApp actor), then to the site's handler.
+A plain FedAvg round (:func:`client.app.handle_train`) is timed the same way.
+
+What is reported per stage: the server's work before the exchange (building
+requests), all sites' handler time (summed over sites: the CPU seconds the
+sites spend, which a 2-core Simulation Engine runs two at a time), the
+pickle time of requests and replies, and the server's work on the replies.
+What is *not* in these figures is the Simulation Engine's scheduling: Flower
+polls for new instructions and for replies every 0.1 s, which a real round
+pays once per exchange (a plain round has one exchange, a secure round four).
+"""
+
+from __future__ import annotations
+
+import pickle
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message, MessageType, RecordDict
+
+from common.config import RunConfig
+from common.records import (
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    config_to_record,
+    record_to_vector,
+    vector_to_record,
+)
+from simulations.bench.secagg import echo_config
+
+SERVER_NODE_ID = 1
+Handler = Callable[[Message, Context, Path | None], Message]
+
+
+@dataclass(slots=True)
+class StageTiming:
+    """Seconds spent in one exchange (one Grid round trip) of a round."""
+
+    action: str
+    server_before_s: float = 0.0
+    pickle_s: float = 0.0
+    sites_s: float = 0.0
+    site_max_s: float = 0.0
+    server_after_s: float = 0.0
+    request_bytes: int = 0
+    reply_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "server_before_s": self.server_before_s,
+            "pickle_s": self.pickle_s,
+            "sites_s": self.sites_s,
+            "site_max_s": self.site_max_s,
+            "server_after_s": self.server_after_s,
+            "request_mb": self.request_bytes / 1e6,
+            "reply_mb": self.reply_bytes / 1e6,
+        }
+
+
+@dataclass(slots=True)
+class Loopback:
+    """Delivers messages to in-process sites, timing every part of each exchange."""
+
+    handlers: Mapping[str, Handler]
+    contexts: dict[int, Context]
+    site_root: Path
+    stages: list[StageTiming] = field(default_factory=list)
+    _mark: float = 0.0
+
+    def start(self) -> None:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # Outside Flower's runtime a Message needs this process's task identity.
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+        self._mark = time.perf_counter()
+
+    def exchange(self, outgoing: Mapping[int, tuple[RecordDict, str]]) -> dict[int, Message]:
+        now = time.perf_counter()
+        action = next(iter(outgoing.values()))[1] if outgoing else "none"
+        stage = StageTiming(action, server_before_s=now - self._mark)
+        replies: dict[int, Message] = {}
+        for node_id, (content, message_type) in outgoing.items():
+            msg = Message(content=content, dst_node_id=node_id, message_type=message_type)
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            msg.metadata.__dict__["_src_node_id"] = SERVER_NODE_ID
+            t0 = time.perf_counter()
+            wire = pickle.dumps(msg, protocol=5)
+            delivered = pickle.loads(wire)
+            t1 = time.perf_counter()
+            reply = self.handlers[message_type](delivered, self.contexts[node_id], self.site_root)
+            t2 = time.perf_counter()
+            back = pickle.dumps(reply, protocol=5)
+            replies[node_id] = pickle.loads(back)
+            t3 = time.perf_counter()
+            stage.pickle_s += (t1 - t0) + (t3 - t2)
+            stage.sites_s += t2 - t1
+            stage.site_max_s = max(stage.site_max_s, t2 - t1)
+            stage.request_bytes += len(wire)
+            stage.reply_bytes += len(back)
+        self.stages.append(stage)
+        self._mark = time.perf_counter()
+        return replies
+
+    def finish(self) -> None:
+        if self.stages:
+            self.stages[-1].server_after_s = time.perf_counter() - self._mark
+
+
+def _contexts(cfg: RunConfig) -> dict[int, Context]:
+    return {
+        node_id: Context(
+            run_id=1,
+            node_id=node_id,
+            node_config={"partition-id": i, "num-partitions": cfg.num_sites},
+            state=RecordDict(),
+            run_config={},
+        )
+        for i, node_id in enumerate(range(100, 100 + cfg.num_sites))
+    }
+
+
+def _handlers() -> dict[str, Handler]:
+    from client import secure
+    from client.app import handle_train
+    from common.records import (
+        ACTION_SECAGG_KEYS,
+        ACTION_SECAGG_MASKED,
+        ACTION_SECAGG_SHARES,
+        ACTION_SECAGG_UNMASK,
+    )
+
+    train = str(MessageType.TRAIN)
+    return {
+        train: handle_train,
+        f"{train}.{ACTION_SECAGG_KEYS}": secure.handle_keys,
+        f"{train}.{ACTION_SECAGG_SHARES}": secure.handle_shares,
+        f"{train}.{ACTION_SECAGG_MASKED}": secure.handle_masked,
+        f"{train}.{ACTION_SECAGG_UNMASK}": secure.handle_unmask,
+    }
+
+
+def time_round_stages(
+    clients: int, params: int, *, secagg: bool, server_round: int = 1
+) -> tuple[float, list[StageTiming]]:
+    """One round in process; returns (total seconds, per-exchange timings)."""
+    from server.secure import SecureRound
+
+    cfg = echo_config(clients, params, 1, secagg=secagg)
+    global_vector = np.zeros(params, dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="fedseal-bench-") as root:
+        loop = Loopback(_handlers(), _contexts(cfg), Path(root))
+        cohort = sorted(loop.contexts)
+
+        def content() -> RecordDict:
+            return RecordDict({KEY_CONFIG: config_to_record(cfg, server_round)})
+
+        start = time.perf_counter()
+        loop.start()
+        if secagg:
+            train = str(MessageType.TRAIN)
+
+            def exchange(action: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+                return loop.exchange({n: (c, f"{train}.{action}") for n, c in contents.items()})
+
+            SecureRound(
+                cfg=cfg,
+                server_round=server_round,
+                run_number=1,
+                cohort=cohort,
+                vector_length=params,
+                exchange=exchange,
+                base_content=content,
+                global_arrays=lambda: vector_to_record(global_vector),
+            ).run()
+        else:
+            outgoing = {}
+            for node_id in cohort:
+                c = content()
+                c[KEY_ARRAYS] = vector_to_record(global_vector)
+                outgoing[node_id] = (c, str(MessageType.TRAIN))
+            replies = loop.exchange(outgoing)
+            total = np.zeros(params, dtype=np.float64)  # what the server's FedAvg does
+            for node_id in cohort:
+                total += record_to_vector(replies[node_id].content[KEY_ARRAYS], params)
+        loop.finish()
+        return time.perf_counter() - start, loop.stages
+
+
+def bench_stages(clients: int, params: int) -> dict[str, Any]:
+    """Plain vs secure round, in process, with a per-exchange breakdown (after one warm-up)."""
+    for secagg in (False, True):  # imports and caches outside the timed rounds
+        time_round_stages(min(clients, 3), min(params, 1000), secagg=secagg)
+    plain_s, plain = time_round_stages(clients, params, secagg=False)
+    secure_s, secure = time_round_stages(clients, params, secagg=True)
+    return {
+        "clients": clients,
+        "params": params,
+        "plain_s": plain_s,
+        "secure_s": secure_s,
+        "plain": [s.to_json() for s in plain],
+        "secure": [s.to_json() for s in secure],
+    }
