@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from client.training import TrainStats, make_loader, secret_seed, select_device,
 from client.witness import witness_head
 from common.config import RunConfig
 from common.dp import epsilon_for
+from common.energy import EnergyConfig, make_meter
 from common.errors import ConfigurationError, PrivacyBudgetExceeded
 from common.records import (
     KEY_AUDIT_HEAD,
@@ -157,6 +159,48 @@ def compute_update(site: SiteContext, arrays: object) -> LocalUpdate:
         )
     data = site.data()
     device = select_device(cfg.device)
+    meter = make_meter(energy_config(site, device))
+    meter.start()
+    try:
+        local = _train(site, data, model, spec, global_vec, device)
+    finally:
+        reading = meter.stop()
+        close = getattr(meter, "close", None)
+        if callable(close):
+            close()
+    local.metrics.update(
+        {
+            "energy-kwh": reading.kwh,
+            "co2eq-g": reading.co2eq_g,
+            "energy-estimated": int(reading.estimated),
+        }
+    )
+    return local
+
+
+def energy_config(site: SiteContext, device: torch.device) -> EnergyConfig:
+    """The site's energy settings: grid intensity and PUE from its node config, else defaults.
+
+    Node-config keys: ``grid-intensity-g-per-kwh`` and ``pue`` (no network
+    look-ups: a site with no internet states its own figures).
+    """
+    node = site.context.node_config
+    fields: dict[str, Any] = {"gpu_count": 0 if device.type == "cpu" else None}
+    for key, name in (("grid-intensity-g-per-kwh", "grid_intensity_g_per_kwh"), ("pue", "pue")):
+        if key in node:
+            fields[name] = float(node[key])
+    return EnergyConfig(**fields)
+
+
+def _train(
+    site: SiteContext,
+    data: SiteData,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    global_vec: np.ndarray,
+    device: torch.device,
+) -> LocalUpdate:
+    cfg = site.cfg
     if not cfg.dp:
         model.to(device)
         loader = make_loader(

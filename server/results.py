@@ -20,6 +20,9 @@ class SiteOutcome:
     noise_multiplier: float | None = None
     sample_rate: float | None = None
     steps: int | None = None
+    energy_kwh: float | None = None
+    co2eq_g: float | None = None
+    energy_estimated: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,7 @@ class RoundResult:
     evaluation: str = "central"  # "central" (server's held-out split) or "federated"
     secagg: dict[str, int] | None = None  # participants, dropouts, threshold, neighbours
     client_level_epsilon: float | None = None  # DP-FedAvg, run so far (None when off)
+    energy: dict[str, float | bool] | None = None  # kwh, co2eq_g, estimated (sum over sites)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

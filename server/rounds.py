@@ -191,7 +191,26 @@ def site_outcome(node_id: int, metrics: Mapping[str, Any]) -> SiteOutcome:
         noise_multiplier=num("noise-multiplier"),
         sample_rate=num("sample-rate"),
         steps=steps if isinstance(steps, int) and not isinstance(steps, bool) else None,
+        energy_kwh=num("energy-kwh"),
+        co2eq_g=num("co2eq-g"),
+        energy_estimated=None
+        if "energy-estimated" not in metrics
+        else bool(metrics["energy-estimated"]),
     )
+
+
+def round_energy(
+    sites: tuple[SiteOutcome, ...] | list[SiteOutcome],
+) -> dict[str, float | bool] | None:
+    """Energy of a round: the sum over the sites that reported it; estimated if any part is."""
+    reported = [s for s in sites if s.energy_kwh is not None]
+    if not reported:
+        return None
+    return {
+        "kwh": sum(s.energy_kwh or 0.0 for s in reported),
+        "co2eq_g": sum(s.co2eq_g or 0.0 for s in reported),
+        "estimated": any(bool(s.energy_estimated) for s in reported),
+    }
 
 
 class FederatedRun:
@@ -317,7 +336,7 @@ class FederatedRun:
                 default=None,
             ),
             client_level_epsilon=result.client_level_epsilon,
-            energy_kwh=None,
+            energy_kwh=book.record.energy_total_kwh(self.run_id),
         )
         book.seal()
 
@@ -402,6 +421,15 @@ class FederatedRun:
         else:
             mean_update = (agg.total / agg.weight).astype(np.float32)
         for site in agg.outcomes:
+            if site.accepted and site.energy_kwh is not None and self.book is not None:
+                self.book.record.record_energy(
+                    self.run_id,
+                    server_round,
+                    site.node_id,
+                    site.energy_kwh,
+                    site.co2eq_g or 0.0,
+                    bool(site.energy_estimated),
+                )
             if site.accepted and site.record_level_epsilon is not None and self.book is not None:
                 self.book.record.record_privacy(
                     self.run_id,
@@ -428,6 +456,7 @@ class FederatedRun:
             evaluation=how,
             secagg=agg.secagg,
             client_level_epsilon=client_epsilon,
+            energy=round_energy(agg.outcomes),
         )
 
     def _event(self, kind: str, payload: dict[str, Any]) -> None:
