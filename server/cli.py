@@ -103,14 +103,24 @@ def start_cmd(
         float, typer.Option(help="Seconds to wait for sites per round.")
     ] = _D.round_timeout_s,
     seed: Annotated[int, typer.Option(help="Seed for initial weights and sampling.")] = _D.seed,
-    dp: Annotated[bool, typer.Option("--dp/--no-dp", help="Record-level DP-SGD at every site.")] = _D.dp,
-    site_epsilon: Annotated[float, typer.Option(help="Sites' record-level epsilon target.")] = _D.site_epsilon,
-    secagg: Annotated[bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation.")] = _D.secagg,
+    dp: Annotated[
+        bool, typer.Option("--dp/--no-dp", help="Record-level DP-SGD at every site.")
+    ] = _D.dp,
+    site_epsilon: Annotated[
+        float, typer.Option(help="Sites' record-level epsilon target.")
+    ] = _D.site_epsilon,
+    secagg: Annotated[
+        bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation.")
+    ] = _D.secagg,
     central_dp: Annotated[
         bool, typer.Option("--central-dp/--no-central-dp", help="Client-level DP-FedAvg noise.")
     ] = _D.central_dp,
-    noise_multiplier: Annotated[float, typer.Option(help="DP-FedAvg noise multiplier.")] = _D.noise_multiplier,
-    clip_norm: Annotated[float, typer.Option(help="L2 bound on each site's update.")] = _D.clip_norm,
+    noise_multiplier: Annotated[
+        float, typer.Option(help="DP-FedAvg noise multiplier.")
+    ] = _D.noise_multiplier,
+    clip_norm: Annotated[
+        float, typer.Option(help="L2 bound on each site's update.")
+    ] = _D.clip_norm,
     sampling: Annotated[str, typer.Option(help="fixed | poisson site sampling.")] = _D.sampling,
 ) -> None:
     """Start Flower's SuperLink and run the fedseal ServerApp on it until the run ends.
@@ -186,6 +196,85 @@ def start_cmd(
             f"round {r['round']}: accuracy={r['accuracy']} loss={r['loss']} participants={r['participants']}"
         )
     out.print(f"results: {result}")
+
+
+@app.command("report")
+@one_line_errors
+def report_cmd(
+    run_id: Annotated[str, typer.Argument(help="The run to report on.")],
+    db: Annotated[str, typer.Option(help="Central record: SQLAlchemy URL or SQLite path.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory for the PNG plots and report.html.")
+    ],
+) -> None:
+    """Write PNG plots (accuracy, epsilon, kWh per round) and a self-contained HTML summary."""
+    from server.record import SqlRecord
+    from server.report import write_report
+
+    with SqlRecord(_db_url(db, Path.cwd()), create=False) as record:
+        paths = write_report(record, run_id, out_dir)
+    out.print(f"report written to {paths.html}")
+
+
+@app.command("resume")
+@one_line_errors
+def resume_cmd(
+    run_id: Annotated[
+        str, typer.Argument(help="The interrupted run's id (see `fedseal-server models list`).")
+    ],
+    certs: Annotated[
+        Path | None, typer.Option(help="Directory made by `fedseal-server certs`.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Run WITHOUT TLS (testing only).")
+    ] = False,
+    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="SuperLink port.")] = 9092,
+    state_dir: Annotated[Path, typer.Option(help="SuperLink state, logs and Flower home.")] = Path(
+        ".fedseal-server"
+    ),
+    db: Annotated[
+        str | None, typer.Option(help="Central record (default STATE_DIR/record.db).")
+    ] = None,
+    keys: Annotated[
+        Path | None, typer.Option(help="Audit key directory (default STATE_DIR/keys).")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write result.json here.")] = None,
+) -> None:
+    """Continue a run after the coordinator crashed: from its last model version, with its
+    privacy accountant restored from the record and the audit chain continued (`resumed`)."""
+    apply_safe_flower_env()
+    from server.app import ServerSettings
+    from server.deploy import LinkSettings, SuperLink, write_app_dir
+    from server.record import SqlRecord
+
+    if (certs is None) == (not insecure):
+        raise typer.BadParameter("give exactly one of --certs DIR or --insecure")
+    state = state_dir.resolve()
+    db_url = _db_url(db, state)
+    with SqlRecord(db_url, create=False) as record:
+        cfg = RunConfig(**record.get_run(run_id).config)
+    settings = LinkSettings(
+        host=host, port=port, state_dir=state, certs=CertPaths.in_dir(certs) if certs else None
+    )
+    result_dir = (out_dir or state / "runs").resolve()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    with tempfile.TemporaryDirectory(prefix="fedseal-app-") as tmp:
+        server_settings = ServerSettings(
+            db_url=db_url,
+            key_dir=(keys or state / "keys").resolve(),
+            out_dir=result_dir,
+            resume_run_id=run_id,
+        )
+        app_dir = write_app_dir(Path(tmp), cfg, server_settings.to_flower())
+        with SuperLink(settings) as link:
+            out.print(f"resuming run {run_id}; SuperLink on {host}:{port}")
+            code = link.run_app(app_dir)
+    if code != 0:
+        from common.errors import FedsealError
+
+        raise FedsealError(f"the resumed run did not complete (flwr exit code {code})")
+    out.print(f"run {run_id} completed; results in {result_dir}")
 
 
 def _db_url(db: str | None, state_dir: Path) -> str:

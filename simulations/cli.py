@@ -259,6 +259,7 @@ def run_cmd(
         raise typer.Exit(1) from None
 
     doc = json.loads((out / "result.json").read_text())
+    report_html = _write_report(out, run_id)
     if json_out:
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
@@ -290,7 +291,16 @@ def run_cmd(
             f"{r['seconds']:.2f}",
         )
     Console().print(table)
-    Console().print(f"run directory: {out} (record.db, result.json)")
+    Console().print(f"run directory: {out} (record.db, result.json); report: {report_html}")
+
+
+def _write_report(out: Path, run_id: str) -> Path:
+    """The run's PNG plots and HTML summary, from its record, into ``out/report``."""
+    from server.record import SqlRecord
+    from server.report import write_report
+
+    with SqlRecord(f"sqlite:///{(out / 'record.db').resolve()}", create=False) as record:
+        return write_report(record, run_id, out / "report").html
 
 
 def main() -> None:
