@@ -1,0 +1,77 @@
+"""Crash-resume: a simulation killed with SIGKILL mid-run resumes from the record."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from client.ledger import SiteLedger
+from server.record import SqlRecord
+
+ROUNDS = 4
+
+
+def _versions(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with SqlRecord(f"sqlite:///{db}", create=False) as record:
+            return len(record.list_versions())
+    except Exception:  # the run may be creating the schema right now
+        return 0
+
+
+def test_killed_simulation_resumes_without_counting_twice(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "simulations.cli", "run", "--clients", "3", "--rounds", str(ROUNDS),
+            "--site-epsilon", "8", "--out", str(out)]
+    proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _versions(out / "record.db") < 2:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no second model version in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the coordinator and its Ray workers, no clean-up
+        proc.wait()
+
+    with SqlRecord(f"sqlite:///{out / 'record.db'}", create=False) as record:
+        (run,) = record.list_runs()
+        assert run.status != "finished"
+        done_before = len(record.list_versions(run.run_id))
+    assert 2 <= done_before < ROUNDS
+
+    resumed = subprocess.run(
+        [*base, "--resume", run.run_id, "--json"], capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    doc = json.loads(resumed.stdout)
+    assert doc["run_id"] == run.run_id
+    assert [r["round"] for r in doc["rounds"]] == list(range(1, ROUNDS + 1))
+
+    with SqlRecord(f"sqlite:///{out / 'record.db'}", create=False) as record:
+        versions = record.list_versions(run.run_id)
+        assert [v.round for v in versions] == list(range(1, ROUNDS + 1))  # no round twice
+        kinds = [e.kind for e in record.events(run.run_id)]
+        assert "run_resumed" in kinds and kinds[-1] == "run_finished"
+        report = record.verify()
+        assert report.ok, report
+        energy_rounds = sorted({(e.round, e.node_id) for e in record.energy(run.run_id)})
+        assert len(energy_rounds) == len(record.energy(run.run_id))  # energy never counted twice
+
+    for site in sorted((out / "sites").iterdir()):
+        with SiteLedger(site / "ledger.db") as ledger:
+            rounds = [(e.run_id, e.round) for e in ledger.history()]
+        assert sorted(rounds) == [(run.run_id, r) for r in range(1, ROUNDS + 1)], site.name
+    verify = subprocess.run(
+        [str(Path(sys.executable).parent / "fedseal-server"), "audit", "verify", "--db", str(out / "record.db"),
+         "--public-key", str(out / "keys" / "audit.pub")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert verify.returncode == 0 and verify.stdout.startswith("OK:"), verify.stdout + verify.stderr
