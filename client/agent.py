@@ -19,19 +19,29 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from client.ledger import SiteLedger
 from client.privacy import SiteDpPlan, make_private, plan_site_dp, validate_model
 from client.site import SiteData, load_site_data
+from client.site_policy import (
+    SiteSetup,
+    budget_decision,
+    check_round,
+    decisions_record,
+    site_policy,
+)
 from client.state import LEDGER_FILE, WITNESS_FILE, site_dir
 from client.training import TrainStats, make_loader, secret_seed, select_device, train_local
 from client.witness import witness_head
+from common.audit.seal import SignedHead
 from common.config import RunConfig
 from common.dp import epsilon_for
 from common.energy import EnergyConfig, make_meter
 from common.errors import ConfigurationError, PrivacyBudgetExceeded
 from common.records import (
     KEY_AUDIT_HEAD,
+    KEY_COHORT_SIZE,
     KEY_CONFIG,
     KEY_METRICS,
     KEY_REFUSAL,
     KEY_RUN_ID,
+    KEY_SITE_DECISIONS,
     ModelSpec,
     record_to_config,
     record_to_vector,
@@ -39,6 +49,7 @@ from common.records import (
     vector_to_state_dict,
 )
 from common.task import TaskSpec, task_for
+from policies import Decision
 
 ECHO_UPDATE_VALUE = 1e-3
 
@@ -62,18 +73,26 @@ class SiteContext:
     context: Context
     directory: Path
     run_id: str
+    setup: SiteSetup
+    head: SignedHead | None
+    cohort_size: object = None  # plain rounds: how many sites the server invited
 
     @classmethod
-    def of(cls, msg: Message, context: Context, site_root: Path | None) -> SiteContext:
+    def of(cls, msg: Message, context: Context, setup: SiteSetup | Path | None) -> SiteContext:
         """Parse an instruction; keep the server's signed audit head it carries."""
+        if not isinstance(setup, SiteSetup):
+            setup = SiteSetup(root=setup)
         cfg, server_round, extra = record_to_config(msg.content[KEY_CONFIG])
-        directory = site_dir(context.node_config, context.node_id, site_root)
+        directory = site_dir(context.node_config, context.node_id, setup.root)
+        head = None
         if KEY_AUDIT_HEAD in extra:
-            witness_head(directory / WITNESS_FILE, extra[KEY_AUDIT_HEAD])
+            head = witness_head(directory / WITNESS_FILE, extra[KEY_AUDIT_HEAD])
         run_id = extra.get(KEY_RUN_ID)
         if not isinstance(run_id, str) or not run_id:
             raise ConfigurationError("instruction lacks the run id")
-        return cls(cfg, server_round, task_for(cfg), context, directory, run_id)
+        site = cls(cfg, server_round, task_for(cfg), context, directory, run_id, setup, head)
+        site.cohort_size = extra.get(KEY_COHORT_SIZE)
+        return site
 
     def data(self) -> SiteData:
         return load_site_data(self.cfg, self.task, self.context.node_config)
@@ -117,30 +136,58 @@ def _cached_plan(
     return plan_site_dp(epsilon, delta, size, batch, epochs, rounds, accountant, z)
 
 
-def site_budget(site: SiteContext) -> float:
-    """The site's lifetime record-level epsilon budget for this dataset."""
-    return site.cfg.site_epsilon
+def site_budget(site: SiteContext, dataset_id: str) -> tuple[float, float]:
+    """The site's lifetime record-level (epsilon budget, delta) for this dataset.
+
+    From the site's policy when it has one (the site's word, whatever the
+    server asks); otherwise the run's ``site_epsilon``/``site_delta``.
+    """
+    policy = site_policy(site)
+    if policy is not None:
+        return policy.privacy.budget_for(dataset_id)
+    return site.cfg.site_epsilon, site.cfg.site_delta
 
 
-def check_budget(site: SiteContext) -> str | None:
-    """Dry run before joining a round: the refusal reason if this round would exceed the budget."""
-    if not site.cfg.dp or site.cfg.workload == "echo":
-        return None
-    data = site.data()
-    plan = _dp_plan(site, len(data.y_train))
-    with SiteLedger(site.directory / LEDGER_FILE) as ledger:
-        history = [e.event for e in ledger.history(data.dataset_id)]
-        if any(
-            e.run_id == site.run_id and e.round == site.server_round
-            for e in ledger.history(data.dataset_id)
-        ):
-            return None  # already reserved (a resumed round): not counted again
-    spent = epsilon_for(history, site.cfg.site_delta, site.cfg.accountant)
-    would_be = epsilon_for([*history, plan.round_event()], site.cfg.site_delta, site.cfg.accountant)
-    budget = site_budget(site)
-    if would_be > budget:
-        return str(PrivacyBudgetExceeded(spent, budget, would_be))
-    return None
+def decide_participation(
+    site: SiteContext, cohort_size: int, secagg_threshold: int | None
+) -> tuple[str | None, ConfigRecord | None]:
+    """Before touching data: (refusal reason or None, the site-policy decisions record).
+
+    Checks the site's policy rules on the instruction and, with DP on, a dry run
+    of the ledger: the epsilon this round would bring the dataset to.
+    """
+    cfg = site.cfg
+    policy = site_policy(site)
+    decisions: list[Decision] = []
+    budget_reason = None
+    plan = None
+    if cfg.dp and cfg.workload != "echo":
+        data = site.data()
+        plan = _dp_plan(site, len(data.y_train))
+        budget, delta = site_budget(site, data.dataset_id)
+        with SiteLedger(site.directory / LEDGER_FILE) as ledger:
+            entries = ledger.history(data.dataset_id)
+        history = [e.event for e in entries]
+        redo = any(e.run_id == site.run_id and e.round == site.server_round for e in entries)
+        spent = epsilon_for(history, delta, cfg.accountant)
+        would_be = (
+            spent if redo else epsilon_for([*history, plan.round_event()], delta, cfg.accountant)
+        )
+        if would_be > budget:
+            budget_reason = str(PrivacyBudgetExceeded(spent, budget, would_be))
+        if policy is not None:
+            decisions.append(budget_decision(policy, data.dataset_id, spent, would_be))
+    if policy is not None:
+        decisions += check_round(
+            site,
+            policy,
+            cohort_size=cohort_size,
+            secagg_threshold=secagg_threshold,
+            noise_multiplier=plan.noise_multiplier if plan is not None else None,
+        )
+    denied = [str(d) for d in decisions if not d.allowed]
+    reason = "; ".join(denied) if denied else budget_reason
+    return reason, decisions_record(policy, decisions) if policy is not None else None
 
 
 def compute_update(site: SiteContext, arrays: object) -> LocalUpdate:
@@ -218,6 +265,7 @@ def _train(
         return LocalUpdate(update, len(data.y_train), _train_metrics(stats))
 
     plan = _dp_plan(site, len(data.y_train))
+    budget, budget_delta = site_budget(site, data.dataset_id)
     ledger = SiteLedger(site.directory / LEDGER_FILE)
     try:
         entry = ledger.reserve(
@@ -225,9 +273,9 @@ def _train(
             site.run_id,
             site.server_round,
             plan.round_event(),
-            cfg.site_delta,
+            budget_delta,
             cfg.accountant,
-            site_budget(site),
+            budget,
         )
         base = validate_model(model).to(device)
         if ModelSpec.of(base.state_dict()) != spec:
@@ -256,7 +304,7 @@ def _train(
         )
         update = state_dict_to_vector(base.state_dict()) - global_vec
         ledger.confirm(entry)
-        spent = ledger.spent(data.dataset_id, cfg.site_delta, cfg.accountant)
+        spent = ledger.spent(data.dataset_id, budget_delta, cfg.accountant)
     finally:
         ledger.close()
     metrics = _train_metrics(stats)
@@ -280,9 +328,11 @@ def _train_metrics(stats: TrainStats) -> dict[str, float | int]:
     }
 
 
-def refusal(msg: Message, reason: str) -> Message:
+def refusal(msg: Message, reason: str, decisions: ConfigRecord | None = None) -> Message:
     """A reply saying this site does not take part in the round, and why."""
     content = RecordDict(
         {KEY_METRICS: MetricRecord({"refused": 1}), KEY_REFUSAL: ConfigRecord({"reason": reason})}
     )
+    if decisions is not None:
+        content[KEY_SITE_DECISIONS] = decisions
     return Message(content=content, reply_to=msg)

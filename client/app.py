@@ -19,7 +19,8 @@ from pathlib import Path
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.agent import SiteContext, compute_update, load_global, refusal
+from client.agent import SiteContext, compute_update, decide_participation, load_global, refusal
+from client.site_policy import SiteSetup
 from client.training import select_device
 from common.dp import clip_l2
 from common.errors import PrivacyBudgetExceeded
@@ -31,27 +32,39 @@ from common.records import (
     ACTION_SECAGG_UNMASK,
     KEY_ARRAYS,
     KEY_METRICS,
+    KEY_SITE_DECISIONS,
     vector_to_record,
 )
+from policies import SitePolicies
 
 
-def handle_train(msg: Message, context: Context, site_root: Path | None = None) -> Message:
+def handle_train(
+    msg: Message, context: Context, site_root: SiteSetup | Path | None = None
+) -> Message:
     site = SiteContext.of(msg, context, site_root)
     cfg = site.cfg
+    cohort = site.cohort_size if isinstance(site.cohort_size, int) else 1
+    reason, decisions = decide_participation(site, cohort, None)
+    if reason is not None:
+        return refusal(msg, reason, decisions)
     try:
         local = compute_update(site, msg.content[KEY_ARRAYS])
     except PrivacyBudgetExceeded as exc:
-        return refusal(msg, str(exc))
+        return refusal(msg, str(exc), decisions)
     update, norm = local.update, None
     if cfg.clips_updates:
         update, norm = clip_l2(update, cfg.clip_norm)
     extra = {} if norm is None else {"update-norm": norm}
     metrics = MetricRecord({"num-examples": local.num_examples, **local.metrics, **extra})
     content = RecordDict({KEY_ARRAYS: vector_to_record(update), KEY_METRICS: metrics})
+    if decisions is not None:
+        content[KEY_SITE_DECISIONS] = decisions
     return Message(content=content, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, site_root: Path | None = None) -> Message:
+def handle_evaluate(
+    msg: Message, context: Context, site_root: SiteSetup | Path | None = None
+) -> Message:
     site = SiteContext.of(msg, context, site_root)
     cfg = site.cfg
     data = site.data()
@@ -63,21 +76,28 @@ def handle_evaluate(msg: Message, context: Context, site_root: Path | None = Non
 
 
 def _bind(
-    handler: Callable[[Message, Context, Path | None], Message], site_root: Path | None
+    handler: Callable[[Message, Context, SiteSetup], Message], setup: SiteSetup
 ) -> Callable[[Message, Context], Message]:
     def bound(msg: Message, context: Context) -> Message:
-        return handler(msg, context, site_root)
+        return handler(msg, context, setup)
 
     return bound
 
 
-def make_client_app(site_root: Path | None = None) -> ClientApp:
-    """Build the fedseal ClientApp; ``site_root`` holds simulated sites' state directories."""
+def make_client_app(
+    site_root: Path | None = None, site_policies: SitePolicies | None = None
+) -> ClientApp:
+    """Build the fedseal ClientApp.
+
+    ``site_root`` holds simulated sites' state directories and ``site_policies``
+    their policies; deployed sites configure both through their node config.
+    """
+    setup = SiteSetup(site_root, site_policies)
     client_app = ClientApp()
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, site_root)
+        return handle_train(msg, context, setup)
 
     from client import secure
 
@@ -87,11 +107,11 @@ def make_client_app(site_root: Path | None = None) -> ClientApp:
         (ACTION_SECAGG_MASKED, secure.handle_masked),
         (ACTION_SECAGG_UNMASK, secure.handle_unmask),
     ):
-        client_app.train(action)(_bind(handler, site_root))
+        client_app.train(action)(_bind(handler, setup))
 
     @client_app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, site_root)
+        return handle_evaluate(msg, context, setup)
 
     return client_app
 

@@ -73,6 +73,10 @@ def start_cmd(
         ".fedseal-site"
     ),
     max_retries: Annotated[int, typer.Option(help="Reconnection attempts (0 = forever).")] = 0,
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="This site's policy (TOML): budget, cohort, trusted server key..."),
+    ] = None,
 ) -> None:
     """Start a Flower SuperNode whose fedseal ClientApp trains on --data.
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.agent import SiteContext, check_budget, compute_update, refusal
+from client.agent import SiteContext, compute_update, decide_participation, refusal
+from client.site_policy import SiteSetup
 from client.state import state_key
 from common.dp import clip_l2
 from common.errors import ProtocolError
@@ -27,6 +28,7 @@ from common.records import (
     KEY_METRICS,
     KEY_SECAGG_CONFIG,
     KEY_SECAGG_MSG,
+    KEY_SITE_DECISIONS,
     MAX_SECAGG_CONFIG_BYTES,
     bytes_to_record,
     max_secagg_request_bytes,
@@ -74,7 +76,7 @@ def _reply(msg: Message, payload: bytes, metrics: dict[str, float | int] | None 
     return Message(content=content, reply_to=msg)
 
 
-def handle_keys(msg: Message, context: Context, site_root: Path | None) -> Message:
+def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
     """Stage 1: check the round's public configuration, make keys, advertise them."""
     site = SiteContext.of(msg, context, site_root)
     cfg, server_round = site.cfg, site.server_round
@@ -94,20 +96,23 @@ def handle_keys(msg: Message, context: Context, site_root: Path | None) -> Messa
             f"secure-aggregation vector length {config.vector_length} != model size {expected}"
         )
     _clear(context)  # a new round discards whatever an aborted one left
-    reason = check_budget(site)
+    reason, decisions = decide_participation(site, config.size, config.threshold)
     if reason is not None:
-        return refusal(msg, reason)
+        return refusal(msg, reason, decisions)
     request = AdvertiseKeysRequest.decode(
         record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
     )
     client = SecAggClient(context.node_id, config)
     reply = client.advertise_keys(request)
     _save(context, server_round, config, client, state_key(site.directory))
-    return _reply(msg, reply.encode())
+    answer = _reply(msg, reply.encode())
+    if decisions is not None:
+        answer.content[KEY_SITE_DECISIONS] = decisions
+    return answer
 
 
 def _resume(
-    msg: Message, context: Context, site_root: Path | None
+    msg: Message, context: Context, site_root: SiteSetup | Path | None
 ) -> tuple[SiteContext, SecAggConfig, SecAggClient, bytes]:
     site = SiteContext.of(msg, context, site_root)
     config, sealed = _load(context, site.server_round)
@@ -116,7 +121,7 @@ def _resume(
     return site, config, client, key
 
 
-def handle_shares(msg: Message, context: Context, site_root: Path | None) -> Message:
+def handle_shares(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
     """Stage 2: Shamir-share the mask key and self-mask seed among the neighbours."""
     site, config, client, key = _resume(msg, context, site_root)
     request = ShareKeysRequest.decode(
@@ -127,7 +132,7 @@ def handle_shares(msg: Message, context: Context, site_root: Path | None) -> Mes
     return _reply(msg, reply.encode())
 
 
-def handle_masked(msg: Message, context: Context, site_root: Path | None) -> Message:
+def handle_masked(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
     """Stage 3: train, clip the update to C, quantise and mask it."""
     site, config, client, key = _resume(msg, context, site_root)
     request = CollectMaskedRequest.decode(
@@ -141,7 +146,7 @@ def handle_masked(msg: Message, context: Context, site_root: Path | None) -> Mes
     return _reply(msg, reply.encode(), metrics)
 
 
-def handle_unmask(msg: Message, context: Context, site_root: Path | None) -> Message:
+def handle_unmask(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
     """Stage 4: reveal, per neighbour, the self-mask share (survivor) or key share (dropped)."""
     _, config, client, _ = _resume(msg, context, site_root)
     request = UnmaskRequest.decode(

@@ -29,6 +29,7 @@ KEY_ARRAYS = "arrays"
 KEY_CONFIG = "config"
 KEY_METRICS = "metrics"
 KEY_REFUSAL = "refusal"  # ConfigRecord {"reason": str} when a site declines a round
+KEY_SITE_DECISIONS = "site-decisions"  # ConfigRecord {"policy-hash", "decisions" (JSON)}
 # Array name inside the ArrayRecord.
 KEY_VECTOR = "vector"
 
@@ -146,6 +147,7 @@ def record_to_vector(record: object, expected_size: int, *, what: str = "vector"
 KEY_ROUND = "server-round"
 KEY_AUDIT_HEAD = "audit-head"  # the server's latest signed audit head (bytes)
 KEY_RUN_ID = "run-id"  # the run's id in the central record (str)
+KEY_COHORT_SIZE = "cohort-size"  # plain rounds: sites invited to this round (int)
 
 
 def config_to_record(
@@ -156,7 +158,7 @@ def config_to_record(
 
 
 def record_to_config(
-    record: object, extra_keys: tuple[str, ...] = (KEY_AUDIT_HEAD, KEY_RUN_ID)
+    record: object, extra_keys: tuple[str, ...] = (KEY_AUDIT_HEAD, KEY_RUN_ID, KEY_COHORT_SIZE)
 ) -> tuple[RunConfig, int, dict[str, object]]:
     """Parse an instruction's config record into (RunConfig, round, extra values).
 

@@ -11,7 +11,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import SERVER_ONLY_PREFIX, RunConfig
 from common.errors import ConfigurationError
+from policies import load_server_policy
 from server.book import RunBook, default_db_url, load_or_create_key
+from server.policy_gate import PolicyGate
 from server.record import SqlRecord
 from server.results import RoundObserver
 from server.rounds import FederatedRun
@@ -21,6 +23,7 @@ KEY_OUT_DIR = SERVER_ONLY_PREFIX + "out-dir"
 KEY_DB_URL = SERVER_ONLY_PREFIX + "db-url"
 KEY_KEY_DIR = SERVER_ONLY_PREFIX + "key-dir"
 KEY_RESUME = SERVER_ONLY_PREFIX + "resume-run"
+KEY_POLICY = SERVER_ONLY_PREFIX + "policy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +34,12 @@ class ServerSettings:
     key_dir: Path | None = None
     out_dir: Path | None = None
     resume_run_id: str | None = None
+    policy_path: Path | None = None
 
     def to_flower(self) -> dict[str, str]:
         out = {}
+        if self.policy_path:
+            out[KEY_POLICY] = str(self.policy_path)
         if self.db_url:
             out[KEY_DB_URL] = self.db_url
         if self.key_dir:
@@ -50,8 +56,9 @@ class ServerSettings:
             value = run_config.get(key)
             return value if isinstance(value, str) and value else None
 
-        key_dir, out_dir = text(KEY_KEY_DIR), text(KEY_OUT_DIR)
+        key_dir, out_dir, policy = text(KEY_KEY_DIR), text(KEY_OUT_DIR), text(KEY_POLICY)
         return cls(
+            policy_path=Path(policy) if policy else None,
             db_url=text(KEY_DB_URL),
             key_dir=Path(key_dir) if key_dir else None,
             out_dir=Path(out_dir) if out_dir else None,
@@ -102,6 +109,8 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
         chosen = settings if settings is not None else ServerSettings.from_flower(run_config)
+        # A broken policy file fails here, before anything is recorded (PolicyFileError names it).
+        policy = load_server_policy(chosen.policy_path) if chosen.policy_path else None
         run_cfg, book = open_run(cfg, chosen, run_config)
         try:
             FederatedRun(
@@ -111,6 +120,7 @@ def make_server_app(
                 chosen.out_dir,
                 book,
                 resume=chosen.resume_run_id is not None,
+                gate=PolicyGate(policy, book) if policy is not None else None,
             ).execute()
         finally:
             book.record.close()

@@ -81,6 +81,10 @@ def start_cmd(
         Path | None,
         typer.Option(help="Audit-signing key directory (default STATE_DIR/keys, created)."),
     ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="Coordinator policy (TOML); a run that violates it is refused."),
+    ] = None,
     auth_keys: Annotated[
         Path | None,
         typer.Option(
@@ -137,6 +141,10 @@ def start_cmd(
         )
     if certs is not None and insecure:
         raise typer.BadParameter("--certs and --insecure exclude each other")
+    if policy is not None:
+        from policies import load_server_policy
+
+        load_server_policy(policy)  # a broken file fails here, naming each bad field
     cfg = RunConfig(
         dataset=dataset,
         model=model,
@@ -176,6 +184,7 @@ def start_cmd(
             db_url=_db_url(db, settings.state_dir),
             key_dir=(keys or settings.state_dir / "keys").resolve(),
             out_dir=result_dir,
+            policy_path=policy.resolve() if policy is not None else None,
         )
         app_dir = write_app_dir(Path(tmp), cfg, server_settings.to_flower())
         with SuperLink(settings) as link:

@@ -241,12 +241,80 @@ def export_model_cmd(
     version: Annotated[int, typer.Argument(help="Version number.")],
     db: DbOption,
     out_file: Annotated[Path, typer.Option("--out", help="Where to write the model bytes.")],
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="Coordinator policy whose release gate (max epsilon, min metrics) applies."
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Export despite a release-gate denial (recorded in the audit log)."
+        ),
+    ] = False,
+    keys: Annotated[
+        Path | None, typer.Option(help="Audit key directory, to seal the recorded decision.")
+    ] = None,
 ) -> None:
-    """Write a version's model bytes after verifying their SHA-256 (refuses a mismatch)."""
+    """Write a version's model bytes after verifying their SHA-256 (refuses a mismatch).
+
+    With --policy, the release gate decides first; every decision is recorded
+    in the audit log, and a denial stops the export unless --force is given
+    (the override is recorded too).
+    """
+    from common.errors import PolicyViolation
+    from policies import check_release, load_server_policy, policy_hash
+
     with _open(db) as record:
         v = record.get_version(version)
+        if policy is not None:
+            gate = load_server_policy(policy)
+            decisions = check_release(
+                gate,
+                {"client_level": v.client_level_epsilon, "record_level": v.record_level_epsilon},
+                {k: float(x) for k, x in v.metrics.items() if isinstance(x, int | float)},
+            )
+            digest = policy_hash(gate)
+            for d in decisions:
+                record.append_event(
+                    v.run_id,
+                    "policy_decision",
+                    "operator",
+                    {
+                        "scope": "release",
+                        "version": version,
+                        "policy_hash": digest,
+                        **d.to_payload(),
+                    },
+                )
+            denied = [d for d in decisions if not d.allowed]
+            if denied and not force:
+                _seal_if_possible(record, keys)
+                raise PolicyViolation(denied)
+            if denied:
+                record.append_event(
+                    v.run_id,
+                    "release_override",
+                    "operator",
+                    {
+                        "version": version,
+                        "policy_hash": digest,
+                        "denials": [d.to_payload() for d in denied],
+                    },
+                )
+            _seal_if_possible(record, keys)
         record.export_version(version, out_file)
     out.print(f"wrote {out_file} (sha256 {v.sha256}, verified)")
+
+
+def _seal_if_possible(record: SqlRecord, keys: Path | None) -> None:
+    """Seal the new events with the coordinator's key when it is given (else verify reports them unsealed)."""
+    if keys is None:
+        return
+    from server.record import KeyPaths, load_private_key
+
+    record.seal(load_private_key(KeyPaths.in_dir(keys).private_key))
 
 
 @models_app.command("tag")

@@ -36,6 +36,7 @@ from common.evaluation import evaluate as evaluate_model
 from common.records import (
     KEY_ARRAYS,
     KEY_AUDIT_HEAD,
+    KEY_COHORT_SIZE,
     KEY_CONFIG,
     KEY_METRICS,
     KEY_RUN_ID,
@@ -50,8 +51,9 @@ from common.records import (
 from common.rng import secure_generator, seeded_generator
 from common.task import TaskSpec, task_for
 from server.book import RunBook
+from server.policy_gate import PolicyGate
 from server.results import NullObserver, RoundObserver, RoundResult, SiteOutcome
-from server.secure import refusal_reason
+from server.secure import refusal_reason, site_decisions
 
 log = logging.getLogger("flwr.fedseal.server")
 
@@ -224,6 +226,7 @@ class FederatedRun:
         out_dir: Path | None = None,
         book: RunBook | None = None,
         resume: bool = False,
+        gate: PolicyGate | None = None,
     ) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
@@ -242,6 +245,8 @@ class FederatedRun:
         )
         self.results: list[RoundResult] = []
         self.first_round = 1
+        self.gate = gate
+        self.stopped: str | None = None  # why a policy ended the run early
         self.client_accountant = (
             ClientLevelAccountant(cfg.client_sampling, cfg.client_sample_rate, cfg.accountant)
             if cfg.central_dp
@@ -259,7 +264,18 @@ class FederatedRun:
             "fedseal run %s: %d rounds, dataset %s", self.run_id, self.cfg.rounds, self.cfg.dataset
         )
         try:
+            if self.gate is not None:
+                self.gate.check_run(self.cfg)
             for server_round in range(self.first_round, self.cfg.rounds + 1):
+                if (denial := self._policy_stop(server_round)) is not None:
+                    self.stopped = f"{denial.rule}: {denial.reason}"
+                    log.info(
+                        "run %s stopped before round %d: %s",
+                        self.run_id,
+                        server_round,
+                        self.stopped,
+                    )
+                    break
                 result = self.run_round(server_round)
                 self.results.append(result)
                 self._book_round(result)
@@ -277,7 +293,9 @@ class FederatedRun:
                 self.book.finish("aborted", str(exc))
             raise
         if self.book is not None:
-            self.book.finish("finished")
+            self.book.finish(
+                "finished", None if self.stopped is None else f"stopped by policy: {self.stopped}"
+            )
         self.observer.on_finish(self.results)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,12 +304,26 @@ class FederatedRun:
             )
         return self.results
 
+    def _policy_stop(self, server_round: int) -> Any:
+        """The server policy's denial of the next round (client-level epsilon cap, energy), if any."""
+        if self.gate is None:
+            return None
+        eps_after = None
+        if self.client_accountant is not None:
+            event = self.client_accountant.event_for_round(self.cfg.noise_multiplier)
+            eps_after = self.client_accountant.epsilon_if(event, self.cfg.delta)
+        kwh = [r.energy["kwh"] for r in self.results if r.energy]
+        kwh_next = float(kwh[-1]) if kwh else 0.0  # the last round's energy predicts the next
+        return self.gate.before_round(server_round, eps_after, float(sum(kwh)), kwh_next)
+
     def _open_book(self) -> None:
         book = self.book
         if book is None:
             return
         if not self.resume:
-            book.start(asdict(self.cfg), policy_hash=None)
+            book.start(
+                asdict(self.cfg), policy_hash=self.gate.hash if self.gate is not None else None
+            )
             return
         version = book.resume()
         if self.client_accountant is not None:
@@ -353,6 +385,7 @@ class FederatedRun:
             "run_id": self.run_id,
             "config": asdict(self.cfg),
             "rounds": [r.to_json() for r in self.results],
+            "stopped": self.stopped,
             "privacy": {
                 "site_dp": self.cfg.dp,
                 "site_delta": self.cfg.site_delta,
@@ -374,9 +407,12 @@ class FederatedRun:
     def run_round(self, server_round: int) -> RoundResult:
         start = time.perf_counter()
         nodes = wait_for_nodes(self.grid, self.cfg.min_sites, self.cfg.round_timeout_s)
+        if self.gate is not None:
+            nodes = self.gate.admit(nodes)  # sample only among admitted sites
+        elif self.book is not None:
+            self.book.nodes_seen(nodes)
         cohort = sample_cohort(nodes, self.cfg, server_round)
         if self.book is not None:
-            self.book.nodes_seen(nodes)
             self.book.round_started(server_round, cohort)
         agg = (
             self._secure_round(server_round, cohort)
@@ -459,6 +495,14 @@ class FederatedRun:
             energy=round_energy(agg.outcomes),
         )
 
+    def _site_decisions(
+        self, server_round: int, node_id: int, found: dict[str, Any] | None
+    ) -> None:
+        if found is not None:
+            self._event(
+                "site_policy_decisions", {"round": server_round, "node_id": str(node_id), **found}
+            )
+
     def _event(self, kind: str, payload: dict[str, Any]) -> None:
         if self.book is not None:
             self.book.event(kind, payload)
@@ -483,6 +527,7 @@ class FederatedRun:
             if reply is None:
                 outcomes.append(SiteOutcome(node_id, False, "no reply before the round timeout"))
                 continue
+            self._site_decisions(server_round, node_id, site_decisions(reply))
             if (reason := refusal_reason(reply)) is not None:
                 outcomes.append(SiteOutcome(node_id, False, reason, refused=True))
                 self._event(
@@ -576,6 +621,8 @@ class FederatedRun:
                 "rejected": _str_keys(outcome.rejected),
             },
         )
+        for node_id, found in secure.decisions.items():
+            self._site_decisions(server_round, node_id, found)
         for node_id, reason in outcome.refused.items():
             self._event(
                 "site_refused", {"round": server_round, "node_id": str(node_id), "reason": reason}
@@ -605,9 +652,8 @@ class FederatedRun:
     def _exchange(
         self, cohort: list[int], message_type: str, server_round: int, *, with_model: bool
     ) -> dict[int, Message]:
-        content = RecordDict(
-            {KEY_CONFIG: config_to_record(self.cfg, server_round, **self._extra())}
-        )
+        extra: dict[str, Any] = {**self._extra(), KEY_COHORT_SIZE: len(cohort)}
+        content = RecordDict({KEY_CONFIG: config_to_record(self.cfg, server_round, **extra)})
         if with_model:
             content[KEY_ARRAYS] = vector_to_record(self.global_vector)
         return self._send({n: (content, message_type) for n in cohort}, server_round)

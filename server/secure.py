@@ -11,6 +11,7 @@ the global model as it was.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from common.records import (
     KEY_REFUSAL,
     KEY_SECAGG_CONFIG,
     KEY_SECAGG_MSG,
+    KEY_SITE_DECISIONS,
     bytes_to_record,
     max_secagg_reply_bytes,
     record_to_bytes,
@@ -79,6 +81,7 @@ class SecureRound:
     droppers: frozenset[int] = frozenset()
     rejected: dict[int, str] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
+    decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def run(self) -> SecureRoundOutcome:
@@ -116,6 +119,8 @@ class SecureRound:
                 if reply is None:
                     self.rejected[node_id] = f"no reply at stage {STAGE_OF_ACTION[action]}"
                     continue
+                if first and (found := site_decisions(reply)) is not None:
+                    self.decisions[node_id] = found
                 if first and (reason := refusal_reason(reply)) is not None:
                     self.refused[node_id] = reason  # declined before sharing keys
                     continue
@@ -147,6 +152,36 @@ class SecureRound:
         return SecureRoundOutcome(
             result, metrics, dict(self.rejected), tuple(sorted(self.droppers)), dict(self.refused)
         )
+
+
+MAX_DECISIONS_BYTES = 64 * 1024
+
+
+def site_decisions(reply: Message) -> dict[str, Any] | None:
+    """A site's policy decisions carried in its reply (policy hash + decisions), if any.
+
+    Bounded and parsed defensively: a malformed record is reported as such,
+    never trusted and never a crash.
+    """
+    if reply.has_error():
+        return None
+    record = reply.content.config_records.get(KEY_SITE_DECISIONS)
+    if record is None:
+        return None
+    policy_hash, raw = record.get("policy-hash"), record.get("decisions")
+    if (
+        not isinstance(policy_hash, str)
+        or not isinstance(raw, str)
+        or len(raw) > MAX_DECISIONS_BYTES
+    ):
+        return {"malformed": True}
+    try:
+        decisions = json.loads(raw)
+    except ValueError:
+        return {"malformed": True}
+    if not isinstance(decisions, list):
+        return {"malformed": True}
+    return {"policy_hash": policy_hash[:128], "decisions": decisions}
 
 
 def refusal_reason(reply: Message) -> str | None:

@@ -81,7 +81,9 @@ class ProgressObserver:
 
 from simulations.bench.cli import bench_app  # noqa: E402
 
-app.add_typer(bench_app, name="bench", help="Benchmarks against the named peers (ratios in one run).")
+app.add_typer(
+    bench_app, name="bench", help="Benchmarks against the named peers (ratios in one run)."
+)
 
 
 @app.callback()
@@ -176,6 +178,16 @@ def run_cmd(
             help="Run directory: record.db, keys/, sites/, result.json, report (default runs/<time>)."
         ),
     ] = None,
+    server_policy: Annotated[
+        Path | None,
+        typer.Option(help="The coordinator's policy (TOML); a violating run is refused."),
+    ] = None,
+    site_policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="Site policy for every virtual site (TOML), or a directory of site-<i>.toml files."
+        ),
+    ] = None,
     resume: Annotated[
         str | None, typer.Option(help="Resume this run id from the record in --out after a crash.")
     ] = None,
@@ -240,12 +252,24 @@ def run_cmd(
         raise typer.Exit(2)
     if out is None:
         out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    from policies import PolicyFileError, load_server_policy, load_site_policies
+
+    try:
+        if server_policy is not None:
+            load_server_policy(server_policy)  # fail before starting anything
+        site_policies = load_site_policies(site_policy) if site_policy is not None else None
+    except PolicyFileError as exc:
+        for v in exc.violations:
+            err.print(str(v), highlight=False)
+        raise typer.Exit(2) from None
     try:
         with progress, stdout_to_stderr():
             run_id, results = run_simulation(
                 cfg,
                 out_dir=out,
                 resume_run_id=resume,
+                server_policy=server_policy,
+                site_policies=site_policies,
                 observer=ProgressObserver(progress),
                 cpus_per_site=cpus_per_client,
                 verbose=verbose,

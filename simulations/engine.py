@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.env import apply_safe_flower_env
+from policies import SitePolicies
 from server.results import RoundObserver, RoundResult
 
 
@@ -57,6 +58,8 @@ def run_simulation(
     *,
     out_dir: Path | None = None,
     resume_run_id: str | None = None,
+    server_policy: Path | None = None,
+    site_policies: SitePolicies | None = None,
     observer: RoundObserver | None = None,
     cpus_per_site: float = 1.0,
     gpus_per_site: float = 0.0,
@@ -87,6 +90,7 @@ def run_simulation(
         key_dir=out_dir / "keys",
         out_dir=out_dir,
         resume_run_id=resume_run_id,
+        policy_path=server_policy.resolve() if server_policy is not None else None,
     )
 
     collector = _Collector(observer)
@@ -106,7 +110,7 @@ def run_simulation(
     try:
         flwr_run_simulation(
             server_app=make_server_app(None if resume_run_id else cfg, collector, settings),
-            client_app=make_client_app(out_dir / "sites"),
+            client_app=make_client_app(out_dir / "sites", site_policies),
             num_supernodes=cfg.num_sites,
             backend_config=backend_config,  # type: ignore[arg-type]
         )
