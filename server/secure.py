@@ -6,7 +6,9 @@ sees it: a Flower error, an undecodable or oversized payload, or a reply for
 another node, round or run removes only that site (as a dropout, with the
 reason recorded); the protocol then decides whether enough sites remain.
 Below the threshold the round aborts with ProtocolAbort and the caller keeps
-the global model as it was.
+the global model as it was. A site whose unmask reply carries a wrong share is
+outvoted by the other share holders and named in the outcome's ``rejected``
+(its own masked input, already in the sum, stays there).
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ class SecureRoundOutcome:
 
     result: AggregateResult
     site_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
-    rejected: dict[int, str] = field(default_factory=dict)  # node -> why its reply was unusable
+    # node -> why its reply was unusable; includes AggregateResult.rejected (wrong unmask
+    # shares), whose nodes may also be contributors
+    rejected: dict[int, str] = field(default_factory=dict)
     injected_drops: tuple[int, ...] = ()
     refused: dict[int, str] = field(default_factory=dict)  # node -> the site's own reason
 
@@ -149,8 +153,10 @@ class SecureRound:
         requests = server.receive_masked(stage(ACTION_SECAGG_MASKED, requests, CollectMaskedReply))
         result = server.receive_unmask(stage(ACTION_SECAGG_UNMASK, requests, UnmaskReply))
         metrics = {n: m for n, m in self.site_metrics.items() if n in set(result.contributors)}
+        # share holders the protocol caught with wrong unmask shares (contributors stay in the sum)
+        rejected = {**result.rejected, **self.rejected}
         return SecureRoundOutcome(
-            result, metrics, dict(self.rejected), tuple(sorted(self.droppers)), dict(self.refused)
+            result, metrics, rejected, tuple(sorted(self.droppers)), dict(self.refused)
         )
 
 

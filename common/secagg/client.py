@@ -7,6 +7,10 @@ inputs reveals, because its masked vector is ``q + PRG(b) + sum_v +-PRG(s_uv)``
 with a self-mask seed ``b`` and pairwise X25519 keys, and it reveals, per
 neighbour, *either* the share of that neighbour's seed ``b`` (neighbour
 survived) *or* of its mask key (neighbour dropped), never both, and only once.
+Besides its two public keys it publishes only ``H(label, run, round, node, b)``
+(:mod:`common.crypto.commitment`; hiding for a uniform 32-byte ``b`` with
+SHA-256 as a random oracle), which lets the server reject a wrongly
+reconstructed ``b``.
 
 Fail-closed checks before any secret is used: every request must be of the
 type the stage table allows next (:func:`~common.secagg.stages.check_transition`),
@@ -30,6 +34,7 @@ from typing import TypeVar
 import numpy as np
 
 from common.crypto import aead
+from common.crypto.commitment import commit_seed
 from common.crypto.kdf import (
     LABEL_CLIENT_STATE,
     LABEL_PAIRWISE_MASK,
@@ -225,7 +230,11 @@ class SecAggClient:
         return request
 
     def advertise_keys(self, request: AdvertiseKeysRequest) -> AdvertiseKeysReply:
-        """Stage ADVERTISE_KEYS: make two X25519 key pairs and a self-mask seed.
+        """Stage ADVERTISE_KEYS: make two X25519 key pairs and a self-mask seed ``b``.
+
+        The reply carries both public keys and a commitment to ``b``
+        (:func:`~common.crypto.commitment.commit_seed`), which lets the server
+        tell a correctly reconstructed ``b`` from one built with a wrong share.
 
         Raises
         ------
@@ -237,12 +246,16 @@ class SecAggClient:
         self._mask = generate_key_pair()
         self._seed = secure_bytes(SEED_SIZE)
         self._stage = Stage.ADVERTISE_KEYS
+        config = self._config
         return AdvertiseKeysReply(
-            self._config.run_id,
-            self._config.round,
+            config.run_id,
+            config.round,
             self._node_id,
             self._encryption.public_bytes,
             self._mask.public_bytes,
+            commit_seed(
+                self._seed, run_id=config.run_id, round=config.round, node_id=self._node_id
+            ),
         )
 
     def share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:

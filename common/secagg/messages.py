@@ -16,7 +16,7 @@ Layout (big-endian integers; the masked vector little-endian)::
 
     header  = "fsam" | u8 version | u8 kind | u64 run | u64 round | u64 node
     kind 1  AdvertiseKeysRequest   header
-    kind 2  AdvertiseKeysReply     header | 32 enc_pk | 32 mask_pk
+    kind 2  AdvertiseKeysReply     header | 32 enc_pk | 32 mask_pk | 32 seed_commitment
     kind 3  ShareKeysRequest       header | u32 c | c x (u64 node | 32 enc_pk | 32 mask_pk)
     kind 4  ShareKeysReply         header | u32 c | c x (u64 receiver | 160 ciphertext)
     kind 5  CollectMaskedRequest   header | u32 c | c x (u64 sender | 160 ciphertext)
@@ -25,7 +25,9 @@ Layout (big-endian integers; the masked vector little-endian)::
     kind 8  UnmaskReply            header | u32 s | u32 r | s x (u64 owner | 66 seed share)
                                           | r x (u64 owner | 66 key share)
 
-``node`` is the client a request is for or a reply is from.
+``node`` is the client a request is for or a reply is from. Version 2 (the
+header's version byte, :data:`~common.secagg.params.PROTOCOL_VERSION`) added
+``seed_commitment`` to kind 2; a version-1 message is rejected by its header.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, ClassVar, TypeAlias
 import numpy as np
 
 from common.crypto.aead import OVERHEAD
+from common.crypto.commitment import COMMITMENT_SIZE
 from common.crypto.keys import KEY_SIZE
 from common.crypto.prg import RingArray
 from common.crypto.shamir import PRIME, VALUE_SIZE
@@ -205,31 +208,39 @@ class AdvertiseKeysRequest:
 
 @dataclass(frozen=True, slots=True)
 class AdvertiseKeysReply:
-    """Client -> server: the client's two public keys (stage ADVERTISE_KEYS)."""
+    """Client -> server: two public keys and a seed commitment (stage ADVERTISE_KEYS).
+
+    ``commitment`` is :func:`~common.crypto.commitment.commit_seed` of the
+    client's self-mask seed; the server accepts a reconstructed seed only if it
+    opens it.
+    """
 
     STAGE: ClassVar[Stage] = Stage.ADVERTISE_KEYS
     KIND: ClassVar[int] = 2
+    SIZE: ClassVar[int] = HEADER.size + 2 * KEY_SIZE + COMMITMENT_SIZE
     run_id: int
     round: int
     node_id: int
     encryption_key: bytes
     mask_key: bytes
+    commitment: bytes
 
     def __post_init__(self) -> None:
         _check_header_fields(self.run_id, self.round, self.node_id)
         _check_bytes(self.encryption_key, KEY_SIZE, "an encryption public key")
         _check_bytes(self.mask_key, KEY_SIZE, "a mask public key")
+        _check_bytes(self.commitment, COMMITMENT_SIZE, "a seed commitment")
 
     def encode(self) -> bytes:
         """Wire bytes (see the module docstring)."""
         head = _header(self.KIND, self.run_id, self.round, self.node_id)
-        return head + self.encryption_key + self.mask_key
+        return head + self.encryption_key + self.mask_key + self.commitment
 
     @classmethod
     def decode(cls, data: bytes, config: SecAggConfig) -> AdvertiseKeysReply:
         """Validate and parse; raises ProtocolError on any deviation."""
         data, node = _read_header(data, config, cls.KIND, cls.__name__)
-        _expect_size(data, HEADER.size + 2 * KEY_SIZE, cls.__name__)
+        _expect_size(data, cls.SIZE, cls.__name__)
         offset = HEADER.size
         return cls(
             config.run_id,
@@ -237,6 +248,7 @@ class AdvertiseKeysReply:
             node,
             data[offset : offset + KEY_SIZE],
             data[offset + KEY_SIZE : offset + 2 * KEY_SIZE],
+            data[offset + 2 * KEY_SIZE : offset + 2 * KEY_SIZE + COMMITMENT_SIZE],
         )
 
 

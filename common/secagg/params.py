@@ -32,8 +32,16 @@ import numpy as np
 from common.crypto.prg import SEED_SIZE, ring_dtype
 from common.errors import ConfigurationError
 
-PROTOCOL_VERSION = 1
-"""Wire and key-derivation version of this implementation."""
+PROTOCOL_VERSION = 2
+"""Wire version of this implementation: the message header's and the encoded
+configuration's version byte, also bound into every share's AEAD associated
+data and every sealed client state (via the configuration digest), so a
+message or ciphertext of another version is rejected.
+
+2: ``AdvertiseKeysReply`` carries a commitment to the self-mask seed.
+1: initial format. The key-derivation labels carry their own version (``v1``
+in :mod:`common.crypto.kdf`); their derivations are unchanged in version 2.
+"""
 NEIGHBOUR_FACTOR = 3.0
 """``c`` in the default neighbour degree ``k = c * log2(n)`` (rounded up to even)."""
 MIN_BITS = 8

@@ -13,9 +13,22 @@ before it shares or masks (its neighbours then never mask with it); after
 masking, every survivor's self-mask seed and every dropped neighbour's mask
 key must be reconstructable from ``t`` shares of responders, else the round
 aborts with :class:`~common.errors.ProtocolAbort` naming the node. Fewer
-than ``t`` participants at any stage aborts too. A reconstructed mask key
-is checked against the public key its owner advertised
-(:class:`~common.errors.IntegrityError` otherwise).
+than ``t`` participants at any stage aborts too.
+
+Wrong shares (a faulty or lying share holder): every secret is verified
+before use -- a self-mask seed must open the commitment its owner sent at
+ADVERTISE_KEYS (:mod:`common.crypto.commitment`), a mask key must give the
+public key its owner advertised -- and reconstructed by
+:func:`~common.crypto.shamir.reconstruct_verified` from all the shares that
+arrived (up to ``k``), so that wrong shares are outvoted and their holders
+named in :attr:`AggregateResult.rejected`. The sum stays exact: only
+verified secrets are expanded into masks. A holder named once is tried last
+for every later secret. A reply that answers for other nodes than asked is
+ignored (the holder is named). The round aborts with ProtocolAbort only if
+some needed secret has no verifiable reconstruction within
+:data:`RECONSTRUCTION_ATTEMPTS` ``t``-subsets. A named holder's own masked
+input, if it arrived, stays in the sum: its self-mask seed is reconstructed
+from the other holders' shares like anyone's.
 
 Replies are validated (type, run, round, sender expected at this stage, no
 duplicates, exact recipient sets) before any of their content is used; a
@@ -25,20 +38,20 @@ refuses further calls. Replies missing from a list are dropouts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from common.crypto.commitment import opens
 from common.crypto.keys import KeyPair, key_pair_from_private_bytes
 from common.crypto.prg import RingArray, add_masks_inplace
-from common.crypto.shamir import Share, combine_shares
+from common.crypto.shamir import Share, reconstruct_verified
 from common.errors import (
     ConfigurationError,
     FedsealError,
-    IntegrityError,
     ProtocolAbort,
     ProtocolError,
 )
@@ -59,6 +72,9 @@ from common.secagg.messages import (
 from common.secagg.params import SecAggConfig
 from common.secagg.quantize import dequantize_sum
 from common.secagg.stages import Stage, check_transition
+
+RECONSTRUCTION_ATTEMPTS = 1024
+"""Bound on the ``t``-subsets tried per secret (reached only with several wrong shares)."""
 
 _Reply = TypeVar("_Reply", AdvertiseKeysReply, ShareKeysReply, CollectMaskedReply, UnmaskReply)
 
@@ -81,6 +97,11 @@ class AggregateResult:
         ``t`` of the round.
     neighbours : int
         ``k`` of the round.
+    rejected : dict[int, str]
+        Share holders whose unmask reply was wrong (node -> reason): a share
+        inconsistent with the verified secret, or shares for other nodes than
+        asked. Their shares were not used; a holder that is also a contributor
+        stays in the sum.
     """
 
     sum: npt.NDArray[np.float64]
@@ -89,6 +110,7 @@ class AggregateResult:
     dropped: tuple[int, ...]
     threshold: int
     neighbours: int
+    rejected: dict[int, str] = field(default_factory=dict)
 
     @property
     def participants(self) -> int:
@@ -340,12 +362,10 @@ class SecAggServer:
 
         Raises
         ------
-        ProtocolError
-            If a reply's share owners differ from what was asked.
         ProtocolAbort
-            If fewer than ``t`` shares arrived for a needed secret.
-        IntegrityError
-            If a reconstructed mask key does not match its advertised public key.
+            If fewer than ``t`` shares arrived for a needed secret, or no
+            ``t``-subset of them reconstructs a secret that opens its owner's
+            commitment (self-mask seed) or gives its public key (mask key).
         """
         received = self._guarded(replies, UnmaskReply)
         try:
@@ -359,6 +379,8 @@ class SecAggServer:
     def _unmask(self, received: dict[int, UnmaskReply]) -> AggregateResult:
         config = self._config
         t = config.threshold
+        rejected: dict[int, str] = {}
+        holder_of: dict[int, int] = {}
         seed_shares: dict[int, list[Share]] = {u: [] for u in self._live}
         key_shares: dict[int, list[Share]] = {}
         for w, reply in received.items():
@@ -367,8 +389,10 @@ class SecAggServer:
                 tuple(s.owner for s in reply.seed_shares) != request.survivors
                 or tuple(s.owner for s in reply.key_shares) != request.dropped
             ):
-                raise ProtocolError(f"node {w} answered shares for other nodes than asked")
+                rejected[w] = "stage unmask: answered shares for other nodes than asked"
+                continue
             index = config.share_index(w)
+            holder_of[index] = w
             for share in reply.seed_shares:
                 seed_shares[share.owner].append(Share(index, share.value))
             for share in reply.key_shares:
@@ -386,16 +410,48 @@ class SecAggServer:
         if self._sum is None:
             raise ProtocolError("no masked inputs")
         total = self._sum
-        # Reconstruct and check every secret before any mask is expanded.
-        masks: list[tuple[bytes, int]] = [
-            (self_mask_seed(combine_shares(seed_shares[u], threshold=t), config, u), -1)
-            for u in sorted(self._live)
-        ]
+
+        def reconstruct(
+            owner: int, shares: list[Share], what: str, verify: Callable[[bytes], bool]
+        ) -> bytes:
+            # holders already caught lying go last: the first t shares are then usually honest
+            shares = sorted(shares, key=lambda s: (holder_of[s.index] in rejected, s.index))
+            try:
+                found = reconstruct_verified(
+                    shares, threshold=t, verify=verify, max_attempts=RECONSTRUCTION_ATTEMPTS
+                )
+            except ProtocolAbort as exc:
+                raise ProtocolAbort(
+                    f"secure aggregation aborted at UNMASK: node {owner}'s {what} cannot be "
+                    f"verifiably reconstructed from the {len(shares)} shares received ({exc})"
+                ) from None
+            for index in found.inconsistent:
+                rejected.setdefault(
+                    holder_of[index],
+                    f"stage unmask: revealed a share of node {owner}'s {what} that is "
+                    "inconsistent with the verified secret",
+                )
+            return found.secret
+
+        # Reconstruct and verify every secret before any mask is expanded.
+        masks: list[tuple[bytes, int]] = []
+        for u in sorted(self._live):
+            commitment = self._keys[u].commitment
+
+            def seed_opens(seed: bytes, u: int = u, commitment: bytes = commitment) -> bool:
+                return opens(commitment, seed, run_id=config.run_id, round=config.round, node_id=u)
+
+            seed = reconstruct(u, seed_shares[u], "self-mask seed", seed_opens)
+            masks.append((self_mask_seed(seed, config, u), -1))
         for x in sorted(needed_keys):
-            secret = combine_shares(key_shares[x], threshold=t)
-            pair: KeyPair = key_pair_from_private_bytes(secret)
-            if pair.public_bytes != self._keys[x].mask_key:
-                raise IntegrityError("a reconstructed mask key does not match its public key")
+            public = self._keys[x].mask_key
+
+            def key_matches(secret: bytes, public: bytes = public) -> bool:
+                return key_pair_from_private_bytes(secret).public_bytes == public
+
+            pair: KeyPair = key_pair_from_private_bytes(
+                reconstruct(x, key_shares[x], "mask key", key_matches)
+            )
             for u in sorted(self._live):
                 if x in self._masked_with[u]:
                     seed = pairwise_mask_seed(pair, self._keys[u].mask_key, config, x, u)
@@ -411,4 +467,5 @@ class SecAggServer:
             dropped=tuple(sorted(set(config.cohort) - self._live)),
             threshold=t,
             neighbours=config.neighbours,
+            rejected=dict(sorted(rejected.items())),
         )

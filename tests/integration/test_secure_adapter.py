@@ -49,6 +49,7 @@ from common.secagg import SecAggClient, SecAggConfig, make_config
 from common.secagg.quantize import error_bound
 from server.results import RoundResult
 from server.rounds import FederatedRun
+from server.secure import SecureRound, SecureRoundOutcome
 
 D = 16  # coordinates of the "vector" model
 CLIP = 1.0
@@ -382,25 +383,37 @@ def test_secure_round_masked_reply_without_metrics_removes_only_that_site(
     assert_mean_of(run, before, [1, 2, 3, 4, 5], cfg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/secure.py + common/secagg/server.py use the first shares they get without "
-    "checking them: a corrupted seed share silently corrupts the aggregate (offset -1) or "
-    "aborts the round with an unrecorded IntegrityError (offset -40)",
-)
 @pytest.mark.parametrize("offset", [-1, -40])
 def test_secure_round_tampered_unmask_share_removes_only_that_site(
-    tmp_path: Path, distinct_updates: None, offset: int
+    tmp_path: Path, distinct_updates: None, monkeypatch: pytest.MonkeyPatch, offset: int
 ) -> None:
-    # 6 sites, t = 3: every secret has 5 shares, so one bad share can be outvoted.
+    # 6 sites, t = 3: every secret has 5 shares, so one bad share is outvoted. The flipped
+    # byte lies in the culprit's last revealed share (a survivor's self-mask seed share).
     cfg = vector_cfg(6)
     culprit = node(2)
+    outcomes: list[SecureRoundOutcome] = []
+    original_run = SecureRound.run
+
+    def spy(self: SecureRound) -> SecureRoundOutcome:
+        outcomes.append(original_run(self))
+        return outcomes[-1]
+
+    monkeypatch.setattr(SecureRound, "run", spy)
     fault = Fault(culprit, "secagg_unmask", flip_payload_byte(offset))
     run, _ = federation(cfg, tmp_path, faults=[fault])
     before = run.global_vector.copy()
-    run.execute()
-    # its masked input is in the sum already: the round keeps every site
+    result = run.execute()[0]
+    # its masked input is in the sum already: the round keeps every site, and the mean is exact
     assert_mean_of(run, before, list(range(6)), cfg)
+    assert accepted(result) == {node(i) for i in range(6)}
+    assert result.secagg == {"participants": 6, "dropouts": 0, "threshold": 3, "neighbours": 5}
+    # the lying share holder is named by the protocol and in the adapter's outcome
+    (outcome,) = outcomes
+    assert outcome.result.contributors == tuple(node(i) for i in range(6))
+    assert list(outcome.result.rejected) == [culprit]
+    assert list(outcome.rejected) == [culprit]
+    assert outcome.rejected[culprit].startswith("stage unmask: revealed a share of node ")
+    assert "inconsistent with the verified secret" in outcome.rejected[culprit]
 
 
 def test_secure_round_tampered_share_ciphertext_fails_closed_at_receiver(

@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from common.crypto import kdf, prg
-from common.secagg.messages import AdvertiseKeysRequest
+from common.crypto import commitment, kdf, prg
+from common.secagg.messages import AdvertiseKeysReply, AdvertiseKeysRequest
+from common.secagg.params import PROTOCOL_VERSION
 
 SEED = bytes(range(32))
 
@@ -90,6 +91,35 @@ def test_kdf_outputs_pinned_and_match_reference() -> None:
 
 
 def test_wire_header_pinned() -> None:
+    assert PROTOCOL_VERSION == 2
     assert AdvertiseKeysRequest(1, 2, 3).encode() == (
-        b"fsam\x01\x01" + (1).to_bytes(8, "big") + (2).to_bytes(8, "big") + (3).to_bytes(8, "big")
+        b"fsam\x02\x01" + (1).to_bytes(8, "big") + (2).to_bytes(8, "big") + (3).to_bytes(8, "big")
     )
+
+
+def test_seed_commitment_pinned_and_matches_reference() -> None:
+    assert commitment.LABEL_SEED_COMMITMENT == b"fedseal/v1/seed-commitment"
+    derived = commitment.commit_seed(SEED, run_id=1, round=2, node_id=5)
+    reference = hashlib.sha256(
+        b"fedseal/v1/seed-commitment\x00"
+        + (1).to_bytes(8, "big")
+        + (2).to_bytes(8, "big")
+        + (5).to_bytes(8, "big")
+        + SEED
+    ).digest()
+    assert derived == reference
+    assert derived.hex() == "3569d511186b44f0f1414ff04773b7278667c86f9525dc1f9a3844a70371adfc"
+
+
+def test_advertise_keys_reply_layout_pinned() -> None:
+    enc, mask, commit = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32
+    assert AdvertiseKeysReply(1, 2, 3, enc, mask, commit).encode() == (
+        b"fsam\x02\x02"
+        + (1).to_bytes(8, "big")
+        + (2).to_bytes(8, "big")
+        + (3).to_bytes(8, "big")
+        + enc
+        + mask
+        + commit
+    )
+    assert AdvertiseKeysReply.SIZE == 30 + 96
