@@ -107,14 +107,19 @@ def load_global(site: SiteContext, arrays: object) -> tuple[torch.nn.Module, Mod
     return model, spec, global_vec
 
 
+def dp_batch_size(cfg: RunConfig, dataset_size: int) -> int:
+    """DP-SGD's expected batch size: ``dp_batch_size``, or the whole split when 0."""
+    return min(cfg.dp_batch_size or dataset_size, dataset_size)
+
+
 def _dp_plan(site: SiteContext, dataset_size: int) -> SiteDpPlan:
     cfg = site.cfg
     return _cached_plan(
         cfg.site_epsilon,
         cfg.site_delta,
         dataset_size,
-        cfg.batch_size,
-        cfg.local_epochs,
+        dp_batch_size(cfg, dataset_size),
+        cfg.dp_local_epochs,
         cfg.rounds,
         cfg.accountant,
         cfg.site_noise_multiplier or None,
@@ -282,8 +287,10 @@ def _train(
             raise ConfigurationError(
                 "Opacus' model fixes changed the parameter layout; use a zoo model"
             )
-        optimizer = torch.optim.SGD(base.parameters(), lr=cfg.learning_rate, momentum=0.9)
-        loader = make_loader(data.x_train, data.y_train, cfg.batch_size, shuffle=False, seed=None)
+        # Plain SGD: momentum (or Adam) carries each step's noise into the next ones.
+        optimizer = torch.optim.SGD(base.parameters(), lr=cfg.dp_learning_rate)
+        batch = dp_batch_size(cfg, len(data.y_train))
+        loader = make_loader(data.x_train, data.y_train, batch, shuffle=False, seed=None)
         noise = torch.Generator(device=device).manual_seed(secret_seed())
         private_model, private_opt, private_loader, handle = make_private(
             base,
@@ -297,7 +304,7 @@ def _train(
         stats = train_local(
             private_model,
             private_loader,
-            epochs=cfg.local_epochs,
+            epochs=cfg.dp_local_epochs,
             optimizer=private_opt,
             device=device,
             private=True,

@@ -21,9 +21,9 @@ import numpy as np
 from common.config import RunConfig
 from common.data import (
     Dataset,
-    Standardizer,
     load_builtin,
     load_site_file,
+    scaler_for,
     split_holdout_stratified,
     split_train_test,
 )
@@ -89,7 +89,7 @@ def _load_cached(cfg: RunConfig, task: TaskSpec, node_key: tuple[tuple[str, str]
     # Split with a generator keyed by the dataset id, so reruns give the same split.
     digest = int.from_bytes(hashlib.sha256(dataset_id.encode()).digest()[:8], "big")
     train, test = split_train_test(data, LOCAL_TEST_FRACTION, seeded_generator(digest))
-    scaler = Standardizer.fit(train.x)
+    scaler = scaler_for(train, private=cfg.dp)
     return SiteData(
         dataset_id,
         task.shape_examples(scaler.transform(train.x)),

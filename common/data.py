@@ -33,6 +33,7 @@ class Dataset:
     num_classes: int
     name: str
     image_shape: tuple[int, int, int] | None = None
+    feature_range: tuple[float, float] | None = None  # public bounds of every feature, if known
 
     def __post_init__(self) -> None:
         if self.x.ndim != 2 or self.y.ndim != 1 or len(self.x) != len(self.y):
@@ -56,7 +57,14 @@ class Dataset:
 
     def subset(self, index: np.ndarray) -> Dataset:
         """The examples at ``index`` (a copy)."""
-        return Dataset(self.x[index], self.y[index], self.num_classes, self.name, self.image_shape)
+        return Dataset(
+            self.x[index],
+            self.y[index],
+            self.num_classes,
+            self.name,
+            self.image_shape,
+            self.feature_range,
+        )
 
 
 def load_builtin(name: str) -> Dataset:
@@ -71,6 +79,7 @@ def load_builtin(name: str) -> Dataset:
             10,
             "digits",
             (1, 8, 8),
+            (0.0, 16.0),  # 4-bit grey levels: public, not learned from anyone's data
         )
     if name == "breast_cancer":
         bunch = skd.load_breast_cancer()
@@ -208,10 +217,29 @@ class Standardizer:
         std = x.std(axis=0)
         return cls(mean.astype(np.float32), np.maximum(std, min_scale).astype(np.float32))
 
+    @classmethod
+    def from_range(cls, low: float, high: float, num_features: int) -> Standardizer:
+        """Map the public range [low, high] to [-1, 1]: depends on no one's data."""
+        mid, half = (low + high) / 2.0, max((high - low) / 2.0, 1e-6)
+        return cls(np.full(num_features, mid, np.float32), np.full(num_features, half, np.float32))
+
     def transform(self, x: np.ndarray) -> np.ndarray:
         if x.shape[1:] != self.mean.shape:
             raise DataError(f"expected {self.mean.shape[0]} features, got {x.shape[1:]}")
         return ((x - self.mean) / self.scale).astype(np.float32)
+
+
+def scaler_for(train: Dataset, *, private: bool) -> Standardizer:
+    """The feature scaling a party applies to its own data.
+
+    Fitting mean and spread on private records is itself a release about them
+    that DP-SGD's accountant does not cover; so under record-level DP a dataset
+    with public feature bounds is scaled by those bounds instead. Without public
+    bounds, the fitted statistics remain (a documented, unaccounted leak).
+    """
+    if private and train.feature_range is not None:
+        return Standardizer.from_range(*train.feature_range, train.num_features)
+    return Standardizer.fit(train.x)
 
 
 def split_train_test(

@@ -72,6 +72,14 @@ def _build_vector(shape: Sequence[int], num_classes: int) -> nn.Module:
     return ParameterVector(size)
 
 
+def _build_linear(shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression: the fewest parameters, so the least DP noise."""
+    features = 1
+    for s in shape:
+        features *= int(s)
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes))
+
+
 def _build_mlp(shape: Sequence[int], num_classes: int) -> nn.Module:
     features = 1
     for s in shape:
@@ -89,6 +97,7 @@ def _build_cnn(shape: Sequence[int], num_classes: int) -> nn.Module:
 
 _ZOO: dict[str, Callable[[Sequence[int], int], nn.Module]] = {
     "mlp": _build_mlp,
+    "linear": _build_linear,
     "cnn": _build_cnn,
     "vector": _build_vector,
 }

@@ -49,7 +49,9 @@ def task_for(cfg: RunConfig) -> TaskSpec:
             data.num_classes,
             data.image_shape,
         )
-    name = "mlp" if cfg.model == "auto" else cfg.model
+    # auto: under record-level DP the noise grows with the parameter count, and on
+    # small sites a linear model learns most (simulations/bench/RESULTS-dp.md).
+    name = ("linear" if cfg.dp else "mlp") if cfg.model == "auto" else cfg.model
     if name == "vector":
         return TaskSpec(name, (num_features,), num_classes, num_features)
     if name == "cnn":

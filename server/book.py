@@ -66,7 +66,9 @@ class RunBook:
 
     # ------------------------------------------------------------------ run
     def start(self, config: Mapping[str, Any], policy_hash: str | None) -> None:
-        self.record.create_run(config, run_id=self.run_id, policy_hash=policy_hash, app_hash=code_hash())
+        self.record.create_run(
+            config, run_id=self.run_id, policy_hash=policy_hash, app_hash=code_hash()
+        )
         self.seal()
 
     def resume(self) -> ModelVersion | None:

@@ -30,7 +30,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.data import Standardizer, load_builtin, split_holdout_stratified
+from common.data import load_builtin, scaler_for, split_holdout_stratified
 from common.dp import ClientLevelAccountant, PrivacyEvent, PrivacyLevel, clip_l2, noise_aggregate
 from common.errors import DataError, FedsealError, ProtocolAbort
 from common.evaluation import evaluate as evaluate_model
@@ -94,7 +94,7 @@ class HeldOut:
         _, holdout = split_holdout_stratified(
             load_builtin(cfg.dataset), cfg.test_fraction, cfg.seed
         )
-        scaler = Standardizer.fit(holdout.x)
+        scaler = scaler_for(holdout, private=cfg.dp)
         self.x = task.shape_examples(scaler.transform(holdout.x))
         self.y = holdout.y
 
