@@ -35,6 +35,7 @@ from common.dp import epsilon_for
 from common.energy import EnergyConfig, make_meter
 from common.errors import ConfigurationError, PrivacyBudgetExceeded
 from common.records import (
+    KEY_APP_HASH,
     KEY_AUDIT_HEAD,
     KEY_COHORT_SIZE,
     KEY_CONFIG,
@@ -76,6 +77,7 @@ class SiteContext:
     setup: SiteSetup
     head: SignedHead | None
     cohort_size: object = None  # plain rounds: how many sites the server invited
+    app_hash: str | None = None  # the coordinator's code hash, as its audit log records it
 
     @classmethod
     def of(cls, msg: Message, context: Context, setup: SiteSetup | Path | None) -> SiteContext:
@@ -92,6 +94,8 @@ class SiteContext:
             raise ConfigurationError("instruction lacks the run id")
         site = cls(cfg, server_round, task_for(cfg), context, directory, run_id, setup, head)
         site.cohort_size = extra.get(KEY_COHORT_SIZE)
+        app_hash = extra.get(KEY_APP_HASH)
+        site.app_hash = app_hash if isinstance(app_hash, str) else None
         return site
 
     def data(self) -> SiteData:

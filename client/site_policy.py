@@ -71,6 +71,7 @@ def check_round(
         secagg_threshold=secagg_threshold if cfg.secagg else None,
         noise_multiplier=noise_multiplier if cfg.dp else None,
         max_grad_norm=cfg.max_grad_norm if cfg.dp else None,
+        app_hash=site.app_hash,
         signature=head.signature if head is not None else None,
         signed_payload=head.message() if head is not None else None,
     )

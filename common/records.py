@@ -148,6 +148,7 @@ KEY_ROUND = "server-round"
 KEY_AUDIT_HEAD = "audit-head"  # the server's latest signed audit head (bytes)
 KEY_RUN_ID = "run-id"  # the run's id in the central record (str)
 KEY_COHORT_SIZE = "cohort-size"  # plain rounds: sites invited to this round (int)
+KEY_APP_HASH = "app-hash"  # SHA-256 of the coordinator's fedseal code, as in its run_started event
 
 
 def config_to_record(
@@ -158,7 +159,8 @@ def config_to_record(
 
 
 def record_to_config(
-    record: object, extra_keys: tuple[str, ...] = (KEY_AUDIT_HEAD, KEY_RUN_ID, KEY_COHORT_SIZE)
+    record: object,
+    extra_keys: tuple[str, ...] = (KEY_AUDIT_HEAD, KEY_RUN_ID, KEY_COHORT_SIZE, KEY_APP_HASH),
 ) -> tuple[RunConfig, int, dict[str, object]]:
     """Parse an instruction's config record into (RunConfig, round, extra values).
 

@@ -10,6 +10,7 @@ out with the next round's instructions so the sites keep a witness copy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -25,6 +26,7 @@ from server.record import KeyPaths, ModelVersion, SqlRecord, create_keypair, loa
 CODE_PACKAGES = ("common", "client", "server", "policies")
 
 
+@functools.lru_cache(maxsize=1)
 def code_hash() -> str:
     """SHA-256 over fedseal's installed Python sources (path and content, sorted)."""
     h = hashlib.sha256()

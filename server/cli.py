@@ -141,10 +141,13 @@ def start_cmd(
         )
     if certs is not None and insecure:
         raise typer.BadParameter("--certs and --insecure exclude each other")
+    policy_keys: tuple[str, ...] = ()
     if policy is not None:
         from policies import load_server_policy
 
-        load_server_policy(policy)  # a broken file fails here, naming each bad field
+        loaded = load_server_policy(policy)  # a broken file fails here, naming each bad field
+        if loaded.admission.mode == "allowlist":
+            policy_keys = loaded.admission.public_keys
     cfg = RunConfig(
         dataset=dataset,
         model=model,
@@ -169,6 +172,17 @@ def start_cmd(
     site_keys = tuple(sorted(auth_keys.glob("*.pub"))) if auth_keys is not None else ()
     if auth_keys is not None and not site_keys:
         raise typer.BadParameter(f"no *.pub site keys in {auth_keys}")
+    if policy_keys:
+        # The policy's allow-listed keys become Flower node authentication: unlisted
+        # SuperNodes are refused by the SuperLink itself, before any message.
+        key_dir = state_dir.resolve() / "admission-keys"
+        key_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, line in enumerate(policy_keys):
+            path = key_dir / f"policy-{i}.pub"
+            path.write_text(line + "\n")
+            written.append(path)
+        site_keys = tuple(sorted({*site_keys, *written}))
     settings = LinkSettings(
         host=host,
         port=port,

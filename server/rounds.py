@@ -35,6 +35,7 @@ from common.dp import ClientLevelAccountant, PrivacyEvent, PrivacyLevel, clip_l2
 from common.errors import DataError, FedsealError, ProtocolAbort
 from common.evaluation import evaluate as evaluate_model
 from common.records import (
+    KEY_APP_HASH,
     KEY_ARRAYS,
     KEY_AUDIT_HEAD,
     KEY_COHORT_SIZE,
@@ -51,7 +52,7 @@ from common.records import (
 )
 from common.rng import secure_generator, seeded_generator
 from common.task import TaskSpec, task_for
-from server.book import RunBook
+from server.book import RunBook, code_hash
 from server.policy_gate import PolicyGate
 from server.results import NullObserver, RoundObserver, RoundResult, SiteOutcome
 from server.secure import refusal_reason, site_decisions
@@ -230,6 +231,7 @@ class FederatedRun:
         self.results: list[RoundResult] = []
         self.first_round = 1
         self.gate = gate
+        self.app_hash = code_hash()
         self.stopped: str | None = None  # why a policy ended the run early
         self.client_accountant = (
             ClientLevelAccountant(cfg.client_sampling, cfg.client_sample_rate, cfg.accountant)
@@ -358,7 +360,7 @@ class FederatedRun:
 
     def _extra(self) -> dict[str, bytes | str]:
         """Values every instruction carries besides the run config: run id, signed audit head."""
-        extra: dict[str, bytes | str] = {KEY_RUN_ID: self.run_id}
+        extra: dict[str, bytes | str] = {KEY_RUN_ID: self.run_id, KEY_APP_HASH: self.app_hash}
         if self.book is not None and self.book.head is not None:
             extra[KEY_AUDIT_HEAD] = self.book.head.encode()
         return extra

@@ -142,3 +142,19 @@ def test_release_gate_refuses_then_force_overrides_and_records(tmp_path: Path) -
     with SqlRecord(f"sqlite:///{tmp_path / 'record.db'}", create=False) as rec:
         assert any(e.kind == "release_override" for e in rec.events("0000abcd0001"))
     _verify(tmp_path)
+
+
+def test_site_allowed_app_hashes_admit_only_the_listed_coordinator_code(tmp_path: Path) -> None:
+    from server.book import code_hash
+
+    sites = tmp_path / "site-policies"
+    sites.mkdir()
+    (sites / "default.toml").write_text(SITE_DEFAULT + f'[trust]\nallowed_app_hashes = ["{code_hash()}"]\n')
+    (sites / "site-1.toml").write_text(SITE_DEFAULT + f'[trust]\nallowed_app_hashes = ["{"0" * 64}"]\n')
+    run, record = _run(tmp_path, _cfg(rounds=1), site_dir=sites)
+    (result,) = run.execute()
+    by_node = {s.node_id: s for s in result.sites}
+    assert by_node[FIRST_NODE_ID + 1].refused
+    assert "trust.allowed_app_hashes" in by_node[FIRST_NODE_ID + 1].reason
+    assert result.participants == 3
+    record.close()
