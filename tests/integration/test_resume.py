@@ -29,7 +29,7 @@ def _versions(db: Path) -> int:
 def test_killed_simulation_resumes_without_counting_twice(tmp_path: Path) -> None:
     out = tmp_path / "run"
     base = [sys.executable, "-m", "simulations.cli", "run", "--clients", "3", "--rounds", str(ROUNDS),
-            "--site-epsilon", "8", "--out", str(out)]
+            "--dp", "--site-epsilon", "8", "--out", str(out)]
     proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
