@@ -126,6 +126,14 @@ def start_cmd(
         float, typer.Option(help="L2 bound on each site's update.")
     ] = _D.clip_norm,
     sampling: Annotated[str, typer.Option(help="fixed | poisson site sampling.")] = _D.sampling,
+    site_delta: Annotated[float, typer.Option(help="Record-level delta.")] = _D.site_delta,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="DP-SGD per-example gradient clip.")
+    ] = _D.max_grad_norm,
+    accountant: Annotated[
+        str, typer.Option(help="prv | rdp accountant (both levels).")
+    ] = _D.accountant,
+    delta: Annotated[float, typer.Option(help="Client-level delta.")] = _D.delta,
 ) -> None:
     """Start Flower's SuperLink and run the fedseal ServerApp on it until the run ends.
 
@@ -168,6 +176,10 @@ def start_cmd(
         noise_multiplier=noise_multiplier,
         clip_norm=clip_norm,
         sampling=sampling,
+        site_delta=site_delta,
+        max_grad_norm=max_grad_norm,
+        accountant=accountant,
+        delta=delta,
     )
     site_keys = tuple(sorted(auth_keys.glob("*.pub"))) if auth_keys is not None else ()
     if auth_keys is not None and not site_keys:
