@@ -226,7 +226,8 @@ class Standardizer:
     def transform(self, x: np.ndarray) -> np.ndarray:
         if x.shape[1:] != self.mean.shape:
             raise DataError(f"expected {self.mean.shape[0]} features, got {x.shape[1:]}")
-        return ((x - self.mean) / self.scale).astype(np.float32)
+        scaled: np.ndarray = ((x - self.mean) / self.scale).astype(np.float32)
+        return scaled
 
 
 def scaler_for(train: Dataset, *, private: bool) -> Standardizer:
