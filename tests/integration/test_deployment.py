@@ -66,7 +66,8 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         server = _start(
             [str(BIN / "fedseal-server"), "start", "--certs", str(certs), "--host", "127.0.0.1",
              "--port", str(port), "--rounds", "2", "--min-sites", "2", "--round-timeout", "150",
-             "--state-dir", str(tmp_path / "srv"), "--out", str(out), "--auth-keys", str(keys)],
+             "--state-dir", str(tmp_path / "srv"), "--out", str(out), "--auth-keys", str(keys),
+             "--dp", "--secagg"],
             tmp_path / "server.log",
         )
         procs.append(server)
@@ -102,6 +103,9 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         doc = json.loads((out / "result.json").read_text())
         assert [r["round"] for r in doc["rounds"]] == [1, 2]
         assert all(r["participants"] == 2 for r in doc["rounds"])
+        assert all(r["secagg"]["participants"] == 2 for r in doc["rounds"])
+        eps = [s["record_level_epsilon"] for r in doc["rounds"] for s in r["sites"]]
+        assert all(e is not None and 0 < e <= 8.0 for e in eps)  # DP-SGD ran at both sites
         assert doc["rounds"][-1]["accuracy"] > 0.5
     finally:
         for p in procs:
