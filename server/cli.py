@@ -7,7 +7,7 @@ import os
 import signal
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,6 +16,10 @@ from common.cli_errors import one_line_errors
 from common.config import RunConfig
 from common.env import apply_safe_flower_env
 from common.pki import CertPaths, make_certs
+
+if TYPE_CHECKING:
+    from server.app import ServerSettings
+    from server.deploy import LinkSettings
 
 app = typer.Typer(
     name="fedseal-server",
@@ -141,7 +145,7 @@ def start_cmd(
     """
     apply_safe_flower_env()
     from server.app import ServerSettings
-    from server.deploy import LinkSettings, SuperLink, write_app_dir
+    from server.deploy import LinkSettings
 
     if certs is None and not insecure:
         raise typer.BadParameter(
@@ -203,21 +207,13 @@ def start_cmd(
         auth_keys=site_keys,
     )
     result_dir = (out_dir or state_dir / "runs").resolve()
-    # SIGTERM unwinds like Ctrl-C, so the SuperLink (its own process group) is stopped too.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    with tempfile.TemporaryDirectory(prefix="fedseal-app-") as tmp:
-        server_settings = ServerSettings(
-            db_url=_db_url(db, settings.state_dir),
-            key_dir=(keys or settings.state_dir / "keys").resolve(),
-            out_dir=result_dir,
-            policy_path=policy.resolve() if policy is not None else None,
-        )
-        app_dir = write_app_dir(Path(tmp), cfg, server_settings.to_flower())
-        with SuperLink(settings) as link:
-            out.print(
-                f"SuperLink listening on {host}:{port} ({'TLS' if certs else 'INSECURE'}); log: {link.log_path}"
-            )
-            code = link.run_app(app_dir)
+    server_settings = ServerSettings(
+        db_url=_db_url(db, settings.state_dir),
+        key_dir=(keys or settings.state_dir / "keys").resolve(),
+        out_dir=result_dir,
+        policy_path=policy.resolve() if policy is not None else None,
+    )
+    code = _serve(settings, cfg, server_settings)
     result = result_dir / "result.json"
     if code != 0 or not result.is_file():
         from common.errors import FedsealError
@@ -280,7 +276,7 @@ def resume_cmd(
     privacy accountant restored from the record and the audit chain continued (`resumed`)."""
     apply_safe_flower_env()
     from server.app import ServerSettings
-    from server.deploy import LinkSettings, SuperLink, write_app_dir
+    from server.deploy import LinkSettings
     from server.record import SqlRecord
 
     if (certs is None) == (not insecure):
@@ -293,23 +289,36 @@ def resume_cmd(
         host=host, port=port, state_dir=state, certs=CertPaths.in_dir(certs) if certs else None
     )
     result_dir = (out_dir or state / "runs").resolve()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    with tempfile.TemporaryDirectory(prefix="fedseal-app-") as tmp:
-        server_settings = ServerSettings(
-            db_url=db_url,
-            key_dir=(keys or state / "keys").resolve(),
-            out_dir=result_dir,
-            resume_run_id=run_id,
-        )
-        app_dir = write_app_dir(Path(tmp), cfg, server_settings.to_flower())
-        with SuperLink(settings) as link:
-            out.print(f"resuming run {run_id}; SuperLink on {host}:{port}")
-            code = link.run_app(app_dir)
+    server_settings = ServerSettings(
+        db_url=db_url,
+        key_dir=(keys or state / "keys").resolve(),
+        out_dir=result_dir,
+        resume_run_id=run_id,
+    )
+    out.print(f"resuming run {run_id}")
+    code = _serve(settings, cfg, server_settings)
     if code != 0:
         from common.errors import FedsealError
 
         raise FedsealError(f"the resumed run did not complete (flwr exit code {code})")
     out.print(f"run {run_id} completed; results in {result_dir}")
+
+
+def _serve(link_settings: LinkSettings, cfg: RunConfig, server_settings: ServerSettings) -> int:
+    """Run the SuperLink, submit the fedseal app to it, stream until the run ends; flwr's exit code."""
+    from server.deploy import SuperLink, write_app_dir
+
+    # SIGTERM unwinds like Ctrl-C, so the SuperLink (its own process group) is stopped too.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    with tempfile.TemporaryDirectory(prefix="fedseal-app-") as tmp:
+        app_dir = write_app_dir(Path(tmp), cfg, server_settings.to_flower())
+        with SuperLink(link_settings) as link:
+            tls = "TLS" if link_settings.certs is not None else "INSECURE"
+            out.print(
+                f"SuperLink listening on {link_settings.host}:{link_settings.port} ({tls}); "
+                f"log: {link.log_path}"
+            )
+            return link.run_app(app_dir)
 
 
 def _db_url(db: str | None, state_dir: Path) -> str:
