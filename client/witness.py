@@ -23,11 +23,22 @@ def witness_head(path: Path, head_bytes: object) -> SignedHead:
     if not isinstance(head_bytes, bytes) or len(head_bytes) > MAX_HEAD_BYTES:
         raise DataError("audit head must be at most 1024 bytes")
     head = SignedHead.decode(head_bytes)
-    stored = read_heads(path)
-    if not stored or stored[-1].encode() != head.encode():
+    line = json.dumps({"head": head.encode().hex()})
+    if _last_line(path) != line:  # every stage of a round carries the same head: keep it once
         with path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"head": head_bytes.hex()}) + "\n")
+            fh.write(line + "\n")
     return head
+
+
+def _last_line(path: Path) -> str | None:
+    """The file's last non-empty line, read from its end (the file only grows)."""
+    if not path.is_file():
+        return None
+    with path.open("rb") as fh:
+        fh.seek(0, 2)
+        fh.seek(max(0, fh.tell() - 4 * MAX_HEAD_BYTES))
+        lines = fh.read().decode("utf-8", "replace").splitlines()
+    return next((ln for ln in reversed(lines) if ln.strip()), None)
 
 
 def read_heads(path: Path) -> list[SignedHead]:
