@@ -14,6 +14,7 @@ here, by the client, so that the server only ever sees the masked sum.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -69,7 +70,11 @@ def _clear(context: Context) -> None:
         del context.state[STATE_RECORD]
 
 
-def _reply(msg: Message, payload: bytes, metrics: dict[str, float | int] | None = None) -> Message:
+def _reply(
+    msg: Message,
+    payload: bytes | Sequence[bytes | memoryview],
+    metrics: dict[str, float | int] | None = None,
+) -> Message:
     content = RecordDict({KEY_SECAGG_MSG: bytes_to_record(payload)})
     if metrics is not None:
         content[KEY_METRICS] = MetricRecord(metrics)
@@ -143,7 +148,7 @@ def handle_masked(msg: Message, context: Context, site_root: SiteSetup | Path | 
     reply = client.collect_masked(request, clipped, secure_generator())
     _save(context, site.server_round, config, client, key)
     metrics = {"num-examples": local.num_examples, "update-norm": norm, **local.metrics}
-    return _reply(msg, reply.encode(), metrics)
+    return _reply(msg, reply.encode_parts(), metrics)
 
 
 def handle_unmask(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:

@@ -12,9 +12,9 @@ and nowhere else.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.lib.format as npy_format
@@ -205,29 +205,48 @@ def _npy_header(length: int) -> bytes:
     return out.getvalue()
 
 
-def bytes_to_record(data: bytes) -> ArrayRecord:
+def bytes_to_record(data: bytes | Sequence[bytes | memoryview]) -> ArrayRecord:
     """Wrap protocol bytes in an ArrayRecord (one uint8 array named :data:`KEY_PAYLOAD`).
 
-    The array's ``data`` is exactly what ``np.save`` writes for
-    ``np.frombuffer(data, np.uint8)``, built with a single copy of ``data``.
+    ``data`` is the payload, or a sequence of buffers whose concatenation is
+    the payload (so a large message is copied once, here, and not first
+    joined by its encoder). The array's ``data`` is exactly what ``np.save``
+    writes for ``np.frombuffer(payload, np.uint8)``.
     """
+    parts = [data] if isinstance(data, bytes) else list(data)
+    length = sum(memoryview(p).nbytes for p in parts)
     array = Array(
         dtype=str(_PAYLOAD_DTYPE),
-        shape=(len(data),),
+        shape=(length,),
         stype=_NPY_STYPE,
-        data=_npy_header(len(data)) + data,
+        data=b"".join([_npy_header(length), *parts]),
     )
     return ArrayRecord({KEY_PAYLOAD: array})
 
 
-def record_to_bytes(record: object, max_size: int, *, what: str = "payload") -> bytes:
+@overload
+def record_to_bytes(
+    record: object, max_size: int, *, what: str = ..., copy: Literal[True] = ...
+) -> bytes: ...
+
+
+@overload
+def record_to_bytes(
+    record: object, max_size: int, *, what: str = ..., copy: Literal[False]
+) -> memoryview: ...
+
+
+def record_to_bytes(
+    record: object, max_size: int, *, what: str = "payload", copy: bool = True
+) -> bytes | memoryview:
     """Extract protocol bytes, refusing anything but one 1-D uint8 array of at most ``max_size``.
 
     The declared shape and the total size are checked before any bytes are
     parsed; then the .npy header (format 1.0/2.0, at most 4 KiB, parsed by
     numpy's safe header reader, never unpickled) must declare the same 1-D
     uint8 shape and be followed by exactly that many bytes, which are
-    returned (one copy).
+    returned (one copy; with ``copy=False`` a read-only memoryview on the
+    record's own bytes instead).
     """
     if not isinstance(record, ArrayRecord) or list(record.keys()) != [KEY_PAYLOAD]:
         raise DataError(f"{what}: expected an ArrayRecord with one array {KEY_PAYLOAD!r}")
@@ -259,7 +278,7 @@ def record_to_bytes(record: object, max_size: int, *, what: str = "payload") -> 
     ):
         raise DataError(f"{what}: payload does not match its declared 1-D uint8 shape")
     del fortran_order  # irrelevant for a 1-D array
-    return data[offset:]
+    return data[offset:] if copy else memoryview(data)[offset:]
 
 
 # ---------------------------------------------------------------- secure aggregation

@@ -106,13 +106,16 @@ class SecureRound:
             action: str, requests: Mapping[int, Any], reply_type: Any, *, first: bool = False
         ) -> list[Any]:
             contents: dict[int, RecordDict] = {}
+            # Built once per exchange and shared by every message (read-only once sent).
+            shared_config = bytes_to_record(config.encode()) if first else None
+            model = self.global_arrays() if action == ACTION_SECAGG_MASKED else None
             for node_id, request in requests.items():
                 content = self.base_content()
                 content[KEY_SECAGG_MSG] = bytes_to_record(request.encode())
-                if first:
-                    content[KEY_SECAGG_CONFIG] = bytes_to_record(config.encode())
-                if action == ACTION_SECAGG_MASKED:
-                    content[KEY_ARRAYS] = self.global_arrays()
+                if shared_config is not None:
+                    content[KEY_SECAGG_CONFIG] = shared_config
+                if model is not None:
+                    content[KEY_ARRAYS] = model
                 contents[node_id] = content
             replies = self.exchange(action, contents)
             decoded = []
@@ -132,7 +135,9 @@ class SecureRound:
                     if reply.has_error():
                         raise ProtocolError(f"site error: {reply.error.reason}")
                     data = record_to_bytes(
-                        reply.content.array_records.get(KEY_SECAGG_MSG), reply_cap
+                        reply.content.array_records.get(KEY_SECAGG_MSG),
+                        reply_cap,
+                        copy=action != ACTION_SECAGG_MASKED,  # masked vectors: zero-copy
                     )
                     msg = reply_type.decode(data, config)
                     if msg.node_id != node_id:

@@ -26,6 +26,8 @@ __all__ = ["clip_l2", "l2_norm"]
 
 FloatArray = npt.NDArray[np.floating]
 _MAX_SHRINK_ITERATIONS = 64
+_NARROW = (np.dtype(np.float16), np.dtype(np.float32))
+_CHUNK = 1 << 15  # float64 words per pass of the narrow path: L2-resident
 
 
 def _as_float(array: npt.ArrayLike) -> FloatArray:
@@ -54,6 +56,31 @@ def _scaled_norm(arrays: Sequence[FloatArray], scale: float) -> float:
     return math.sqrt(total)
 
 
+def _narrow_sum_squares(arrays: Sequence[FloatArray]) -> float:
+    """``sum x_j^2`` in float64 for float16/float32 arrays, one cache-sized chunk at a time.
+
+    Why this is exact enough and safe: a float32 value widened to float64 is
+    exact and so is its square (24 + 24 significant bits <= 53); the largest
+    square is below 1.2e77 and the smallest non-zero one above 1e-90, so no
+    partial sum of fewer than 1e200 terms can overflow or underflow. The only
+    way the total is not finite is a NaN or infinite input, which the caller
+    refuses. Rounding in the sum is the same as in ``np.dot`` on float64.
+    """
+    total = 0.0
+    buf = np.empty(_CHUNK, dtype=np.float64)
+    for a in arrays:
+        flat = a.reshape(-1)
+        for start in range(0, flat.size, _CHUNK):
+            part = buf[: min(_CHUNK, flat.size - start)]
+            np.copyto(part, flat[start : start + part.size])
+            total += float(np.dot(part, part))
+    return total
+
+
+def _narrow(arrays: Sequence[FloatArray]) -> bool:
+    return all(a.dtype in _NARROW for a in arrays)
+
+
 def l2_norm(arrays: Sequence[npt.ArrayLike]) -> float:
     """Joint L2 norm of ``arrays`` in float64, robust to overflow and underflow.
 
@@ -65,6 +92,11 @@ def l2_norm(arrays: Sequence[npt.ArrayLike]) -> float:
         If any value is NaN or infinite, or the dtype is not numeric.
     """
     floats = [_as_float(a) for a in arrays]
+    if _narrow(floats):
+        total = _narrow_sum_squares(floats)
+        if not math.isfinite(total):
+            raise DataError("cannot take the norm of an update with NaN or infinite values")
+        return math.sqrt(total)
     for a in floats:
         if a.size and not np.all(np.isfinite(a)):
             raise DataError("cannot take the norm of an update with NaN or infinite values")
@@ -120,21 +152,28 @@ def clip_l2(
         raise ConfigurationError(f"clip_norm must be finite and > 0, got {clip_norm!r}")
     single = isinstance(update, np.ndarray)
     arrays = [_as_float(update)] if single else [_as_float(a) for a in update]
-    for a in arrays:
-        if a.size and not np.all(np.isfinite(a)):
+    if _narrow(arrays):  # float16/float32: one chunked pass, no full-size temporaries
+        total = _narrow_sum_squares(arrays)
+        if not math.isfinite(total):
             raise DataError("cannot clip an update with NaN or infinite values")
-    m = _max_abs(arrays)
-    if m == 0.0:
-        out = [a.copy() for a in arrays]
-        return (out[0] if single else out), 0.0
-    relative = _scaled_norm(arrays, m)  # ||x|| / m, in [1, sqrt(size)]
-    with np.errstate(over="ignore"):
-        original = float(m * relative)
+        original = math.sqrt(total)
+        factor = c / original if original > c else 1.0
+    else:
+        for a in arrays:
+            if a.size and not np.all(np.isfinite(a)):
+                raise DataError("cannot clip an update with NaN or infinite values")
+        m = _max_abs(arrays)
+        if m == 0.0:
+            out = [a.copy() for a in arrays]
+            return (out[0] if single else out), 0.0
+        relative = _scaled_norm(arrays, m)  # ||x|| / m, in [1, sqrt(size)]
+        with np.errstate(over="ignore"):
+            original = float(m * relative)
+        # factor = C / ||x||, formed without overflowing ||x||.
+        factor = (c / m) / relative if original > c else 1.0
     if original <= c:
         out = [a.copy() for a in arrays]
     else:
-        # factor = C / ||x||, formed without overflowing ||x||.
-        factor = (c / m) / relative
         out = [(a * factor).astype(a.dtype, copy=False) for a in arrays]
         # Rounding in the output dtype may leave the norm a few ulps above C:
         # shrink geometrically until the float64 norm of the result is <= C.

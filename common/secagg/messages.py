@@ -390,13 +390,34 @@ class CollectMaskedReply:
 
     def encode(self) -> bytes:
         """Wire bytes (see the module docstring)."""
-        return _header(self.KIND, self.run_id, self.round, self.node_id) + self.masked.tobytes()
+        return b"".join(self.encode_parts())
+
+    def encode_parts(self) -> tuple[bytes, memoryview]:
+        """The wire bytes as (header, a view of the vector): joined by the caller in one copy."""
+        if not self.masked.flags.c_contiguous:
+            raise ProtocolError("a masked vector must be contiguous")
+        header = _header(self.KIND, self.run_id, self.round, self.node_id)
+        return header, memoryview(self.masked.data).cast("B")
 
     @classmethod
-    def decode(cls, data: bytes, config: SecAggConfig) -> CollectMaskedReply:
-        """Validate and parse (zero-copy, read-only view); raises ProtocolError on any deviation."""
-        data, node = _read_header(data, config, cls.KIND, cls.__name__)
-        _expect_size(data, HEADER.size + config.masked_size, cls.__name__)
+    def decode(cls, data: bytes | memoryview, config: SecAggConfig) -> CollectMaskedReply:
+        """Validate and parse (zero-copy, read-only view); raises ProtocolError on any deviation.
+
+        ``data`` may be a byte memoryview (:func:`common.records.record_to_bytes`
+        with ``copy=False``), so the server never copies a masked vector.
+        """
+        if isinstance(data, memoryview):  # a zero-copy window on received bytes
+            if data.format != "B" or data.ndim != 1:
+                raise ProtocolError(f"{cls.__name__}: expected a byte buffer")
+            _, node = _read_header(bytes(data[: HEADER.size]), config, cls.KIND, cls.__name__)
+            if data.nbytes != HEADER.size + config.masked_size:
+                raise ProtocolError(
+                    f"{cls.__name__}: {data.nbytes} bytes, expected exactly "
+                    f"{HEADER.size + config.masked_size}"
+                )
+        else:
+            data, node = _read_header(data, config, cls.KIND, cls.__name__)
+            _expect_size(data, HEADER.size + config.masked_size, cls.__name__)
         masked: RingArray = np.frombuffer(data, dtype=config.dtype, offset=HEADER.size)
         if config.bits not in (32, 64) and bool(np.any(masked >> config.dtype.type(config.bits))):
             raise ProtocolError(f"{cls.__name__}: values outside Z_2^{config.bits}")

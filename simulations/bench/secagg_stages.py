@@ -32,8 +32,10 @@ from flwr.app import Context, Message, MessageType, RecordDict
 
 from common.config import RunConfig
 from common.records import (
+    KEY_APP_HASH,
     KEY_ARRAYS,
     KEY_CONFIG,
+    KEY_RUN_ID,
     config_to_record,
     record_to_vector,
     vector_to_record,
@@ -165,7 +167,8 @@ def time_round_stages(
         cohort = sorted(loop.contexts)
 
         def content() -> RecordDict:
-            return RecordDict({KEY_CONFIG: config_to_record(cfg, server_round)})
+            extra = {KEY_RUN_ID: "0123456789ab", KEY_APP_HASH: "bench"}
+            return RecordDict({KEY_CONFIG: config_to_record(cfg, server_round, **extra)})
 
         start = time.perf_counter()
         loop.start()

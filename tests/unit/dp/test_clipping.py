@@ -113,3 +113,45 @@ def test_clip_l2_invalid_clip_norm_raises(c: float) -> None:
 def test_clip_l2_non_finite_or_non_numeric_raises(bad: np.ndarray) -> None:
     with pytest.raises(DataError):
         clip_l2(bad, 1.0)
+
+
+def _reference_norm(arrays: list[np.ndarray]) -> float:
+    """Independent of the module: exact squares of float16/32 values, summed with fsum."""
+    return math.sqrt(math.fsum(float(v) ** 2 for a in arrays for v in a.astype(np.float64).ravel()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    xs=st.lists(
+        st.sampled_from([np.float16, np.float32]).flatmap(
+            lambda dt: hnp.arrays(
+                dt,
+                hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=40),
+                elements=st.floats(
+                    allow_nan=False, allow_infinity=False, width=np.dtype(dt).itemsize * 8
+                ),
+            )
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    c=st.floats(min_value=1e-6, max_value=1e6),
+)
+def test_narrow_norm_matches_exact_reference_and_clip_holds(xs: list[np.ndarray], c: float) -> None:
+    reference = _reference_norm(xs)
+    assert math.isclose(l2_norm(xs), reference, rel_tol=1e-12, abs_tol=0.0)
+    clipped, original = clip_l2(xs, c)
+    assert math.isclose(original, reference, rel_tol=1e-12, abs_tol=0.0)
+    assert _reference_norm(clipped) <= c * (1 + 1e-12)
+    assert all(a.dtype == b.dtype and a.shape == b.shape for a, b in zip(clipped, xs, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_narrow_non_finite_anywhere_raises(dtype: type, bad: float) -> None:
+    x = np.full(100_003, 0.5, dtype=dtype)  # several chunks; the bad value is in a late one
+    x[70_001] = bad
+    with pytest.raises(DataError):
+        clip_l2(x, 1.0)
+    with pytest.raises(DataError):
+        l2_norm([np.ones(3, dtype=dtype), x])

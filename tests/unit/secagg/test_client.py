@@ -311,6 +311,24 @@ def test_messages_wrong_size_stage_round_rejected() -> None:
         CollectMaskedReply.decode(masked, r.config)
 
 
+def test_masked_reply_zero_copy_view_checked_like_bytes() -> None:
+    r = Round(_config())
+    r.masked()
+    reply = r.masked_replies[0]
+    header, body = reply.encode_parts()
+    data = header + body
+    assert data == reply.encode()
+    view = memoryview(data)
+    decoded = CollectMaskedReply.decode(view, r.config)
+    assert np.array_equal(decoded.masked, reply.masked) and decoded.node_id == reply.node_id
+    wide = memoryview(data[: len(data) // 4 * 4]).cast("I")
+    for bad in (view[:-1], memoryview(data + b"\x00"), view[:10], wide):
+        with pytest.raises(ProtocolError):
+            CollectMaskedReply.decode(bad, r.config)
+    with pytest.raises(ProtocolError, match="round"):
+        CollectMaskedReply.decode(view, _config(round_=5))
+
+
 def test_messages_bool_and_duplicate_ids_rejected() -> None:
     with pytest.raises(ProtocolError):
         AdvertiseKeysRequest(11, True, 1)  # type: ignore[arg-type]
