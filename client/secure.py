@@ -10,6 +10,12 @@ never sees it; a stale or foreign blob fails authentication.
 Order on the client: (keys) advertise -> (shares) share -> (masked) train,
 clip to C, quantise, mask -> (unmask) reveal shares. The update is clipped
 here, by the client, so that the server only ever sees the masked sum.
+
+One setup (keys + shares) may prepare several consecutive rounds over one
+cohort (see :class:`server.secure.SecureSetup`): the node then holds one
+sealed state per prepared round (``config.<r>``/``sealed.<r>`` in its
+record), each opened only by that round's masked and unmask stages and
+erased after its unmask stage, its refusal, or the next setup.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from client.agent import SiteContext, compute_update, decide_participation, refusal
 from client.site_policy import SiteSetup
 from client.state import state_key
+from common.config import MAX_SECAGG_SETUP_ROUNDS
 from common.dp import clip_l2
-from common.errors import ProtocolError
+from common.errors import PrivacyBudgetExceeded, ProtocolError
 from common.records import (
     KEY_ARRAYS,
     KEY_METRICS,
@@ -31,8 +38,10 @@ from common.records import (
     KEY_SECAGG_MSG,
     KEY_SITE_DECISIONS,
     MAX_SECAGG_CONFIG_BYTES,
+    bundle_to_record,
     bytes_to_record,
     max_secagg_request_bytes,
+    record_to_bundle,
     record_to_bytes,
 )
 from common.rng import secure_generator
@@ -42,27 +51,69 @@ from common.secagg.messages import (
     CollectMaskedRequest,
     ShareKeysRequest,
     UnmaskRequest,
+    peek_round,
 )
 
 STATE_RECORD = "fedseal.secagg"
 
 
+def _state(context: Context) -> ConfigRecord:
+    record = context.state.config_records.get(STATE_RECORD)
+    if record is None:
+        raise ProtocolError("no secure-aggregation state on this site")
+    return record
+
+
+def _rounds(record: ConfigRecord) -> list[int]:
+    rounds = record.get("rounds")
+    if not isinstance(rounds, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) for r in rounds
+    ):
+        raise ProtocolError("secure-aggregation state is malformed")
+    return list(rounds)
+
+
 def _load(context: Context, server_round: int) -> tuple[SecAggConfig, bytes]:
     record = context.state.config_records.get(STATE_RECORD)
-    if record is None or record.get("round") != server_round:
+    if record is None or server_round not in _rounds(record):
         raise ProtocolError(f"no secure-aggregation state for round {server_round} on this site")
-    config_bytes, sealed = record.get("config"), record.get("sealed")
+    config_bytes, sealed = record.get(f"config.{server_round}"), record.get(f"sealed.{server_round}")
     if not isinstance(config_bytes, bytes) or not isinstance(sealed, bytes):
         raise ProtocolError("secure-aggregation state is malformed")
     return SecAggConfig.decode(config_bytes), sealed
 
 
 def _save(
-    context: Context, server_round: int, config: SecAggConfig, client: SecAggClient, key: bytes
+    context: Context, config: SecAggConfig, client: SecAggClient, key: bytes, *, first: int = 0
 ) -> None:
-    context.state[STATE_RECORD] = ConfigRecord(
-        {"round": server_round, "config": config.encode(), "sealed": client.seal(key)}
-    )
+    """Seal one round's client state into the node's record (added to the rounds it holds).
+
+    ``first`` (the setup's first round) is stored when the record is created.
+    """
+    record = context.state.config_records.get(STATE_RECORD)
+    if record is None:
+        record = ConfigRecord({"rounds": [], "first": first})
+        context.state[STATE_RECORD] = record
+    rounds = _rounds(record)
+    if config.round not in rounds:
+        record["rounds"] = sorted([*rounds, config.round])
+    record[f"config.{config.round}"] = config.encode()
+    record[f"sealed.{config.round}"] = client.seal(key)
+
+
+def _drop(context: Context, server_round: int) -> None:
+    """Forget one round's secrets; the record goes when no round is left."""
+    record = context.state.config_records.get(STATE_RECORD)
+    if record is None:
+        return
+    rounds = [r for r in _rounds(record) if r != server_round]
+    for name in (f"config.{server_round}", f"sealed.{server_round}"):
+        if name in record:
+            del record[name]
+    if rounds:
+        record["rounds"] = rounds
+    else:
+        del context.state[STATE_RECORD]
 
 
 def _clear(context: Context) -> None:
@@ -81,84 +132,148 @@ def _reply(
     return Message(content=content, reply_to=msg)
 
 
+def _bundle_reply(msg: Message, payloads: list[bytes]) -> Message:
+    return Message(content=RecordDict({KEY_SECAGG_MSG: bundle_to_record(payloads)}), reply_to=msg)
+
+
 def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
-    """Stage 1: check the round's public configuration, make keys, advertise them."""
+    """Setup, stage 1: check every prepared round's public configuration, make keys, advertise.
+
+    One message may prepare several consecutive rounds (one configuration and
+    one request each, same cohort); each round gets its own fresh key pairs
+    and self-mask seed, sealed in this node's state until that round is done.
+    """
     site = SiteContext.of(msg, context, site_root)
     cfg, server_round = site.cfg, site.server_round
-    config = SecAggConfig.decode(
-        record_to_bytes(msg.content[KEY_SECAGG_CONFIG], MAX_SECAGG_CONFIG_BYTES)
+    raw_configs = record_to_bundle(
+        msg.content[KEY_SECAGG_CONFIG], MAX_SECAGG_SETUP_ROUNDS, MAX_SECAGG_CONFIG_BYTES
     )
-    if config.round != server_round:
-        raise ProtocolError(
-            f"secure-aggregation config is for round {config.round}, not {server_round}"
-        )
-    if config.value_bound != cfg.clip_norm:
-        raise ProtocolError("secure-aggregation value bound differs from the run's clip norm")
+    configs = [SecAggConfig.decode(raw) for raw in raw_configs]
     model_size = site.task.build(seed=cfg.seed)
     expected = sum(p.numel() for p in model_size.parameters())
-    if config.vector_length != expected:
-        raise ProtocolError(
-            f"secure-aggregation vector length {config.vector_length} != model size {expected}"
-        )
-    _clear(context)  # a new round discards whatever an aborted one left
-    reason, decisions = decide_participation(site, config.size, config.threshold)
+    for i, config in enumerate(configs):
+        if config.round != server_round + i:
+            raise ProtocolError(
+                f"secure-aggregation config is for round {config.round}, not {server_round + i}"
+            )
+        if i and (config.cohort != configs[0].cohort or config.run_id != configs[0].run_id):
+            raise ProtocolError("prepared rounds must share one run and one cohort")
+        if config.value_bound != cfg.clip_norm:
+            raise ProtocolError("secure-aggregation value bound differs from the run's clip norm")
+        if config.vector_length != expected:
+            raise ProtocolError(
+                f"secure-aggregation vector length {config.vector_length} != model size {expected}"
+            )
+    _clear(context)  # a new setup discards whatever an earlier one left
+    first = configs[0]
+    reason, decisions = decide_participation(site, first.size, first.threshold)
     if reason is not None:
         return refusal(msg, reason, decisions)
-    request = AdvertiseKeysRequest.decode(
-        record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
+    requests = record_to_bundle(
+        msg.content[KEY_SECAGG_MSG], len(configs), max_secagg_request_bytes(first.size)
     )
-    client = SecAggClient(context.node_id, config)
-    reply = client.advertise_keys(request)
-    _save(context, server_round, config, client, state_key(site.directory))
-    answer = _reply(msg, reply.encode())
+    if len(requests) != len(configs):
+        raise ProtocolError(f"{len(requests)} key requests for {len(configs)} rounds")
+    key = state_key(site.directory)
+    replies = []
+    for raw, config in zip(requests, configs, strict=True):
+        client = SecAggClient(context.node_id, config)
+        replies.append(client.advertise_keys(AdvertiseKeysRequest.decode(raw, config)).encode())
+        _save(context, config, client, key, first=server_round)
+    answer = _bundle_reply(msg, replies)
     if decisions is not None:
         answer.content[KEY_SITE_DECISIONS] = decisions
     return answer
 
 
-def _resume(
-    msg: Message, context: Context, site_root: SiteSetup | Path | None
-) -> tuple[SiteContext, SecAggConfig, SecAggClient, bytes]:
-    site = SiteContext.of(msg, context, site_root)
+def _resume(site: SiteContext, context: Context) -> tuple[SecAggConfig, SecAggClient, bytes]:
+    """Open this round's sealed state; a prepared round that has already passed (the
+    server moved on without this node) is erased first, its secrets never used."""
+    record = context.state.config_records.get(STATE_RECORD)
+    if record is not None:
+        for past in [r for r in _rounds(record) if r < site.server_round]:
+            _drop(context, past)
     config, sealed = _load(context, site.server_round)
     key = state_key(site.directory)
     client = SecAggClient.open(sealed, key, context.node_id, config)
-    return site, config, client, key
+    return config, client, key
 
 
 def handle_shares(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
-    """Stage 2: Shamir-share the mask key and self-mask seed among the neighbours."""
-    site, config, client, key = _resume(msg, context, site_root)
-    request = ShareKeysRequest.decode(
-        record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
+    """Setup, stage 2: Shamir-share each prepared round's mask key and self-mask seed.
+
+    The bundle names the rounds the server goes on with (each message's
+    header carries its round); a prepared round it leaves out is forgotten.
+    """
+    site = SiteContext.of(msg, context, site_root)
+    held = _rounds(_state(context))
+    if not held:
+        raise ProtocolError("no prepared secure-aggregation round on this site")
+    cohort_size = _load(context, held[0])[0].size  # every prepared round has this cohort
+    requests = record_to_bundle(
+        msg.content[KEY_SECAGG_MSG], len(held), max_secagg_request_bytes(cohort_size)
     )
-    reply = client.share_keys(request)
-    _save(context, site.server_round, config, client, key)
-    return _reply(msg, reply.encode())
+    key = state_key(site.directory)
+    replies: list[bytes] = []
+    kept: list[int] = []
+    for raw in requests:
+        server_round = peek_round(raw)
+        if server_round not in held or server_round in kept:
+            raise ProtocolError(f"share request for round {server_round}, which is not prepared")
+        config, sealed = _load(context, server_round)
+        client = SecAggClient.open(sealed, key, context.node_id, config)
+        replies.append(client.share_keys(ShareKeysRequest.decode(raw, config)).encode())
+        _save(context, config, client, key)
+        kept.append(server_round)
+    for server_round in held:
+        if server_round not in kept:
+            _drop(context, server_round)
+    return _bundle_reply(msg, replies)
 
 
 def handle_masked(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
-    """Stage 3: train, clip the update to C, quantise and mask it."""
-    site, config, client, key = _resume(msg, context, site_root)
+    """Stage 3: train, clip the update to C, quantise and mask it.
+
+    In a round after its setup's first, the site decides here whether it
+    takes part (its policy and privacy budget now); a refusal drops it from
+    this round only, like a dropout, and its secrets for the round are erased.
+    """
+    site = SiteContext.of(msg, context, site_root)
+    server_round = site.server_round
+    config, client, key = _resume(site, context)
     request = CollectMaskedRequest.decode(
         record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
     )
-    local = compute_update(site, msg.content[KEY_ARRAYS])
+    decisions = None
+    if _state(context).get("first") != server_round:
+        reason, decisions = decide_participation(site, config.size, config.threshold)
+        if reason is not None:
+            _drop(context, server_round)
+            return refusal(msg, reason, decisions)
+    try:
+        local = compute_update(site, msg.content[KEY_ARRAYS])
+    except PrivacyBudgetExceeded as exc:
+        _drop(context, server_round)
+        return refusal(msg, str(exc), decisions)
     clipped, norm = clip_l2(local.update, site.cfg.clip_norm)
     reply = client.collect_masked(request, clipped, secure_generator())
-    _save(context, site.server_round, config, client, key)
+    _save(context, config, client, key)
     metrics = {"num-examples": local.num_examples, "update-norm": norm, **local.metrics}
-    return _reply(msg, reply.encode_parts(), metrics)
+    answer = _reply(msg, reply.encode_parts(), metrics)
+    if decisions is not None:
+        answer.content[KEY_SITE_DECISIONS] = decisions
+    return answer
 
 
 def handle_unmask(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
     """Stage 4: reveal, per neighbour, the self-mask share (survivor) or key share (dropped)."""
-    _, config, client, _ = _resume(msg, context, site_root)
+    site = SiteContext.of(msg, context, site_root)
+    config, client, _ = _resume(site, context)
     request = UnmaskRequest.decode(
         record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
     )
     try:
         reply = client.unmask(request)
     finally:
-        _clear(context)  # the round's secrets are gone whatever happens
+        _drop(context, site.server_round)  # the round's secrets are gone whatever happens
     return _reply(msg, reply.encode())

@@ -22,6 +22,8 @@ MODELS = ("auto", "mlp", "cnn", "linear", "vector")
 # "train": sites train on their data. "echo": sites skip training and return a fixed
 # update (protocol benchmarks measure aggregation cost alone).
 WORKLOADS = ("train", "echo")
+# Bound on the rounds one secure-aggregation setup prepares (and so on a bundle's length).
+MAX_SECAGG_SETUP_ROUNDS = 32
 DROP_STAGES = ("keys", "shares", "masked", "unmask")
 PARTITIONS = ("iid", "dirichlet")
 SAMPLINGS = ("fixed", "poisson")
@@ -85,6 +87,9 @@ class RunConfig:
     secagg: bool = True
     secagg_threshold: float = 0.6  # <= 1: fraction of neighbours; > 1: a count
     secagg_bits: int = 32
+    # rounds whose keys one setup (keys + shares exchanges) prepares, when every round's
+    # cohort is the same (full participation, fixed sampling); 1 = a setup every round
+    secagg_setup_rounds: int = 8
     # fault injection (simulations): sites that go silent at one stage
     drop_rate: float = 0.0
     drop_stage: str = "masked"
@@ -130,6 +135,14 @@ class RunConfig:
             )
         if isinstance(self.secagg_bits, bool) or not (8 <= self.secagg_bits <= 53):
             raise ConfigurationError(f"secagg_bits must lie in [8, 53], got {self.secagg_bits!r}")
+        if isinstance(self.secagg_setup_rounds, bool) or not (
+            isinstance(self.secagg_setup_rounds, int)
+            and 1 <= self.secagg_setup_rounds <= MAX_SECAGG_SETUP_ROUNDS
+        ):
+            raise ConfigurationError(
+                f"secagg_setup_rounds must be an integer in [1, {MAX_SECAGG_SETUP_ROUNDS}], "
+                f"got {self.secagg_setup_rounds!r}"
+            )
         if (self.model == "vector") != (self.workload == "echo"):
             raise ConfigurationError(
                 "model 'vector' and workload 'echo' go together (benchmarks only)"

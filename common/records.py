@@ -205,6 +205,17 @@ def _npy_header(length: int) -> bytes:
     return out.getvalue()
 
 
+def _payload_array(data: bytes | Sequence[bytes | memoryview]) -> Array:
+    parts = [data] if isinstance(data, bytes) else list(data)
+    length = sum(memoryview(p).nbytes for p in parts)
+    return Array(
+        dtype=str(_PAYLOAD_DTYPE),
+        shape=(length,),
+        stype=_NPY_STYPE,
+        data=b"".join([_npy_header(length), *parts]),
+    )
+
+
 def bytes_to_record(data: bytes | Sequence[bytes | memoryview]) -> ArrayRecord:
     """Wrap protocol bytes in an ArrayRecord (one uint8 array named :data:`KEY_PAYLOAD`).
 
@@ -213,15 +224,40 @@ def bytes_to_record(data: bytes | Sequence[bytes | memoryview]) -> ArrayRecord:
     joined by its encoder). The array's ``data`` is exactly what ``np.save``
     writes for ``np.frombuffer(payload, np.uint8)``.
     """
-    parts = [data] if isinstance(data, bytes) else list(data)
-    length = sum(memoryview(p).nbytes for p in parts)
-    array = Array(
-        dtype=str(_PAYLOAD_DTYPE),
-        shape=(length,),
-        stype=_NPY_STYPE,
-        data=b"".join([_npy_header(length), *parts]),
+    return ArrayRecord({KEY_PAYLOAD: _payload_array(data)})
+
+
+def bundle_names(count: int) -> list[str]:
+    """Array names of a bundle of ``count`` payloads: ``payload``, ``payload.1``, ..."""
+    return [KEY_PAYLOAD] + [f"{KEY_PAYLOAD}.{i}" for i in range(1, count)]
+
+
+def bundle_to_record(items: Sequence[bytes | Sequence[bytes | memoryview]]) -> ArrayRecord:
+    """Several protocol payloads in one ArrayRecord, in order (a bundle of one is
+    exactly :func:`bytes_to_record`)."""
+    if not items:
+        raise DataError("a bundle needs at least one payload")
+    return ArrayRecord(
+        {name: _payload_array(item) for name, item in zip(bundle_names(len(items)), items, strict=True)}
     )
-    return ArrayRecord({KEY_PAYLOAD: array})
+
+
+def record_to_bundle(
+    record: object, max_count: int, max_size: int, *, what: str = "payload"
+) -> list[bytes]:
+    """The payloads of a bundle: 1 to ``max_count`` arrays, each checked as :func:`record_to_bytes`.
+
+    The count and every declared size are checked before any payload is parsed.
+    """
+    if not isinstance(record, ArrayRecord):
+        raise DataError(f"{what}: expected an ArrayRecord")
+    count = len(record)
+    if not 1 <= count <= max_count or list(record.keys()) != bundle_names(count):
+        raise DataError(f"{what}: expected a bundle of 1 to {max_count} payloads")
+    arrays = [record[name] for name in bundle_names(count)]
+    for arr in arrays:
+        _check_declared(arr, max_size, what)
+    return [bytes(_payload_bytes(arr, what, copy=True)) for arr in arrays]
 
 
 @overload
@@ -251,10 +287,18 @@ def record_to_bytes(
     if not isinstance(record, ArrayRecord) or list(record.keys()) != [KEY_PAYLOAD]:
         raise DataError(f"{what}: expected an ArrayRecord with one array {KEY_PAYLOAD!r}")
     arr = record[KEY_PAYLOAD]
+    _check_declared(arr, max_size, what)
+    return _payload_bytes(arr, what, copy=copy)
+
+
+def _check_declared(arr: Array, max_size: int, what: str) -> None:
     if np.dtype(arr.dtype) != _PAYLOAD_DTYPE or len(arr.shape) != 1:
         raise DataError(f"{what}: expected a 1-D uint8 array")
     if arr.shape[0] > max_size or len(arr.data) > max_size + _NPY_HEADER_MAX:
         raise DataError(f"{what}: {arr.shape[0]} bytes exceeds the limit of {max_size}")
+
+
+def _payload_bytes(arr: Array, what: str, *, copy: bool) -> bytes | memoryview:
     data = arr.data
     if arr.stype != _NPY_STYPE or type(data) is not bytes:
         raise DataError(f"{what}: expected .npy bytes")

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from common.cli_errors import one_line_errors
+from common.cli_options import SecaggSetupRounds
 from common.config import RunConfig
 from common.env import apply_safe_flower_env
 from common.pki import CertPaths, make_certs
@@ -120,6 +121,7 @@ def start_cmd(
     secagg: Annotated[
         bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation.")
     ] = _D.secagg,
+    secagg_setup_rounds: SecaggSetupRounds = _D.secagg_setup_rounds,
     central_dp: Annotated[
         bool, typer.Option("--central-dp/--no-central-dp", help="Client-level DP-FedAvg noise.")
     ] = _D.central_dp,
@@ -176,6 +178,7 @@ def start_cmd(
         dp=dp,
         site_epsilon=site_epsilon,
         secagg=secagg,
+        secagg_setup_rounds=secagg_setup_rounds,
         central_dp=central_dp,
         noise_multiplier=noise_multiplier,
         clip_norm=clip_norm,

@@ -55,7 +55,7 @@ from common.task import TaskSpec, task_for
 from server.book import RunBook, code_hash
 from server.policy_gate import PolicyGate
 from server.results import NullObserver, RoundObserver, RoundResult, SiteOutcome
-from server.secure import refusal_reason, site_decisions
+from server.secure import PreparedRound, refusal_reason, site_decisions
 
 log = logging.getLogger("flwr.fedseal.server")
 
@@ -233,6 +233,8 @@ class FederatedRun:
         self.gate = gate
         self.app_hash = code_hash()
         self.stopped: str | None = None  # why a policy ended the run early
+        # secure-aggregation rounds whose keys and shares are already exchanged
+        self._prepared: dict[int, PreparedRound] = {}
         self.client_accountant = (
             ClientLevelAccountant(cfg.client_sampling, cfg.client_sample_rate, cfg.accountant)
             if cfg.central_dp
@@ -548,42 +550,102 @@ class FederatedRun:
             total += u.num_examples * u.update.astype(np.float64)
         return Aggregate(total, float(sum(u.num_examples for u in updates)), contributors, outcomes)
 
+    def _setup_rounds(self, server_round: int) -> list[int]:
+        """The rounds one secure-aggregation setup prepares, starting at ``server_round``.
+
+        Several only when every round's cohort is known now and the same: all
+        admitted sites every round (fixed sampling, ``fraction_train`` 1). A
+        site that joins later waits for the next setup; Poisson or partial
+        sampling draws a new cohort each round, so it gets a setup each round.
+        """
+        full = self.cfg.sampling == "fixed" and self.cfg.fraction_train >= 1.0
+        count = self.cfg.secagg_setup_rounds if full else 1
+        return list(range(server_round, min(server_round + count, self.cfg.rounds + 1)))
+
     def _secure_round(self, server_round: int, cohort: list[int]) -> Aggregate:
-        from server.secure import SecureRound
+        from server.secure import SecureRound, SecureSetup
 
         if len(cohort) < 2:
             raise ProtocolAbort(
                 f"round {server_round}: secure aggregation needs at least 2 sampled sites"
             )
-        droppers: frozenset[int] = frozenset()
-        if self.cfg.drop_rate > 0:
-            rng = seeded_generator(self.cfg.seed * 7_919 + server_round)
+
+        def droppers_for(r: int) -> frozenset[int]:
+            if self.cfg.drop_rate <= 0:
+                return frozenset()
+            rng = seeded_generator(self.cfg.seed * 7_919 + r)
             k = int(round(self.cfg.drop_rate * len(cohort)))
-            droppers = frozenset(
-                cohort[int(i)] for i in rng.choice(len(cohort), size=k, replace=False)
-            )
+            return frozenset(cohort[int(i)] for i in rng.choice(len(cohort), size=k, replace=False))
 
-        def exchange(action: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+        def exchange(
+            action: str, contents: Mapping[int, RecordDict], group: int
+        ) -> dict[int, Message]:
             return self._send(
-                {n: (c, f"{MessageType.TRAIN}.{action}") for n, c in contents.items()}, server_round
+                {n: (c, f"{MessageType.TRAIN}.{action}") for n, c in contents.items()}, group
             )
 
+        def content(r: int) -> RecordDict:
+            return RecordDict({KEY_CONFIG: config_to_record(self.cfg, r, **self._extra())})
+
+        prepared = self._prepared.pop(server_round, None)
+        if prepared is None or list(prepared.cohort) != cohort:
+            self._prepared.clear()
+            rounds = self._setup_rounds(server_round)
+            setup = SecureSetup(
+                cfg=self.cfg,
+                rounds=rounds,
+                run_number=int(self.run_id, 16),
+                cohort=cohort,
+                vector_length=self.spec.size,
+                exchange=exchange,
+                base_content=content,
+                droppers=(
+                    droppers_for(server_round)
+                    if self.cfg.drop_stage in ("keys", "shares")
+                    else frozenset()
+                ),
+            )
+            try:
+                self._prepared = setup.run()
+            except FedsealError as exc:
+                self._event(
+                    "secagg_outcome",
+                    {
+                        "round": server_round,
+                        "status": "aborted",
+                        "reason": str(exc),
+                        "rejected": _str_keys(setup.rejected),
+                    },
+                )
+                raise
+            self._event(
+                "secagg_setup",
+                {
+                    "round": server_round,
+                    "rounds": sorted(self._prepared),
+                    "cohort": [str(n) for n in cohort],
+                    "rejected": _str_keys(setup.rejected),
+                    "refused": _str_keys(setup.refused),
+                },
+            )
+            prepared = self._prepared.pop(server_round)
         secure = SecureRound(
             cfg=self.cfg,
             server_round=server_round,
-            run_number=int(self.run_id, 16),
-            cohort=cohort,
-            vector_length=self.spec.size,
+            prepared=prepared,
             exchange=exchange,
-            base_content=lambda: RecordDict(
-                {KEY_CONFIG: config_to_record(self.cfg, server_round, **self._extra())}
-            ),
+            base_content=content,
             global_arrays=lambda: vector_to_record(self.global_vector),
-            droppers=droppers,
+            droppers=(
+                droppers_for(server_round)
+                if self.cfg.drop_stage in ("masked", "unmask")
+                else frozenset()
+            ),
         )
         try:
             outcome = secure.run()
         except FedsealError as exc:  # abort, or a failed integrity check while unmasking
+            self._prepared.clear()  # later rounds get a fresh setup
             self._event(
                 "secagg_outcome",
                 {

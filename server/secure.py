@@ -1,7 +1,11 @@
 """Server side of secure aggregation on Flower's Message API (no LegacyContext).
 
 Drives :class:`common.secagg.SecAggServer` through its four stages with one
-``Grid`` exchange each. Every reply is checked on its own before the protocol
+``Grid`` exchange each: :class:`SecureSetup` runs the keys and shares
+exchanges, for one round or, when every round has the same cohort, for
+several rounds at once (one bundle of per-round messages per site);
+:class:`SecureRound` runs a prepared round's masked and unmask exchanges.
+Every reply is checked on its own before the protocol
 sees it: a Flower error, an undecodable or oversized payload, or a reply for
 another node, round or run removes only that site (as a dropout, with the
 reason recorded); the protocol then decides whether enough sites remain.
@@ -19,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from common.config import RunConfig
-from common.errors import FedsealError, ProtocolError
+from common.errors import FedsealError, ProtocolAbort, ProtocolError
 from common.records import (
     ACTION_SECAGG_KEYS,
     ACTION_SECAGG_MASKED,
@@ -34,12 +38,14 @@ from common.records import (
     KEY_SECAGG_CONFIG,
     KEY_SECAGG_MSG,
     KEY_SITE_DECISIONS,
+    bundle_to_record,
     bytes_to_record,
     max_secagg_reply_bytes,
+    record_to_bundle,
     record_to_bytes,
 )
 from common.rng import secure_bytes
-from common.secagg import AggregateResult, SecAggServer, make_config
+from common.secagg import AggregateResult, SecAggConfig, SecAggServer, make_config
 from common.secagg.messages import (
     AdvertiseKeysReply,
     CollectMaskedReply,
@@ -47,8 +53,8 @@ from common.secagg.messages import (
     UnmaskReply,
 )
 
-# exchange(action, {node_id: content}) -> {node_id: reply}
-Exchange = Callable[[str, Mapping[int, RecordDict]], dict[int, Message]]
+# exchange(action, {node_id: content}, round the messages are grouped under) -> {node_id: reply}
+Exchange = Callable[[str, Mapping[int, RecordDict], int], dict[int, Message]]
 STAGE_OF_ACTION = {
     ACTION_SECAGG_KEYS: "keys",
     ACTION_SECAGG_SHARES: "shares",
@@ -71,16 +77,200 @@ class SecureRoundOutcome:
 
 
 @dataclass(slots=True)
-class SecureRound:
-    """One secure-aggregation round over ``cohort``."""
+class PreparedRound:
+    """One round whose keys and shares are in place: what its masked stage needs.
+
+    ``rejected``/``refused``/``decisions``/``droppers`` carry what the setup
+    learned about sites (they are out of this round from the start).
+    """
+
+    server: SecAggServer
+    masked_requests: dict[int, Any]
+    cohort: tuple[int, ...]
+    first: bool  # the setup's first round (the sites' policy decisions came with their keys)
+    rejected: dict[int, str] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)
+    decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    droppers: frozenset[int] = frozenset()
+
+
+def _encode_requests(requests: Mapping[int, Any], node_id: int, rounds: list[int]) -> list[bytes]:
+    return [requests[r][node_id].encode() for r in rounds]
+
+
+@dataclass(slots=True)
+class SecureSetup:
+    """The keys and shares exchanges that prepare one or more rounds over one cohort.
+
+    Why several rounds can share one setup without weakening anything: every
+    round still has its own configuration (round number, fresh public graph
+    seed) and every client makes fresh key pairs and a fresh self-mask seed
+    per round (:class:`common.secagg.SecAggClient`, one per round), so the
+    rounds' secrets are independent, exactly as with one setup per round.
+    Only the *messages* are batched: one keys exchange carries every round's
+    AdvertiseKeys, one shares exchange every round's encrypted Shamir shares.
+    A client's unrevealed secrets of later rounds wait in its sealed state
+    (never in plaintext outside memory, never at the server); a site's
+    answer for round r never involves another round's secrets, so the
+    "never both shares for one neighbour" rule holds per round as before.
+    What changes is *when* a site commits to a round: a site that is gone
+    later simply drops out at that round's masked stage, which SecAgg+
+    tolerates (its pairwise masks are removed from its reconstructed key).
+    """
 
     cfg: RunConfig
-    server_round: int
+    rounds: list[int]
     run_number: int
     cohort: list[int]
     vector_length: int
     exchange: Exchange
-    base_content: Callable[[], RecordDict]
+    base_content: Callable[[int], RecordDict]
+    droppers: frozenset[int] = frozenset()  # silent at the setup's drop stage (injected)
+    rejected: dict[int, str] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)
+    decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def run(self) -> dict[int, PreparedRound]:
+        """Keys, then shares, for every round; ProtocolAbort if the first round cannot start.
+
+        A later round whose protocol cannot go on (e.g. a neighbour graph that
+        leaves some site below the threshold) ends the setup before it: those
+        rounds get a setup of their own when their turn comes.
+        """
+        first = self.rounds[0]
+        configs = {
+            r: make_config(
+                run_id=self.run_number,
+                round=r,
+                cohort=self.cohort,
+                threshold=self.cfg.secagg_threshold_value,
+                value_bound=self.cfg.clip_norm,
+                vector_length=self.vector_length,
+                bits=self.cfg.secagg_bits,
+                graph_seed=secure_bytes(32),
+            )
+            for r in self.rounds
+        }
+        servers = {r: SecAggServer(c) for r, c in configs.items()}
+        starts: dict[int, Mapping[int, Any]] = {r: servers[r].start() for r in self.rounds}
+        config_bundle = bundle_to_record([configs[r].encode() for r in self.rounds])
+        keys = self._exchange(
+            ACTION_SECAGG_KEYS,
+            {n: _encode_requests(starts, n, self.rounds) for n in starts[first]},
+            self.rounds,
+            configs,
+            AdvertiseKeysReply,
+            config_bundle,
+        )
+        rounds: list[int] = []
+        share_requests: dict[int, Mapping[int, Any]] = {}
+        for r in self.rounds:
+            index = self.rounds.index(r)
+            try:
+                share_requests[r] = servers[r].receive_advertise_keys(
+                    [replies[index] for replies in keys.values()]
+                )
+            except ProtocolAbort:
+                if r == first:
+                    raise
+                break
+            rounds.append(r)
+        # A site goes on only if every prepared round asks it for shares (consistent cohorts).
+        asked = set.intersection(*(set(share_requests[r]) for r in rounds))
+        shares = self._exchange(
+            ACTION_SECAGG_SHARES,
+            {n: _encode_requests(share_requests, n, rounds) for n in sorted(asked)},
+            rounds,
+            configs,
+            ShareKeysReply,
+            None,
+        )
+        prepared: dict[int, PreparedRound] = {}
+        for i, r in enumerate(rounds):
+            try:
+                masked = servers[r].receive_share_keys([replies[i] for replies in shares.values()])
+            except ProtocolAbort:
+                if r == first:
+                    raise
+                break
+            prepared[r] = PreparedRound(
+                servers[r],
+                dict(masked),
+                tuple(self.cohort),
+                first=r == first,
+                rejected=dict(self.rejected),
+                refused=dict(self.refused),
+                decisions=dict(self.decisions) if r == first else {},
+                droppers=self.droppers,
+            )
+        return prepared
+
+    def _exchange(
+        self,
+        action: str,
+        payloads: Mapping[int, list[bytes]],
+        rounds: list[int],
+        configs: Mapping[int, SecAggConfig],
+        reply_type: Any,
+        config_bundle: ArrayRecord | None,
+    ) -> dict[int, list[Any]]:
+        """One setup exchange; returns, per usable site, its decoded replies in round order."""
+        stage_name = STAGE_OF_ACTION[action]
+        contents: dict[int, RecordDict] = {}
+        for node_id, items in payloads.items():
+            content = self.base_content(self.rounds[0])
+            content[KEY_SECAGG_MSG] = bundle_to_record(items)
+            if config_bundle is not None:
+                content[KEY_SECAGG_CONFIG] = config_bundle
+            contents[node_id] = content
+        replies = self.exchange(action, contents, self.rounds[0]) if contents else {}
+        decoded: dict[int, list[Any]] = {}
+        for node_id, items in payloads.items():
+            if stage_name == self.cfg.drop_stage and node_id in self.droppers:
+                continue  # injected fault: this site goes silent here
+            reply = replies.get(node_id)
+            if reply is None:
+                self.rejected[node_id] = f"no reply at stage {stage_name}"
+                continue
+            if action == ACTION_SECAGG_KEYS:
+                if (found := site_decisions(reply)) is not None:
+                    self.decisions[node_id] = found
+                if (reason := refusal_reason(reply)) is not None:
+                    self.refused[node_id] = reason  # declined before sharing keys
+                    continue
+            try:
+                if reply.has_error():
+                    raise ProtocolError(f"site error: {reply.error.reason}")
+                cohort_size = len(self.cohort)
+                data = record_to_bundle(
+                    reply.content.array_records.get(KEY_SECAGG_MSG),
+                    len(items),
+                    max_secagg_reply_bytes(cohort_size, 0),
+                )
+                if len(data) != len(items):
+                    raise ProtocolError(f"{len(data)} replies for {len(items)} rounds")
+                msgs = []
+                for raw, r in zip(data, rounds, strict=True):
+                    msg = reply_type.decode(raw, configs[r])
+                    if msg.node_id != node_id:
+                        raise ProtocolError(f"reply claims node {msg.node_id}")
+                    msgs.append(msg)
+            except FedsealError as exc:
+                self.rejected[node_id] = f"stage {stage_name}: {exc}"
+                continue
+            decoded[node_id] = msgs
+        return decoded
+
+
+@dataclass(slots=True)
+class SecureRound:
+    """The masked and unmask exchanges of one prepared round."""
+
+    cfg: RunConfig
+    server_round: int
+    prepared: PreparedRound
+    exchange: Exchange
+    base_content: Callable[[int], RecordDict]
     global_arrays: Callable[[], Any]
     droppers: frozenset[int] = frozenset()
     rejected: dict[int, str] = field(default_factory=dict)
@@ -88,36 +278,27 @@ class SecureRound:
     decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.rejected.update(self.prepared.rejected)
+        self.refused.update(self.prepared.refused)
+        self.decisions.update(self.prepared.decisions)
+
     def run(self) -> SecureRoundOutcome:
-        config = make_config(
-            run_id=self.run_number,
-            round=self.server_round,
-            cohort=self.cohort,
-            threshold=self.cfg.secagg_threshold_value,
-            value_bound=self.cfg.clip_norm,
-            vector_length=self.vector_length,
-            bits=self.cfg.secagg_bits,
-            graph_seed=secure_bytes(32),
-        )
-        server = SecAggServer(config)
+        server = self.prepared.server
+        config = server.config
         reply_cap = max_secagg_reply_bytes(config.size, config.masked_size)
 
-        def stage(
-            action: str, requests: Mapping[int, Any], reply_type: Any, *, first: bool = False
-        ) -> list[Any]:
+        def stage(action: str, requests: Mapping[int, Any], reply_type: Any) -> list[Any]:
             contents: dict[int, RecordDict] = {}
             # Built once per exchange and shared by every message (read-only once sent).
-            shared_config = bytes_to_record(config.encode()) if first else None
             model = self.global_arrays() if action == ACTION_SECAGG_MASKED else None
             for node_id, request in requests.items():
-                content = self.base_content()
+                content = self.base_content(self.server_round)
                 content[KEY_SECAGG_MSG] = bytes_to_record(request.encode())
-                if shared_config is not None:
-                    content[KEY_SECAGG_CONFIG] = shared_config
                 if model is not None:
                     content[KEY_ARRAYS] = model
                 contents[node_id] = content
-            replies = self.exchange(action, contents)
+            replies = self.exchange(action, contents, self.server_round) if contents else {}
             decoded = []
             for node_id in contents:
                 if STAGE_OF_ACTION[action] == self.cfg.drop_stage and node_id in self.droppers:
@@ -126,11 +307,13 @@ class SecureRound:
                 if reply is None:
                     self.rejected[node_id] = f"no reply at stage {STAGE_OF_ACTION[action]}"
                     continue
-                if first and (found := site_decisions(reply)) is not None:
-                    self.decisions[node_id] = found
-                if first and (reason := refusal_reason(reply)) is not None:
-                    self.refused[node_id] = reason  # declined before sharing keys
-                    continue
+                if action == ACTION_SECAGG_MASKED:
+                    # a round after its setup's first: the site re-decides here (budget, policy)
+                    if (found := site_decisions(reply)) is not None:
+                        self.decisions[node_id] = found
+                    if (reason := refusal_reason(reply)) is not None:
+                        self.refused[node_id] = reason  # out of this round, like a dropout
+                        continue
                 try:
                     if reply.has_error():
                         raise ProtocolError(f"site error: {reply.error.reason}")
@@ -150,18 +333,16 @@ class SecureRound:
                 decoded.append(msg)
             return decoded
 
-        requests: Mapping[int, Any] = server.start()
-        requests = server.receive_advertise_keys(
-            stage(ACTION_SECAGG_KEYS, requests, AdvertiseKeysReply, first=True)
+        requests = server.receive_masked(
+            stage(ACTION_SECAGG_MASKED, self.prepared.masked_requests, CollectMaskedReply)
         )
-        requests = server.receive_share_keys(stage(ACTION_SECAGG_SHARES, requests, ShareKeysReply))
-        requests = server.receive_masked(stage(ACTION_SECAGG_MASKED, requests, CollectMaskedReply))
         result = server.receive_unmask(stage(ACTION_SECAGG_UNMASK, requests, UnmaskReply))
         metrics = {n: m for n, m in self.site_metrics.items() if n in set(result.contributors)}
         # share holders the protocol caught with wrong unmask shares (contributors stay in the sum)
         rejected = {**result.rejected, **self.rejected}
+        injected = self.droppers | self.prepared.droppers
         return SecureRoundOutcome(
-            result, metrics, rejected, tuple(sorted(self.droppers)), dict(self.refused)
+            result, metrics, rejected, tuple(sorted(injected)), dict(self.refused)
         )
 
 

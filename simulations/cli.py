@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from common.cli_options import SecaggSetupRounds
 from common.config import RunConfig
 from common.errors import FedsealError
 from server.results import RoundResult
@@ -160,6 +161,7 @@ def run_cmd(
         float,
         typer.Option(help="SecAgg+ threshold: fraction of neighbours in (0.5, 1], or a count > 1."),
     ] = _D.secagg_threshold,
+    secagg_setup_rounds: SecaggSetupRounds = _D.secagg_setup_rounds,
     clip_norm: Annotated[
         float,
         typer.Option(
@@ -228,6 +230,7 @@ def run_cmd(
             delta=delta,
             secagg=secagg,
             secagg_threshold=secagg_threshold,
+            secagg_setup_rounds=secagg_setup_rounds,
             clip_norm=clip_norm,
             drop_rate=drop_rate,
             drop_stage=drop_stage.value,

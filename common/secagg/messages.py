@@ -113,6 +113,20 @@ def _read_header(data: object, config: SecAggConfig, kind: int, name: str) -> tu
     return data, node_id
 
 
+def peek_round(data: object) -> int:
+    """The round named in a message's header, before it is decoded against that round's config.
+
+    Only locates the configuration to decode with; :meth:`decode` then checks
+    every field (a wrong round there is still rejected).
+    """
+    if type(data) is not bytes or len(data) < HEADER.size:
+        raise ProtocolError("a secure-aggregation message is shorter than its header")
+    magic, _, _, _, round_, _ = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError("unknown message format or protocol version")
+    return int(round_)
+
+
 def _read_count(data: bytes, offset: int, limit: int, name: str) -> int:
     if len(data) < offset + _U32.size:
         raise ProtocolError(f"{name}: truncated before its count")

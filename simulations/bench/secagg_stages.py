@@ -158,7 +158,7 @@ def time_round_stages(
     clients: int, params: int, *, secagg: bool, server_round: int = 1
 ) -> tuple[float, list[StageTiming]]:
     """One round in process; returns (total seconds, per-exchange timings)."""
-    from server.secure import SecureRound
+    from server.secure import SecureRound, SecureSetup
 
     cfg = echo_config(clients, params, 1, secagg=secagg)
     global_vector = np.zeros(params, dtype=np.float32)
@@ -175,17 +175,26 @@ def time_round_stages(
         if secagg:
             train = str(MessageType.TRAIN)
 
-            def exchange(action: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+            def exchange(
+                action: str, contents: Mapping[int, RecordDict], group: int
+            ) -> dict[int, Message]:
                 return loop.exchange({n: (c, f"{train}.{action}") for n, c in contents.items()})
 
-            SecureRound(
+            prepared = SecureSetup(
                 cfg=cfg,
-                server_round=server_round,
+                rounds=[server_round],
                 run_number=1,
                 cohort=cohort,
                 vector_length=params,
                 exchange=exchange,
-                base_content=content,
+                base_content=lambda r: content(),
+            ).run()
+            SecureRound(
+                cfg=cfg,
+                server_round=server_round,
+                prepared=prepared[server_round],
+                exchange=exchange,
+                base_content=lambda r: content(),
                 global_arrays=lambda: vector_to_record(global_vector),
             ).run()
         else:

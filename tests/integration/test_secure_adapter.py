@@ -302,7 +302,7 @@ def test_secure_round_below_threshold_aborts_global_model_unchanged(
 ) -> None:
     # 5 sites, k = 4, t = 3. At unmask two silent sites leave each other survivor
     # with two responding neighbours: fewer than t shares of its self-mask seed.
-    cfg = vector_cfg(5, rounds=2)
+    cfg = vector_cfg(5, rounds=2, secagg_setup_rounds=1)  # keys and shares again in round 2
     faults = [Fault(node(p), f"secagg_{stage}", server_round=2) for p in silent]
     run, _ = federation(cfg, tmp_path, faults=faults)
     after_round_1: list[np.ndarray] = []
@@ -460,7 +460,7 @@ def test_sealed_state_cleared_after_unmask(tmp_path: Path, distinct_updates: Non
     def check(grid: FakeGrid, msg: Message) -> None:
         if msg.metadata.message_type == "train.secagg_unmask":
             record = _state(grid, msg.metadata.dst_node_id)  # present until unmask
-            assert isinstance(record["sealed"], bytes) and record["round"] == 1
+            assert isinstance(record["sealed.1"], bytes) and record["rounds"] == [1]
             seen.append(msg.metadata.dst_node_id)
 
     run, grid = federation(cfg, tmp_path, on_deliver=check)
@@ -490,20 +490,21 @@ def test_sealed_state_from_another_node_fails_to_open(
     assert "IntegrityError" in reasons(result)[thief]
     # directly: the victim's blob opens under the victim's key and id only
     record = captured["record"]
-    config = SecAggConfig.decode(record["config"])
+    config = SecAggConfig.decode(record["config.1"])
     victim_key = state_key(site_dir(grid.contexts[victim].node_config, victim, tmp_path))
     thief_key = state_key(site_dir(grid.contexts[thief].node_config, thief, tmp_path))
-    SecAggClient.open(record["sealed"], victim_key, victim, config)
+    SecAggClient.open(record["sealed.1"], victim_key, victim, config)
     with pytest.raises(IntegrityError):
-        SecAggClient.open(record["sealed"], thief_key, thief, config)
+        SecAggClient.open(record["sealed.1"], thief_key, thief, config)
     with pytest.raises(IntegrityError):
-        SecAggClient.open(record["sealed"], thief_key, victim, config)
+        SecAggClient.open(record["sealed.1"], thief_key, victim, config)
 
 
+@pytest.mark.parametrize("setup_rounds", [1, 2])
 def test_sealed_state_from_previous_round_fails_to_open(
-    tmp_path: Path, distinct_updates: None
+    tmp_path: Path, distinct_updates: None, setup_rounds: int
 ) -> None:
-    cfg = vector_cfg(6, rounds=2)
+    cfg = vector_cfg(6, rounds=2, secagg_setup_rounds=setup_rounds)
     replayer = node(1)
     saved: dict[int, ConfigRecord] = {}
 
@@ -515,10 +516,10 @@ def test_sealed_state_from_previous_round_fails_to_open(
         if md.group_id == "1":
             saved[1] = ConfigRecord(dict(current.items()))
             return
-        # round 2: keep this round's public config and round number, put back last round's blob
-        grid.contexts[replayer].state[STATE_RECORD] = ConfigRecord(
-            {"round": 2, "config": current["config"], "sealed": saved[1]["sealed"]}
-        )
+        # round 2: keep this round's public config and round number, put back round 1's blob
+        forged = ConfigRecord(dict(current.items()))
+        forged["sealed.2"] = saved[1]["sealed.1"]
+        grid.contexts[replayer].state[STATE_RECORD] = forged
 
     run, _ = federation(cfg, tmp_path, on_deliver=replay)
     first, second = run.execute()
@@ -552,3 +553,146 @@ def test_drop_rate_zero_injects_nothing(tmp_path: Path, distinct_updates: None) 
     result = run.execute()[0]
     assert result.secagg is not None and result.secagg["dropouts"] == 0
     assert len(accepted(result)) == 4
+
+
+# ------------------------------------------------------------------ (g) one setup, several rounds
+def _actions(grid: FakeGrid) -> list[str]:
+    return [next(iter(e.message_types.values())).split(".")[-1] for e in grid.history]
+
+
+def test_one_setup_prepares_every_round_each_round_exact(
+    tmp_path: Path, distinct_updates: None
+) -> None:
+    cfg = vector_cfg(5, rounds=3)  # default: one setup for up to 8 rounds
+    held: list[list[int]] = []
+
+    def spy(grid: FakeGrid, msg: Message) -> None:
+        if msg.metadata.message_type == "train.secagg_masked" and msg.metadata.dst_node_id == node(0):
+            held.append(list(_state(grid, node(0))["rounds"]))
+
+    run, grid = federation(cfg, tmp_path, on_deliver=spy)
+    before = run.global_vector.copy()
+    results = run.execute()
+    assert _actions(grid) == [
+        "secagg_keys", "secagg_shares",
+        "secagg_masked", "secagg_unmask",
+        "secagg_masked", "secagg_unmask",
+        "secagg_masked", "secagg_unmask",
+    ]  # fmt: skip
+    # a round's secrets are erased after its unmask stage; later rounds' wait sealed
+    assert held == [[1, 2, 3], [2, 3], [3]]
+    for result in results:
+        assert accepted(result) == {node(i) for i in range(5)}
+        assert result.secagg == {"participants": 5, "dropouts": 0, "threshold": 3, "neighbours": 4}
+    # the same clipped updates each round: the model moved by three exact means
+    expected = 3 * np.mean([clipped(p) for p in range(5)], axis=0)
+    tol = 3 * quantisation_tolerance(cfg, 5, float(np.max(np.abs(run.global_vector))))
+    np.testing.assert_allclose(run.global_vector - before, expected, rtol=0, atol=tol)
+    assert all(STATE_RECORD not in c.state.config_records for c in grid.contexts.values())
+
+
+def test_one_setup_dropout_in_a_later_round_exact_sum_of_survivors(
+    tmp_path: Path, distinct_updates: None
+) -> None:
+    cfg = vector_cfg(6, rounds=2)
+    gone = node(2)
+    run, grid = federation(cfg, tmp_path, faults=[Fault(gone, "secagg_masked", server_round=2)])
+    first = run.execute()[0]
+    second = run.results[1]
+    assert _actions(grid).count("secagg_keys") == 1
+    assert accepted(first) == {node(i) for i in range(6)}
+    assert accepted(second) == {node(i) for i in range(6)} - {gone}
+    assert reasons(second) == {gone: "no reply at stage masked"}
+    assert second.secagg is not None and second.secagg["dropouts"] == 1
+
+
+def test_one_setup_silent_at_keys_is_out_of_every_prepared_round(
+    tmp_path: Path, distinct_updates: None
+) -> None:
+    cfg = vector_cfg(6, rounds=2)
+    silent = node(5)
+    run, grid = federation(cfg, tmp_path, faults=[Fault(silent, "secagg_keys")])
+    before = run.global_vector.copy()
+    results = run.execute()
+    for result in results:
+        assert reasons(result) == {silent: "no reply at stage keys"}
+        assert result.secagg is not None and result.secagg["dropouts"] == 1
+    later = grid.history[1:]
+    assert all(silent not in e.message_types for e in later)
+    expected = 2 * np.mean([clipped(p) for p in range(5)], axis=0)
+    tol = 2 * quantisation_tolerance(cfg, 5, float(np.max(np.abs(run.global_vector))))
+    np.testing.assert_allclose(run.global_vector - before, expected, rtol=0, atol=tol)
+
+
+def test_one_setup_site_refusing_a_later_round_is_out_of_that_round_only(
+    tmp_path: Path, distinct_updates: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = vector_cfg(5, rounds=3)
+    refuser = node(3)
+    original = client_secure.decide_participation
+
+    def decide(site: Any, cohort_size: int, threshold: Any) -> Any:
+        if site.context.node_id == refuser and site.server_round == 2:
+            return "privacy budget spent (test)", None
+        return original(site, cohort_size, threshold)
+
+    monkeypatch.setattr(client_secure, "decide_participation", decide)
+    run, grid = federation(cfg, tmp_path)
+    first, second, third = run.execute()
+    assert refuser in accepted(first) and refuser in accepted(third)
+    assert refuser not in accepted(second)
+    refused = {s.node_id: s for s in second.sites if s.refused}
+    assert set(refused) == {refuser} and refused[refuser].reason == "privacy budget spent (test)"
+    assert _actions(grid).count("secagg_keys") == 1
+
+
+@pytest.mark.parametrize(
+    ("field_name", "expected_error"),
+    [("round", "is for round 3, not 2"), ("cohort", "share one run and one cohort")],
+)
+def test_setup_bundle_with_inconsistent_round_configs_is_refused_by_the_site(
+    tmp_path: Path, distinct_updates: None, field_name: str, expected_error: str
+) -> None:
+    from common.records import KEY_SECAGG_CONFIG, bundle_to_record, record_to_bundle
+
+    cfg = vector_cfg(6, rounds=2)
+    victim = node(4)
+
+    def forge(grid: FakeGrid, msg: Message) -> None:
+        md = msg.metadata
+        if md.message_type != "train.secagg_keys" or md.dst_node_id != victim:
+            return
+        raw = record_to_bundle(msg.content[KEY_SECAGG_CONFIG], 8, 1 << 20)
+        configs = [SecAggConfig.decode(r) for r in raw]
+        second = configs[1]
+        forged = make_config(
+            run_id=second.run_id,
+            round=second.round + 1 if field_name == "round" else second.round,
+            cohort=list(second.cohort)[:-1] if field_name == "cohort" else list(second.cohort),
+            threshold=second.threshold,
+            value_bound=second.value_bound,
+            vector_length=second.vector_length,
+            bits=second.bits,
+            graph_seed=bytes(32),
+        )
+        content = RecordDict(dict(msg.content.items()))
+        content[KEY_SECAGG_CONFIG] = bundle_to_record([raw[0], forged.encode()])
+        msg.content = content
+
+    run, _ = federation(cfg, tmp_path, on_deliver=forge)
+    first, second = run.execute()
+    for result in (first, second):
+        assert victim in reasons(result) and "site error" in reasons(result)[victim]
+        assert expected_error in reasons(result)[victim]
+        assert accepted(result) == {node(i) for i in range(6)} - {victim}
+
+
+def test_setup_covers_only_remaining_rounds_and_later_setup_follows(
+    tmp_path: Path, distinct_updates: None
+) -> None:
+    cfg = vector_cfg(5, rounds=5, secagg_setup_rounds=2)
+    run, grid = federation(cfg, tmp_path)
+    run.execute()
+    actions = _actions(grid)
+    assert actions.count("secagg_keys") == 3  # rounds 1-2, 3-4, 5
+    assert actions.count("secagg_masked") == 5 and actions.count("secagg_unmask") == 5

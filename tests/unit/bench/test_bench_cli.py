@@ -81,3 +81,18 @@ def test_secagg_50_clients_1m_params_meets_acceptance_ratios() -> None:
     assert isinstance(plain, float) and isinstance(fedseal, float) and isinstance(flower, float)
     assert fedseal / plain <= ACCEPTANCE_MAX_VS_PLAIN, row
     assert flower / fedseal >= ACCEPTANCE_MIN_FLOWER_SPEEDUP, row
+
+
+def test_stage_breakdown_runs_the_real_handlers_and_reports_each_exchange() -> None:
+    from simulations.bench.secagg_stages import bench_stages
+
+    report = bench_stages(3, 64)
+    assert [s["action"].split(".")[-1] for s in report["secure"]] == [
+        "secagg_keys",
+        "secagg_shares",
+        "secagg_masked",
+        "secagg_unmask",
+    ]
+    assert [s["action"] for s in report["plain"]] == ["train"]
+    assert report["plain_s"] > 0 and report["secure_s"] > 0
+    assert all(s["sites_s"] > 0 for s in report["secure"])

@@ -31,3 +31,14 @@ def test_run_config_int_for_float_accepted():
 def test_run_config_bad_value_raises(values):
     with pytest.raises(ConfigurationError):
         RunConfig.from_flower(values)
+
+
+@pytest.mark.parametrize("value", [0, -1, 33, True, 2.0])
+def test_secagg_setup_rounds_out_of_range_refused(value: object) -> None:
+    with pytest.raises(ConfigurationError, match="secagg_setup_rounds"):
+        RunConfig(secagg_setup_rounds=value)  # type: ignore[arg-type]
+
+
+def test_secagg_setup_rounds_travels_in_the_flower_run_config() -> None:
+    cfg = RunConfig(secagg_setup_rounds=3)
+    assert RunConfig.from_flower(cfg.to_flower()) == cfg

@@ -91,3 +91,30 @@ def test_config_record_round_trip():
 def test_record_to_config_missing_round_rejected():
     with pytest.raises(ConfigurationError):
         record_to_config(ConfigRecord(RunConfig().to_flower()))
+
+
+def test_bundle_round_trip_and_limits() -> None:
+    import pytest
+
+    from common.errors import DataError
+    from common.records import (
+        bundle_to_record,
+        bytes_to_record,
+        record_to_bundle,
+        record_to_bytes,
+    )
+
+    items = [b"first", b"", b"x" * 100]
+    record = bundle_to_record(items)
+    assert record_to_bundle(record, 3, 100) == items
+    # a bundle of one is the single-payload record
+    assert record_to_bytes(bundle_to_record([b"abc"]), 10) == b"abc"
+    assert record_to_bundle(bytes_to_record(b"abc"), 1, 10) == [b"abc"]
+    with pytest.raises(DataError, match="bundle of 1 to 2"):
+        record_to_bundle(record, 2, 100)  # more payloads than allowed
+    with pytest.raises(DataError, match="exceeds the limit"):
+        record_to_bundle(record, 3, 99)  # one payload too large: refused before parsing
+    with pytest.raises(DataError):
+        record_to_bundle(b"not a record", 3, 100)
+    with pytest.raises(DataError):
+        bundle_to_record([])
