@@ -27,6 +27,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.cli_options import SecaggSetupRounds
+from common.config import RunConfig
 from common.errors import FedsealError
 
 bench_app = typer.Typer(
@@ -90,11 +92,17 @@ def secagg_cmd(
     flower: Annotated[
         bool, typer.Option("--flower/--no-flower", help="Also time Flower's own SecAgg+.")
     ] = True,
+    setup_rounds: SecaggSetupRounds = RunConfig().secagg_setup_rounds,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
     ] = False,
 ) -> None:
-    """Time a round of plain FedAvg, fedseal SecAgg+ and Flower's SecAgg+ (clients do no training)."""
+    """Time a round of plain FedAvg, fedseal SecAgg+ and Flower's SecAgg+ (clients do no training).
+
+    With the default ``--setup-rounds`` the rounds after the first reuse the
+    first round's setup (two exchanges each); ``--setup-rounds 1`` times the
+    protocol with its keys and shares exchanges in every round.
+    """
     from simulations.bench.secagg import BenchRow, run_bench
     from simulations.engine import stdout_to_stderr
 
@@ -110,7 +118,14 @@ def secagg_cmd(
 
     try:
         with stdout_to_stderr():
-            rows = run_bench(client_counts, lengths, rounds, include_flower=flower, on_row=announce)
+            rows = run_bench(
+                client_counts,
+                lengths,
+                rounds,
+                include_flower=flower,
+                on_row=announce,
+                setup_rounds=setup_rounds,
+            )
     except FedsealError as exc:
         err.print(f"[red]benchmark failed:[/red] {exc}")
         raise typer.Exit(1) from None

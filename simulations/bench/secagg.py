@@ -42,7 +42,9 @@ def _median_after_first(times: Sequence[float]) -> float:
     return float(statistics.median(times[1:]))
 
 
-def echo_config(clients: int, params: int, rounds: int, *, secagg: bool) -> RunConfig:
+def echo_config(
+    clients: int, params: int, rounds: int, *, secagg: bool, setup_rounds: int | None = None
+) -> RunConfig:
     """A run whose sites return a fixed update for a ``params``-long parameter vector."""
     fields: dict[str, Any] = dict(
         dataset="custom",
@@ -60,6 +62,8 @@ def echo_config(clients: int, params: int, rounds: int, *, secagg: bool) -> RunC
         fields["secagg"] = secagg
     elif secagg:
         raise ValueError("this build of fedseal has no secure aggregation")
+    if setup_rounds is not None:
+        fields["secagg_setup_rounds"] = setup_rounds
     # Differential privacy (whatever switches this build has) stays off: the
     # benchmark times the aggregation protocol alone.
     for name, spec in known.items():
@@ -68,12 +72,13 @@ def echo_config(clients: int, params: int, rounds: int, *, secagg: bool) -> RunC
     return RunConfig(**fields)
 
 
-def time_fedseal(clients: int, params: int, rounds: int, *, secagg: bool) -> float:
+def time_fedseal(
+    clients: int, params: int, rounds: int, *, secagg: bool, setup_rounds: int | None = None
+) -> float:
     from simulations.engine import run_simulation
 
-    _, results = run_simulation(
-        echo_config(clients, params, rounds, secagg=secagg), cpus_per_site=1.0
-    )
+    cfg = echo_config(clients, params, rounds, secagg=secagg, setup_rounds=setup_rounds)
+    _, results = run_simulation(cfg, cpus_per_site=1.0)
     return _median_after_first([r.seconds for r in results])
 
 
@@ -116,6 +121,7 @@ def run_bench(
     *,
     include_flower: bool = True,
     on_row: Callable[[BenchRow], None] | None = None,
+    setup_rounds: int | None = None,
 ) -> list[BenchRow]:
     """Time every (clients, params) cell for each variant; rows in the order measured."""
     import logging
@@ -126,7 +132,9 @@ def run_bench(
         for m in params:
             plain = time_fedseal(n, m, rounds, secagg=False)
             try:
-                fedseal: float | None = time_fedseal(n, m, rounds, secagg=True)
+                fedseal: float | None = time_fedseal(
+                    n, m, rounds, secagg=True, setup_rounds=setup_rounds
+                )
             except ValueError:
                 fedseal = None
             flower = time_flower_secaggplus(n, m, rounds) if include_flower else None

@@ -96,3 +96,12 @@ def test_stage_breakdown_runs_the_real_handlers_and_reports_each_exchange() -> N
     assert [s["action"] for s in report["plain"]] == ["train"]
     assert report["plain_s"] > 0 and report["secure_s"] > 0
     assert all(s["sites_s"] > 0 for s in report["secure"])
+
+
+def test_echo_config_secure_with_and_without_setup_rounds() -> None:
+    from simulations.bench.secagg import echo_config
+
+    default = echo_config(5, 100, 3, secagg=True)
+    assert default.secagg and not default.dp and default.workload == "echo"
+    assert echo_config(5, 100, 3, secagg=True, setup_rounds=1).secagg_setup_rounds == 1
+    assert not echo_config(5, 100, 3, secagg=False).secagg
