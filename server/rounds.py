@@ -214,7 +214,7 @@ class FederatedRun:
         self.grid = grid
         if hasattr(grid, "pull_interval"):
             # Flower's in-memory grid (Simulation Engine) sleeps this long between pulls;
-            # a secure round makes four exchanges, so 0.1 s each is a visible cost.
+            # a secure round makes two to four exchanges, so 0.1 s each is a visible cost.
             grid.pull_interval = FAST_PULL_INTERVAL_S
         self.observer = observer or NullObserver()
         self.book = book
