@@ -87,7 +87,6 @@ class PreparedRound:
     server: SecAggServer
     masked_requests: dict[int, Any]
     cohort: tuple[int, ...]
-    first: bool  # the setup's first round (the sites' policy decisions came with their keys)
     rejected: dict[int, str] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
     decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -164,8 +163,7 @@ class SecureSetup:
         )
         rounds: list[int] = []
         share_requests: dict[int, Mapping[int, Any]] = {}
-        for r in self.rounds:
-            index = self.rounds.index(r)
+        for index, r in enumerate(self.rounds):
             try:
                 share_requests[r] = servers[r].receive_advertise_keys(
                     [replies[index] for replies in keys.values()]
@@ -197,7 +195,6 @@ class SecureSetup:
                 servers[r],
                 dict(masked),
                 tuple(self.cohort),
-                first=r == first,
                 rejected=dict(self.rejected),
                 refused=dict(self.refused),
                 decisions=dict(self.decisions) if r == first else {},
@@ -225,27 +222,23 @@ class SecureSetup:
             contents[node_id] = content
         replies = self.exchange(action, contents, self.rounds[0]) if contents else {}
         decoded: dict[int, list[Any]] = {}
+        reply_cap = max_secagg_reply_bytes(len(self.cohort), 0)
         for node_id, items in payloads.items():
-            if stage_name == self.cfg.drop_stage and node_id in self.droppers:
-                continue  # injected fault: this site goes silent here
-            reply = replies.get(node_id)
+            reply = _usable_reply(
+                replies,
+                node_id,
+                stage_name,
+                silent=stage_name == self.cfg.drop_stage and node_id in self.droppers,
+                may_refuse=action == ACTION_SECAGG_KEYS,  # declined before sharing keys
+                rejected=self.rejected,
+                refused=self.refused,
+                decisions=self.decisions,
+            )
             if reply is None:
-                self.rejected[node_id] = f"no reply at stage {stage_name}"
                 continue
-            if action == ACTION_SECAGG_KEYS:
-                if (found := site_decisions(reply)) is not None:
-                    self.decisions[node_id] = found
-                if (reason := refusal_reason(reply)) is not None:
-                    self.refused[node_id] = reason  # declined before sharing keys
-                    continue
             try:
-                if reply.has_error():
-                    raise ProtocolError(f"site error: {reply.error.reason}")
-                cohort_size = len(self.cohort)
                 data = record_to_bundle(
-                    reply.content.array_records.get(KEY_SECAGG_MSG),
-                    len(items),
-                    max_secagg_reply_bytes(cohort_size, 0),
+                    reply.content.array_records.get(KEY_SECAGG_MSG), len(items), reply_cap
                 )
                 if len(data) != len(items):
                     raise ProtocolError(f"{len(data)} replies for {len(items)} rounds")
@@ -300,23 +293,23 @@ class SecureRound:
                 contents[node_id] = content
             replies = self.exchange(action, contents, self.server_round) if contents else {}
             decoded = []
+            stage_name = STAGE_OF_ACTION[action]
             for node_id in contents:
-                if STAGE_OF_ACTION[action] == self.cfg.drop_stage and node_id in self.droppers:
-                    continue  # injected fault: this site goes silent here
-                reply = replies.get(node_id)
+                reply = _usable_reply(
+                    replies,
+                    node_id,
+                    stage_name,
+                    silent=stage_name == self.cfg.drop_stage and node_id in self.droppers,
+                    # a round after its setup's first: the site re-decides here (budget,
+                    # policy); a refusal takes it out of this round, like a dropout
+                    may_refuse=action == ACTION_SECAGG_MASKED,
+                    rejected=self.rejected,
+                    refused=self.refused,
+                    decisions=self.decisions,
+                )
                 if reply is None:
-                    self.rejected[node_id] = f"no reply at stage {STAGE_OF_ACTION[action]}"
                     continue
-                if action == ACTION_SECAGG_MASKED:
-                    # a round after its setup's first: the site re-decides here (budget, policy)
-                    if (found := site_decisions(reply)) is not None:
-                        self.decisions[node_id] = found
-                    if (reason := refusal_reason(reply)) is not None:
-                        self.refused[node_id] = reason  # out of this round, like a dropout
-                        continue
                 try:
-                    if reply.has_error():
-                        raise ProtocolError(f"site error: {reply.error.reason}")
                     data = record_to_bytes(
                         reply.content.array_records.get(KEY_SECAGG_MSG),
                         reply_cap,
@@ -328,7 +321,7 @@ class SecureRound:
                     if action == ACTION_SECAGG_MASKED:
                         self.site_metrics[node_id] = _metrics(reply)
                 except FedsealError as exc:
-                    self.rejected[node_id] = f"stage {STAGE_OF_ACTION[action]}: {exc}"
+                    self.rejected[node_id] = f"stage {stage_name}: {exc}"
                     continue
                 decoded.append(msg)
             return decoded
@@ -344,6 +337,40 @@ class SecureRound:
         return SecureRoundOutcome(
             result, metrics, rejected, tuple(sorted(injected)), dict(self.refused)
         )
+
+
+def _usable_reply(
+    replies: Mapping[int, Message],
+    node_id: int,
+    stage_name: str,
+    *,
+    silent: bool,
+    may_refuse: bool,
+    rejected: dict[int, str],
+    refused: dict[int, str],
+    decisions: dict[int, dict[str, Any]],
+) -> Message | None:
+    """A site's reply if its payload should be decoded; otherwise records why not, returns None.
+
+    ``silent``: an injected fault (the site goes quiet here). ``may_refuse``:
+    the stage at which a site states its policy decisions and may decline.
+    """
+    if silent:
+        return None
+    reply = replies.get(node_id)
+    if reply is None:
+        rejected[node_id] = f"no reply at stage {stage_name}"
+        return None
+    if may_refuse:
+        if (found := site_decisions(reply)) is not None:
+            decisions[node_id] = found
+        if (reason := refusal_reason(reply)) is not None:
+            refused[node_id] = reason
+            return None
+    if reply.has_error():
+        rejected[node_id] = f"stage {stage_name}: site error: {reply.error.reason}"
+        return None
+    return reply
 
 
 MAX_DECISIONS_BYTES = 64 * 1024
