@@ -26,15 +26,12 @@ from common.dp import clip_l2
 from common.errors import PrivacyBudgetExceeded
 from common.evaluation import evaluate
 from common.records import (
-    ACTION_SECAGG_KEYS,
-    ACTION_SECAGG_MASKED,
-    ACTION_SECAGG_SHARES,
-    ACTION_SECAGG_UNMASK,
     KEY_ARRAYS,
     KEY_METRICS,
     KEY_SITE_DECISIONS,
     vector_to_record,
 )
+from common.secagg.stages import Stage
 from policies import SitePolicies
 
 
@@ -101,13 +98,13 @@ def make_client_app(
 
     from client import secure
 
-    for action, handler in (
-        (ACTION_SECAGG_KEYS, secure.handle_keys),
-        (ACTION_SECAGG_SHARES, secure.handle_shares),
-        (ACTION_SECAGG_MASKED, secure.handle_masked),
-        (ACTION_SECAGG_UNMASK, secure.handle_unmask),
+    for stage, handler in (
+        (Stage.ADVERTISE_KEYS, secure.handle_keys),
+        (Stage.SHARE_KEYS, secure.handle_shares),
+        (Stage.COLLECT_MASKED, secure.handle_masked),
+        (Stage.UNMASK, secure.handle_unmask),
     ):
-        client_app.train(action)(_bind(handler, setup))
+        client_app.train(stage.action)(_bind(handler, setup))
 
     @client_app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

@@ -24,11 +24,12 @@ MODELS = ("auto", "mlp", "cnn", "linear", "vector")
 WORKLOADS = ("train", "echo")
 # Bound on the rounds one secure-aggregation setup prepares (and so on a bundle's length).
 MAX_SECAGG_SETUP_ROUNDS = 32
-DROP_STAGES = ("keys", "shares", "masked", "unmask")
 PARTITIONS = ("iid", "dirichlet")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("prv", "rdp")
 DEVICES = ("auto", "cpu", "cuda")
+# Fields earlier versions stored that are gone (fault injection moved to simulations.faults).
+RETIRED_FIELDS = ("drop_rate", "drop_stage")
 # run_config keys with this prefix configure the coordinator only (paths, keys).
 SERVER_ONLY_PREFIX = "server-"
 
@@ -90,9 +91,6 @@ class RunConfig:
     # rounds whose keys one setup (keys + shares exchanges) prepares, when every round's
     # cohort is the same (full participation, fixed sampling); 1 = a setup every round
     secagg_setup_rounds: int = 8
-    # fault injection (simulations): sites that go silent at one stage
-    drop_rate: float = 0.0
-    drop_stage: str = "masked"
 
     def __post_init__(self) -> None:
         _choice("dataset", self.dataset, DATASETS)
@@ -101,7 +99,6 @@ class RunConfig:
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("device", self.device, DEVICES)
         _choice("workload", self.workload, WORKLOADS)
-        _choice("drop_stage", self.drop_stage, DROP_STAGES)
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _positive_float("site_epsilon", self.site_epsilon)
         _positive_float("max_grad_norm", self.max_grad_norm)
@@ -126,8 +123,6 @@ class RunConfig:
                 f"site_noise_multiplier must be >= 0 (0 = derive from site_epsilon), got {self.site_noise_multiplier!r}"
             )
         _positive_float("clip_norm", self.clip_norm)
-        if not (0.0 <= self.drop_rate < 1.0):
-            raise ConfigurationError(f"drop_rate must lie in [0, 1), got {self.drop_rate!r}")
         t = self.secagg_threshold
         if not (0.5 < t <= 1.0 or (t > 1.0 and float(t).is_integer())):
             raise ConfigurationError(
@@ -191,6 +186,20 @@ class RunConfig:
                 raise ConfigurationError(f"unknown run-config key {key!r}")
             values[name] = _coerce(name, known[name].type, value)
         return cls(**values)
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Rebuild a configuration the central record stored (``dataclasses.asdict``).
+
+        Fields fedseal no longer has (:data:`RETIRED_FIELDS`) are ignored, so a
+        record written by an earlier version still resumes; any other unknown
+        field is an error.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - set(RETIRED_FIELDS))
+        if unknown:
+            raise ConfigurationError(f"unknown configuration field(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
 
     @property
     def secagg_threshold_value(self) -> float | int:

@@ -326,13 +326,9 @@ def _payload_bytes(arr: Array, what: str, *, copy: bool) -> bytes | memoryview:
 
 
 # ---------------------------------------------------------------- secure aggregation
-# Record names and ClientApp actions of the four SecAgg+ stages.
+# Record names of the SecAgg+ messages (stage names and actions: common.secagg.stages).
 KEY_SECAGG_CONFIG = "secagg-config"
 KEY_SECAGG_MSG = "secagg-msg"
-ACTION_SECAGG_KEYS = "secagg_keys"
-ACTION_SECAGG_SHARES = "secagg_shares"
-ACTION_SECAGG_MASKED = "secagg_masked"
-ACTION_SECAGG_UNMASK = "secagg_unmask"
 MAX_SECAGG_CONFIG_BYTES = 1 << 20
 
 

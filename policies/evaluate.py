@@ -144,23 +144,19 @@ def check_run_plan(policy: ServerPolicy, plan: RunPlan) -> list[Decision]:
         out.append(
             _allow("secure_aggregation.min_threshold", "secure aggregation off; no threshold")
         )
-    elif plan.secagg_threshold >= sa.min_threshold:
-        out.append(
-            _allow(
-                "secure_aggregation.min_threshold",
-                f"threshold {plan.secagg_threshold} >= {sa.min_threshold}",
-            )
-        )
     else:
-        out.append(
-            _deny(
-                "secure_aggregation.min_threshold",
-                f"threshold {plan.secagg_threshold} < {sa.min_threshold}",
-            )
-        )
+        out.append(check_secagg_threshold(policy, plan.secagg_threshold))
 
     out.extend(_central_dp_decisions(policy, plan))
     return out
+
+
+def check_secagg_threshold(policy: ServerPolicy, threshold: int) -> Decision:
+    """``secure_aggregation.min_threshold`` on a resolved reconstruction threshold ``t``."""
+    least = policy.secure_aggregation.min_threshold
+    if threshold >= least:
+        return _allow("secure_aggregation.min_threshold", f"threshold {threshold} >= {least}")
+    return _deny("secure_aggregation.min_threshold", f"threshold {threshold} < {least}")
 
 
 def _central_dp_decisions(policy: ServerPolicy, plan: RunPlan) -> list[Decision]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def open_run(
             raise ConfigurationError(
                 f"run {settings.resume_run_id} already finished; nothing to resume"
             )
-        run_cfg = RunConfig(**info.config)
+        run_cfg = RunConfig.from_record(info.config)
         return run_cfg, RunBook(record, key, settings.resume_run_id)
     run_cfg = cfg if cfg is not None else RunConfig.from_flower(run_config)
     return run_cfg, RunBook(record, key, uuid.uuid4().hex[:12])
@@ -96,12 +97,15 @@ def make_server_app(
     cfg: RunConfig | None = None,
     observer: RoundObserver | None = None,
     settings: ServerSettings | None = None,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
 ) -> ServerApp:
     """Build the ServerApp.
 
     ``cfg``/``settings`` given: use them (simulations pass their options this
     way); otherwise read Flower's ``context.run_config`` (``flwr run``,
     deployments), whose ``server-*`` keys configure the coordinator only.
+    ``wrap_grid`` lets a simulation put its network (e.g. injected faults,
+    :mod:`simulations.faults`) between the run and Flower's Grid.
     """
     server_app = ServerApp()
 
@@ -115,7 +119,7 @@ def make_server_app(
         try:
             FederatedRun(
                 run_cfg,
-                grid,
+                wrap_grid(grid) if wrap_grid is not None else grid,
                 observer,
                 chosen.out_dir,
                 book,

@@ -1,11 +1,15 @@
-"""The run's bookkeeping in the central record: what the round driver reports, sealed.
+"""The run's bookkeeping in the central record: what the round loop reports, sealed.
 
-:class:`RunBook` is the only place the ServerApp writes the record: run start
-(configuration, policy hash, code hash), nodes seen, rounds, refusals,
-rejected updates, secure-aggregation outcomes, privacy spends, energy,
-model versions, and the end of the run. After every round (and at the end)
-it seals the audit head with the server's Ed25519 key; the signed head goes
-out with the next round's instructions so the sites keep a witness copy.
+:class:`RunBook` is the one writer of the record during a run: run start
+(configuration, policy hash, code hash), nodes seen and admitted, rounds,
+the events an aggregator returns (refusals, rejected updates,
+secure-aggregation outcomes, policy decisions), privacy spends, energy,
+model versions, and the end of the run. Nothing else in the ServerApp calls
+a writing method of the record: aggregators and the central-DP wrapper
+return their facts as data (:class:`server.aggregation.base.Aggregate`) and
+the round loop hands them here. After every round (and at the end) it seals
+the audit head with the server's Ed25519 key; the signed head goes out with
+the next round's instructions so the sites keep a witness copy.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.audit.seal import SignedHead
+from common.config import RunConfig
+from server.aggregation.base import Aggregate
 from server.record import KeyPaths, ModelVersion, SqlRecord, create_keypair, load_private_key
+from server.results import RoundResult
 
 CODE_PACKAGES = ("common", "client", "server", "policies")
 
@@ -93,11 +100,96 @@ class RunBook:
                 self.record.record_node(self.run_id, n, True, "connected")
                 self._nodes.add(n)
 
+    def node_admission(self, node_id: int, allowed: bool, reason: str) -> None:
+        """A node's admission decision under the server policy (recorded once per node)."""
+        self.record.record_node(self.run_id, node_id, allowed, reason)
+        self._nodes.add(node_id)
+
     def round_started(self, server_round: int, cohort: Sequence[int]) -> None:
         self.record.start_round(self.run_id, server_round, cohort)
 
     def event(self, kind: str, payload: Mapping[str, Any]) -> None:
         self.record.append_event(self.run_id, kind, "server", dict(payload))
+
+    def aggregated(self, server_round: int, agg: Aggregate, cfg: RunConfig) -> None:
+        """What one round's aggregation produced, in the order it happened.
+
+        The aggregator's events first; for a failed round nothing more (no
+        spend, no energy: the round released nothing). Otherwise the round's
+        client-level release (DP-FedAvg) and each accepted site's energy and
+        record-level privacy figures.
+        """
+        for event in agg.events:
+            self.event(event.kind, event.payload)
+        if agg.failure is not None:
+            return
+        if agg.central is not None:
+            self.record.record_privacy(
+                self.run_id,
+                server_round,
+                level="client",
+                epsilon=agg.central.epsilon,
+                delta=cfg.delta,
+                noise_multiplier=cfg.noise_multiplier,
+                sample_rate=cfg.client_sample_rate,
+                steps=1,
+                accountant=cfg.accountant,
+            )
+            self.event(
+                "central_dp_applied",
+                {
+                    "round": server_round,
+                    "contributors": agg.central.contributors,
+                    "noise_std": agg.central.noise_std,
+                    "sampling": cfg.client_sampling,
+                },
+            )
+        for site in agg.outcomes:
+            if not site.accepted:
+                continue
+            if site.energy_kwh is not None:
+                self.record.record_energy(
+                    self.run_id,
+                    server_round,
+                    site.node_id,
+                    site.energy_kwh,
+                    site.co2eq_g or 0.0,
+                    bool(site.energy_estimated),
+                )
+            if site.record_level_epsilon is not None:
+                self.record.record_privacy(
+                    self.run_id,
+                    server_round,
+                    level="record",
+                    epsilon=site.record_level_epsilon,
+                    delta=cfg.site_delta,
+                    noise_multiplier=site.noise_multiplier or 0.0,
+                    sample_rate=site.sample_rate or 1.0,
+                    steps=site.steps or 1,
+                    accountant=cfg.accountant,
+                    node_id=site.node_id,
+                )
+
+    def round_done(self, result: RoundResult, model_bytes: bytes) -> None:
+        """A finished round: its result, the new model version, and a fresh seal."""
+        self.round_finished(result.round, result.to_json())
+        self.model_version(
+            result.round,
+            model_bytes,
+            {"accuracy": result.accuracy, "loss": result.loss},
+            [s.node_id for s in result.sites if s.accepted],
+            record_level_epsilon=max(
+                (
+                    x.record_level_epsilon
+                    for x in result.sites
+                    if x.record_level_epsilon is not None
+                ),
+                default=None,
+            ),
+            client_level_epsilon=result.client_level_epsilon,
+            energy_kwh=self.record.energy_total_kwh(self.run_id),
+        )
+        self.seal()
 
     def round_finished(self, server_round: int, metrics: Mapping[str, Any]) -> None:
         self.record.finish_round(self.run_id, server_round, metrics)

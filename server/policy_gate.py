@@ -9,29 +9,37 @@ is not started, and the run ends cleanly instead.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from common.config import RunConfig
 from common.errors import PolicyViolation
-from common.secagg.params import default_neighbours
+from common.secagg.params import resolve_threshold
 from policies import Decision, ServerPolicy, policy_hash
-from policies.evaluate import check_admission, check_energy, check_round_budget, check_run_plan
+from policies.evaluate import (
+    check_admission,
+    check_energy,
+    check_round_budget,
+    check_run_plan,
+    check_secagg_threshold,
+)
 from policies.plans import RunPlan
+from server.aggregation.base import RoundEvent
 from server.book import RunBook
 
 
 def run_plan(cfg: RunConfig) -> RunPlan:
-    """What the server's policy judges about a run configuration."""
+    """What the server's policy judges about a run configuration before any round.
+
+    The secure-aggregation threshold here is the one the planned number of
+    sites would get (:func:`common.secagg.params.resolve_threshold`, the same
+    resolution every round uses); each round's actual, resolved value is
+    judged again before its sites see it (:meth:`PolicyGate.judge_secagg`).
+    """
     threshold: int | None = None
     if cfg.secagg:
-        t = cfg.secagg_threshold_value
-        if isinstance(t, int):
-            threshold = t
-        else:  # a fraction of the neighbour degree, for the planned number of sites
-            n = max(cfg.num_sites, cfg.min_sites, 2)
-            threshold = max(1, math.ceil(t * default_neighbours(n)))
+        n = max(cfg.num_sites, cfg.min_sites, 2)
+        threshold, _ = resolve_threshold(cfg.secagg_threshold_value, n)
     return RunPlan(
         rounds=cfg.rounds,
         fraction_train=cfg.fraction_train,
@@ -54,14 +62,34 @@ class PolicyGate:
         self.book = book
         self._admitted: dict[int, bool] = {}
 
-    def _record(self, scope: str, decisions: Sequence[Decision], **context: Any) -> None:
-        if self.book is None:
-            return
-        for d in decisions:
-            self.book.event(
+    def _events(
+        self, scope: str, decisions: Sequence[Decision], **context: Any
+    ) -> list[RoundEvent]:
+        return [
+            RoundEvent(
                 "policy_decision",
                 {"scope": scope, "policy_hash": self.hash, **d.to_payload(), **context},
             )
+            for d in decisions
+        ]
+
+    def _record(self, scope: str, decisions: Sequence[Decision], **context: Any) -> None:
+        if self.book is None:
+            return
+        for event in self._events(scope, decisions, **context):
+            self.book.event(event.kind, event.payload)
+
+    def judge_secagg(
+        self, server_round: int, threshold: int
+    ) -> tuple[list[RoundEvent], list[Decision]]:
+        """The policy on a secure round's resolved threshold: (events to book, denials).
+
+        Returned as data (the aggregator hands them back with its round); a
+        denial means the round must not start.
+        """
+        decision = check_secagg_threshold(self.policy, threshold)
+        events = self._events("secagg", [decision], round=server_round)
+        return events, [] if decision.allowed else [decision]
 
     def check_run(self, cfg: RunConfig) -> None:
         """Record the run-plan decisions; PolicyViolation if any is a denial."""
@@ -79,9 +107,7 @@ class PolicyGate:
                 self._admitted[n] = decision.allowed
                 self._record("admission", [decision], node_id=str(n))
                 if self.book is not None:
-                    self.book.record.record_node(
-                        self.book.run_id, n, decision.allowed, decision.reason
-                    )
+                    self.book.node_admission(n, decision.allowed, decision.reason)
         return [n for n in node_ids if self._admitted[n]]
 
     def before_round(

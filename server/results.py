@@ -72,3 +72,15 @@ class NullObserver:
 
     def on_finish(self, results: list[RoundResult]) -> None:
         pass
+
+
+def round_energy(sites: tuple[SiteOutcome, ...] | list[SiteOutcome]) -> dict[str, float | bool] | None:
+    """Energy of a round: the sum over the sites that reported it; estimated if any part is."""
+    reported = [s for s in sites if s.energy_kwh is not None]
+    if not reported:
+        return None
+    return {
+        "kwh": sum(s.energy_kwh or 0.0 for s in reported),
+        "co2eq_g": sum(s.co2eq_g or 0.0 for s in reported),
+        "estimated": any(bool(s.energy_estimated) for s in reported),
+    }

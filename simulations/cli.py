@@ -17,7 +17,9 @@ from rich.table import Table
 from common.cli_options import SecaggSetupRounds
 from common.config import RunConfig
 from common.errors import FedsealError
+from common.secagg.stages import STAGE_LABELS
 from server.results import RoundResult
+from simulations.faults import DEFAULT_DROP_STAGE, FaultPlan
 
 app = typer.Typer(
     name="fedseal-sim",
@@ -55,11 +57,8 @@ class Accountant(StrEnum):
     rdp = "rdp"
 
 
-class DropStage(StrEnum):
-    keys = "keys"
-    shares = "shares"
-    masked = "masked"
-    unmask = "unmask"
+# The secure-aggregation stages, as common.secagg.stages names them.
+DropStage = StrEnum("DropStage", {label: label for label in STAGE_LABELS})  # type: ignore[misc]
 
 
 class ProgressObserver:
@@ -173,7 +172,7 @@ def run_cmd(
     ] = 0.0,
     drop_stage: Annotated[
         DropStage, typer.Option(help="Secure-aggregation stage at which those sites drop out.")
-    ] = DropStage.masked,
+    ] = DropStage(DEFAULT_DROP_STAGE),
     out: Annotated[
         Path | None,
         typer.Option(
@@ -232,9 +231,8 @@ def run_cmd(
             secagg_threshold=secagg_threshold,
             secagg_setup_rounds=secagg_setup_rounds,
             clip_norm=clip_norm,
-            drop_rate=drop_rate,
-            drop_stage=drop_stage.value,
         )
+        faults = FaultPlan(drop_rate, drop_stage.value, seed=seed) if drop_rate > 0 else None
     except FedsealError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -276,6 +274,7 @@ def run_cmd(
                 observer=ProgressObserver(progress),
                 cpus_per_site=cpus_per_client,
                 verbose=verbose,
+                faults=faults,
             )
     except FedsealError as exc:
         err.print(f"[red]run failed:[/red] {exc}")

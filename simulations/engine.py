@@ -14,6 +14,7 @@ from common.config import RunConfig
 from common.env import apply_safe_flower_env
 from policies import SitePolicies
 from server.results import RoundObserver, RoundResult
+from simulations.faults import FaultPlan, SilencingGrid
 
 
 class _Collector:
@@ -65,6 +66,7 @@ def run_simulation(
     gpus_per_site: float = 0.0,
     total_cpus: int | None = None,
     verbose: bool = False,
+    faults: FaultPlan | None = None,
 ) -> tuple[str, list[RoundResult]]:
     """Run ``cfg.num_sites`` virtual sites for ``cfg.rounds`` rounds; return (run id, results).
 
@@ -73,7 +75,8 @@ def run_simulation(
     server's audit key in ``keys/``, each site's state (ledger, witnessed
     heads) in ``sites/site-<i>/``, and ``result.json``. The ServerApp runs in
     a thread of this process and the ClientApps in Ray actors; Ray is shut
-    down before returning, also on error.
+    down before returning, also on error. ``faults`` silences sites at a
+    secure-aggregation stage (:mod:`simulations.faults`).
     """
     apply_safe_flower_env()
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -109,7 +112,12 @@ def run_simulation(
     }
     try:
         flwr_run_simulation(
-            server_app=make_server_app(None if resume_run_id else cfg, collector, settings),
+            server_app=make_server_app(
+                None if resume_run_id else cfg,
+                collector,
+                settings,
+                wrap_grid=(lambda grid: SilencingGrid(grid, faults)) if faults is not None else None,
+            ),
             client_app=make_client_app(out_dir / "sites", site_policies),
             num_supernodes=cfg.num_sites,
             backend_config=backend_config,  # type: ignore[arg-type]

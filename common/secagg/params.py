@@ -231,6 +231,36 @@ def _choose_scale(value_bound: float, bits: int, n: int, scale: float | None) ->
     return scale
 
 
+def resolve_threshold(
+    threshold: float | int, n: int, neighbours: int | None = None
+) -> tuple[int, int]:
+    """The ``(t, k)`` a threshold setting gives a cohort of ``n`` clients (not yet validated).
+
+    The one place a threshold fraction becomes a count: a float in (0.5, 1]
+    is a fraction of the neighbour degree, ``t = ceil(fraction * k)`` with
+    ``k`` the default degree for ``n`` unless given; an int is ``t`` itself,
+    with the default degree raised to at least ``t``. :func:`make_config`
+    validates the pair.
+
+    Raises
+    ------
+    ConfigurationError
+        For a fraction outside (0.5, 1], a non-int degree or another type.
+    """
+    if type(threshold) is float:
+        if not 0.5 < threshold <= 1.0:
+            raise ConfigurationError(f"a threshold fraction must be in (0.5, 1], got {threshold}")
+        k = default_neighbours(n) if neighbours is None else neighbours
+        if type(k) is not int:
+            raise ConfigurationError(f"neighbours must be an int, got {k!r}")
+        return math.ceil(threshold * k), k
+    if type(threshold) is int:
+        if neighbours is None:
+            return threshold, _normalise_degree(max(default_neighbours(n), threshold), n)
+        return threshold, neighbours
+    raise ConfigurationError(f"threshold must be a float fraction or an int count, got {threshold!r}")
+
+
 def make_config(
     *,
     run_id: int,
@@ -302,23 +332,7 @@ def make_config(
     if type(graph_seed) is not bytes or len(graph_seed) != SEED_SIZE:
         raise ConfigurationError(f"graph_seed must be exactly {SEED_SIZE} bytes")
 
-    if type(threshold) is float:
-        if not 0.5 < threshold <= 1.0:
-            raise ConfigurationError(f"a threshold fraction must be in (0.5, 1], got {threshold}")
-        k = default_neighbours(n) if neighbours is None else neighbours
-        if type(k) is not int:
-            raise ConfigurationError(f"neighbours must be an int, got {k!r}")
-        t = math.ceil(threshold * k)
-    elif type(threshold) is int:
-        t = threshold
-        if neighbours is None:
-            k = _normalise_degree(max(default_neighbours(n), t), n)
-        else:
-            k = neighbours
-    else:
-        raise ConfigurationError(
-            f"threshold must be a float fraction or an int count, got {threshold!r}"
-        )
+    t, k = resolve_threshold(threshold, n, neighbours)
     if type(k) is not int or not 1 <= k <= n - 1:
         raise ConfigurationError(f"neighbours must be an int in [1, {n - 1}], got {k!r}")
     if k != n - 1 and k % 2:

@@ -1,5 +1,9 @@
 """Protocol stages and the one table of allowed transitions.
 
+This module is also the one place that names the stages: their wire codes,
+their short labels (``keys``, ``shares``, ``masked``, ``unmask``) and the
+ClientApp actions that run them (``secagg_<label>``).
+
 Guarantee: a state machine that calls :func:`check_transition` before acting
 on a message processes the stages of one round exactly once each and in
 order; every other (previous, next) pair raises
@@ -27,6 +31,56 @@ class Stage(enum.IntEnum):
     """Clients receive their neighbours' shares and send their masked input."""
     UNMASK = 4
     """Clients reveal seed shares of survivors and key shares of dropped neighbours."""
+
+
+    @property
+    def label(self) -> str:
+        """The stage's short name (``keys``, ``shares``, ``masked``, ``unmask``; ``init``)."""
+        return _LABELS[self]
+
+    @property
+    def action(self) -> str:
+        """The ClientApp action (Flower message type ``train.<action>``) that runs this stage."""
+        return f"{ACTION_PREFIX}{_LABELS[self]}"
+
+    @classmethod
+    def from_label(cls, label: str) -> Stage:
+        """The stage called ``label``; ProtocolError for any other name."""
+        for stage in WIRE_STAGES:
+            if _LABELS[stage] == label:
+                return stage
+        raise ProtocolError(f"unknown secure-aggregation stage {label!r}")
+
+    @classmethod
+    def from_action(cls, action: str) -> Stage | None:
+        """The stage a ClientApp action runs, or None when it is no secure-aggregation stage."""
+        for stage in WIRE_STAGES:
+            if stage.action == action:
+                return stage
+        return None
+
+
+ACTION_PREFIX = "secagg_"
+"""Every secure-aggregation ClientApp action is ``secagg_<label>``."""
+
+_LABELS: dict[Stage, str] = {
+    Stage.INIT: "init",
+    Stage.ADVERTISE_KEYS: "keys",
+    Stage.SHARE_KEYS: "shares",
+    Stage.COLLECT_MASKED: "masked",
+    Stage.UNMASK: "unmask",
+}
+
+WIRE_STAGES: tuple[Stage, ...] = (
+    Stage.ADVERTISE_KEYS,
+    Stage.SHARE_KEYS,
+    Stage.COLLECT_MASKED,
+    Stage.UNMASK,
+)
+"""The four stages that travel as messages, in protocol order."""
+
+STAGE_LABELS: tuple[str, ...] = tuple(_LABELS[s] for s in WIRE_STAGES)
+"""Their short names, in protocol order (the one list CLIs and fault plans offer)."""
 
 
 TRANSITIONS: frozenset[tuple[Stage, Stage]] = frozenset(

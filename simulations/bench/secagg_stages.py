@@ -1,7 +1,7 @@
 """Where a secure round's time goes: each stage's CPU work, in one process, without Ray.
 
-The same code paths as a simulated round (:class:`server.secure.SecureRound`
-on the server, :mod:`client.secure`'s stage handlers on the sites) are driven
+The same code paths as a simulated round (the aggregators of
+:mod:`server.aggregation` on the server, :mod:`client.secure`'s stage handlers on the sites) are driven
 through an in-process loopback instead of Flower's Simulation Engine: each
 message goes through one pickle round trip (what Ray does to a Message
 between the ServerApp and a ClientApp actor), then to the site's handler.
@@ -33,12 +33,9 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from common.config import RunConfig
 from common.records import (
     KEY_APP_HASH,
-    KEY_ARRAYS,
     KEY_CONFIG,
     KEY_RUN_ID,
     config_to_record,
-    record_to_vector,
-    vector_to_record,
 )
 from simulations.bench.secagg import echo_config
 
@@ -79,6 +76,7 @@ class Loopback:
     handlers: Mapping[str, Handler]
     contexts: dict[int, Context]
     site_root: Path
+    cfg: RunConfig
     stages: list[StageTiming] = field(default_factory=list)
     _mark: float = 0.0
 
@@ -116,6 +114,16 @@ class Loopback:
         self._mark = time.perf_counter()
         return replies
 
+    # The Exchange seam (server.aggregation.exchange): the aggregators talk to this loopback.
+    def instruction(self, server_round: int, **extra: Any) -> RecordDict:
+        ids = {KEY_RUN_ID: "0123456789ab", KEY_APP_HASH: "bench"}
+        return RecordDict({KEY_CONFIG: config_to_record(self.cfg, server_round, **ids, **extra)})
+
+    def send(
+        self, outgoing: Mapping[int, tuple[RecordDict, str]], server_round: int
+    ) -> dict[int, Message]:
+        return self.exchange(outgoing)
+
     def finish(self) -> None:
         if self.stages:
             self.stages[-1].server_after_s = time.perf_counter() - self._mark
@@ -137,20 +145,15 @@ def _contexts(cfg: RunConfig) -> dict[int, Context]:
 def _handlers() -> dict[str, Handler]:
     from client import secure
     from client.app import handle_train
-    from common.records import (
-        ACTION_SECAGG_KEYS,
-        ACTION_SECAGG_MASKED,
-        ACTION_SECAGG_SHARES,
-        ACTION_SECAGG_UNMASK,
-    )
+    from common.secagg.stages import Stage
 
     train = str(MessageType.TRAIN)
     return {
         train: handle_train,
-        f"{train}.{ACTION_SECAGG_KEYS}": secure.handle_keys,
-        f"{train}.{ACTION_SECAGG_SHARES}": secure.handle_shares,
-        f"{train}.{ACTION_SECAGG_MASKED}": secure.handle_masked,
-        f"{train}.{ACTION_SECAGG_UNMASK}": secure.handle_unmask,
+        f"{train}.{Stage.ADVERTISE_KEYS.action}": secure.handle_keys,
+        f"{train}.{Stage.SHARE_KEYS.action}": secure.handle_shares,
+        f"{train}.{Stage.COLLECT_MASKED.action}": secure.handle_masked,
+        f"{train}.{Stage.UNMASK.action}": secure.handle_unmask,
     }
 
 
@@ -158,55 +161,19 @@ def time_round_stages(
     clients: int, params: int, *, secagg: bool, server_round: int = 1
 ) -> tuple[float, list[StageTiming]]:
     """One round in process; returns (total seconds, per-exchange timings)."""
-    from server.secure import SecureRound, SecureSetup
+    from server.aggregation import PlainAggregator, RoundInput, SecAggAggregator
 
     cfg = echo_config(clients, params, 1, secagg=secagg)
     global_vector = np.zeros(params, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="fedseal-bench-") as root:
-        loop = Loopback(_handlers(), _contexts(cfg), Path(root))
+        loop = Loopback(_handlers(), _contexts(cfg), Path(root), cfg)
         cohort = sorted(loop.contexts)
-
-        def content() -> RecordDict:
-            extra = {KEY_RUN_ID: "0123456789ab", KEY_APP_HASH: "bench"}
-            return RecordDict({KEY_CONFIG: config_to_record(cfg, server_round, **extra)})
-
+        aggregator = SecAggAggregator(cfg, 1, params) if secagg else PlainAggregator(params)
         start = time.perf_counter()
         loop.start()
-        if secagg:
-            train = str(MessageType.TRAIN)
-
-            def exchange(
-                action: str, contents: Mapping[int, RecordDict], group: int
-            ) -> dict[int, Message]:
-                return loop.exchange({n: (c, f"{train}.{action}") for n, c in contents.items()})
-
-            prepared = SecureSetup(
-                cfg=cfg,
-                rounds=[server_round],
-                run_number=1,
-                cohort=cohort,
-                vector_length=params,
-                exchange=exchange,
-                base_content=lambda r: content(),
-            ).run()
-            SecureRound(
-                cfg=cfg,
-                server_round=server_round,
-                prepared=prepared[server_round],
-                exchange=exchange,
-                base_content=lambda r: content(),
-                global_arrays=lambda: vector_to_record(global_vector),
-            ).run()
-        else:
-            outgoing = {}
-            for node_id in cohort:
-                c = content()
-                c[KEY_ARRAYS] = vector_to_record(global_vector)
-                outgoing[node_id] = (c, str(MessageType.TRAIN))
-            replies = loop.exchange(outgoing)
-            total = np.zeros(params, dtype=np.float64)  # what the server's FedAvg does
-            for node_id in cohort:
-                total += record_to_vector(replies[node_id].content[KEY_ARRAYS], params)
+        agg = aggregator.aggregate(RoundInput(server_round, cohort, global_vector), loop)
+        if agg.failure is not None:
+            raise agg.failure
         loop.finish()
         return time.perf_counter() - start, loop.stages
 

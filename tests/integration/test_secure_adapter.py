@@ -1,6 +1,6 @@
 """Secure aggregation through the real ServerApp/ClientApp code paths, Ray-free.
 
-``FederatedRun`` (server.rounds) drives ``SecureRound`` (server.secure) over an
+``FederatedRun`` (server.rounds) drives the SecAgg+ aggregator (server.aggregation.secure) over an
 in-memory Grid (tests/support/fake_grid.py) whose nodes run the real ClientApp
 (client.app / client.secure) with their own Flower ``Context``. Messages cross
 a protobuf round trip, node state persists between messages, and fault hooks
@@ -47,9 +47,11 @@ from common.records import KEY_ARRAYS, KEY_METRICS, max_secagg_reply_bytes, reco
 from common.rng import seeded_generator
 from common.secagg import SecAggClient, SecAggConfig, make_config
 from common.secagg.quantize import error_bound
+from server.aggregation import Aggregate, Exchange, RoundInput
+from server.pipeline import aggregator_for
 from server.results import RoundResult
 from server.rounds import FederatedRun
-from server.secure import SecureRound, SecureRoundOutcome
+from simulations.faults import FaultPlan, SilencingGrid
 
 D = 16  # coordinates of the "vector" model
 CLIP = 1.0
@@ -385,35 +387,39 @@ def test_secure_round_masked_reply_without_metrics_removes_only_that_site(
 
 @pytest.mark.parametrize("offset", [-1, -40])
 def test_secure_round_tampered_unmask_share_removes_only_that_site(
-    tmp_path: Path, distinct_updates: None, monkeypatch: pytest.MonkeyPatch, offset: int
+    tmp_path: Path, distinct_updates: None, offset: int
 ) -> None:
     # 6 sites, t = 3: every secret has 5 shares, so one bad share is outvoted. The flipped
     # byte lies in the culprit's last revealed share (a survivor's self-mask seed share).
     cfg = vector_cfg(6)
     culprit = node(2)
-    outcomes: list[SecureRoundOutcome] = []
-    original_run = SecureRound.run
-
-    def spy(self: SecureRound) -> SecureRoundOutcome:
-        outcomes.append(original_run(self))
-        return outcomes[-1]
-
-    monkeypatch.setattr(SecureRound, "run", spy)
+    aggregates: list[Aggregate] = []
     fault = Fault(culprit, "secagg_unmask", flip_payload_byte(offset))
-    run, _ = federation(cfg, tmp_path, faults=[fault])
+    grid = FakeGrid(make_client_app(tmp_path), cfg.num_sites, faults=[fault])
+    run = FederatedRun(cfg, grid)
+    secure = aggregator_for(cfg, run.run_id, run.spec.size)
+
+    class Recording:
+        def aggregate(self, round_input: RoundInput, exchange: Exchange) -> Aggregate:
+            aggregates.append(secure.aggregate(round_input, exchange))
+            return aggregates[-1]
+
+    run.aggregator = Recording()
     before = run.global_vector.copy()
     result = run.execute()[0]
     # its masked input is in the sum already: the round keeps every site, and the mean is exact
     assert_mean_of(run, before, list(range(6)), cfg)
     assert accepted(result) == {node(i) for i in range(6)}
     assert result.secagg == {"participants": 6, "dropouts": 0, "threshold": 3, "neighbours": 5}
-    # the lying share holder is named by the protocol and in the adapter's outcome
-    (outcome,) = outcomes
-    assert outcome.result.contributors == tuple(node(i) for i in range(6))
-    assert list(outcome.result.rejected) == [culprit]
-    assert list(outcome.rejected) == [culprit]
-    assert outcome.rejected[culprit].startswith("stage unmask: revealed a share of node ")
-    assert "inconsistent with the verified secret" in outcome.rejected[culprit]
+    # the lying share holder is named by the protocol and in the aggregate's events
+    (agg,) = aggregates
+    assert agg.contributors == [node(i) for i in range(6)]
+    events = {e.kind: e.payload for e in agg.events}
+    assert events["secagg_share_rejected"]["node_id"] == str(culprit)
+    rejected = events["secagg_outcome"]["rejected"]
+    assert list(rejected) == [str(culprit)]
+    assert rejected[str(culprit)].startswith("stage unmask: revealed a share of node ")
+    assert "inconsistent with the verified secret" in rejected[str(culprit)]
 
 
 def test_secure_round_tampered_share_ciphertext_fails_closed_at_receiver(
@@ -528,31 +534,41 @@ def test_sealed_state_from_previous_round_fails_to_open(
     assert "IntegrityError" in reasons(second)[replayer]
 
 
-# ------------------------------------------------------------------ (f) cfg fault injection
+# ------------------------------------------------------------------ (f) simulated faults
+def silenced_federation(
+    cfg: RunConfig, site_root: Path, plan: FaultPlan
+) -> tuple[FederatedRun, SilencingGrid]:
+    grid = SilencingGrid(FakeGrid(make_client_app(site_root), cfg.num_sites), plan)
+    return FederatedRun(cfg, grid), grid
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_drop_rate_injects_dropouts_at_drop_stage(
     tmp_path: Path, distinct_updates: None, stage: str
 ) -> None:
-    cfg = vector_cfg(6, drop_rate=0.34, drop_stage=stage)  # round(0.34 * 6) = 2 sites
-    run, _ = federation(cfg, tmp_path)
+    cfg = vector_cfg(6)
+    plan = FaultPlan(0.34, stage, seed=cfg.seed)  # round(0.34 * 6) = 2 sites
+    run, grid = silenced_federation(cfg, tmp_path, plan)
     before = run.global_vector.copy()
     result = run.execute()[0]
     assert result.sampled == 6 and result.secagg is not None
+    assert len(grid.silenced[1]) == 2
     contributors = sorted(n - FIRST_NODE_ID for n in accepted(result))
     if stage == "unmask":
         # silent at unmask after masking: still in the sum, unmasked by the others
         assert result.secagg["dropouts"] == 0 and contributors == list(range(6))
     else:
         assert result.secagg["dropouts"] == 2 and len(contributors) == 4
-        assert set(reasons(result).values()) == {"dropped out (injected)"}
+        # the server cannot tell an injected silence from a real one
+        assert reasons(result) == {n: f"no reply at stage {stage}" for n in grid.silenced[1]}
     assert_mean_of(run, before, contributors, cfg)
 
 
 def test_drop_rate_zero_injects_nothing(tmp_path: Path, distinct_updates: None) -> None:
-    run, _ = federation(vector_cfg(4, drop_stage="keys"), tmp_path)
+    run, grid = silenced_federation(vector_cfg(4), tmp_path, FaultPlan(0.0, "keys"))
     result = run.execute()[0]
     assert result.secagg is not None and result.secagg["dropouts"] == 0
-    assert len(accepted(result)) == 4
+    assert len(accepted(result)) == 4 and grid.silenced == {}
 
 
 # ------------------------------------------------------------------ (g) one setup, several rounds

@@ -10,7 +10,7 @@ import torch
 from common.config import RunConfig
 from common.evaluation import evaluate
 from common.task import task_for
-from server.rounds import HeldOut
+from server.evaluation import HeldOut
 
 
 def _initial_accuracy(cfg: RunConfig) -> float:

@@ -1,0 +1,27 @@
+"""Which aggregator a run configuration asks for: plain or secure, with or without central DP.
+
+Written once, here: secure aggregation (sites clip, the server sees only the
+sum) when ``secagg`` is on, else plain FedAvg (re-clipped by the server
+under central DP); :class:`server.privacy.CentralDP` around either when
+``central_dp`` is on.
+"""
+
+from __future__ import annotations
+
+from common.config import RunConfig
+from server.aggregation.base import Aggregator
+from server.aggregation.plain import PlainAggregator
+from server.aggregation.secure import Judge, SecAggAggregator
+from server.privacy import CentralDP
+
+
+def aggregator_for(
+    cfg: RunConfig, run_id: str, vector_length: int, judge: Judge | None = None
+) -> Aggregator:
+    """The aggregator of a run (``run_id`` hex, as the protocol's run number)."""
+    inner: Aggregator
+    if cfg.secagg:
+        inner = SecAggAggregator(cfg, int(run_id, 16), vector_length, judge)
+    else:
+        inner = PlainAggregator(vector_length, cfg.clip_norm if cfg.central_dp else None)
+    return CentralDP(inner, cfg) if cfg.central_dp else inner
