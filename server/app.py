@@ -104,7 +104,7 @@ def make_server_app(
     ``cfg``/``settings`` given: use them (simulations pass their options this
     way); otherwise read Flower's ``context.run_config`` (``flwr run``,
     deployments), whose ``server-*`` keys configure the coordinator only.
-    ``wrap_grid`` lets a simulation put its network (e.g. injected faults,
+    ``wrap_grid`` lets a simulation put its network (e.g. sites that go silent,
     :mod:`simulations.faults`) between the run and Flower's Grid.
     """
     server_app = ServerApp()
