@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from common.cli_errors import one_line_errors
 from common.cli_options import SecaggSetupRounds
 from common.config import RunConfig
 from common.env import apply_safe_flower_env
 from common.pki import CertPaths, make_certs
+from policies.cli_errors import one_line_errors
 
 if TYPE_CHECKING:
     from server.app import ServerSettings

@@ -1,4 +1,9 @@
-"""How fedseal's command-line tools turn errors into one clear line and an exit code."""
+"""How fedseal's command-line tools turn errors into one clear line and an exit code.
+
+Used by every front end (``fedseal-server``, ``fedseal-client``, ``fedseal-sim``); it
+lives in ``policies`` because the coordinator and the site agent both mount its commands
+and may not import each other.
+"""
 
 from __future__ import annotations
 
