@@ -30,6 +30,14 @@ app = typer.Typer(
 )
 out = Console()
 
+# Options of `start` and `resume`, the two commands that run a SuperLink.
+DEFAULT_STATE_DIR = Path(".fedseal-server")
+CertsDir = Annotated[Path | None, typer.Option(help="Directory made by `fedseal-server certs`.")]
+Insecure = Annotated[bool, typer.Option("--insecure", help="Run WITHOUT TLS (testing only).")]
+ListenHost = Annotated[str, typer.Option(help="Address the SuperLink listens on.")]
+StateDir = Annotated[Path, typer.Option(help="SuperLink state, logs and Flower home.")]
+ResultDir = Annotated[Path | None, typer.Option("--out", help="Write result.json here.")]
+
 # Sub-commands that live with their subject.
 from policies.cli import policy_app  # noqa: E402
 from server.cli_record import audit_app, keys_cmd, models_app  # noqa: E402
@@ -62,20 +70,14 @@ def certs_cmd(
 @one_line_errors
 @with_run_options(COORDINATOR_OPTIONS)
 def start_cmd(
-    certs: Annotated[
-        Path | None, typer.Option(help="Directory made by `fedseal-server certs`.")
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Run WITHOUT TLS (testing only).")
-    ] = False,
-    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "0.0.0.0",
+    certs: CertsDir = None,
+    insecure: Insecure = False,
+    host: ListenHost = "0.0.0.0",
     port: Annotated[
         int, typer.Option(help="SuperLink port (Fleet, Control and ServerAppIo APIs).")
     ] = 9092,
-    state_dir: Annotated[Path, typer.Option(help="SuperLink state, logs and Flower home.")] = Path(
-        ".fedseal-server"
-    ),
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Write result.json here.")] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    out_dir: ResultDir = None,
     db: Annotated[
         str | None,
         typer.Option(
@@ -190,24 +192,18 @@ def resume_cmd(
     run_id: Annotated[
         str, typer.Argument(help="The interrupted run's id (see `fedseal-server models list`).")
     ],
-    certs: Annotated[
-        Path | None, typer.Option(help="Directory made by `fedseal-server certs`.")
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Run WITHOUT TLS (testing only).")
-    ] = False,
-    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "0.0.0.0",
+    certs: CertsDir = None,
+    insecure: Insecure = False,
+    host: ListenHost = "0.0.0.0",
     port: Annotated[int, typer.Option(help="SuperLink port.")] = 9092,
-    state_dir: Annotated[Path, typer.Option(help="SuperLink state, logs and Flower home.")] = Path(
-        ".fedseal-server"
-    ),
+    state_dir: StateDir = DEFAULT_STATE_DIR,
     db: Annotated[
         str | None, typer.Option(help="Central record (default STATE_DIR/record.db).")
     ] = None,
     keys: Annotated[
         Path | None, typer.Option(help="Audit key directory (default STATE_DIR/keys).")
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Write result.json here.")] = None,
+    out_dir: ResultDir = None,
 ) -> None:
     """Continue a run after the coordinator crashed: from its last model version, with its
     privacy accountant restored from the record and the audit chain continued (`resumed`)."""
