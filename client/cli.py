@@ -13,9 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from common.cli_errors import one_line_errors
 from common.env import apply_safe_flower_env
 from common.errors import ConfigurationError
+from policies.cli_errors import one_line_errors
 
 app = typer.Typer(
     name="fedseal-client",

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from client.ledger import SiteLedger
-from common.cli_errors import one_line_errors
 from common.errors import ConfigurationError
+from policies.cli_errors import one_line_errors
 
 ledger_app = typer.Typer(
     name="ledger",

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from common.cli_errors import one_line_errors
-from common.cli_options import SecaggSetupRounds
 from common.config import RunConfig
 from common.env import apply_safe_flower_env
 from common.pki import CertPaths, make_certs
+from policies.cli_errors import one_line_errors
+from server.run_options import COORDINATOR_OPTIONS, with_run_options
 
 if TYPE_CHECKING:
     from server.app import ServerSettings
@@ -29,7 +29,14 @@ app = typer.Typer(
     add_completion=False,
 )
 out = Console()
-_D = RunConfig()
+
+# Options of `start` and `resume`, the two commands that run a SuperLink.
+DEFAULT_STATE_DIR = Path(".fedseal-server")
+CertsDir = Annotated[Path | None, typer.Option(help="Directory made by `fedseal-server certs`.")]
+Insecure = Annotated[bool, typer.Option("--insecure", help="Run WITHOUT TLS (testing only).")]
+ListenHost = Annotated[str, typer.Option(help="Address the SuperLink listens on.")]
+StateDir = Annotated[Path, typer.Option(help="SuperLink state, logs and Flower home.")]
+ResultDir = Annotated[Path | None, typer.Option("--out", help="Write result.json here.")]
 
 # Sub-commands that live with their subject.
 from policies.cli import policy_app  # noqa: E402
@@ -61,21 +68,16 @@ def certs_cmd(
 
 @app.command("start")
 @one_line_errors
+@with_run_options(COORDINATOR_OPTIONS)
 def start_cmd(
-    certs: Annotated[
-        Path | None, typer.Option(help="Directory made by `fedseal-server certs`.")
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Run WITHOUT TLS (testing only).")
-    ] = False,
-    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "0.0.0.0",
+    certs: CertsDir = None,
+    insecure: Insecure = False,
+    host: ListenHost = "0.0.0.0",
     port: Annotated[
         int, typer.Option(help="SuperLink port (Fleet, Control and ServerAppIo APIs).")
     ] = 9092,
-    state_dir: Annotated[Path, typer.Option(help="SuperLink state, logs and Flower home.")] = Path(
-        ".fedseal-server"
-    ),
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Write result.json here.")] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    out_dir: ResultDir = None,
     db: Annotated[
         str | None,
         typer.Option(
@@ -96,54 +98,14 @@ def start_cmd(
             help="Directory of allowed site public keys (*.pub); enables node authentication."
         ),
     ] = None,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = _D.rounds,
-    min_sites: Annotated[int, typer.Option(help="Sites required per round.")] = _D.min_sites,
-    fraction: Annotated[
-        float, typer.Option(help="Fraction of connected sites sampled.")
-    ] = _D.fraction_train,
-    dataset: Annotated[str, typer.Option(help="digits | breast_cancer | custom.")] = _D.dataset,
-    num_features: Annotated[int, typer.Option(help="Features per example (dataset custom).")] = 0,
-    num_classes: Annotated[int, typer.Option(help="Classes (dataset custom).")] = 0,
-    model: Annotated[str, typer.Option(help="auto | mlp | cnn.")] = _D.model,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _D.local_epochs,
-    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = _D.batch_size,
-    lr: Annotated[float, typer.Option("--lr", help="Local learning rate.")] = _D.learning_rate,
-    round_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for sites per round.")
-    ] = _D.round_timeout_s,
-    seed: Annotated[int, typer.Option(help="Seed for initial weights and sampling.")] = _D.seed,
-    dp: Annotated[
-        bool, typer.Option("--dp/--no-dp", help="Record-level DP-SGD at every site.")
-    ] = _D.dp,
-    site_epsilon: Annotated[
-        float, typer.Option(help="Sites' record-level epsilon target.")
-    ] = _D.site_epsilon,
-    secagg: Annotated[
-        bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation.")
-    ] = _D.secagg,
-    secagg_setup_rounds: SecaggSetupRounds = _D.secagg_setup_rounds,
-    central_dp: Annotated[
-        bool, typer.Option("--central-dp/--no-central-dp", help="Client-level DP-FedAvg noise.")
-    ] = _D.central_dp,
-    noise_multiplier: Annotated[
-        float, typer.Option(help="DP-FedAvg noise multiplier.")
-    ] = _D.noise_multiplier,
-    clip_norm: Annotated[
-        float, typer.Option(help="L2 bound on each site's update.")
-    ] = _D.clip_norm,
-    sampling: Annotated[str, typer.Option(help="fixed | poisson site sampling.")] = _D.sampling,
-    site_delta: Annotated[float, typer.Option(help="Record-level delta.")] = _D.site_delta,
-    max_grad_norm: Annotated[
-        float, typer.Option(help="DP-SGD per-example gradient clip.")
-    ] = _D.max_grad_norm,
-    accountant: Annotated[
-        str, typer.Option(help="prv | rdp accountant (both levels).")
-    ] = _D.accountant,
-    delta: Annotated[float, typer.Option(help="Client-level delta.")] = _D.delta,
+    *,
+    run_config: RunConfig,
 ) -> None:
     """Start Flower's SuperLink and run the fedseal ServerApp on it until the run ends.
 
     TLS is on unless --insecure is given. Sites connect with `fedseal-client start`.
+    The run configuration options are shared with `fedseal-sim run`; the sites bring
+    their own data files.
     """
     apply_safe_flower_env()
     from server.app import ServerSettings
@@ -162,32 +124,6 @@ def start_cmd(
         loaded = load_server_policy(policy)  # a broken file fails here, naming each bad field
         if loaded.admission.mode == "allowlist":
             policy_keys = loaded.admission.public_keys
-    cfg = RunConfig(
-        dataset=dataset,
-        model=model,
-        num_features=num_features,
-        num_classes=num_classes,
-        rounds=rounds,
-        min_sites=min_sites,
-        fraction_train=fraction,
-        local_epochs=local_epochs,
-        batch_size=batch_size,
-        learning_rate=lr,
-        round_timeout_s=round_timeout,
-        seed=seed,
-        dp=dp,
-        site_epsilon=site_epsilon,
-        secagg=secagg,
-        secagg_setup_rounds=secagg_setup_rounds,
-        central_dp=central_dp,
-        noise_multiplier=noise_multiplier,
-        clip_norm=clip_norm,
-        sampling=sampling,
-        site_delta=site_delta,
-        max_grad_norm=max_grad_norm,
-        accountant=accountant,
-        delta=delta,
-    )
     site_keys = tuple(sorted(auth_keys.glob("*.pub"))) if auth_keys is not None else ()
     if auth_keys is not None and not site_keys:
         raise typer.BadParameter(f"no *.pub site keys in {auth_keys}")
@@ -216,7 +152,7 @@ def start_cmd(
         out_dir=result_dir,
         policy_path=policy.resolve() if policy is not None else None,
     )
-    code = _serve(settings, cfg, server_settings)
+    code = serve(settings, run_config, server_settings)
     result = result_dir / "result.json"
     if code != 0 or not result.is_file():
         from common.errors import FedsealError
@@ -256,24 +192,18 @@ def resume_cmd(
     run_id: Annotated[
         str, typer.Argument(help="The interrupted run's id (see `fedseal-server models list`).")
     ],
-    certs: Annotated[
-        Path | None, typer.Option(help="Directory made by `fedseal-server certs`.")
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Run WITHOUT TLS (testing only).")
-    ] = False,
-    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "0.0.0.0",
+    certs: CertsDir = None,
+    insecure: Insecure = False,
+    host: ListenHost = "0.0.0.0",
     port: Annotated[int, typer.Option(help="SuperLink port.")] = 9092,
-    state_dir: Annotated[Path, typer.Option(help="SuperLink state, logs and Flower home.")] = Path(
-        ".fedseal-server"
-    ),
+    state_dir: StateDir = DEFAULT_STATE_DIR,
     db: Annotated[
         str | None, typer.Option(help="Central record (default STATE_DIR/record.db).")
     ] = None,
     keys: Annotated[
         Path | None, typer.Option(help="Audit key directory (default STATE_DIR/keys).")
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Write result.json here.")] = None,
+    out_dir: ResultDir = None,
 ) -> None:
     """Continue a run after the coordinator crashed: from its last model version, with its
     privacy accountant restored from the record and the audit chain continued (`resumed`)."""
@@ -299,7 +229,7 @@ def resume_cmd(
         resume_run_id=run_id,
     )
     out.print(f"resuming run {run_id}")
-    code = _serve(settings, cfg, server_settings)
+    code = serve(settings, cfg, server_settings)
     if code != 0:
         from common.errors import FedsealError
 
@@ -307,8 +237,25 @@ def resume_cmd(
     out.print(f"run {run_id} completed; results in {result_dir}")
 
 
-def _serve(link_settings: LinkSettings, cfg: RunConfig, server_settings: ServerSettings) -> int:
-    """Run the SuperLink, submit the fedseal app to it, stream until the run ends; flwr's exit code."""
+def serve(link_settings: LinkSettings, cfg: RunConfig, server_settings: ServerSettings) -> int:
+    """Run the SuperLink, submit the fedseal app to it and stream until the run ends.
+
+    The one place ``start`` and ``resume`` hand their ``RunConfig`` over.
+
+    Parameters
+    ----------
+    link_settings
+        Where and how the SuperLink listens.
+    cfg
+        The run's configuration, sent to the sites.
+    server_settings
+        The coordinator's record, keys, output directory and resume target.
+
+    Returns
+    -------
+    int
+        ``flwr run``'s exit code.
+    """
     from server.deploy import SuperLink, write_app_dir
 
     # SIGTERM unwinds like Ctrl-C, so the SuperLink (its own process group) is stopped too.

@@ -25,8 +25,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.cli_errors import EXIT_FAILED, one_line_errors
 from common.errors import IntegrityError, RecordError
+from policies.cli_errors import EXIT_FAILED, one_line_errors
 from server.record.keys import create_keypair, load_public_key
 from server.record.store import ModelVersion, SqlRecord
 

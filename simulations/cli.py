@@ -14,11 +14,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.cli_options import SecaggSetupRounds
 from common.config import RunConfig
 from common.errors import FedsealError
 from common.secagg.stages import STAGE_LABELS
+from policies.cli_errors import one_line_errors
 from server.results import RoundResult
+from server.run_options import RUN_PANEL, SIMULATION_OPTIONS, with_run_options
 from simulations.faults import DEFAULT_DROP_STAGE, FaultPlan
 
 app = typer.Typer(
@@ -29,32 +30,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 _D = RunConfig()  # defaults live in one place
-
-
-class Dataset(StrEnum):
-    digits = "digits"
-    breast_cancer = "breast_cancer"
-
-
-class Partition(StrEnum):
-    iid = "iid"
-    dirichlet = "dirichlet"
-
-
-class Model(StrEnum):
-    auto = "auto"
-    mlp = "mlp"
-    cnn = "cnn"
-
-
-class Sampling(StrEnum):
-    fixed = "fixed"
-    poisson = "poisson"
-
-
-class Accountant(StrEnum):
-    prv = "prv"
-    rdp = "rdp"
 
 
 # The secure-aggregation stages, as common.secagg.stages names them.
@@ -92,81 +67,14 @@ def _root() -> None:
 
 
 @app.command("run")
+@with_run_options(SIMULATION_OPTIONS)
 def run_cmd(
     clients: Annotated[
-        int, typer.Option("--clients", "-n", help="Number of virtual sites.")
+        int,
+        typer.Option("--clients", "-n", help="Number of virtual sites.", rich_help_panel=RUN_PANEL),
     ] = _D.num_sites,
-    rounds: Annotated[int, typer.Option("--rounds", "-r", help="Federated rounds.")] = _D.rounds,
-    dataset: Annotated[
-        Dataset, typer.Option(help="Embedded dataset (scikit-learn).")
-    ] = Dataset.digits,
-    model: Annotated[
-        Model, typer.Option(help="Model from the zoo; auto picks the MLP.")
-    ] = Model.auto,
-    partition: Annotated[
-        Partition, typer.Option(help="How the data is split across sites.")
-    ] = Partition.iid,
-    alpha: Annotated[
-        float, typer.Option(help="Dirichlet concentration (dirichlet partition).")
-    ] = _D.alpha,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _D.local_epochs,
-    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = _D.batch_size,
-    lr: Annotated[float, typer.Option("--lr", help="Local SGD learning rate.")] = _D.learning_rate,
-    fraction: Annotated[
-        float, typer.Option(help="Fraction of sites sampled per round.")
-    ] = _D.fraction_train,
-    min_sites: Annotated[
-        int, typer.Option(help="Fewest usable updates a round accepts.")
-    ] = _D.min_sites,
-    sampling: Annotated[
-        Sampling, typer.Option(help="fixed-size cohort or Poisson sampling.")
-    ] = Sampling.fixed,
-    seed: Annotated[
-        int, typer.Option(help="Seed for partitions, initial weights and sampling.")
-    ] = _D.seed,
-    dp: Annotated[
-        bool, typer.Option("--dp/--no-dp", help="Record-level DP-SGD (Opacus) at every site.")
-    ] = _D.dp,
-    site_epsilon: Annotated[
-        float,
-        typer.Option(
-            help="Each site's record-level epsilon target over the run (and its ledger budget)."
-        ),
-    ] = _D.site_epsilon,
-    site_delta: Annotated[float, typer.Option(help="Record-level delta.")] = _D.site_delta,
-    max_grad_norm: Annotated[
-        float, typer.Option(help="DP-SGD per-example gradient clip.")
-    ] = _D.max_grad_norm,
-    site_noise_multiplier: Annotated[
-        float, typer.Option(help="DP-SGD noise multiplier; 0 derives it from --site-epsilon.")
-    ] = _D.site_noise_multiplier,
-    accountant: Annotated[
-        Accountant, typer.Option(help="Privacy accountant (both levels).")
-    ] = Accountant.prv,
-    central_dp: Annotated[
-        bool,
-        typer.Option(
-            "--central-dp/--no-central-dp", help="Client-level DP-FedAvg noise at the server."
-        ),
-    ] = _D.central_dp,
-    noise_multiplier: Annotated[
-        float, typer.Option(help="DP-FedAvg noise multiplier z (std z*C).")
-    ] = _D.noise_multiplier,
-    delta: Annotated[float, typer.Option(help="Client-level delta.")] = _D.delta,
-    secagg: Annotated[
-        bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation (SecAgg+).")
-    ] = _D.secagg,
-    secagg_threshold: Annotated[
-        float,
-        typer.Option(help="SecAgg+ threshold: fraction of neighbours in (0.5, 1], or a count > 1."),
-    ] = _D.secagg_threshold,
-    secagg_setup_rounds: SecaggSetupRounds = _D.secagg_setup_rounds,
-    clip_norm: Annotated[
-        float,
-        typer.Option(
-            help="L2 bound C on each site's update (with secure aggregation or central DP)."
-        ),
-    ] = _D.clip_norm,
+    *,
+    run_config: RunConfig,
     drop_rate: Annotated[
         float, typer.Option(help="Fault injection: fraction of sampled sites that drop out.")
     ] = 0.0,
@@ -203,39 +111,7 @@ def run_cmd(
     ] = False,
 ) -> None:
     """Run a federated simulation and report accuracy and loss per round."""
-    try:
-        cfg = RunConfig(
-            dataset=dataset.value,
-            model=model.value,
-            partition=partition.value,
-            alpha=alpha,
-            num_sites=clients,
-            rounds=rounds,
-            fraction_train=fraction,
-            min_sites=min(min_sites, clients),
-            sampling=sampling.value,
-            local_epochs=local_epochs,
-            batch_size=batch_size,
-            learning_rate=lr,
-            seed=seed,
-            dp=dp,
-            site_epsilon=site_epsilon,
-            site_delta=site_delta,
-            max_grad_norm=max_grad_norm,
-            site_noise_multiplier=site_noise_multiplier,
-            accountant=accountant.value,
-            central_dp=central_dp,
-            noise_multiplier=noise_multiplier,
-            delta=delta,
-            secagg=secagg,
-            secagg_threshold=secagg_threshold,
-            secagg_setup_rounds=secagg_setup_rounds,
-            clip_norm=clip_norm,
-        )
-        faults = FaultPlan(drop_rate, drop_stage.value, seed=seed) if drop_rate > 0 else None
-    except FedsealError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    cfg, faults = _simulation_config(run_config, clients, drop_rate, drop_stage)
 
     from simulations.engine import run_simulation, stdout_to_stderr
 
@@ -318,6 +194,30 @@ def run_cmd(
         )
     Console().print(table)
     Console().print(f"run directory: {out} (record.db, result.json); report: {report_html}")
+
+
+@one_line_errors
+def _simulation_config(
+    run_config: RunConfig, clients: int, drop_rate: float, drop_stage: DropStage
+) -> tuple[RunConfig, FaultPlan | None]:
+    """The run options' ``RunConfig`` completed for ``clients`` virtual sites, and the faults.
+
+    A round never waits for more sites than there are. The drop options (the
+    only place they are read) become a :class:`simulations.faults.FaultPlan`
+    for the simulated network; they never reach the configuration sites see.
+
+    Raises
+    ------
+    typer.Exit
+        With code 2 after one ``error:`` line when a value is invalid.
+    """
+    try:
+        cfg = run_config.replace(num_sites=clients, min_sites=min(run_config.min_sites, clients))
+        faults = FaultPlan(drop_rate, drop_stage.value, seed=cfg.seed) if drop_rate > 0 else None
+    except FedsealError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    return cfg, faults
 
 
 def _write_report(out: Path, run_id: str) -> Path:

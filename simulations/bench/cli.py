@@ -27,9 +27,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.cli_options import SecaggSetupRounds
 from common.config import RunConfig
 from common.errors import FedsealError
+from server.run_options import SecaggSetupRounds
 
 bench_app = typer.Typer(
     name="bench",

@@ -1,4 +1,9 @@
-"""How fedseal's command-line tools turn errors into one clear line and an exit code."""
+"""How fedseal's command-line tools turn errors into one clear line and an exit code.
+
+Used by every front end (``fedseal-server``, ``fedseal-client``, ``fedseal-sim``); it
+lives in ``policies`` because the coordinator and the site agent both mount its commands
+and may not import each other.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from common.errors import ConfigurationError, DataError, FedsealError
 
@@ -20,17 +26,24 @@ EXIT_USAGE = 2
 
 
 def one_line_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Decorator: a FedsealError becomes ``error: <message>`` and exit 2 (config) or 1."""
+    """Decorator: a FedsealError becomes ``error: <message>`` and exit 2 (config) or 1.
+
+    The message is printed as it is, on one line whatever the terminal's width.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
         except (ConfigurationError, DataError) as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            _print_error(exc)
             raise typer.Exit(EXIT_USAGE) from None
         except FedsealError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            _print_error(exc)
             raise typer.Exit(EXIT_FAILED) from None
 
     return wrapper
+
+
+def _print_error(exc: Exception) -> None:
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
