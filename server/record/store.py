@@ -44,16 +44,16 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
-from common.audit.chain import (
-    GENESIS_HASH,
-    AuditEvent,
+from common.audit.chain import GENESIS_HASH, AuditEvent, canonical_json, make_event
+from common.audit.export import encode_export
+from common.audit.seal import (
+    SignedHead,
     VerifyReport,
-    canonical_json,
-    make_event,
+    public_key_from_hex,
+    public_key_hex,
+    sign_head,
     verify_chain,
 )
-from common.audit.export import encode_export
-from common.audit.seal import SignedHead, public_key_from_hex, public_key_hex, sign_head
 from common.errors import ConfigurationError, DataError, RecordError
 from server.record.artifacts import ArtifactStore
 from server.record.schema import (
@@ -576,7 +576,7 @@ class SqlRecord:
         return keys
 
     def verify(self, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
-        """Recompute the chain and check every seal (:func:`common.audit.chain.verify_chain`).
+        """Recompute the chain and check every seal (:func:`common.audit.seal.verify_chain`).
 
         Without ``public_key``, signatures are checked against the key stored
         with the seals, which catches corruption but not a forger who also
