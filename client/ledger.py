@@ -29,14 +29,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, UniqueConstraint, event
+from sqlalchemy import Engine, UniqueConstraint
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import registry
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, select
 
 from common.dp.accounting import epsilon_for, validate_accountant, validate_delta
 from common.dp.events import PrivacyEvent, PrivacyLevel
 from common.errors import ConfigurationError, PrivacyBudgetExceeded, RecordError
+from common.sqlite import sqlite_engine
 
 __all__ = ["DatasetTotal", "LedgerEntry", "SiteLedger"]
 
@@ -194,20 +195,9 @@ class SiteLedger:
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise RecordError(f"ledger folder {self.path.parent} does not exist")
-        self._engine: Engine = create_engine(
-            f"sqlite:///{self.path}", connect_args={"timeout": _BUSY_TIMEOUT_S}
+        self._engine: Engine = sqlite_engine(
+            f"sqlite:///{self.path}", timeout_s=_BUSY_TIMEOUT_S, synchronous="FULL"
         )
-
-        @event.listens_for(self._engine, "connect")
-        def _no_implicit_transactions(dbapi_connection: Any, _record: Any) -> None:
-            # Let SQLAlchemy's "begin" event issue the BEGIN (pysqlite would defer it).
-            dbapi_connection.isolation_level = None
-            dbapi_connection.execute("PRAGMA synchronous=FULL")
-
-        @event.listens_for(self._engine, "begin")
-        def _begin_immediate(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
         try:
             _LedgerModel.metadata.create_all(self._engine)
         except SQLAlchemyError as exc:

@@ -27,8 +27,8 @@ from rich.table import Table
 
 from common.errors import IntegrityError, RecordError
 from policies.cli_errors import EXIT_FAILED, one_line_errors
+from server.record import ModelVersion, SqlRecord
 from server.record.keys import create_keypair, load_public_key
-from server.record.store import ModelVersion, SqlRecord
 
 __all__ = ["audit_app", "keys_cmd", "models_app"]
 

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from server.record.store import SqlRecord  # noqa: E402
+from server.record import SqlRecord  # noqa: E402
 
 __all__ = ["ReportPaths", "write_report"]
 

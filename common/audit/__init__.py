@@ -1,5 +1,10 @@
 """The tamper-evident audit log: hash chain, signed heads, witness checks, export format.
 
+Layering: :mod:`~common.audit.chain` (events and their hash chain) imports
+nothing else of the package; :mod:`~common.audit.seal` (signed heads and the
+verification of a sealed history) builds on it; :mod:`~common.audit.export`
+and :mod:`~common.audit.witness` build on both.
+
 Pure: no database, no network, no Flower. The server's record
 (``server.record``) stores events and seals; sites keep signed heads and use
 :func:`check_witness` on an exported history.
@@ -8,15 +13,19 @@ Pure: no database, no network, no Flower. The server's record
 from common.audit.chain import (
     GENESIS_HASH,
     AuditEvent,
-    VerifyReport,
     canonical_json,
     event_hash,
     find_chain_break,
     make_event,
-    verify_chain,
 )
 from common.audit.export import AuditExport, encode_export, parse_export
-from common.audit.seal import SignedHead, load_public_key_pem, sign_head
+from common.audit.seal import (
+    SignedHead,
+    VerifyReport,
+    load_public_key_pem,
+    sign_head,
+    verify_chain,
+)
 from common.audit.witness import HeadCheck, WitnessReport, check_witness
 
 __all__ = [

@@ -1,12 +1,12 @@
-"""The audit hash chain: canonical encoding, event hashes and whole-chain verification.
+"""The audit hash chain: canonical encoding, event hashes and the walk that finds a break.
 
 Guarantee
 ---------
 Every audit event commits to its predecessor: ``hash = SHA-256(prev_hash ||
 canonical_json(header))`` where the header holds the event's sequence number,
-UTC time, run, kind, actor and payload. Anyone holding the events (and the
-signed heads, :mod:`common.audit.seal`) can recompute the chain, so an edited,
-deleted, inserted or reordered event is found and *named*:
+UTC time, run, kind, actor and payload. Anyone holding the events can
+recompute the chain (:func:`find_chain_break`), so an edited, deleted,
+inserted or reordered event is found and *named*:
 
 * **hash mismatch** at seq ``n``: the stored hash of event ``n`` is not the hash
   of its own contents (its payload, kind, actor, time, run or seq was edited,
@@ -15,29 +15,16 @@ deleted, inserted or reordered event is found and *named*:
   event ``n - 1`` (an event before it was replaced by a forged one whose own
   hash is consistent, e.g. an insertion with re-numbered successors);
 * **gap** at seq ``n``: the event numbered ``n`` is missing (a deleted row);
-* **out of order** at seq ``n``: a sequence number repeats or goes backwards;
-* **bad seal**: a seal's Ed25519 signature does not verify under the trusted
-  key, it is for another record, or it names a ``(seq, head_hash)`` that the
-  chain no longer holds (the event at that seq was changed);
-* **truncated tail**: a seal names a seq beyond the last event. Every seal
-  records ``(seq, head_hash)``; the chain is *complete* only if the newest
-  seal covers the last event. Removing sealed events from the end therefore
-  leaves a seal pointing past the head, and is named by the first missing seq;
-* **unsealed tail**: events after the newest seal. A closed record (the server
-  seals at every round end and when a run ends) has none; appending forged
-  events at the end (with correct hashes, which needs no key) is caught here.
+* **out of order** at seq ``n``: a sequence number repeats or goes backwards.
 
-What verification against the record alone cannot catch: an attacker with
-write access to the database who deletes the newest events *together with*
-the seals that cover them, cutting exactly at a remaining seal. The chain
-that is left is then a consistent, sealed prefix. That is why sites keep the
-signed heads they received (:mod:`common.audit.witness`): a site's newer head
-names a seq and hash the truncated history no longer contains.
+This module knows nothing of signatures. The chain alone cannot tell a
+rewritten history whose hashes were all recomputed (no key is needed for
+that) from the genuine one, nor a history cut short at the end: the server's
+signed heads over the chain, and the whole-history verification that checks
+them (bad seal, truncated tail, unsealed tail), are in :mod:`common.audit.seal`.
 
-Assumptions: SHA-256 is collision- and second-preimage resistant; the
-verifier obtains the server's public key out of band (``--public-key``);
-seq numbers start at 1 and the first event's ``prev_hash`` is
-:data:`GENESIS_HASH`.
+Assumptions: SHA-256 is collision- and second-preimage resistant; seq
+numbers start at 1 and the first event's ``prev_hash`` is :data:`GENESIS_HASH`.
 
 References
 ----------
@@ -56,27 +43,20 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from common.errors import DataError, IntegrityError
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    from common.audit.seal import SignedHead
+from common.errors import DataError
 
 __all__ = [
     "CHAIN_VERSION",
     "GENESIS_HASH",
     "AuditEvent",
-    "VerifyReport",
     "canonical_json",
     "event_hash",
     "find_chain_break",
     "is_hex_digest",
     "make_event",
     "parse_canonical_json",
-    "verify_chain",
 ]
 
 CHAIN_VERSION = 1
@@ -276,27 +256,6 @@ def make_event(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class VerifyReport:
-    """Outcome of :func:`verify_chain`.
-
-    ``first_bad_seq`` is the lowest seq at which something is wrong (``None``
-    when ``ok``); ``problem`` says what, in one line.
-    """
-
-    ok: bool
-    n_events: int
-    n_seals: int
-    first_bad_seq: int | None = None
-    problem: str | None = None
-
-    def summary(self) -> str:
-        """``OK: N events, M seals`` or ``FAILED at seq S: <problem>``."""
-        if self.ok:
-            return f"OK: {self.n_events} events, {self.n_seals} seals"
-        return f"FAILED at seq {self.first_bad_seq}: {self.problem}"
-
-
 def find_chain_break(events: Sequence[AuditEvent]) -> tuple[int, str] | None:
     """Walk the hash chain (seals not considered).
 
@@ -338,101 +297,3 @@ def find_chain_break(events: Sequence[AuditEvent]) -> tuple[int, str] | None:
             )
         prev = event.hash
     return None
-
-
-def _check_seals(
-    events: Sequence[AuditEvent],
-    seals: Sequence[SignedHead],
-    public_key: Ed25519PublicKey | None,
-    record_id: str | None,
-) -> tuple[int, str] | None:
-    """Check every seal; the problem with the lowest seq, or ``None``."""
-    found: list[tuple[int, str]] = []
-    by_seq = {event.seq: event for event in events}
-    last_seq = events[-1].seq if events else 0
-    previous = 0
-    for number, seal in enumerate(seals, start=1):
-        if record_id is not None and seal.record_id != record_id:
-            found.append((seal.seq, f"bad seal #{number}: it is for record {seal.record_id!r}"))
-            continue
-        if public_key is not None:
-            try:
-                seal.verify(public_key)
-            except IntegrityError:
-                found.append(
-                    (seal.seq, f"bad seal #{number}: signature does not verify under the key")
-                )
-                continue
-        if seal.seq < previous:
-            found.append((seal.seq, f"bad seal #{number}: seals are out of order"))
-            continue
-        previous = seal.seq
-        if seal.seq > last_seq:
-            found.append(
-                (
-                    last_seq + 1,
-                    f"truncated tail: seal #{number} covers seq {seal.seq} but the last "
-                    f"event is {last_seq}",
-                )
-            )
-            continue
-        sealed = by_seq.get(seal.seq)
-        if sealed is None or sealed.hash != seal.head_hash:
-            found.append(
-                (
-                    max(seal.seq, 1),
-                    f"bad seal #{number}: the sealed head hash no longer matches event {seal.seq}",
-                )
-            )
-    newest = max((seal.seq for seal in seals), default=0)
-    if last_seq > newest:
-        found.append(
-            (
-                newest + 1,
-                f"unsealed tail: events {newest + 1}..{last_seq} come after the last seal",
-            )
-        )
-    return min(found, key=lambda item: item[0]) if found else None
-
-
-def verify_chain(
-    events: Sequence[AuditEvent],
-    seals: Sequence[SignedHead],
-    public_key: Ed25519PublicKey | None,
-    record_id: str | None = None,
-) -> VerifyReport:
-    """Recompute the whole chain and check every seal.
-
-    Parameters
-    ----------
-    events
-        The events in storage order (by seq), first seq 1.
-    seals
-        The signed heads in the order they were made.
-    public_key
-        The server's Ed25519 key to check seal signatures with; ``None`` skips
-        signature checks (seal positions and hashes are still checked).
-    record_id
-        If given, every seal must be for this record.
-
-    Returns
-    -------
-    VerifyReport
-        ``ok`` only if the chain is intact, every seal is good, and the newest
-        seal covers the last event. Otherwise the lowest bad seq and what is
-        wrong there (on a tie, the chain problem is named before the seal one).
-    """
-    problems = [
-        p
-        for p in (
-            find_chain_break(events),
-            _check_seals(events, seals, public_key, record_id),
-        )
-        if p is not None
-    ]
-    if not problems:
-        return VerifyReport(ok=True, n_events=len(events), n_seals=len(seals))
-    seq, problem = min(problems, key=lambda item: item[0])
-    return VerifyReport(
-        ok=False, n_events=len(events), n_seals=len(seals), first_bad_seq=seq, problem=problem
-    )

@@ -1,4 +1,4 @@
-"""Signed heads: the server's Ed25519 signature over the head of its audit chain.
+"""Signed heads over the audit chain, and verification of a whole sealed history.
 
 Guarantee
 ---------
@@ -12,9 +12,32 @@ compromised replica). Sites keep the signed heads they receive; a history that
 no longer contains a head they hold is detectably rewritten
 (:mod:`common.audit.witness`).
 
+Verification (:func:`verify_chain`) walks the chain
+(:func:`common.audit.chain.find_chain_break`) and checks every seal against
+it, naming the lowest bad seq; besides the chain's own findings:
+
+* **bad seal**: a seal's Ed25519 signature does not verify under the trusted
+  key, it is for another record, or it names a ``(seq, head_hash)`` that the
+  chain no longer holds (the event at that seq was changed);
+* **truncated tail**: a seal names a seq beyond the last event. Every seal
+  records ``(seq, head_hash)``; the chain is *complete* only if the newest
+  seal covers the last event. Removing sealed events from the end therefore
+  leaves a seal pointing past the head, and is named by the first missing seq;
+* **unsealed tail**: events after the newest seal. A closed record (the server
+  seals at every round end and when a run ends) has none; appending forged
+  events at the end (with correct hashes, which needs no key) is caught here.
+
+What verification against the record alone cannot catch: an attacker with
+write access to the database who deletes the newest events *together with*
+the seals that cover them, cutting exactly at a remaining seal. The chain
+that is left is then a consistent, sealed prefix. That is why sites keep the
+signed heads they received (:mod:`common.audit.witness`): a site's newer head
+names a seq and hash the truncated history no longer contains.
+
 Assumptions: Ed25519 is existentially unforgeable (RFC 8032); the verifier
-has the genuine public key (out of band); the server does not sign two
-conflicting heads (it would be caught by any two sites comparing heads).
+has the genuine public key (out of band, ``--public-key``); the server does
+not sign two conflicting heads (it would be caught by any two sites
+comparing heads).
 
 Message layout (version 1): the ASCII domain label ``fedseal/audit-head/v1``,
 a zero byte, then the canonical JSON of ``{"v": 1, "record_id", "seq",
@@ -31,6 +54,7 @@ heads witnessed by third parties.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +62,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.audit.chain import MAX_FIELD_CHARS, canonical_json, is_hex_digest
+from common.audit.chain import (
+    MAX_FIELD_CHARS,
+    AuditEvent,
+    canonical_json,
+    find_chain_break,
+    is_hex_digest,
+)
 from common.errors import ConfigurationError, DataError, IntegrityError
 
 __all__ = [
@@ -46,10 +76,12 @@ __all__ = [
     "HEAD_VERSION",
     "MAX_ENCODED_HEAD_BYTES",
     "SignedHead",
+    "VerifyReport",
     "load_public_key_pem",
     "public_key_hex",
     "public_key_from_hex",
     "sign_head",
+    "verify_chain",
 ]
 
 HEAD_VERSION = 1
@@ -221,3 +253,122 @@ def load_public_key_pem(data: bytes) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigurationError("the public key is not an Ed25519 key")
     return key
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """Outcome of :func:`verify_chain`.
+
+    ``first_bad_seq`` is the lowest seq at which something is wrong (``None``
+    when ``ok``); ``problem`` says what, in one line.
+    """
+
+    ok: bool
+    n_events: int
+    n_seals: int
+    first_bad_seq: int | None = None
+    problem: str | None = None
+
+    def summary(self) -> str:
+        """``OK: N events, M seals`` or ``FAILED at seq S: <problem>``."""
+        if self.ok:
+            return f"OK: {self.n_events} events, {self.n_seals} seals"
+        return f"FAILED at seq {self.first_bad_seq}: {self.problem}"
+
+
+def _check_seals(
+    events: Sequence[AuditEvent],
+    seals: Sequence[SignedHead],
+    public_key: Ed25519PublicKey | None,
+    record_id: str | None,
+) -> tuple[int, str] | None:
+    """Check every seal; the problem with the lowest seq, or ``None``."""
+    found: list[tuple[int, str]] = []
+    by_seq = {event.seq: event for event in events}
+    last_seq = events[-1].seq if events else 0
+    previous = 0
+    for number, seal in enumerate(seals, start=1):
+        if record_id is not None and seal.record_id != record_id:
+            found.append((seal.seq, f"bad seal #{number}: it is for record {seal.record_id!r}"))
+            continue
+        if public_key is not None:
+            try:
+                seal.verify(public_key)
+            except IntegrityError:
+                found.append(
+                    (seal.seq, f"bad seal #{number}: signature does not verify under the key")
+                )
+                continue
+        if seal.seq < previous:
+            found.append((seal.seq, f"bad seal #{number}: seals are out of order"))
+            continue
+        previous = seal.seq
+        if seal.seq > last_seq:
+            found.append(
+                (
+                    last_seq + 1,
+                    f"truncated tail: seal #{number} covers seq {seal.seq} but the last "
+                    f"event is {last_seq}",
+                )
+            )
+            continue
+        sealed = by_seq.get(seal.seq)
+        if sealed is None or sealed.hash != seal.head_hash:
+            found.append(
+                (
+                    max(seal.seq, 1),
+                    f"bad seal #{number}: the sealed head hash no longer matches event {seal.seq}",
+                )
+            )
+    newest = max((seal.seq for seal in seals), default=0)
+    if last_seq > newest:
+        found.append(
+            (
+                newest + 1,
+                f"unsealed tail: events {newest + 1}..{last_seq} come after the last seal",
+            )
+        )
+    return min(found, key=lambda item: item[0]) if found else None
+
+
+def verify_chain(
+    events: Sequence[AuditEvent],
+    seals: Sequence[SignedHead],
+    public_key: Ed25519PublicKey | None,
+    record_id: str | None = None,
+) -> VerifyReport:
+    """Recompute the whole chain and check every seal.
+
+    Parameters
+    ----------
+    events
+        The events in storage order (by seq), first seq 1.
+    seals
+        The signed heads in the order they were made.
+    public_key
+        The server's Ed25519 key to check seal signatures with; ``None`` skips
+        signature checks (seal positions and hashes are still checked).
+    record_id
+        If given, every seal must be for this record.
+
+    Returns
+    -------
+    VerifyReport
+        ``ok`` only if the chain is intact, every seal is good, and the newest
+        seal covers the last event. Otherwise the lowest bad seq and what is
+        wrong there (on a tie, the chain problem is named before the seal one).
+    """
+    problems = [
+        p
+        for p in (
+            find_chain_break(events),
+            _check_seals(events, seals, public_key, record_id),
+        )
+        if p is not None
+    ]
+    if not problems:
+        return VerifyReport(ok=True, n_events=len(events), n_seals=len(seals))
+    seq, problem = min(problems, key=lambda item: item[0])
+    return VerifyReport(
+        ok=False, n_events=len(events), n_seals=len(seals), first_bad_seq=seq, problem=problem
+    )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
+import common.audit.chain as chain_module
 from common.audit.chain import (
     GENESIS_HASH,
     AuditEvent,
@@ -17,9 +20,8 @@ from common.audit.chain import (
     event_hash,
     make_event,
     parse_canonical_json,
-    verify_chain,
 )
-from common.audit.seal import SignedHead, sign_head
+from common.audit.seal import SignedHead, sign_head, verify_chain
 from common.errors import DataError
 
 KEY = Ed25519PrivateKey.from_private_bytes(b"\x01" * 32)
@@ -188,3 +190,11 @@ def test_verify_chain_without_key_still_checks_seal_hash() -> None:
     seal = sign_head(KEY, RID, 3, "f" * 64, "t")
     report = verify_chain(events, [seal], None)
     assert report.first_bad_seq == 3 and "no longer matches" in (report.problem or "")
+
+
+def test_chain_module_imports_nothing_else_of_the_audit_package() -> None:
+    # The chain is the bottom layer: seals build on it, never the other way round.
+    tree = ast.parse(Path(chain_module.__file__).read_text(encoding="utf-8"))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert [name for name in imported if name.startswith("common.audit")] == []

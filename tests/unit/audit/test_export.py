@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.audit.chain import GENESIS_HASH, make_event, verify_chain
+from common.audit.chain import GENESIS_HASH, make_event
 from common.audit.export import encode_export, parse_export
-from common.audit.seal import sign_head
+from common.audit.seal import sign_head, verify_chain
 from common.errors import DataError
 
 KEY = Ed25519PrivateKey.from_private_bytes(b"\x04" * 32)

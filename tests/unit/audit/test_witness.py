@@ -6,8 +6,8 @@ import dataclasses
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.audit.chain import GENESIS_HASH, AuditEvent, make_event, verify_chain
-from common.audit.seal import sign_head
+from common.audit.chain import GENESIS_HASH, AuditEvent, make_event
+from common.audit.seal import sign_head, verify_chain
 from common.audit.witness import check_witness
 
 KEY = Ed25519PrivateKey.from_private_bytes(b"\x03" * 32)

@@ -1,4 +1,11 @@
-"""The record contract suite's backend fixture: SQLite file, and PostgreSQL when available.
+"""The record contract suite's backends: SQLite in memory, SQLite file, and PostgreSQL.
+
+Every test that takes ``record_url`` (or ``record``, an open
+:class:`~server.record.SqlRecord` on it) runs once per backend, in the
+spirit of Flower's ``linkstate_test.py``: the same assertions must hold on
+each. A test that opens the database a second time (another ``SqlRecord``
+on the same URL, another process or thread) is marked ``durable`` and skips
+the in-memory backend, whose database lives only as long as its engine.
 
 PostgreSQL: set ``FEDSEAL_TEST_PG_URL`` (``bash .ci/postgres.sh ENV_FILE``
 starts a throwaway server and writes it). Each test gets a fresh database on
@@ -16,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
+
+from server.record import SqlRecord
 
 PG_ENV = "FEDSEAL_TEST_PG_URL"
 
@@ -47,10 +56,37 @@ def _pg_database(base_url: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+MEMORY = "sqlite-memory"
+BACKENDS = (
+    pytest.param(MEMORY, id=MEMORY),
+    pytest.param("sqlite-file", id="sqlite-file"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "durable: the test reopens the record database, so it skips SQLite in memory",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every test that uses ``record_url`` on each backend it can use."""
+    if "record_url" not in metafunc.fixturenames:
+        return
+    durable = metafunc.definition.get_closest_marker("durable") is not None
+    backends = [b for b in BACKENDS if not (durable and b.values[0] == MEMORY)]
+    metafunc.parametrize("record_url", backends, indirect=True)
+
+
+@pytest.fixture()
 def record_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL for an empty record database on each backend."""
-    if request.param == "sqlite":
+    """A URL for an empty record database on the backend the test is parametrised with."""
+    if request.param == MEMORY:
+        yield "sqlite://"
+        return
+    if request.param == "sqlite-file":
         yield f"sqlite:///{tmp_path / 'record.db'}"
         return
     base = os.environ.get(PG_ENV)
@@ -66,3 +102,11 @@ def record_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture()
 def artifact_dir(tmp_path: Path) -> Path:
     return tmp_path / "artifacts"
+
+
+@pytest.fixture()
+def record(record_url: str, artifact_dir: Path) -> Iterator[SqlRecord]:
+    """An open record on an empty database of each backend."""
+    rec = SqlRecord(record_url, artifact_dir)
+    yield rec
+    rec.close()

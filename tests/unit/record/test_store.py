@@ -1,7 +1,9 @@
-"""Contract tests for SqlRecord, run on every backend (SQLite file and PostgreSQL)."""
+"""Contract tests for SqlRecord, run on every backend (SQLite memory and file, PostgreSQL)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import threading
 from pathlib import Path
 
@@ -10,18 +12,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import text
 
 from common.audit.chain import event_hash
+from common.audit.export import parse_export
+from common.audit.seal import public_key_hex, verify_chain
 from common.errors import DataError, IntegrityError, RecordError
 from server.record.schema import SCHEMA_VERSION
 from server.record.store import SqlRecord
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-
-
-@pytest.fixture()
-def record(record_url: str, artifact_dir: Path):
-    rec = SqlRecord(record_url, artifact_dir)
-    yield rec
-    rec.close()
 
 
 def _sealed(record: SqlRecord, n: int = 8, seal_every: int = 2) -> None:
@@ -225,6 +222,50 @@ def test_seal_empty_log_refused(record: SqlRecord) -> None:
         record.seal(KEY)
 
 
+def test_seals_latest_seal_and_stored_public_keys_follow_the_seals_made(
+    record: SqlRecord,
+) -> None:
+    assert record.seals() == [] and record.latest_seal() is None
+    assert record.stored_public_keys() == []
+    _sealed(record, n=4)
+    seals = record.seals()
+    assert [s.seq for s in seals] == [2, 4]
+    assert all(s.record_id == record.record_id for s in seals)
+    assert record.latest_seal() == seals[-1]
+    assert record.stored_public_keys() == [public_key_hex(KEY.public_key())]
+
+
+def test_verify_without_key_seals_with_two_public_keys_fail_at_the_first_other_key(
+    record: SqlRecord,
+) -> None:
+    _sealed(record, n=4)
+    record.append_event("run-a", "test_event", "server", {"i": 5})
+    record.seal(Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33))))
+    report = record.verify()
+    assert not report.ok and report.first_bad_seq == 5
+    assert "different public keys" in (report.problem or "")
+
+
+def test_exports_hold_every_event_and_seal_and_verify_offline(record: SqlRecord) -> None:
+    _sealed(record, n=4)
+    buffer = io.StringIO()
+    assert record.export_jsonl(buffer) == 4
+    lines = buffer.getvalue().splitlines()
+    assert list(record.iter_export_lines()) == lines
+    parsed = parse_export(lines)
+    assert parsed.record_id == record.record_id
+    assert parsed.public_key_hex == public_key_hex(KEY.public_key())
+    assert list(parsed.events) == record.events() and list(parsed.seals) == record.seals()
+    assert verify_chain(parsed.events, parsed.seals, KEY.public_key(), parsed.record_id).ok
+    table = io.StringIO()
+    assert record.export_csv(table) == 4
+    rows = list(csv.reader(io.StringIO(table.getvalue())))
+    assert rows[0] == ["seq", "time", "run_id", "kind", "actor", "payload", "prev_hash", "hash"]
+    assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    assert rows[3][5] == '{"i":3,"note":"event 3"}' and rows[4][7] == record.events()[3].hash
+
+
+@pytest.mark.durable
 def test_append_event_two_concurrent_writers_keep_chain_valid(
     record_url: str, artifact_dir: Path
 ) -> None:
@@ -255,6 +296,7 @@ def test_append_event_two_concurrent_writers_keep_chain_valid(
 # ----------------------------------------------------------------- schema
 
 
+@pytest.mark.durable
 def test_open_newer_schema_refused(record: SqlRecord, record_url: str) -> None:
     _sql(
         record,
@@ -265,6 +307,7 @@ def test_open_newer_schema_refused(record: SqlRecord, record_url: str) -> None:
         SqlRecord(record_url)
 
 
+@pytest.mark.durable
 def test_open_existing_record_keeps_record_id(record: SqlRecord, record_url: str) -> None:
     with SqlRecord(record_url, create=False) as again:
         assert again.record_id == record.record_id
@@ -363,6 +406,30 @@ def test_record_privacy_unknown_level_refused(record: SqlRecord) -> None:
         )
 
 
+def test_resume_run_reopens_the_run_and_returns_its_last_version(record: SqlRecord) -> None:
+    run = record.create_run({"rounds": 3}, run_id="run-r")
+    assert record.resume_run(run) is None
+    record.add_model_version(run, 1, None, b"w1", {}, None, None, None, [1])
+    v2 = record.add_model_version(run, 2, None, b"w2", {}, None, None, None, [1])
+    record.finish_run(run, "aborted", "crash")
+    assert record.get_run(run).status == "aborted"
+    assert record.resume_run(run) == v2
+    info = record.get_run(run)
+    assert info.status == "running" and info.finished_at is None
+    assert record.events(run)[-1].payload() == {
+        "previous_status": "aborted",
+        "last_version": v2.version,
+        "last_round": 2,
+    }
+    other = record.create_run({})
+    assert [r.run_id for r in record.list_runs()] == [run, other]
+    assert record.list_runs()[0].config == {"rounds": 3}
+    with pytest.raises(RecordError, match="already exists"):
+        record.create_run({}, run_id="run-r")
+    with pytest.raises(RecordError, match="no run"):
+        record.get_run("absent")
+
+
 # ----------------------------------------------------------------- model registry
 
 
@@ -401,3 +468,15 @@ def test_export_version_artifact_altered_on_disk_refused(record: SqlRecord, tmp_
     with pytest.raises(IntegrityError, match="altered"):
         record.export_version(v.version, dest)
     assert not dest.exists()
+
+
+def test_load_version_bytes_returns_the_artifact_and_refuses_an_altered_one(
+    record: SqlRecord,
+) -> None:
+    run = record.create_run({})
+    v = record.add_model_version(run, 1, None, b"genuine weights", {}, None, None, None, [1])
+    assert record.load_version_bytes(v.version) == b"genuine weights"
+    assert record.artifacts is not None
+    record.artifacts.path(v.sha256).write_bytes(b"tampered weights")
+    with pytest.raises(IntegrityError, match="altered"):
+        record.load_version_bytes(v.version)
