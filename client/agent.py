@@ -31,9 +31,8 @@ from client.training import TrainStats, make_loader, secret_seed, select_device,
 from client.witness import witness_head
 from common.audit.seal import SignedHead
 from common.config import RunConfig
-from common.dp import epsilon_for
 from common.energy import EnergyConfig, make_meter
-from common.errors import ConfigurationError, PrivacyBudgetExceeded
+from common.errors import ConfigurationError
 from common.records import (
     KEY_APP_HASH,
     KEY_AUDIT_HEAD,
@@ -162,8 +161,11 @@ def decide_participation(
 ) -> tuple[str | None, ConfigRecord | None]:
     """Before touching data: (refusal reason or None, the site-policy decisions record).
 
-    Checks the site's policy rules on the instruction and, with DP on, a dry run
-    of the ledger: the epsilon this round would bring the dataset to.
+    Checks the site's policy rules on the instruction and, with DP on, a dry
+    run of the ledger (:meth:`~client.ledger.SiteLedger.would_spend`, the
+    check :meth:`~client.ledger.SiteLedger.reserve` makes before it writes):
+    the epsilon this round would bring the dataset to. A round already in the
+    ledger (a redo) costs nothing new.
     """
     cfg = site.cfg
     policy = site_policy(site)
@@ -175,17 +177,19 @@ def decide_participation(
         plan = _dp_plan(site, len(data.y_train))
         budget, delta = site_budget(site, data.dataset_id)
         with SiteLedger(site.directory / LEDGER_FILE) as ledger:
-            entries = ledger.history(data.dataset_id)
-        history = [e.event for e in entries]
-        redo = any(e.run_id == site.run_id and e.round == site.server_round for e in entries)
-        spent = epsilon_for(history, delta, cfg.accountant)
-        would_be = (
-            spent if redo else epsilon_for([*history, plan.round_event()], delta, cfg.accountant)
-        )
-        if would_be > budget:
-            budget_reason = str(PrivacyBudgetExceeded(spent, budget, would_be))
+            spend = ledger.would_spend(
+                data.dataset_id,
+                site.run_id,
+                site.server_round,
+                plan.round_event(),
+                delta,
+                cfg.accountant,
+                budget,
+            )
+        if spend.exceeds:
+            budget_reason = str(spend.error())
         if policy is not None:
-            decisions.append(budget_decision(policy, data.dataset_id, spent, would_be))
+            decisions.append(budget_decision(policy, data.dataset_id, spend.spent, spend.would_be))
     if policy is not None:
         decisions += check_round(
             site,
