@@ -49,7 +49,7 @@ from common.records import (
     vector_to_state_dict,
 )
 from common.task import TaskSpec, task_for
-from policies import Decision
+from policies import Decision, SitePolicy
 
 ECHO_UPDATE_VALUE = 1e-3
 
@@ -99,6 +99,10 @@ class SiteContext:
 
     def data(self) -> SiteData:
         return load_site_data(self.cfg, self.task, self.context.node_config)
+
+    def policy(self) -> SitePolicy | None:
+        """This site's policy, or None when it has none."""
+        return site_policy(self.context.node_config, self.setup.policies)
 
 
 def load_global(site: SiteContext, arrays: object) -> tuple[torch.nn.Module, ModelSpec, np.ndarray]:
@@ -150,7 +154,7 @@ def site_budget(site: SiteContext, dataset_id: str) -> tuple[float, float]:
     From the site's policy when it has one (the site's word, whatever the
     server asks); otherwise the run's ``site_epsilon``/``site_delta``.
     """
-    policy = site_policy(site)
+    policy = site.policy()
     if policy is not None:
         return policy.privacy.budget_for(dataset_id)
     return site.cfg.site_epsilon, site.cfg.site_delta
@@ -168,7 +172,7 @@ def decide_participation(
     ledger (a redo) costs nothing new.
     """
     cfg = site.cfg
-    policy = site_policy(site)
+    policy = site.policy()
     decisions: list[Decision] = []
     budget_reason = None
     plan = None
@@ -192,11 +196,14 @@ def decide_participation(
             decisions.append(budget_decision(policy, data.dataset_id, spend.spent, spend.would_be))
     if policy is not None:
         decisions += check_round(
-            site,
             policy,
+            cfg,
+            site.server_round,
             cohort_size=cohort_size,
             secagg_threshold=secagg_threshold,
             noise_multiplier=plan.noise_multiplier if plan is not None else None,
+            app_hash=site.app_hash,
+            head=site.head,
         )
     denied = [str(d) for d in decisions if not d.allowed]
     reason = "; ".join(denied) if denied else budget_reason
