@@ -1,8 +1,13 @@
-"""The site agent's work in one round: decide whether to take part, then train and clip.
+"""The site agent's work in one round: what it knows about the round, and its training.
 
-Order of operations on the site (DESIGN.md): train (Opacus DP-SGD when record-level
-DP is on) -> update = new - global -> clip the update's L2 norm to C (when
-central DP or secure aggregation is on) -> [secure aggregation masks it].
+Order of operations on the site (DESIGN.md): decide whether to take part
+(:mod:`client.steps`) -> train (Opacus DP-SGD when record-level DP is on)
+-> update = new - global -> clip the update's L2 norm to C (when central DP
+or secure aggregation is on, :mod:`client.mods.clipping`) -> [secure
+aggregation masks it, :mod:`client.mods.secagg`].
+
+:func:`compute_update` is the default :class:`Trainer`; the ClientApp takes
+another one (``make_client_app(trainer=...)``), e.g. a test's fake.
 """
 
 from __future__ import annotations
@@ -10,39 +15,29 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
 from client.ledger import SiteLedger
 from client.privacy import SiteDpPlan, make_private, plan_site_dp, validate_model
 from client.site import SiteData, load_site_data
-from client.site_policy import (
-    SiteSetup,
-    budget_decision,
-    check_round,
-    decisions_record,
-    site_policy,
-)
+from client.site_policy import SiteSetup, site_policy
 from client.state import LEDGER_FILE, WITNESS_FILE, site_dir
 from client.training import TrainStats, make_loader, secret_seed, select_device, train_local
 from client.witness import witness_head
 from common.audit.seal import SignedHead
 from common.config import RunConfig
-from common.dp import epsilon_for
 from common.energy import EnergyConfig, make_meter
-from common.errors import ConfigurationError, PrivacyBudgetExceeded
+from common.errors import ConfigurationError
 from common.records import (
     KEY_APP_HASH,
     KEY_AUDIT_HEAD,
     KEY_COHORT_SIZE,
     KEY_CONFIG,
-    KEY_METRICS,
-    KEY_REFUSAL,
     KEY_RUN_ID,
-    KEY_SITE_DECISIONS,
     ModelSpec,
     record_to_config,
     record_to_vector,
@@ -50,7 +45,7 @@ from common.records import (
     vector_to_state_dict,
 )
 from common.task import TaskSpec, task_for
-from policies import Decision
+from policies import SitePolicy
 
 ECHO_UPDATE_VALUE = 1e-3
 
@@ -101,6 +96,35 @@ class SiteContext:
     def data(self) -> SiteData:
         return load_site_data(self.cfg, self.task, self.context.node_config)
 
+    def policy(self) -> SitePolicy | None:
+        """This site's policy, or None when it has none."""
+        return site_policy(self.context.node_config, self.setup.policies)
+
+
+class Trainer(Protocol):
+    """A site's training for one round: the global model in, its update out.
+
+    Parameters
+    ----------
+    site : SiteContext
+        The round's instruction as this site reads it.
+    arrays : object
+        The received global model record (validated by the trainer).
+
+    Returns
+    -------
+    LocalUpdate
+        The update (new - global, unclipped), example count and metrics.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        If the site's ledger refuses the round's privacy cost; the ClientApp
+        answers with a refusal.
+    """
+
+    def __call__(self, site: SiteContext, arrays: object) -> LocalUpdate: ...
+
 
 def load_global(site: SiteContext, arrays: object) -> tuple[torch.nn.Module, ModelSpec, np.ndarray]:
     """Build the run's model and load the received global weights (validated)."""
@@ -116,7 +140,8 @@ def dp_batch_size(cfg: RunConfig, dataset_size: int) -> int:
     return min(cfg.dp_batch_size or dataset_size, dataset_size)
 
 
-def _dp_plan(site: SiteContext, dataset_size: int) -> SiteDpPlan:
+def dp_plan(site: SiteContext, dataset_size: int) -> SiteDpPlan:
+    """This round's DP-SGD plan (noise multiplier, sample rate, steps) for the site's split."""
     cfg = site.cfg
     return _cached_plan(
         cfg.site_epsilon,
@@ -151,52 +176,10 @@ def site_budget(site: SiteContext, dataset_id: str) -> tuple[float, float]:
     From the site's policy when it has one (the site's word, whatever the
     server asks); otherwise the run's ``site_epsilon``/``site_delta``.
     """
-    policy = site_policy(site)
+    policy = site.policy()
     if policy is not None:
         return policy.privacy.budget_for(dataset_id)
     return site.cfg.site_epsilon, site.cfg.site_delta
-
-
-def decide_participation(
-    site: SiteContext, cohort_size: int, secagg_threshold: int | None
-) -> tuple[str | None, ConfigRecord | None]:
-    """Before touching data: (refusal reason or None, the site-policy decisions record).
-
-    Checks the site's policy rules on the instruction and, with DP on, a dry run
-    of the ledger: the epsilon this round would bring the dataset to.
-    """
-    cfg = site.cfg
-    policy = site_policy(site)
-    decisions: list[Decision] = []
-    budget_reason = None
-    plan = None
-    if cfg.dp and cfg.workload != "echo":
-        data = site.data()
-        plan = _dp_plan(site, len(data.y_train))
-        budget, delta = site_budget(site, data.dataset_id)
-        with SiteLedger(site.directory / LEDGER_FILE) as ledger:
-            entries = ledger.history(data.dataset_id)
-        history = [e.event for e in entries]
-        redo = any(e.run_id == site.run_id and e.round == site.server_round for e in entries)
-        spent = epsilon_for(history, delta, cfg.accountant)
-        would_be = (
-            spent if redo else epsilon_for([*history, plan.round_event()], delta, cfg.accountant)
-        )
-        if would_be > budget:
-            budget_reason = str(PrivacyBudgetExceeded(spent, budget, would_be))
-        if policy is not None:
-            decisions.append(budget_decision(policy, data.dataset_id, spent, would_be))
-    if policy is not None:
-        decisions += check_round(
-            site,
-            policy,
-            cohort_size=cohort_size,
-            secagg_threshold=secagg_threshold,
-            noise_multiplier=plan.noise_multiplier if plan is not None else None,
-        )
-    denied = [str(d) for d in decisions if not d.allowed]
-    reason = "; ".join(denied) if denied else budget_reason
-    return reason, decisions_record(policy, decisions) if policy is not None else None
 
 
 def compute_update(site: SiteContext, arrays: object) -> LocalUpdate:
@@ -273,7 +256,7 @@ def _train(
         update = state_dict_to_vector(model.state_dict()) - global_vec
         return LocalUpdate(update, len(data.y_train), _train_metrics(stats))
 
-    plan = _dp_plan(site, len(data.y_train))
+    plan = dp_plan(site, len(data.y_train))
     budget, budget_delta = site_budget(site, data.dataset_id)
     ledger = SiteLedger(site.directory / LEDGER_FILE)
     try:
@@ -337,13 +320,3 @@ def _train_metrics(stats: TrainStats) -> dict[str, float | int]:
         "train-seconds": stats.seconds,
         "steps": stats.steps,
     }
-
-
-def refusal(msg: Message, reason: str, decisions: ConfigRecord | None = None) -> Message:
-    """A reply saying this site does not take part in the round, and why."""
-    content = RecordDict(
-        {KEY_METRICS: MetricRecord({"refused": 1}), KEY_REFUSAL: ConfigRecord({"reason": reason})}
-    )
-    if decisions is not None:
-        content[KEY_SITE_DECISIONS] = decisions
-    return Message(content=content, reply_to=msg)

@@ -7,56 +7,67 @@ Actions (Flower message types):
 * ``train.secagg_*`` — the four secure-aggregation stages (:mod:`client.secure`);
 * ``evaluate`` — score the global model on the site's local test split.
 
+Every train action runs one chain: the mods of :func:`train_mods` (secure
+aggregation, the plain round's participation decision, clipping) around the
+train step (:mod:`client.steps`), which calls the site's
+:class:`~client.agent.Trainer`. A plain round and a secure round's masked
+stage thus train and clip through the same code.
+
 The run's settings arrive in each message's config record, written by the
 server from its :class:`~common.config.RunConfig`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from client.agent import SiteContext, compute_update, decide_participation, load_global, refusal
+from client import steps
+from client.agent import SiteContext, Trainer, compute_update, load_global
+from client.mods.clipping import clipping_mod
+from client.mods.participation import participation_mod
+from client.mods.secagg import secagg_mod
 from client.site_policy import SiteSetup
 from client.training import select_device
-from common.dp import clip_l2
-from common.errors import PrivacyBudgetExceeded
 from common.evaluation import evaluate
-from common.records import (
-    KEY_ARRAYS,
-    KEY_METRICS,
-    KEY_SITE_DECISIONS,
-    vector_to_record,
-)
-from common.secagg.stages import Stage
+from common.records import KEY_ARRAYS, KEY_METRICS
+from common.secagg.stages import WIRE_STAGES
 from policies import SitePolicies
 
+TRAIN_ACTIONS = (
+    "default",  # the plain round: message type ``train``
+    *(stage.action for stage in WIRE_STAGES),
+)
 
-def handle_train(
-    msg: Message, context: Context, site_root: SiteSetup | Path | None = None
-) -> Message:
-    site = SiteContext.of(msg, context, site_root)
-    cfg = site.cfg
-    cohort = site.cohort_size if isinstance(site.cohort_size, int) else 1
-    reason, decisions = decide_participation(site, cohort, None)
-    if reason is not None:
-        return refusal(msg, reason, decisions)
-    try:
-        local = compute_update(site, msg.content[KEY_ARRAYS])
-    except PrivacyBudgetExceeded as exc:
-        return refusal(msg, str(exc), decisions)
-    update, norm = local.update, None
-    if cfg.clips_updates:
-        update, norm = clip_l2(update, cfg.clip_norm)
-    extra = {} if norm is None else {"update-norm": norm}
-    metrics = MetricRecord({"num-examples": local.num_examples, **local.metrics, **extra})
-    content = RecordDict({KEY_ARRAYS: vector_to_record(update), KEY_METRICS: metrics})
-    if decisions is not None:
-        content[KEY_SITE_DECISIONS] = decisions
-    return Message(content=content, reply_to=msg)
+
+def train_mods(setup: SiteSetup) -> list[Mod]:
+    """The mods of every train action, outermost first: the one place their order is set.
+
+    1. :func:`~client.mods.secagg.secagg_mod` answers the secure stages; only
+       the masked stage goes on inward, and it masks what comes back, so it
+       must see the update after clipping;
+    2. :func:`~client.mods.participation.participation_mod` decides a plain
+       round before anything inside it touches data (a secure round decides
+       in its own stages);
+    3. :func:`~client.mods.clipping.clipping_mod` clips the train step's
+       update to C, next to the step, so that every path out of the site
+       (plain reply or masked input) carries the clipped update.
+
+    The inner function is the train step (:func:`client.steps.train`).
+    """
+    return [secagg_mod(setup), participation_mod(setup), clipping_mod]
+
+
+def train_step(setup: SiteSetup, trainer: Trainer) -> ClientAppCallable:
+    """The inner train function: this site's ``trainer`` on the received global model."""
+
+    def train(msg: Message, context: Context) -> Message:
+        return steps.train(msg, SiteContext.of(msg, context, setup), trainer)
+
+    return train
 
 
 def handle_evaluate(
@@ -72,39 +83,30 @@ def handle_evaluate(
     return Message(content=RecordDict({KEY_METRICS: metrics}), reply_to=msg)
 
 
-def _bind(
-    handler: Callable[[Message, Context, SiteSetup], Message], setup: SiteSetup
-) -> Callable[[Message, Context], Message]:
-    def bound(msg: Message, context: Context) -> Message:
-        return handler(msg, context, setup)
-
-    return bound
-
-
 def make_client_app(
-    site_root: Path | None = None, site_policies: SitePolicies | None = None
+    site_root: Path | None = None,
+    site_policies: SitePolicies | None = None,
+    trainer: Trainer = compute_update,
 ) -> ClientApp:
     """Build the fedseal ClientApp.
 
-    ``site_root`` holds simulated sites' state directories and ``site_policies``
-    their policies; deployed sites configure both through their node config.
+    Parameters
+    ----------
+    site_root : Path or None
+        Where simulated sites keep their state directories; deployed sites
+        configure theirs through their node config.
+    site_policies : SitePolicies or None
+        The simulated sites' policies; deployed sites name their policy file
+        in their node config.
+    trainer : Trainer
+        A site's training for one round (default :func:`client.agent.compute_update`).
     """
     setup = SiteSetup(site_root, site_policies)
     client_app = ClientApp()
-
-    @client_app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, setup)
-
-    from client import secure
-
-    for stage, handler in (
-        (Stage.ADVERTISE_KEYS, secure.handle_keys),
-        (Stage.SHARE_KEYS, secure.handle_shares),
-        (Stage.COLLECT_MASKED, secure.handle_masked),
-        (Stage.UNMASK, secure.handle_unmask),
-    ):
-        client_app.train(stage.action)(_bind(handler, setup))
+    mods = train_mods(setup)
+    train = train_step(setup, trainer)
+    for action in TRAIN_ACTIONS:
+        client_app.train(action, mods=mods)(train)
 
     @client_app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

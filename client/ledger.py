@@ -16,7 +16,9 @@ history is read, so several processes sharing the file cannot both pass the
 check on the same history. A reserved row counts as spent, so a crash
 between reserve and confirm can only over-count. Reserving the same
 (dataset, run, round) again returns the existing row and is not counted
-twice. The ledger stores no data and no secrets.
+twice. :meth:`SiteLedger.would_spend` is the same check without the write
+(a dry run, e.g. to decide whether to take part before any data is
+touched). The ledger stores no data and no secrets.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from common.dp.events import PrivacyEvent, PrivacyLevel
 from common.errors import ConfigurationError, PrivacyBudgetExceeded, RecordError
 from common.sqlite import sqlite_engine
 
-__all__ = ["DatasetTotal", "LedgerEntry", "SiteLedger"]
+__all__ = ["DatasetTotal", "LedgerEntry", "SiteLedger", "Spend"]
 
 RESERVED = "reserved"
 CONFIRMED = "confirmed"
@@ -169,12 +171,54 @@ def _check_text(name: str, value: str) -> str:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """What reserving one round would do to its dataset's record-level epsilon.
+
+    ``recorded``: the (dataset, run, round) is in the ledger already, so the
+    round costs nothing new (``would_be == spent``).
+    """
+
+    spent: float
+    would_be: float
+    budget: float
+    recorded: bool
+
+    @property
+    def exceeds(self) -> bool:
+        """Whether the round would take the dataset over its budget."""
+        return self.would_be > self.budget
+
+    def error(self) -> PrivacyBudgetExceeded:
+        """The refusal to give (or raise) when :attr:`exceeds`."""
+        return PrivacyBudgetExceeded(self.spent, self.budget, self.would_be)
+
+
 def _check_budget(budget: float) -> float:
     if isinstance(budget, bool) or not isinstance(budget, int | float):
         raise ConfigurationError(f"budget must be a real number, got {budget!r}")
     if not (math.isfinite(budget) and budget > 0):
         raise ConfigurationError(f"budget must be finite and > 0, got {budget!r}")
     return float(budget)
+
+
+def _check_reserve_args(
+    dataset_id: str,
+    run_id: str,
+    round: int,
+    event: PrivacyEvent,
+    delta: float,
+    accountant: str,
+    budget: float,
+) -> tuple[float, str, float]:
+    """Validate :meth:`SiteLedger.reserve`'s arguments; return (delta, accountant, budget)."""
+    _check_text("dataset_id", dataset_id)
+    _check_text("run_id", run_id)
+    if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+        raise ConfigurationError(f"round must be an int >= 0, got {round!r}")
+    if not isinstance(event, PrivacyEvent) or event.level is not PrivacyLevel.RECORD:
+        raise ConfigurationError("the site ledger records record-level PrivacyEvents only")
+    return validate_delta(delta), validate_accountant(accountant), _check_budget(budget)
 
 
 class SiteLedger:
@@ -244,6 +288,47 @@ class SiteLedger:
             raise RecordError(f"cannot read the privacy ledger {self.path}: {exc}") from exc
         return epsilon_for(events, d, name)
 
+    def would_spend(
+        self,
+        dataset_id: str,
+        run_id: str,
+        round: int,
+        event: PrivacyEvent,
+        delta: float,
+        accountant: str,
+        budget: float,
+    ) -> Spend:
+        """Dry run of :meth:`reserve`: the same check on the same history, nothing written.
+
+        Parameters
+        ----------
+        dataset_id, run_id, round, event, delta, accountant, budget
+            As for :meth:`reserve`.
+
+        Returns
+        -------
+        Spend
+            The dataset's epsilon now and after the round. A round already in
+            the ledger costs nothing new (its mechanism is not compared here;
+            :meth:`reserve` does that).
+
+        Raises
+        ------
+        RecordError
+            If the database fails or holds an invalid row.
+        ConfigurationError
+            For invalid arguments.
+        """
+        d, name, limit = _check_reserve_args(
+            dataset_id, run_id, round, event, delta, accountant, budget
+        )
+        try:
+            with self._session() as session:
+                existing = self._row(session, dataset_id, run_id, round)
+                return self._spend(session, dataset_id, event, d, name, limit, existing is not None)
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot read the privacy ledger {self.path}: {exc}") from exc
+
     def reserve(
         self,
         dataset_id: str,
@@ -255,6 +340,9 @@ class SiteLedger:
         budget: float,
     ) -> int:
         """Reserve ``event`` for (dataset, run, round) if it stays within ``budget``.
+
+        Check, then commit, in one transaction: the check is
+        :meth:`would_spend`'s, the write follows only if it passes.
 
         Parameters
         ----------
@@ -286,24 +374,12 @@ class SiteLedger:
         ConfigurationError
             For invalid arguments.
         """
-        _check_text("dataset_id", dataset_id)
-        _check_text("run_id", run_id)
-        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
-            raise ConfigurationError(f"round must be an int >= 0, got {round!r}")
-        if not isinstance(event, PrivacyEvent) or event.level is not PrivacyLevel.RECORD:
-            raise ConfigurationError("the site ledger records record-level PrivacyEvents only")
-        d = validate_delta(delta)
-        name = validate_accountant(accountant)
-        limit = _check_budget(budget)
+        d, name, limit = _check_reserve_args(
+            dataset_id, run_id, round, event, delta, accountant, budget
+        )
         try:
             with self._session() as session:
-                existing = session.exec(
-                    select(LedgerRow).where(
-                        LedgerRow.dataset_id == dataset_id,
-                        LedgerRow.run_id == run_id,
-                        LedgerRow.round == round,
-                    )
-                ).first()
+                existing = self._row(session, dataset_id, run_id, round)
                 if existing is not None:
                     if (existing.noise_multiplier, existing.sample_rate, existing.steps) != (
                         event.noise_multiplier,
@@ -315,11 +391,9 @@ class SiteLedger:
                             "reserved with a different mechanism"
                         )
                     return _entry(existing).id
-                history = self._events(session, dataset_id)
-                spent = epsilon_for(history, d, name)
-                would_be = epsilon_for([*history, event], d, name)
-                if would_be > limit:
-                    raise PrivacyBudgetExceeded(spent, limit, would_be)
+                spend = self._spend(session, dataset_id, event, d, name, limit, recorded=False)
+                if spend.exceeds:
+                    raise spend.error()
                 row = LedgerRow(
                     dataset_id=dataset_id,
                     run_id=run_id,
@@ -338,6 +412,37 @@ class SiteLedger:
         except SQLAlchemyError as exc:
             raise RecordError(f"cannot write the privacy ledger {self.path}: {exc}") from exc
         return entry_id
+
+    @staticmethod
+    def _row(session: Session, dataset_id: str, run_id: str, round: int) -> LedgerRow | None:
+        """The ledger's row for (dataset, run, round), if the round was reserved before."""
+        return session.exec(
+            select(LedgerRow).where(
+                LedgerRow.dataset_id == dataset_id,
+                LedgerRow.run_id == run_id,
+                LedgerRow.round == round,
+            )
+        ).first()
+
+    def _spend(
+        self,
+        session: Session,
+        dataset_id: str,
+        event: PrivacyEvent,
+        delta: float,
+        accountant: str,
+        budget: float,
+        recorded: bool,
+    ) -> Spend:
+        """The budget check shared by :meth:`would_spend` and :meth:`reserve`.
+
+        Computed from the full history read inside the caller's transaction; a
+        round already recorded adds nothing to it.
+        """
+        history = self._events(session, dataset_id)
+        spent = epsilon_for(history, delta, accountant)
+        would_be = spent if recorded else epsilon_for([*history, event], delta, accountant)
+        return Spend(spent, would_be, budget, recorded)
 
     def confirm(self, entry_id: int) -> None:
         """Mark a reserved entry confirmed (the update has left the site); idempotent.

@@ -11,8 +11,16 @@ Order on the client: (keys) advertise -> (shares) share -> (masked) train,
 clip to C, quantise, mask -> (unmask) reveal shares. The update is clipped
 here, by the client, so that the server only ever sees the masked sum.
 
+These stages run inside the ClientApp's secure-aggregation mod
+(:mod:`client.mods.secagg`); the masked stage trains and clips through the
+inner train path, ``train`` (the same steps as a plain round,
+:mod:`client.steps`), and masks what comes back. Whether the site takes part
+is decided by :func:`~client.steps.decide_participation`, at the keys stage
+and at the masked stage of a later prepared round, each time after the
+stage's checks and before any secret is used.
+
 One setup (keys + shares) may prepare several consecutive rounds over one
-cohort (see :class:`server.secure.SecureSetup`): the node then holds one
+cohort (see :class:`server.aggregation.secure.SecAggAggregator`): the node then holds one
 sealed state per prepared round (``config.<r>``/``sealed.<r>`` in its
 record), each opened only by that round's masked and unmask stages and
 erased after its unmask stage, its refusal, or the next setup.
@@ -24,19 +32,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
 
-from client.agent import SiteContext, compute_update, decide_participation, refusal
+from client.agent import SiteContext
 from client.site_policy import SiteSetup
 from client.state import state_key
+from client.steps import (
+    decide_participation,
+    is_refusal,
+    refusal,
+    reply_update,
+    with_decisions,
+)
 from common.config import MAX_SECAGG_SETUP_ROUNDS
-from common.dp import clip_l2
-from common.errors import PrivacyBudgetExceeded, ProtocolError
+from common.errors import ConfigurationError, ProtocolError
 from common.records import (
-    KEY_ARRAYS,
     KEY_METRICS,
     KEY_SECAGG_CONFIG,
     KEY_SECAGG_MSG,
-    KEY_SITE_DECISIONS,
     MAX_SECAGG_CONFIG_BYTES,
     bundle_to_record,
     bytes_to_record,
@@ -124,16 +137,23 @@ def _clear(context: Context) -> None:
 def _reply(
     msg: Message,
     payload: bytes | Sequence[bytes | memoryview],
-    metrics: dict[str, float | int] | None = None,
+    metrics: MetricRecord | None = None,
 ) -> Message:
     content = RecordDict({KEY_SECAGG_MSG: bytes_to_record(payload)})
     if metrics is not None:
-        content[KEY_METRICS] = MetricRecord(metrics)
+        content[KEY_METRICS] = metrics
     return Message(content=content, reply_to=msg)
 
 
 def _bundle_reply(msg: Message, payloads: list[bytes]) -> Message:
     return Message(content=RecordDict({KEY_SECAGG_MSG: bundle_to_record(payloads)}), reply_to=msg)
+
+
+def _participation(
+    site: SiteContext, config: SecAggConfig
+) -> tuple[str | None, ConfigRecord | None]:
+    """Whether the site takes part in the round ``config`` describes (keys and masked stages)."""
+    return decide_participation(site, config.size, config.threshold)
 
 
 def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
@@ -166,7 +186,7 @@ def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | No
             )
     _clear(context)  # a new setup discards whatever an earlier one left
     first = configs[0]
-    reason, decisions = decide_participation(site, first.size, first.threshold)
+    reason, decisions = _participation(site, first)
     if reason is not None:
         return refusal(msg, reason, decisions)
     requests = record_to_bundle(
@@ -180,10 +200,7 @@ def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | No
         client = SecAggClient(context.node_id, config)
         replies.append(client.advertise_keys(AdvertiseKeysRequest.decode(raw, config)).encode())
         _save(context, config, client, key, first=server_round)
-    answer = _bundle_reply(msg, replies)
-    if decisions is not None:
-        answer.content[KEY_SITE_DECISIONS] = decisions
-    return answer
+    return with_decisions(_bundle_reply(msg, replies), decisions)
 
 
 def _resume(site: SiteContext, context: Context) -> tuple[SecAggConfig, SecAggClient, bytes]:
@@ -231,12 +248,19 @@ def handle_shares(msg: Message, context: Context, site_root: SiteSetup | Path | 
     return _bundle_reply(msg, replies)
 
 
-def handle_masked(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
-    """Stage 3: train, clip the update to C, quantise and mask it.
+def handle_masked(
+    msg: Message,
+    context: Context,
+    site_root: SiteSetup | Path | None,
+    train: ClientAppCallable,
+) -> Message:
+    """Stage 3: train and clip the update to C (the inner train path ``train``), quantise, mask.
 
     In a round after its setup's first, the site decides here whether it
     takes part (its policy and privacy budget now); a refusal drops it from
     this round only, like a dropout, and its secrets for the round are erased.
+    So does a refusal from the train path itself (the ledger refusing the
+    round's privacy cost when it is reserved).
     """
     site = SiteContext.of(msg, context, site_root)
     server_round = site.server_round
@@ -246,23 +270,23 @@ def handle_masked(msg: Message, context: Context, site_root: SiteSetup | Path | 
     )
     decisions = None
     if _state(context).get("first") != server_round:
-        reason, decisions = decide_participation(site, config.size, config.threshold)
+        reason, decisions = _participation(site, config)
         if reason is not None:
             _drop(context, server_round)
             return refusal(msg, reason, decisions)
-    try:
-        local = compute_update(site, msg.content[KEY_ARRAYS])
-    except PrivacyBudgetExceeded as exc:
+    trained = train(msg, context)
+    if is_refusal(trained):
         _drop(context, server_round)
-        return refusal(msg, str(exc), decisions)
-    clipped, norm = clip_l2(local.update, site.cfg.clip_norm)
-    reply = client.collect_masked(request, clipped, secure_generator())
+        return with_decisions(trained, decisions)
+    metrics = trained.content.metric_records[KEY_METRICS]
+    if "update-norm" not in metrics:  # only a clipped update may be masked: |x| <= C
+        raise ConfigurationError("the train path did not clip the update to be masked")
+    reply = client.collect_masked(request, reply_update(trained), secure_generator())
     _save(context, config, client, key)
-    metrics = {"num-examples": local.num_examples, "update-norm": norm, **local.metrics}
-    answer = _reply(msg, reply.encode_parts(), metrics)
-    if decisions is not None:
-        answer.content[KEY_SITE_DECISIONS] = decisions
-    return answer
+    ordered = MetricRecord(
+        {"num-examples": metrics["num-examples"], "update-norm": metrics["update-norm"], **metrics}
+    )
+    return with_decisions(_reply(msg, reply.encode_parts(), ordered), decisions)
 
 
 def handle_unmask(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from flwr.app import ConfigRecord
 
+from common.audit.seal import SignedHead
+from common.config import RunConfig
 from policies import Decision, SitePolicies, SitePolicy, load_site_policy, policy_hash
 from policies.evaluate import check_round_request, check_site_budget
 from policies.plans import RoundRequest
-
-if TYPE_CHECKING:
-    from client.agent import SiteContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,30 +40,59 @@ def _load(path: str, mtime_ns: int) -> SitePolicy:
     return load_site_policy(path)
 
 
-def site_policy(site: SiteContext) -> SitePolicy | None:
-    """This site's policy, or None when it has none."""
-    node = site.context.node_config
-    path = node.get("policy-path")
+def site_policy(node_config: Mapping[str, Any], policies: SitePolicies | None) -> SitePolicy | None:
+    """This site's policy, or None when it has none.
+
+    Parameters
+    ----------
+    node_config : mapping
+        The SuperNode's node config: ``policy-path`` (a deployed site's file)
+        or ``partition-id`` (a simulated site, looked up in ``policies``).
+    policies : SitePolicies or None
+        The simulated sites' policies handed to the ClientApp.
+    """
+    path = node_config.get("policy-path")
     if isinstance(path, str) and path:
         return _load(path, Path(path).stat().st_mtime_ns)
-    if site.setup.policies is not None and "partition-id" in node:
-        return site.setup.policies.for_site(f"site-{node['partition-id']}")
+    if policies is not None and "partition-id" in node_config:
+        return policies.for_site(f"site-{node_config['partition-id']}")
     return None
 
 
 def check_round(
-    site: SiteContext,
     policy: SitePolicy,
+    cfg: RunConfig,
+    server_round: int,
     *,
     cohort_size: int,
     secagg_threshold: int | None,
     noise_multiplier: float | None,
+    app_hash: str | None,
+    head: SignedHead | None,
 ) -> list[Decision]:
-    """The site policy's decisions on this round's instruction."""
-    cfg = site.cfg
-    head = site.head
+    """The site policy's decisions on this round's instruction.
+
+    Parameters
+    ----------
+    policy : SitePolicy
+        The site's policy.
+    cfg : RunConfig
+        The run's configuration, as the instruction carries it.
+    server_round : int
+        The round the instruction is for.
+    cohort_size : int
+        Sites taking part in the round (as the server states it).
+    secagg_threshold : int or None
+        The secure-aggregation threshold (ignored when secure aggregation is off).
+    noise_multiplier : float or None
+        The site's DP-SGD noise multiplier this round (ignored when DP is off).
+    app_hash : str or None
+        The coordinator's code hash, as its audit log records it.
+    head : SignedHead or None
+        The server's signed audit head the instruction carries.
+    """
     request = RoundRequest(
-        server_round=site.server_round,
+        server_round=server_round,
         cohort_size=cohort_size,
         secure_aggregation=cfg.secagg,
         site_dp=cfg.dp,
@@ -71,7 +100,7 @@ def check_round(
         secagg_threshold=secagg_threshold if cfg.secagg else None,
         noise_multiplier=noise_multiplier if cfg.dp else None,
         max_grad_norm=cfg.max_grad_norm if cfg.dp else None,
-        app_hash=site.app_hash,
+        app_hash=app_hash,
         signature=head.signature if head is not None else None,
         signed_payload=head.message() if head is not None else None,
     )

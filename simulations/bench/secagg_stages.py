@@ -1,11 +1,12 @@
 """Where a secure round's time goes: each stage's CPU work, in one process, without Ray.
 
 The same code paths as a simulated round (the aggregators of
-:mod:`server.aggregation` on the server, :mod:`client.secure`'s stage handlers on the sites) are driven
-through an in-process loopback instead of Flower's Simulation Engine: each
-message goes through one pickle round trip (what Ray does to a Message
-between the ServerApp and a ClientApp actor), then to the site's handler.
-A plain FedAvg round (:func:`client.app.handle_train`) is timed the same way.
+:mod:`server.aggregation` on the server, the fedseal ClientApp, :func:`client.app.make_client_app`, on
+the sites: its secure-aggregation mod and train path) are driven through an
+in-process loopback instead of Flower's Simulation Engine: each message goes
+through one pickle round trip (what Ray does to a Message between the
+ServerApp and a ClientApp actor), then to the site's ClientApp. A plain
+FedAvg round is timed the same way.
 
 What is reported per stage: the server's work before the exchange (building
 requests), all sites' handler time (summed over sites: the CPU seconds the
@@ -22,13 +23,14 @@ import pickle
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from common.config import RunConfig
 from common.records import (
@@ -40,7 +42,6 @@ from common.records import (
 from simulations.bench.secagg import echo_config
 
 SERVER_NODE_ID = 1
-Handler = Callable[[Message, Context, Path | None], Message]
 
 
 @dataclass(slots=True)
@@ -73,9 +74,8 @@ class StageTiming:
 class Loopback:
     """Delivers messages to in-process sites, timing every part of each exchange."""
 
-    handlers: Mapping[str, Handler]
+    client_app: ClientApp
     contexts: dict[int, Context]
-    site_root: Path
     cfg: RunConfig
     stages: list[StageTiming] = field(default_factory=list)
     _mark: float = 0.0
@@ -100,7 +100,7 @@ class Loopback:
             wire = pickle.dumps(msg, protocol=5)
             delivered = pickle.loads(wire)
             t1 = time.perf_counter()
-            reply = self.handlers[message_type](delivered, self.contexts[node_id], self.site_root)
+            reply = self.client_app(delivered, self.contexts[node_id])
             t2 = time.perf_counter()
             back = pickle.dumps(reply, protocol=5)
             replies[node_id] = pickle.loads(back)
@@ -142,31 +142,17 @@ def _contexts(cfg: RunConfig) -> dict[int, Context]:
     }
 
 
-def _handlers() -> dict[str, Handler]:
-    from client import secure
-    from client.app import handle_train
-    from common.secagg.stages import Stage
-
-    train = str(MessageType.TRAIN)
-    return {
-        train: handle_train,
-        f"{train}.{Stage.ADVERTISE_KEYS.action}": secure.handle_keys,
-        f"{train}.{Stage.SHARE_KEYS.action}": secure.handle_shares,
-        f"{train}.{Stage.COLLECT_MASKED.action}": secure.handle_masked,
-        f"{train}.{Stage.UNMASK.action}": secure.handle_unmask,
-    }
-
-
 def time_round_stages(
     clients: int, params: int, *, secagg: bool, server_round: int = 1
 ) -> tuple[float, list[StageTiming]]:
     """One round in process; returns (total seconds, per-exchange timings)."""
+    from client.app import make_client_app
     from server.aggregation import PlainAggregator, RoundInput, SecAggAggregator
 
     cfg = echo_config(clients, params, 1, secagg=secagg)
     global_vector = np.zeros(params, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="fedseal-bench-") as root:
-        loop = Loopback(_handlers(), _contexts(cfg), Path(root), cfg)
+        loop = Loopback(make_client_app(Path(root)), _contexts(cfg), cfg)
         cohort = sorted(loop.contexts)
         aggregator = SecAggAggregator(cfg, 1, params) if secagg else PlainAggregator(params)
         start = time.perf_counter()

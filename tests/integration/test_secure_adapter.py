@@ -15,6 +15,7 @@ exactly which sites are in it; one test trains on digits for real.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,6 @@ from fake_grid import (
 )
 from flwr.app import ConfigRecord, Message, RecordDict
 
-import client.app as client_app_module
 import client.secure as client_secure
 from client.agent import LocalUpdate
 from client.app import make_client_app
@@ -97,14 +97,17 @@ def _server_identity() -> Iterator[None]:
 
 @pytest.fixture
 def distinct_updates(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each site sends ``node_update(partition-id)`` with ``partition-id + 1`` examples."""
+    """Each site sends ``node_update(partition-id)`` with ``partition-id + 1`` examples.
 
-    def fake_compute_update(site: Any, arrays: object) -> LocalUpdate:
+    The fake trainer is injected through ``make_client_app(trainer=...)``: this
+    module's ``federation`` builds its ClientApps with it.
+    """
+
+    def fake_trainer(site: Any, arrays: object) -> LocalUpdate:
         partition = int(site.context.node_config["partition-id"])
         return LocalUpdate(node_update(partition), partition + 1, {"train-seconds": 0.0})
 
-    monkeypatch.setattr(client_secure, "compute_update", fake_compute_update)
-    monkeypatch.setattr(client_app_module, "compute_update", fake_compute_update)
+    monkeypatch.setitem(globals(), "make_client_app", partial(make_client_app, trainer=fake_trainer))
 
 
 def federation(

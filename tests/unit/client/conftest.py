@@ -1,0 +1,10 @@
+"""Make the in-memory test doubles in ``tests/support`` importable (``import fake_grid``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+SUPPORT = str(Path(__file__).resolve().parents[2] / "support")
+if SUPPORT not in sys.path:
+    sys.path.insert(0, SUPPORT)
