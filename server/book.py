@@ -19,13 +19,17 @@ import hashlib
 import importlib.util
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.audit.seal import SignedHead
 from common.config import RunConfig
+from common.dp import PrivacyEvent, PrivacyLevel
+from common.records import check_vector
 from server.aggregation.base import Aggregate
 from server.record import KeyPaths, ModelVersion, SqlRecord, create_keypair, load_private_key
 from server.results import RoundResult
@@ -63,6 +67,16 @@ def default_db_url() -> str:
     return f"sqlite:///{home / 'fedseal' / 'record.db'}"
 
 
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where a resumed run goes on: what the record says was finished before the crash."""
+
+    first_round: int
+    results: list[RoundResult]
+    global_vector: np.ndarray | None  # the last version's model; None when no round finished
+    client_events: list[PrivacyEvent]  # client-level releases up to that version
+
+
 class RunBook:
     """Writes one run into the central record and seals it."""
 
@@ -84,6 +98,35 @@ class RunBook:
         version = self.record.resume_run(self.run_id)
         self.seal()
         return version
+
+    def resume_point(self, vector_length: int) -> ResumePoint:
+        """Reopen the run (audited, sealed) and read back where it stands.
+
+        Only what the last model version covers counts as done: later rounds
+        (finished in the record but not versioned) and their client-level
+        releases are redone from that version.
+        """
+        version = self.resume()
+        done = version.round if version is not None else 0
+        events = [
+            PrivacyEvent(p.noise_multiplier, p.sample_rate, p.steps, PrivacyLevel.CLIENT)
+            for p in self.record.privacy(self.run_id)
+            if p.level == "client" and p.round <= done
+        ]
+        results = [
+            RoundResult.from_json(info.metrics)
+            for info in self.record.rounds(self.run_id)
+            if info.status == "finished" and info.metrics
+        ]
+        if version is None:
+            return ResumePoint(1, results, None, events)
+        data = self.record.load_version_bytes(version.version)
+        vector = check_vector(
+            np.frombuffer(data, dtype=np.float32).copy(), vector_length, what="resumed model"
+        )
+        return ResumePoint(
+            version.round + 1, [r for r in results if r.round <= done], vector, events
+        )
 
     def finish(self, status: str = "finished", reason: str | None = None) -> None:
         self.record.finish_run(self.run_id, status=status, reason=reason)

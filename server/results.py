@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from common.config import RunConfig
+
 
 @dataclass(frozen=True, slots=True)
 class SiteOutcome:
@@ -74,7 +76,9 @@ class NullObserver:
         pass
 
 
-def round_energy(sites: tuple[SiteOutcome, ...] | list[SiteOutcome]) -> dict[str, float | bool] | None:
+def round_energy(
+    sites: tuple[SiteOutcome, ...] | list[SiteOutcome],
+) -> dict[str, float | bool] | None:
     """Energy of a round: the sum over the sites that reported it; estimated if any part is."""
     reported = [s for s in sites if s.energy_kwh is not None]
     if not reported:
@@ -83,4 +87,32 @@ def round_energy(sites: tuple[SiteOutcome, ...] | list[SiteOutcome]) -> dict[str
         "kwh": sum(s.energy_kwh or 0.0 for s in reported),
         "co2eq_g": sum(s.co2eq_g or 0.0 for s in reported),
         "estimated": any(bool(s.energy_estimated) for s in reported),
+    }
+
+
+def result_document(
+    run_id: str, cfg: RunConfig, results: list[RoundResult], stopped: str | None
+) -> dict[str, Any]:
+    """A run's results as the JSON document fedseal prints (``--json``) and writes."""
+    return {
+        "run_id": run_id,
+        "config": asdict(cfg),
+        "rounds": [r.to_json() for r in results],
+        "stopped": stopped,
+        "privacy": {
+            "site_dp": cfg.dp,
+            "site_delta": cfg.site_delta,
+            "central_dp": cfg.central_dp,
+            "delta": cfg.delta,
+            "accountant": cfg.accountant,
+            "client_level_sampling": (
+                f"poisson(q={cfg.client_sample_rate})"
+                if cfg.client_sampling == "poisson"
+                else "fixed cohort: accounted without amplification (q=1)"
+            ),
+            "units": {
+                "record_level_epsilon": "per site dataset, DP-SGD (example-level), lifetime total from the site ledger",
+                "client_level_epsilon": "per run, DP-FedAvg (site-level)",
+            },
+        },
     }

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import asdict
@@ -30,57 +29,29 @@ import numpy as np
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.dp import PrivacyEvent, PrivacyLevel
-from common.errors import FedsealError, ProtocolAbort
-from common.records import ModelSpec, check_vector, state_dict_to_vector
-from common.rng import secure_generator, seeded_generator
+from common.errors import FedsealError
+from common.records import ModelSpec, state_dict_to_vector
 from common.secagg import SecAggConfig
 from common.task import task_for
 from server.aggregation.base import Aggregator, RoundEvent, RoundInput, require_contributors
 from server.aggregation.exchange import GridExchange
 from server.book import RunBook, code_hash
+from server.cohort import sample_cohort, wait_for_nodes
 from server.evaluation import Evaluator
 from server.pipeline import aggregator_for
 from server.policy_gate import PolicyGate
 from server.privacy import CentralDP
-from server.results import NullObserver, RoundObserver, RoundResult, round_energy
+from server.results import (
+    NullObserver,
+    RoundObserver,
+    RoundResult,
+    result_document,
+    round_energy,
+)
 
 log = logging.getLogger("flwr.fedseal.server")
 
-NODE_WAIT_POLL_S = 1.0
 FAST_PULL_INTERVAL_S = 0.01
-
-
-def sample_cohort(node_ids: list[int], cfg: RunConfig, server_round: int) -> list[int]:
-    """Choose this round's sites.
-
-    ``fixed``: ``max(min_sites, ceil(fraction_train * n))`` sites uniformly without
-    replacement (reproducible from the run seed). ``poisson``: each site
-    independently with probability ``fraction_train``, from OS entropy, as
-    privacy amplification by sampling assumes.
-    """
-    nodes = sorted(node_ids)
-    if cfg.sampling == "poisson":
-        rng = secure_generator()
-        return [n for n in nodes if rng.random() < cfg.fraction_train]
-    k = min(len(nodes), max(cfg.min_sites, math.ceil(cfg.fraction_train * len(nodes))))
-    rng = seeded_generator(cfg.seed * 1_000_003 + server_round)
-    picked = rng.choice(len(nodes), size=k, replace=False)  # indices: node ids exceed int64
-    return sorted(nodes[int(i)] for i in picked)
-
-
-def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
-    """Block until ``minimum`` nodes are connected; ProtocolAbort after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= minimum:
-            return nodes
-        if time.monotonic() > deadline:
-            raise ProtocolAbort(
-                f"only {len(nodes)} site(s) connected after {timeout_s:.0f} s; need {minimum}"
-            )
-        time.sleep(NODE_WAIT_POLL_S)
 
 
 class FederatedRun:
@@ -244,52 +215,18 @@ class FederatedRun:
                 asdict(self.cfg), policy_hash=self.gate.hash if self.gate is not None else None
             )
             return
-        version = book.resume()
-        done = version.round if version is not None else 0
+        point = book.resume_point(self.spec.size)
         if self.privacy is not None:
-            self.privacy.restore(
-                [
-                    PrivacyEvent(p.noise_multiplier, p.sample_rate, p.steps, PrivacyLevel.CLIENT)
-                    for p in book.record.privacy(self.run_id)
-                    if p.level == "client" and p.round <= done
-                ]
-            )
-        for info in book.record.rounds(self.run_id):
-            if info.status == "finished" and info.metrics:
-                self.results.append(RoundResult.from_json(info.metrics))
-        if version is not None:
-            data = book.record.load_version_bytes(version.version)
-            self.global_vector = check_vector(
-                np.frombuffer(data, dtype=np.float32).copy(), self.spec.size, what="resumed model"
-            )
-            self.first_round = version.round + 1
-            self.results = [r for r in self.results if r.round <= version.round]
+            self.privacy.restore(point.client_events)
+        self.results = point.results
+        if point.global_vector is not None:
+            self.global_vector = point.global_vector
+        self.first_round = point.first_round
         log.info("resuming run %s at round %d", self.run_id, self.first_round)
 
     def result_doc(self) -> dict[str, Any]:
         """The run's results as the JSON document fedseal prints and writes."""
-        return {
-            "run_id": self.run_id,
-            "config": asdict(self.cfg),
-            "rounds": [r.to_json() for r in self.results],
-            "stopped": self.stopped,
-            "privacy": {
-                "site_dp": self.cfg.dp,
-                "site_delta": self.cfg.site_delta,
-                "central_dp": self.cfg.central_dp,
-                "delta": self.cfg.delta,
-                "accountant": self.cfg.accountant,
-                "client_level_sampling": (
-                    f"poisson(q={self.cfg.client_sample_rate})"
-                    if self.cfg.client_sampling == "poisson"
-                    else "fixed cohort: accounted without amplification (q=1)"
-                ),
-                "units": {
-                    "record_level_epsilon": "per site dataset, DP-SGD (example-level), lifetime total from the site ledger",
-                    "client_level_epsilon": "per run, DP-FedAvg (site-level)",
-                },
-            },
-        }
+        return result_document(self.run_id, self.cfg, self.results, self.stopped)
 
 
 def _fmt(value: float | None) -> str:

@@ -99,6 +99,8 @@ class PlainAggregator:
             agg.total, agg.weight = total, float(len(updates))
             return agg
         for u in updates:
-            total += u.num_examples * u.update.astype(np.float64)
+            scaled = u.update.astype(np.float64)  # one temporary per update, scaled in place
+            scaled *= u.num_examples
+            total += scaled
         agg.total, agg.weight = total, float(sum(u.num_examples for u in updates))
         return agg
