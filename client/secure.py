@@ -152,8 +152,12 @@ def _bundle_reply(msg: Message, payloads: list[bytes]) -> Message:
 def _participation(
     site: SiteContext, config: SecAggConfig
 ) -> tuple[str | None, ConfigRecord | None]:
-    """Whether the site takes part in the round ``config`` describes (keys and masked stages)."""
-    return decide_participation(site, config.size, config.threshold)
+    """Whether the site takes part in the round ``config`` describes (keys and masked stages).
+
+    The site's policy judges the coordinator-chosen cohort size, threshold and
+    neighbour degree of this very configuration before any key exists.
+    """
+    return decide_participation(site, config.size, config.threshold, config.neighbours)
 
 
 def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:

@@ -66,6 +66,7 @@ def check_round(
     *,
     cohort_size: int,
     secagg_threshold: int | None,
+    secagg_neighbours: int | None = None,
     noise_multiplier: float | None,
     app_hash: str | None,
     head: SignedHead | None,
@@ -84,6 +85,8 @@ def check_round(
         Sites taking part in the round (as the server states it).
     secagg_threshold : int or None
         The secure-aggregation threshold (ignored when secure aggregation is off).
+    secagg_neighbours : int or None
+        The secure-aggregation neighbour degree ``k``, when the instruction states it.
     noise_multiplier : float or None
         The site's DP-SGD noise multiplier this round (ignored when DP is off).
     app_hash : str or None
@@ -98,6 +101,7 @@ def check_round(
         site_dp=cfg.dp,
         local_epochs=cfg.local_epochs,
         secagg_threshold=secagg_threshold if cfg.secagg else None,
+        secagg_neighbours=secagg_neighbours if cfg.secagg else None,
         noise_multiplier=noise_multiplier if cfg.dp else None,
         max_grad_norm=cfg.max_grad_norm if cfg.dp else None,
         app_hash=app_hash,

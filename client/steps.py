@@ -32,7 +32,10 @@ from policies import Decision
 
 
 def decide_participation(
-    site: SiteContext, cohort_size: int, secagg_threshold: int | None
+    site: SiteContext,
+    cohort_size: int,
+    secagg_threshold: int | None,
+    secagg_neighbours: int | None = None,
 ) -> tuple[str | None, ConfigRecord | None]:
     """Before touching data: (refusal reason or None, the site-policy decisions record).
 
@@ -50,6 +53,8 @@ def decide_participation(
         Sites taking part in the round.
     secagg_threshold : int or None
         The secure-aggregation threshold (None for a plain round).
+    secagg_neighbours : int or None
+        The secure-aggregation neighbour degree ``k`` (None for a plain round).
 
     Returns
     -------
@@ -87,6 +92,7 @@ def decide_participation(
             site.server_round,
             cohort_size=cohort_size,
             secagg_threshold=secagg_threshold,
+            secagg_neighbours=secagg_neighbours,
             noise_multiplier=plan.noise_multiplier if plan is not None else None,
             app_hash=site.app_hash,
             head=site.head,

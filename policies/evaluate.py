@@ -347,7 +347,9 @@ def check_round_request(policy: SitePolicy, request: RoundRequest) -> list[Decis
     One decision per rule: ``privacy.require_dp``,
     ``privacy.min_noise_multiplier``, ``privacy.max_grad_norm``,
     ``rounds.require_secure_aggregation``, ``rounds.min_cohort_size``,
-    ``rounds.max_local_epochs``, ``trust.allowed_app_hashes`` and
+    ``rounds.max_local_epochs``, the secure-aggregation floors
+    ``rounds.min_secagg_threshold``, ``rounds.min_secagg_threshold_fraction``
+    and ``rounds.min_secagg_neighbours``, ``trust.allowed_app_hashes`` and
     ``trust.server_key`` (the Ed25519 signature over
     ``request.signed_payload`` is verified here with the trusted key).
     The privacy budget is checked separately by :func:`check_site_budget`.
@@ -414,8 +416,49 @@ def check_round_request(policy: SitePolicy, request: RoundRequest) -> list[Decis
             )
         )
 
+    out.extend(_secagg_floor_decisions(policy, rq))
     out.append(_app_decision(policy, rq))
     out.append(_signature_decision(policy, rq))
+    return out
+
+
+def _secagg_floor_decisions(policy: SitePolicy, rq: RoundRequest) -> list[Decision]:
+    """The site's floors on the coordinator-chosen ``t`` and ``k`` (one decision each).
+
+    Stops a coordinator that lowers the threshold (so that fewer colluding
+    sites suffice to unmask one site) or shrinks the neighbour graph around a
+    victim. Judged on the values of the round's own configuration, before
+    any key of that round is made.
+    """
+    r = policy.rounds
+    rules = (
+        "rounds.min_secagg_threshold",
+        "rounds.min_secagg_threshold_fraction",
+        "rounds.min_secagg_neighbours",
+    )
+    t, k = rq.secagg_threshold, rq.secagg_neighbours
+    if not rq.secure_aggregation or t is None:
+        return [_allow(rule, "secure aggregation off; not applicable") for rule in rules]
+    out = [
+        _allow(rules[0], f"threshold {t} >= {r.min_secagg_threshold}")
+        if t >= r.min_secagg_threshold
+        else _deny(rules[0], f"threshold {t} < {r.min_secagg_threshold}")
+    ]
+    if k is None:
+        out.append(_allow(rules[1], "the instruction states no neighbour degree"))
+        out.append(_allow(rules[2], "the instruction states no neighbour degree"))
+        return out
+    fraction = r.min_secagg_threshold_fraction
+    out.append(
+        _allow(rules[1], f"threshold {t} of {k} neighbours >= {fraction:g} of them")
+        if t >= fraction * k
+        else _deny(rules[1], f"threshold {t} of {k} neighbours < {fraction:g} of them")
+    )
+    out.append(
+        _allow(rules[2], f"{k} neighbours >= {r.min_secagg_neighbours}")
+        if k >= r.min_secagg_neighbours
+        else _deny(rules[2], f"{k} neighbours < {r.min_secagg_neighbours}")
+    )
     return out
 
 

@@ -247,11 +247,22 @@ class PrivacyRules:
 
 @dataclass(frozen=True, slots=True)
 class SiteRoundRules:
-    """What a round must look like for the site to take part."""
+    """What a round must look like for the site to take part.
+
+    The ``min_secagg_*`` floors bound the secure-aggregation parameters the
+    coordinator chooses (it picks the cohort, the threshold ``t`` and the
+    neighbour degree ``k``): a coordinator colluding with ``c`` sites learns
+    nothing beyond the sum while ``c < t``, and each site's mask hides among
+    its ``k`` neighbours, so a site refuses a round whose ``t``, ``t/k`` or
+    ``k`` fall below its own floors before any secret of that round exists.
+    """
 
     require_secure_aggregation: bool = boolean(True)
     min_cohort_size: int = integer(3, ge=1)
     max_local_epochs: int = integer(5, ge=1)
+    min_secagg_threshold: int = integer(2, ge=1)
+    min_secagg_threshold_fraction: float = number(0.5, ge=0.5, le=1.0)
+    min_secagg_neighbours: int = integer(2, ge=1)
 
     def __post_init__(self) -> None:
         raise_problems(self)

@@ -115,6 +115,9 @@ class RoundRequest:
         Whether the update will be securely aggregated.
     secagg_threshold : int or None
         The reconstruction threshold (``None`` iff secure aggregation is off).
+    secagg_neighbours : int or None
+        The neighbour degree ``k`` of the round's graph, when the instruction
+        states it (secure rounds do).
     site_dp : bool
         Whether the site trains with DP-SGD.
     noise_multiplier : float or None
@@ -143,6 +146,7 @@ class RoundRequest:
     noise_multiplier: float | None = None
     max_grad_norm: float | None = None
     app_hash: str | None = None
+    secagg_neighbours: int | None = None
     server_public_key: bytes | None = None
     signature: bytes | None = None
     signed_payload: bytes | None = None
@@ -158,6 +162,8 @@ class RoundRequest:
         )
         if self.secagg_threshold is not None:
             _int("secagg_threshold", self.secagg_threshold, 1)
+        if self.secagg_neighbours is not None:
+            _int("secagg_neighbours", self.secagg_neighbours, 1)
         _needs("noise_multiplier", self.noise_multiplier, self.site_dp, "site DP")
         _needs("max_grad_norm", self.max_grad_norm, self.site_dp, "site DP")
         if self.noise_multiplier is not None:

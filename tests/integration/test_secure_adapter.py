@@ -650,10 +650,10 @@ def test_one_setup_site_refusing_a_later_round_is_out_of_that_round_only(
     refuser = node(3)
     original = client_secure.decide_participation
 
-    def decide(site: Any, cohort_size: int, threshold: Any) -> Any:
+    def decide(site: Any, cohort_size: int, threshold: Any, *rest: Any) -> Any:
         if site.context.node_id == refuser and site.server_round == 2:
             return "privacy budget spent (test)", None
-        return original(site, cohort_size, threshold)
+        return original(site, cohort_size, threshold, *rest)
 
     monkeypatch.setattr(client_secure, "decide_participation", decide)
     run, grid = federation(cfg, tmp_path)

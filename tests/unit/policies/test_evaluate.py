@@ -422,3 +422,32 @@ def test_decision_payload_round_trips() -> None:
     decision = Decision(False, "rounds.min_cohort_size", "cohort of 2 < 3")
     assert Decision(**decision.to_payload()) == decision  # type: ignore[arg-type]
     assert str(decision) == "rounds.min_cohort_size: denied: cohort of 2 < 3"
+
+
+@pytest.mark.parametrize(
+    ("threshold", "neighbours", "denied"),
+    [
+        (3, 4, set()),
+        (1, 4, {"rounds.min_secagg_threshold", "rounds.min_secagg_threshold_fraction"}),
+        (2, 1, {"rounds.min_secagg_neighbours"}),
+        (3, None, set()),  # no degree stated: only the count is judged
+    ],
+)
+def test_check_round_request_secagg_floors_judge_the_round_t_and_k(
+    threshold: int, neighbours: int | None, denied: set[str]
+) -> None:
+    request = dataclasses.replace(
+        GOOD_REQUEST, secagg_threshold=threshold, secagg_neighbours=neighbours
+    )
+    decisions = check_round_request(SITE, request)
+    floors = {d.rule: d for d in decisions if d.rule.startswith("rounds.min_secagg")}
+    assert len(floors) == 3
+    assert {rule for rule, d in floors.items() if not d.allowed} == denied
+
+
+def test_check_round_request_secagg_floors_not_applicable_without_secure_aggregation() -> None:
+    request = dataclasses.replace(GOOD_REQUEST, secure_aggregation=False, secagg_threshold=None)
+    floors = [
+        d for d in check_round_request(SITE, request) if d.rule.startswith("rounds.min_secagg")
+    ]
+    assert len(floors) == 3 and all(d.allowed for d in floors)
