@@ -125,6 +125,15 @@ def test_a_uncut_finished_run_passes_with_its_witnessed_heads(tmp_path: Path) ->
          "--witness", str(site / WITNESS_FILE)],
     )  # fmt: skip
     assert verify.exit_code == 0 and "witnessed: all 4 heads" in verify.stdout, verify.output
+    export = tmp_path / "audit.jsonl"
+    exported = runner.invoke(server_cli, ["audit", "export", "--db", str(db), "--out", str(export)])
+    assert exported.exit_code == 0
+    check = runner.invoke(
+        client_cli,
+        ["audit", "check", "--record", str(export), "--public-key",
+         str(KeyPaths.in_dir(keys).public_key), "--state-dir", str(site)],
+    )  # fmt: skip
+    assert check.exit_code == 0 and check.stdout.startswith("OK:"), check.output
 
 
 # --------------------------------------------------------------------- (b)
