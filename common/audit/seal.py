@@ -47,7 +47,11 @@ write access to the database who deletes the newest events *together with*
 the seals that cover them, cutting exactly at a remaining seal. The chain
 that is left is then a consistent, sealed prefix. That is why sites keep the
 signed heads they received (:mod:`common.audit.witness`): a site's newer head
-names a seq and hash the truncated history no longer contains.
+names a seq and hash the truncated history no longer contains
+(:func:`common.audit.witness.verify_with_witnesses`; a cut after the newest
+head any site holds stays invisible, hence the final head goes to every site).
+Nor can a trusted key be replaced by one the verifier reads from the record:
+the trust anchor comes from outside it.
 
 Assumptions: Ed25519 is existentially unforgeable (RFC 8032); the verifier
 has the genuine public key (out of band, ``--public-key``); the server does
