@@ -101,8 +101,9 @@ def start_cmd(
         raise ConfigurationError(f"node key not found: {auth_key}")
     check_port_free("127.0.0.1", port)
     check_reachable(superlink)
-    state_dir = state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    from client.state import private_dir
+
+    state_dir = private_dir(state_dir.resolve())  # 0700; refused if shared or another user's
     node_config = f'data-path="{data.resolve()}" label-column="{label_column}" state-dir="{state_dir / "site"}"'
     argv = [
         flower_executable("flower-supernode"),
@@ -194,24 +195,34 @@ def audit_check_cmd(
         Path, typer.Option(help="This site's state directory (holds witnessed-heads.jsonl).")
     ] = Path(".fedseal-site") / "site",
 ) -> None:
-    """Exit 0 if the exported history still contains every signed head this site received."""
+    """Exit 0 if the export verifies under the trusted key and contains every head this site received.
+
+    The whole exported history is checked (hash chain, every seal, key
+    rotations followed from --public-key; the key in the export's header is
+    ignored), then every witnessed head: a history cut before the newest head
+    this site holds, or rewritten under it, fails, naming the seq.
+    """
     from client.state import WITNESS_FILE
     from client.witness import read_heads
     from common.audit.export import parse_export
     from common.audit.seal import load_public_key_pem
-    from common.audit.witness import check_witness
+    from common.audit.witness import verify_with_witnesses
 
     if not record.is_file():
         raise ConfigurationError(f"export not found: {record}")
     if not public_key.is_file():
         raise ConfigurationError(f"public key not found: {public_key}")
+    trusted = load_public_key_pem(public_key.read_bytes())
     heads = read_heads(state_dir / WITNESS_FILE)
     if not heads:
         raise ConfigurationError(f"no witnessed heads in {state_dir / WITNESS_FILE}")
     export = parse_export(record.read_text(encoding="utf-8").splitlines())
-    report = check_witness(
-        heads, export.events, load_public_key_pem(public_key.read_bytes()), export.record_id
-    )
+    report = verify_with_witnesses(export.events, export.seals, heads, trusted, export.record_id)
     out.print(report.summary(), highlight=False)
     if not report.ok:
         raise typer.Exit(1)
+    out.print(
+        f"witnessed: all {len(heads)} heads this site received are in the history "
+        f"(up to seq {max(h.seq for h in heads)})",
+        highlight=False,
+    )

@@ -1,4 +1,11 @@
-"""The fedseal ServerApp (Flower Message API)."""
+"""The fedseal ServerApp (Flower Message API).
+
+:func:`open_run` opens the record and loads the audit-signing key
+(:func:`server.record.signing_key_for`): a missing key is a one-line
+:class:`~common.errors.ConfigurationError` naming the path and
+``fedseal-server keys DIR``, never a freshly created key. Without an explicit
+key directory, a SQLite record's key is looked for in ``keys/`` beside it.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import SERVER_ONLY_PREFIX, RunConfig
 from common.errors import ConfigurationError
 from policies import load_server_policy
-from server.book import RunBook, default_db_url, load_or_create_key
+from server.book import RunBook, default_db_url
 from server.policy_gate import PolicyGate
-from server.record import SqlRecord
+from server.record import SqlRecord, signing_key_for
 from server.results import RoundObserver
 from server.rounds import FederatedRun
 
@@ -70,11 +77,22 @@ class ServerSettings:
 def open_run(
     cfg: RunConfig | None, settings: ServerSettings, run_config: dict[str, object]
 ) -> tuple[RunConfig, RunBook]:
-    """Open the record and the signing key; for a resume, the run's own configuration."""
+    """Open the record and the signing key; for a resume, the run's own configuration.
+
+    Raises
+    ------
+    ConfigurationError
+        If the signing key is missing (it is never created here) or is not
+        the record's key in force, or the run to resume is finished.
+    """
     db_url = settings.db_url or default_db_url()
-    record = SqlRecord(db_url)
     key_dir = settings.key_dir or _default_key_dir(db_url)
-    key = load_or_create_key(key_dir)
+    record = SqlRecord(db_url)
+    try:
+        key = signing_key_for(record, key_dir)
+    except BaseException:
+        record.close()
+        raise
     if settings.resume_run_id:
         info = record.get_run(settings.resume_run_id)
         if info.status == "finished":

@@ -10,6 +10,10 @@ return their facts as data (:class:`server.aggregation.base.Aggregate`) and
 the round loop hands them here. After every round (and at the end) it seals
 the audit head with the server's Ed25519 key; the signed head goes out with
 the next round's instructions so the sites keep a witness copy.
+
+The signing key it is given comes from
+:func:`server.record.rotation.signing_key_for`, which never creates one and
+refuses a key the record does not have in force.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLevel
 from common.records import check_vector
 from server.aggregation.base import Aggregate
-from server.record import KeyPaths, ModelVersion, SqlRecord, create_keypair, load_private_key
+from server.record import ModelVersion, SqlRecord
 from server.results import RoundResult
 
 CODE_PACKAGES = ("common", "client", "server", "policies")
@@ -50,14 +54,6 @@ def code_hash() -> str:
             h.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
             h.update(path.read_bytes())
     return h.hexdigest()
-
-
-def load_or_create_key(key_dir: Path) -> Ed25519PrivateKey:
-    """The server's audit signing key from ``key_dir`` (created, 0600, on first use)."""
-    paths = KeyPaths.in_dir(key_dir)
-    if not paths.private_key.exists():
-        create_keypair(key_dir)
-    return load_private_key(paths.private_key)
 
 
 def default_db_url() -> str:

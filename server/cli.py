@@ -86,7 +86,10 @@ def start_cmd(
     ] = None,
     keys: Annotated[
         Path | None,
-        typer.Option(help="Audit-signing key directory (default STATE_DIR/keys, created)."),
+        typer.Option(
+            help="Audit-signing key directory (default STATE_DIR/keys); make it first with "
+            "`fedseal-server keys DIR`, it is never created implicitly."
+        ),
     ] = None,
     policy: Annotated[
         Path | None,
@@ -201,7 +204,8 @@ def resume_cmd(
         str | None, typer.Option(help="Central record (default STATE_DIR/record.db).")
     ] = None,
     keys: Annotated[
-        Path | None, typer.Option(help="Audit key directory (default STATE_DIR/keys).")
+        Path | None,
+        typer.Option(help="Audit key directory (default STATE_DIR/keys); the run's existing key."),
     ] = None,
     out_dir: ResultDir = None,
 ) -> None:
@@ -258,6 +262,7 @@ def serve(link_settings: LinkSettings, cfg: RunConfig, server_settings: ServerSe
     """
     from server.deploy import SuperLink, write_app_dir
 
+    _check_signing_key(server_settings)
     # SIGTERM unwinds like Ctrl-C, so the SuperLink (its own process group) is stopped too.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="fedseal-app-") as tmp:
@@ -269,6 +274,30 @@ def serve(link_settings: LinkSettings, cfg: RunConfig, server_settings: ServerSe
                 f"log: {link.log_path}"
             )
             return link.run_app(app_dir)
+
+
+def _check_signing_key(server_settings: ServerSettings) -> None:
+    """Refuse to start without the audit-signing key, before any process is started.
+
+    The ServerApp makes the same check (it never creates a key); doing it
+    here first turns a missing key into one actionable line on this terminal
+    instead of a failure in Flower's logs. Where the record exists, the key
+    must also be the one it has in force.
+    """
+    from common.errors import RecordError
+    from server.record import SqlRecord, load_signing_key, signing_key_for
+
+    if server_settings.key_dir is None:
+        return
+    load_signing_key(server_settings.key_dir)
+    if server_settings.db_url is None:
+        return
+    try:
+        record = SqlRecord(server_settings.db_url, create=False)
+    except RecordError:
+        return  # no record yet (the run creates it) or unreachable (the ServerApp will say)
+    with record:
+        signing_key_for(record, server_settings.key_dir)
 
 
 def _db_url(db: str | None, state_dir: Path) -> str:

@@ -9,6 +9,19 @@ Mounted into ``fedseal-server`` by ``server.cli``::
 Exit codes: 0 success; 1 a check failed or the record cannot be used
 (missing database, bad URL, newer schema, altered artifact); 2 bad
 arguments or configuration. Errors are one line, never a traceback.
+
+The coordinator is not trusted, so neither is anything the record says
+about itself:
+
+* ``audit verify`` needs the verifier's own copy of the key
+  (``--public-key``); checking against the key stored in the record takes
+  an explicit ``--trust-stored-key`` and prints a warning. ``--witness``
+  adds the heads sites witnessed, which is what catches a tail cut.
+* Every command that appends to the audit log seals what it appends
+  (``--keys DIR``), or refuses before writing anything: an unsealed tail
+  would make every later ``audit verify`` fail.
+* ``audit rotate-key`` is the only way to change the signing key
+  (:mod:`server.record.rotation`).
 """
 
 from __future__ import annotations
@@ -22,12 +35,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from rich.console import Console
 from rich.table import Table
 
-from common.errors import IntegrityError, RecordError
-from policies.cli_errors import EXIT_FAILED, one_line_errors
-from server.record import ModelVersion, SqlRecord
+from common.audit.seal import SignedHead, VerifyReport, public_key_from_hex
+from common.audit.witness import WITNESS_FILE, parse_witness_lines, verify_with_witnesses
+from common.errors import ConfigurationError, IntegrityError, RecordError
+from policies.cli_errors import EXIT_FAILED, err_console, one_line_errors
+from server.record import ModelVersion, SqlRecord, rotate_signing_key, signing_key_for
 from server.record.keys import create_keypair, load_public_key
 
 __all__ = ["audit_app", "keys_cmd", "models_app"]
@@ -49,6 +65,13 @@ DbOption = Annotated[
     typer.Option("--db", help="The record: a SQLAlchemy URL, or a path to a SQLite file."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+KeysOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--keys",
+        help="The audit-signing key directory (audit.key): what this command appends is sealed.",
+    ),
+]
 
 
 def _open(db: str) -> SqlRecord:
@@ -70,6 +93,40 @@ def _write_text_atomic(dest: Path, text: str) -> None:
 # ----------------------------------------------------------------- audit
 
 
+def _read_witness(path: Path) -> list[SignedHead]:
+    """The heads in a site's witness file (or the one in a site state directory)."""
+    file = path / WITNESS_FILE if path.is_dir() else path
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read witness file {file}: {exc.strerror}") from None
+    heads = parse_witness_lines(lines, str(file))
+    if not heads:
+        raise ConfigurationError(f"no witnessed heads in {file}")
+    return heads
+
+
+def _check_witnessed(
+    record: SqlRecord,
+    report: VerifyReport,
+    heads: list[SignedHead],
+    key: Ed25519PublicKey | None,
+) -> VerifyReport:
+    """Fold the sites' witnessed heads into a passing verdict (a tail cut shows here)."""
+    if not report.ok or not heads:
+        return report
+    if key is None:  # no seal in the record at all, yet sites were sent heads
+        newest = max(h.seq for h in heads)
+        return VerifyReport(
+            False,
+            report.n_events,
+            report.n_seals,
+            min(report.n_events + 1, newest),
+            f"tampered: sites witnessed heads up to seq {newest}, but the record has no seal",
+        )
+    return verify_with_witnesses(record.events(), record.seals(), heads, key, record.record_id)
+
+
 @audit_app.command("verify")
 @one_line_errors
 def verify_cmd(
@@ -78,23 +135,96 @@ def verify_cmd(
         Path | None,
         typer.Option(
             "--public-key",
-            help="The server's audit public key (audit.pub) to check seal signatures with.",
+            help="The server's audit public key as you received it (audit.pub); rotations "
+            "recorded in the log are followed from it.",
+        ),
+    ] = None,
+    trust_stored_key: Annotated[
+        bool,
+        typer.Option(
+            "--trust-stored-key",
+            help="Check seals against the key stored in the record itself (the coordinator's "
+            "own copy; catches corruption, not a forger). Prints a warning.",
+        ),
+    ] = False,
+    witness: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--witness",
+            help="A site's witnessed-heads.jsonl (or its state directory); repeatable. A record "
+            "shorter than, or different from, any witnessed head fails.",
         ),
     ] = None,
 ) -> None:
-    """Recompute the audit hash chain and check every seal; exit 1 naming the first bad event."""
+    """Recompute the audit hash chain and check every seal; exit 1 naming the first bad event.
+
+    Needs the trusted key (--public-key), or --trust-stored-key explicitly.
+    """
+    if public_key is not None and trust_stored_key:
+        raise ConfigurationError("--public-key and --trust-stored-key exclude each other")
+    if public_key is None and not trust_stored_key:
+        raise ConfigurationError(
+            "audit verify needs the trusted key: pass --public-key audit.pub (your own copy), "
+            "or --trust-stored-key to trust the record's copy of it"
+        )
     key = load_public_key(public_key) if public_key is not None else None
+    heads = [h for path in witness or [] for h in _read_witness(path)]
     with _open(db) as record:
-        report = record.verify(key)
+        if key is not None:
+            report = record.verify(key)
+        else:
+            err_console.print(
+                "[bold red]WARNING:[/bold red] --trust-stored-key checks the seals against the "
+                "coordinator's own copy of its key, stored in the record being checked: whoever "
+                "can rewrite the record can replace it too; pass --public-key to rule that out",
+                highlight=False,
+                soft_wrap=True,
+            )
+            report = record.verify_trusting_stored_key()
+            stored = record.stored_public_keys()
+            key = public_key_from_hex(stored[0]) if stored and report.ok else None
+        report = _check_witnessed(record, report, heads, key)
     out.print(report.summary())
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
-    if key is None and report.n_seals:
+    if heads:
         out.print(
-            "note: seal signatures were checked against the key stored in the record; "
-            "pass --public-key to check them against the key you trust",
-            style="dim",
+            f"witnessed: all {len(heads)} heads from {len(witness or [])} site file(s) "
+            f"are in the record (up to seq {max(h.seq for h in heads)})"
         )
+
+
+@audit_app.command("rotate-key")
+@one_line_errors
+def rotate_key_cmd(
+    db: DbOption,
+    keys: Annotated[
+        Path,
+        typer.Option("--keys", help="The audit-signing key directory (audit.key) to rotate."),
+    ],
+) -> None:
+    """Rotate the audit-signing key: a key_rotated event sealed by the old key, then the new key.
+
+    The old pair is kept as audit.key.<n>/audit.pub.<n>. Verifiers keep the key
+    they trust; `audit verify` follows the rotation from it. An interrupted
+    rotation is finished by running the command again.
+    """
+    with _open(db) as record:
+        rotation = rotate_signing_key(record, keys)
+    where = (
+        f"retired pair kept as {rotation.archived.private_key.name}/"
+        f"{rotation.archived.public_key.name}"
+        if rotation.archived is not None
+        else "retired pair already archived"
+    )
+    done = "finished an interrupted rotation: " if rotation.completed_earlier_attempt else ""
+    out.print(
+        f"{done}key_rotated at seq {rotation.seq}, sealed by the retiring key; new key "
+        f"{keys / 'audit.pub'} ({rotation.new_key_hex[:16]}...), {where}"
+    )
+    out.print(
+        "verifiers keep the key they already trust: `audit verify` follows the rotation from it"
+    )
 
 
 @audit_app.command("export")
@@ -235,6 +365,22 @@ def show_cmd(
     )
 
 
+def _sealing_key(record: SqlRecord, keys: Path | None, what: str) -> Ed25519PrivateKey:
+    """The key that seals what ``what`` appends; refuses before anything is written.
+
+    Defends the record against **commands that break it**: an event appended
+    without a seal leaves an unsealed tail that fails every later
+    ``audit verify``, and one sealed with a key the record does not have in
+    force fails it too (:func:`server.record.signing_key_for`).
+    """
+    if keys is None:
+        raise ConfigurationError(
+            f"{what} appends to the audit log, which must be sealed: pass --keys DIR "
+            "(the audit-signing key directory)"
+        )
+    return signing_key_for(record, keys)
+
+
 @models_app.command("export")
 @one_line_errors
 def export_model_cmd(
@@ -253,15 +399,13 @@ def export_model_cmd(
             "--force", help="Export despite a release-gate denial (recorded in the audit log)."
         ),
     ] = False,
-    keys: Annotated[
-        Path | None, typer.Option(help="Audit key directory, to seal the recorded decision.")
-    ] = None,
+    keys: KeysOption = None,
 ) -> None:
     """Write a version's model bytes after verifying their SHA-256 (refuses a mismatch).
 
     With --policy, the release gate decides first; every decision is recorded
-    in the audit log, and a denial stops the export unless --force is given
-    (the override is recorded too).
+    in the audit log and sealed (--keys is required), and a denial stops the
+    export unless --force is given (the override is recorded too).
     """
     from common.errors import PolicyViolation
     from policies import check_release, load_server_policy, policy_hash
@@ -270,6 +414,7 @@ def export_model_cmd(
         v = record.get_version(version)
         if policy is not None:
             gate = load_server_policy(policy)
+            key = _sealing_key(record, keys, "models export --policy")
             decisions = check_release(
                 gate,
                 {"client_level": v.client_level_epsilon, "record_level": v.record_level_epsilon},
@@ -289,10 +434,7 @@ def export_model_cmd(
                     },
                 )
             denied = [d for d in decisions if not d.allowed]
-            if denied and not force:
-                _seal_if_possible(record, keys)
-                raise PolicyViolation(denied)
-            if denied:
+            if denied and force:
                 record.append_event(
                     v.run_id,
                     "release_override",
@@ -303,18 +445,11 @@ def export_model_cmd(
                         "denials": [d.to_payload() for d in denied],
                     },
                 )
-            _seal_if_possible(record, keys)
+            record.seal(key)
+            if denied and not force:
+                raise PolicyViolation(denied)
         record.export_version(version, out_file)
     out.print(f"wrote {out_file} (sha256 {v.sha256}, verified)")
-
-
-def _seal_if_possible(record: SqlRecord, keys: Path | None) -> None:
-    """Seal the new events with the coordinator's key when it is given (else verify reports them unsealed)."""
-    if keys is None:
-        return
-    from server.record import KeyPaths, load_private_key
-
-    record.seal(load_private_key(KeyPaths.in_dir(keys).private_key))
 
 
 @models_app.command("tag")
@@ -323,10 +458,13 @@ def tag_cmd(
     version: Annotated[int, typer.Argument(help="Version number.")],
     tag: Annotated[str, typer.Argument(help="Tag to add, e.g. released.")],
     db: DbOption,
+    keys: KeysOption = None,
 ) -> None:
-    """Add a tag to a version (recorded in the audit log)."""
+    """Add a tag to a version (recorded in the audit log and sealed; --keys is required)."""
     with _open(db) as record:
+        key = _sealing_key(record, keys, "models tag")
         v = record.tag_version(version, tag)
+        record.seal(key)
     out.print(f"version {v.version}: tags {', '.join(v.tags)}")
 
 
@@ -338,7 +476,10 @@ def keys_cmd(
     directory: Annotated[Path, typer.Argument(help="Where to write audit.key and audit.pub.")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair.")] = False,
 ) -> None:
-    """Create the server's Ed25519 audit-signing key pair (private key mode 0600)."""
+    """Create the server's Ed25519 audit-signing key pair (private key mode 0600).
+
+    To change the key of a record that already has seals, use `audit rotate-key`.
+    """
     paths = create_keypair(directory, force=force)
     out.print(f"private key {paths.private_key} (0600, keep it on the server)")
     out.print(f"public key  {paths.public_key} (give it to sites and auditors)")

@@ -1,4 +1,10 @@
-"""Running fedseal on Flower's Simulation Engine (Ray), in this process."""
+"""Running fedseal on Flower's Simulation Engine (Ray), in this process.
+
+The run directory's audit-signing key is made here, explicitly and before
+the run starts (:func:`prepare_signing_key`), never by the ServerApp: a fresh
+directory gets a fresh key (and says so on stderr); a directory that already
+holds a record, and a resumed run, need the key they were sealed with.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +60,35 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def prepare_signing_key(out_dir: Path, *, resume: bool) -> Path:
+    """The audit-signing key directory of a run directory, made only for a fresh one.
+
+    Defends against a **deleted-key reset**: a run directory whose record
+    exists (or a resumed run) never gets a new key. If its key is missing the
+    run is refused instead of sealing the old history's continuation with a
+    key nobody trusts.
+
+    Raises
+    ------
+    ConfigurationError
+        If the key is missing for an existing record or a resume, or is refused.
+    """
+    from server.record import KeyPaths, create_keypair, load_signing_key
+
+    key_dir = out_dir / "keys"
+    paths = KeyPaths.in_dir(key_dir)
+    if not paths.private_key.exists() and not resume and not (out_dir / "record.db").exists():
+        create_keypair(key_dir)
+        print(
+            f"fedseal: new run directory: created the audit-signing key {paths.private_key} "
+            f"(public key {paths.public_key})",
+            file=sys.stderr,
+            flush=True,
+        )
+    load_signing_key(key_dir)  # missing for an existing record, or unusable: one line, and stop
+    return key_dir
+
+
 def run_simulation(
     cfg: RunConfig,
     *,
@@ -72,7 +107,8 @@ def run_simulation(
 
     Everything the run keeps lands under ``out_dir`` (a temporary directory if
     None): the central record ``record.db`` with its model artifacts, the
-    server's audit key in ``keys/``, each site's state (ledger, witnessed
+    server's audit key in ``keys/`` (made up front for a fresh directory,
+    :func:`prepare_signing_key`), each site's state (ledger, witnessed
     heads) in ``sites/site-<i>/``, and ``result.json``. The ServerApp runs in
     a thread of this process and the ClientApps in Ray actors; Ray is shut
     down before returning, also on error. ``faults`` silences sites at a
@@ -88,9 +124,10 @@ def run_simulation(
         out_dir = Path(tempfile.mkdtemp(prefix="fedseal-sim-"))
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    key_dir = prepare_signing_key(out_dir, resume=resume_run_id is not None)
     settings = ServerSettings(
         db_url=f"sqlite:///{out_dir / 'record.db'}",
-        key_dir=out_dir / "keys",
+        key_dir=key_dir,
         out_dir=out_dir,
         resume_run_id=resume_run_id,
         policy_path=server_policy.resolve() if server_policy is not None else None,
@@ -116,7 +153,9 @@ def run_simulation(
                 None if resume_run_id else cfg,
                 collector,
                 settings,
-                wrap_grid=(lambda grid: SilencingGrid(grid, faults)) if faults is not None else None,
+                wrap_grid=(lambda grid: SilencingGrid(grid, faults))
+                if faults is not None
+                else None,
             ),
             client_app=make_client_app(out_dir / "sites", site_policies),
             num_supernodes=cfg.num_sites,

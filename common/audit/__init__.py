@@ -7,7 +7,9 @@ and :mod:`~common.audit.witness` build on both.
 
 Pure: no database, no network, no Flower. The server's record
 (``server.record``) stores events and seals; sites keep signed heads and use
-:func:`check_witness` on an exported history.
+:func:`check_witness` on an exported history; :func:`verify_with_witnesses`
+joins both verdicts. Signing keys change only by sealed ``key_rotated``
+events, followed from the verifier's trusted key (:func:`key_schedule`).
 """
 
 from common.audit.chain import (
@@ -20,19 +22,31 @@ from common.audit.chain import (
 )
 from common.audit.export import AuditExport, encode_export, parse_export
 from common.audit.seal import (
+    KEY_ROTATED,
+    KeySchedule,
     SignedHead,
     VerifyReport,
+    key_schedule,
     load_public_key_pem,
+    rotation_payload,
     sign_head,
     verify_chain,
 )
-from common.audit.witness import HeadCheck, WitnessReport, check_witness
+from common.audit.witness import (
+    HeadCheck,
+    WitnessReport,
+    check_witness,
+    parse_witness_lines,
+    verify_with_witnesses,
+)
 
 __all__ = [
     "GENESIS_HASH",
+    "KEY_ROTATED",
     "AuditEvent",
     "AuditExport",
     "HeadCheck",
+    "KeySchedule",
     "SignedHead",
     "VerifyReport",
     "WitnessReport",
@@ -41,9 +55,13 @@ __all__ = [
     "encode_export",
     "event_hash",
     "find_chain_break",
+    "key_schedule",
     "load_public_key_pem",
     "make_event",
     "parse_export",
+    "parse_witness_lines",
+    "rotation_payload",
     "sign_head",
     "verify_chain",
+    "verify_with_witnesses",
 ]

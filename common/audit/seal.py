@@ -27,12 +27,31 @@ it, naming the lowest bad seq; besides the chain's own findings:
   seals at every round end and when a run ends) has none; appending forged
   events at the end (with correct hashes, which needs no key) is caught here.
 
+Key rotation: the key that may seal changes only through the record itself.
+A ``key_rotated`` event (:data:`KEY_ROTATED`, payload
+:func:`rotation_payload`) names the new public key and must be sealed, at its
+own seq, by the key in force before it; from that seq on only the new key
+seals. :func:`key_schedule` follows these rotations from the verifier's
+trusted key, so a verifier holding only the original key accepts every
+properly rotated successor, and rejects:
+
+* **unknown key**: a seal whose signature verifies under no key in force at
+  its seq (a key planted by whoever can write the database, with no rotation
+  introducing it, or a new key backdating seals before its rotation);
+* **unsealed rotation**: a ``key_rotated`` event not sealed by the retiring
+  key (an attacker appending a rotation to a key of their own: the event is
+  easy to forge, the retiring key's signature over it is not).
+
 What verification against the record alone cannot catch: an attacker with
 write access to the database who deletes the newest events *together with*
 the seals that cover them, cutting exactly at a remaining seal. The chain
 that is left is then a consistent, sealed prefix. That is why sites keep the
 signed heads they received (:mod:`common.audit.witness`): a site's newer head
-names a seq and hash the truncated history no longer contains.
+names a seq and hash the truncated history no longer contains
+(:func:`common.audit.witness.verify_with_witnesses`; a cut after the newest
+head any site holds stays invisible, hence the final head goes to every site).
+Nor can a trusted key be replaced by one the verifier reads from the record:
+the trust anchor comes from outside it.
 
 Assumptions: Ed25519 is existentially unforgeable (RFC 8032); the verifier
 has the genuine public key (out of band, ``--public-key``); the server does
@@ -74,12 +93,17 @@ from common.errors import ConfigurationError, DataError, IntegrityError
 __all__ = [
     "HEAD_DOMAIN",
     "HEAD_VERSION",
+    "KEY_ROTATED",
     "MAX_ENCODED_HEAD_BYTES",
+    "KeyEpoch",
+    "KeySchedule",
     "SignedHead",
     "VerifyReport",
+    "key_schedule",
     "load_public_key_pem",
     "public_key_hex",
     "public_key_from_hex",
+    "rotation_payload",
     "sign_head",
     "verify_chain",
 ]
@@ -276,14 +300,156 @@ class VerifyReport:
         return f"FAILED at seq {self.first_bad_seq}: {self.problem}"
 
 
+KEY_ROTATED = "key_rotated"
+"""Kind of the audit event that hands sealing over to a new key (see :func:`key_schedule`)."""
+
+
+def rotation_payload(previous: Ed25519PublicKey, new: Ed25519PublicKey) -> dict[str, str]:
+    """The payload of a ``key_rotated`` event: the retiring and the new public key (hex)."""
+    return {"previous_key": public_key_hex(previous), "public_key": public_key_hex(new)}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEpoch:
+    """One signing key and the seqs its seals may name: ``first_seq <= seq <= last_seq``.
+
+    ``last_seq`` is ``None`` for the key still in force. At a rotation's seq
+    both the retiring and the new key may seal (the retiring key seals the
+    rotation itself, the new key its first head).
+    """
+
+    public_key: Ed25519PublicKey
+    key_hex: str
+    first_seq: int
+    last_seq: int | None = None
+
+    def covers(self, seq: int) -> bool:
+        """Whether a seal naming ``seq`` may be made with this key."""
+        return self.first_seq <= seq and (self.last_seq is None or seq <= self.last_seq)
+
+
+@dataclass(frozen=True, slots=True)
+class KeySchedule:
+    """The keys in force along a history, from a trusted key through its sealed rotations.
+
+    ``problem`` is the first rotation that was refused (its seq and why);
+    rotations after it are not followed, so later seals by the keys they
+    name are refused too.
+    """
+
+    epochs: tuple[KeyEpoch, ...]
+    problem: tuple[int, str] | None = None
+
+    def keys_at(self, seq: int) -> list[Ed25519PublicKey]:
+        """The keys a seal naming ``seq`` may be signed with."""
+        return [e.public_key for e in self.epochs if e.covers(seq)]
+
+    def accepts(self, head: SignedHead) -> bool:
+        """Whether ``head`` is signed by a key in force at its seq."""
+        for key in self.keys_at(head.seq):
+            try:
+                head.verify(key)
+            except IntegrityError:
+                continue
+            return True
+        return False
+
+    @property
+    def current(self) -> KeyEpoch:
+        """The key in force after the last accepted rotation."""
+        return self.epochs[-1]
+
+
+def _rotation_keys(event: AuditEvent) -> tuple[str, Ed25519PublicKey, str]:
+    """``(previous hex, new key, new hex)`` of a ``key_rotated`` event (raises :class:`DataError`)."""
+    payload = event.payload()
+    previous, new = payload.get("previous_key"), payload.get("public_key")
+    if set(payload) != {"previous_key", "public_key"}:
+        raise DataError("fields must be exactly previous_key and public_key")
+    if not isinstance(previous, str) or not isinstance(new, str):
+        raise DataError("keys must be hex strings")
+    return previous, public_key_from_hex(new), new
+
+
+def key_schedule(
+    events: Sequence[AuditEvent],
+    seals: Sequence[SignedHead],
+    trusted_key: Ed25519PublicKey,
+    record_id: str | None = None,
+) -> KeySchedule:
+    """Follow the history's key rotations from ``trusted_key``.
+
+    Defends against a **planted signing key**: whoever can write the
+    database can add seals under a key of their own, and can append a
+    ``key_rotated`` event naming it, but cannot make the key in force sign
+    that event. A rotation is therefore accepted only if a seal at the
+    event's own seq, for this record and over the event's hash, verifies
+    under the key in force before it, and the event names that key as the
+    previous one. The first refused rotation ends the schedule.
+
+    Parameters
+    ----------
+    events
+        The history in seq order.
+    seals
+        Signed heads that may seal rotations (the record's seals, and any
+        witnessed heads).
+    trusted_key
+        The key the verifier trusts for the start of the history.
+    record_id
+        If given, only seals for this record count.
+    """
+    epochs = [KeyEpoch(trusted_key, public_key_hex(trusted_key), 1)]
+    by_seq: dict[int, list[SignedHead]] = {}
+    for seal in seals:
+        if record_id is None or seal.record_id == record_id:
+            by_seq.setdefault(seal.seq, []).append(seal)
+    for event in events:
+        if event.kind != KEY_ROTATED:
+            continue
+        current = epochs[-1]
+        at = f"key rotation at seq {event.seq}"
+        try:
+            previous_hex, new_key, new_hex = _rotation_keys(event)
+        except DataError as exc:
+            return KeySchedule(tuple(epochs), (event.seq, f"{at} is malformed: {exc}"))
+        if previous_hex != current.key_hex:
+            return KeySchedule(
+                tuple(epochs),
+                (
+                    event.seq,
+                    f"{at} claims to retire key {previous_hex[:16]}..., "
+                    f"but the key in force is {current.key_hex[:16]}...",
+                ),
+            )
+        if new_hex == current.key_hex:
+            return KeySchedule(tuple(epochs), (event.seq, f"{at} names the key already in force"))
+        signed = [s for s in by_seq.get(event.seq, []) if s.head_hash == event.hash]
+        retiring = KeySchedule((current,))
+        if not any(retiring.accepts(s) for s in signed):
+            return KeySchedule(
+                tuple(epochs),
+                (
+                    event.seq,
+                    f"{at} is not sealed by the key in force before it "
+                    "(a rotation counts only when the retiring key signs it)",
+                ),
+            )
+        epochs[-1] = KeyEpoch(current.public_key, current.key_hex, current.first_seq, event.seq)
+        epochs.append(KeyEpoch(new_key, new_hex, event.seq))
+    return KeySchedule(tuple(epochs))
+
+
 def _check_seals(
     events: Sequence[AuditEvent],
     seals: Sequence[SignedHead],
-    public_key: Ed25519PublicKey | None,
+    schedule: KeySchedule | None,
     record_id: str | None,
 ) -> tuple[int, str] | None:
     """Check every seal; the problem with the lowest seq, or ``None``."""
     found: list[tuple[int, str]] = []
+    if schedule is not None and schedule.problem is not None:
+        found.append(schedule.problem)
     by_seq = {event.seq: event for event in events}
     last_seq = events[-1].seq if events else 0
     previous = 0
@@ -291,14 +457,15 @@ def _check_seals(
         if record_id is not None and seal.record_id != record_id:
             found.append((seal.seq, f"bad seal #{number}: it is for record {seal.record_id!r}"))
             continue
-        if public_key is not None:
-            try:
-                seal.verify(public_key)
-            except IntegrityError:
-                found.append(
-                    (seal.seq, f"bad seal #{number}: signature does not verify under the key")
+        if schedule is not None and not schedule.accepts(seal):
+            found.append(
+                (
+                    seal.seq,
+                    f"bad seal #{number}: signature does not verify under the key in force "
+                    f"at seq {seal.seq} (the trusted key, or one a sealed key rotation introduced)",
                 )
-                continue
+            )
+            continue
         if seal.seq < previous:
             found.append((seal.seq, f"bad seal #{number}: seals are out of order"))
             continue
@@ -346,8 +513,10 @@ def verify_chain(
     seals
         The signed heads in the order they were made.
     public_key
-        The server's Ed25519 key to check seal signatures with; ``None`` skips
-        signature checks (seal positions and hashes are still checked).
+        The Ed25519 key the verifier trusts for the start of the history; seals
+        may also be made by keys that sealed ``key_rotated`` events introduced
+        (:func:`key_schedule`). ``None`` skips signature checks (seal positions
+        and hashes are still checked).
     record_id
         If given, every seal must be for this record.
 
@@ -362,7 +531,14 @@ def verify_chain(
         p
         for p in (
             find_chain_break(events),
-            _check_seals(events, seals, public_key, record_id),
+            _check_seals(
+                events,
+                seals,
+                key_schedule(events, seals, public_key, record_id)
+                if public_key is not None
+                else None,
+                record_id,
+            ),
         )
         if p is not None
     ]

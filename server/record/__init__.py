@@ -4,12 +4,21 @@
 implements it over one SQL database, composed of :mod:`~server.record.db`
 (engine, schema, transactions), :mod:`~server.record.audit_log`,
 :mod:`~server.record.runs`, :mod:`~server.record.spend` and
-:mod:`~server.record.registry`, with the values of :mod:`~server.record.values`.
+:mod:`~server.record.registry`, with the values of :mod:`~server.record.values`. The audit-signing key is
+loaded, never created on demand (:mod:`~server.record.keys`), and changes
+only by an audited rotation (:mod:`~server.record.rotation`).
 """
 
 from server.record.artifacts import ArtifactStore, sha256_hex
-from server.record.keys import KeyPaths, create_keypair, load_private_key, load_public_key
+from server.record.keys import (
+    KeyPaths,
+    create_keypair,
+    load_private_key,
+    load_public_key,
+    load_signing_key,
+)
 from server.record.protocol import Record
+from server.record.rotation import Rotation, rotate_signing_key, signing_key_for
 from server.record.schema import SCHEMA_VERSION
 from server.record.store import SqlRecord
 from server.record.values import (
@@ -31,10 +40,14 @@ __all__ = [
     "PrivacyEntry",
     "Record",
     "RoundInfo",
+    "Rotation",
     "RunInfo",
     "SqlRecord",
     "create_keypair",
     "load_private_key",
     "load_public_key",
+    "load_signing_key",
+    "rotate_signing_key",
     "sha256_hex",
+    "signing_key_for",
 ]

@@ -13,7 +13,14 @@ under the same lock, so it names an event that exists.
 
 Nothing here updates or deletes an event or a seal. :meth:`AuditLog.verify`
 recomputes the whole chain and checks every seal
-(:func:`common.audit.seal.verify_chain`), naming the first bad seq.
+(:func:`common.audit.seal.verify_chain`) against the key the caller trusts,
+naming the first bad seq; trusting the key stored with the seals instead is
+a separate, explicitly named call (:meth:`AuditLog.verify_trusting_stored_key`),
+because whoever writes the database also writes that copy.
+
+Key rotation (:meth:`AuditLog.rotate_key`) appends the ``key_rotated`` event
+and seals it with the retiring key in one transaction, so no other event can
+slip between the rotation and the retiring key's signature over it.
 """
 
 from __future__ import annotations
@@ -29,10 +36,14 @@ from sqlmodel import Session, col, select
 from common.audit.chain import GENESIS_HASH, AuditEvent, make_event
 from common.audit.export import encode_export
 from common.audit.seal import (
+    KEY_ROTATED,
+    KeySchedule,
     SignedHead,
     VerifyReport,
+    key_schedule,
     public_key_from_hex,
     public_key_hex,
+    rotation_payload,
     sign_head,
     verify_chain,
 )
@@ -146,6 +157,25 @@ class AuditLog:
         all_seals = self.seals()
         return all_seals[-1] if all_seals else None
 
+    def _seal_in(self, session: Session, signing_key: Ed25519PrivateKey) -> SignedHead:
+        """Sign the head read under the audit lock and store the seal, inside ``session``."""
+        _lock(session)
+        head = _head(session)
+        if head is None:
+            raise RecordError("nothing to seal: the audit log is empty")
+        signed = sign_head(signing_key, self._db.record_id, head.seq, head.hash, utc_now())
+        session.add(
+            AuditSealRow(
+                record_id=signed.record_id,
+                seq=signed.seq,
+                head_hash=signed.head_hash,
+                time=signed.time,
+                public_key_hex=public_key_hex(signing_key.public_key()),
+                signature_hex=signed.signature.hex(),
+            )
+        )
+        return signed
+
     def seal(self, signing_key: Ed25519PrivateKey) -> SignedHead:
         """Sign the current head with the server's key and store the seal.
 
@@ -154,27 +184,72 @@ class AuditLog:
         RecordError
             If there is no event to seal.
         """
-        key_hex = public_key_hex(signing_key.public_key())
+        return self._db.write(lambda s: self._seal_in(s, signing_key))
 
-        def work(session: Session) -> SignedHead:
-            _lock(session)
-            head = _head(session)
-            if head is None:
-                raise RecordError("nothing to seal: the audit log is empty")
-            signed = sign_head(signing_key, self._db.record_id, head.seq, head.hash, utc_now())
-            session.add(
-                AuditSealRow(
-                    record_id=signed.record_id,
-                    seq=signed.seq,
-                    head_hash=signed.head_hash,
-                    time=signed.time,
-                    public_key_hex=key_hex,
-                    signature_hex=signed.signature.hex(),
-                )
-            )
-            return signed
+    def append_sealed(
+        self,
+        run_id: str | None,
+        kind: str,
+        actor: str,
+        payload: Mapping[str, object],
+        signing_key: Ed25519PrivateKey,
+    ) -> tuple[AuditEvent, SignedHead]:
+        """Append one event and seal it with ``signing_key`` in one transaction."""
+
+        def work(session: Session) -> tuple[AuditEvent, SignedHead]:
+            event = self.append(session, run_id, kind, actor, payload)
+            return event, self._seal_in(session, signing_key)
 
         return self._db.write(work)
+
+    def stored_key_schedule(self) -> KeySchedule | None:
+        """The key history as the record tells it: from the first seal's stored key, its rotations.
+
+        Not a trust decision (the stored key is the coordinator's own copy):
+        it is what the writer itself must agree with, so that it never seals
+        with a key the record's history does not put in force. ``None`` for a
+        record without seals.
+
+        Raises
+        ------
+        DataError
+            If the first seal row's stored key is not a valid key.
+        """
+        rows = self._seal_rows()
+        if not rows:
+            return None
+        anchor = public_key_from_hex(rows[0].public_key_hex)
+        return key_schedule(self.events(), self.seals(), anchor, self._db.record_id)
+
+    def rotate_key(
+        self, retiring_key: Ed25519PrivateKey, new_key: Ed25519PublicKey, actor: str = "operator"
+    ) -> tuple[AuditEvent, SignedHead]:
+        """Append ``key_rotated`` naming ``new_key`` and seal it with ``retiring_key``, atomically.
+
+        Defends the rotation chain against a **key swap by the operator's own
+        mistake or a stale key**: the retiring key must be the one the record
+        says is in force, otherwise verifiers would refuse every later seal.
+
+        Raises
+        ------
+        RecordError
+            If the record has no seal yet (nothing to rotate from), its key
+            history is broken, or ``retiring_key`` is not the key in force.
+        """
+        schedule = self.stored_key_schedule()
+        if schedule is None:
+            raise RecordError("the record has no seal yet: there is no key in force to rotate from")
+        if schedule.problem is not None:
+            seq, problem = schedule.problem
+            raise RecordError(f"the record's key history is broken at seq {seq}: {problem}")
+        retiring_hex = public_key_hex(retiring_key.public_key())
+        if retiring_hex != schedule.current.key_hex:
+            raise RecordError(
+                f"the key given ({retiring_hex[:16]}...) is not the record's key in force "
+                f"({schedule.current.key_hex[:16]}...)"
+            )
+        payload = rotation_payload(retiring_key.public_key(), new_key)
+        return self.append_sealed(None, KEY_ROTATED, actor, payload, retiring_key)
 
     def stored_public_keys(self) -> list[str]:
         """Distinct public keys (hex) the seal rows say they were made with, in first-use order."""
@@ -184,38 +259,51 @@ class AuditLog:
                 keys.append(row.public_key_hex)
         return keys
 
-    def verify(self, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
-        """Recompute the chain and check every seal (:func:`common.audit.seal.verify_chain`).
-
-        Without ``public_key``, signatures are checked against the key stored
-        with the seals, which catches corruption but not a forger who also
-        replaced the key; pass the trusted key for that.
-        """
-        events = self.events()
+    def _heads(self) -> tuple[list[AuditSealRow], list[SignedHead], VerifyReport | None]:
+        """The seal rows, their signed heads, and a failure report for a malformed row."""
         rows = self._seal_rows()
         heads: list[SignedHead] = []
         for number, row in enumerate(rows, start=1):
             try:
                 heads.append(seal_from_row(row))
             except (DataError, ValueError) as exc:
-                return VerifyReport(
-                    False, len(events), len(rows), max(row.seq, 1), f"bad seal #{number}: {exc}"
+                n_events = len(self.events())
+                failed = VerifyReport(
+                    False, n_events, len(rows), max(row.seq, 1), f"bad seal #{number}: {exc}"
                 )
-        key = public_key
-        if key is None and rows:
-            stored = self.stored_public_keys()
-            if len(stored) > 1:
-                return VerifyReport(
-                    False,
-                    len(events),
-                    len(rows),
-                    next(r.seq for r in rows if r.public_key_hex == stored[1]),
-                    "bad seal: seals carry different public keys; pass --public-key",
-                )
-            try:
-                key = public_key_from_hex(stored[0])
-            except DataError as exc:
-                return VerifyReport(False, len(events), len(rows), rows[0].seq, f"bad seal: {exc}")
+                return rows, heads, failed
+        return rows, heads, None
+
+    def verify(self, public_key: Ed25519PublicKey) -> VerifyReport:
+        """Recompute the chain and check every seal against the key the caller trusts.
+
+        Seals by keys that sealed ``key_rotated`` events introduced are
+        followed from ``public_key`` (:func:`common.audit.seal.key_schedule`);
+        a seal by any other key is refused, naming its seq.
+        """
+        _rows, heads, failed = self._heads()
+        if failed is not None:
+            return failed
+        return verify_chain(self.events(), heads, public_key, self._db.record_id)
+
+    def verify_trusting_stored_key(self) -> VerifyReport:
+        """Verify with the key stored beside the first seal as the trust anchor.
+
+        This trusts the coordinator's own copy of its key: it catches
+        corruption and edits by someone without the key, not a forger who
+        rewrote the history and replaced the stored key too. Rotations are
+        followed as in :meth:`verify`.
+        """
+        rows, heads, failed = self._heads()
+        if failed is not None:
+            return failed
+        events = self.events()
+        if not rows:
+            return verify_chain(events, heads, None, self._db.record_id)
+        try:
+            key = public_key_from_hex(rows[0].public_key_hex)
+        except DataError as exc:
+            return VerifyReport(False, len(events), len(rows), rows[0].seq, f"bad seal: {exc}")
         return verify_chain(events, heads, key, self._db.record_id)
 
     def export_jsonl(self, out: TextIO) -> int:

@@ -18,7 +18,7 @@ from typing import Protocol, Self, TextIO, runtime_checkable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.audit.chain import AuditEvent
-from common.audit.seal import SignedHead, VerifyReport
+from common.audit.seal import KeySchedule, SignedHead, VerifyReport
 from server.record.values import (
     EnergyEntry,
     ModelVersion,
@@ -82,8 +82,33 @@ class Record(Protocol):
         """Distinct public keys (hex) the seals were made with, in first-use order."""
         ...
 
-    def verify(self, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
-        """Recompute the chain and check every seal, naming the first bad seq."""
+    def append_sealed(
+        self,
+        run_id: str | None,
+        kind: str,
+        actor: str,
+        payload: Mapping[str, object],
+        signing_key: Ed25519PrivateKey,
+    ) -> tuple[AuditEvent, SignedHead]:
+        """Append one event and seal it with ``signing_key`` in one transaction."""
+        ...
+
+    def stored_key_schedule(self) -> KeySchedule | None:
+        """The key history as the record tells it (first seal's key and its rotations)."""
+        ...
+
+    def rotate_key(
+        self, retiring_key: Ed25519PrivateKey, new_key: Ed25519PublicKey, actor: str = "operator"
+    ) -> tuple[AuditEvent, SignedHead]:
+        """Append ``key_rotated`` naming ``new_key``, sealed by the key in force, atomically."""
+        ...
+
+    def verify(self, public_key: Ed25519PublicKey) -> VerifyReport:
+        """Recompute the chain and check every seal against the trusted key and its rotations."""
+        ...
+
+    def verify_trusting_stored_key(self) -> VerifyReport:
+        """As :meth:`verify`, anchored on the record's own stored copy of its key."""
         ...
 
     def export_jsonl(self, out: TextIO) -> int:

@@ -23,7 +23,7 @@ from typing import TextIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.audit.chain import AuditEvent
-from common.audit.seal import SignedHead, VerifyReport
+from common.audit.seal import KeySchedule, SignedHead, VerifyReport
 from server.record.artifacts import ArtifactStore
 from server.record.audit_log import AuditLog
 from server.record.db import Database, locate
@@ -128,9 +128,34 @@ class SqlRecord:
         """Distinct public keys of the seals (:meth:`AuditLog.stored_public_keys`)."""
         return self._audit.stored_public_keys()
 
-    def verify(self, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
-        """Recompute the chain and check every seal (:meth:`AuditLog.verify`)."""
+    def append_sealed(
+        self,
+        run_id: str | None,
+        kind: str,
+        actor: str,
+        payload: Mapping[str, object],
+        signing_key: Ed25519PrivateKey,
+    ) -> tuple[AuditEvent, SignedHead]:
+        """Append one event and seal it in one transaction (:meth:`AuditLog.append_sealed`)."""
+        return self._audit.append_sealed(run_id, kind, actor, payload, signing_key)
+
+    def stored_key_schedule(self) -> KeySchedule | None:
+        """The key history the record tells (:meth:`AuditLog.stored_key_schedule`)."""
+        return self._audit.stored_key_schedule()
+
+    def rotate_key(
+        self, retiring_key: Ed25519PrivateKey, new_key: Ed25519PublicKey, actor: str = "operator"
+    ) -> tuple[AuditEvent, SignedHead]:
+        """Append ``key_rotated`` sealed by the retiring key (:meth:`AuditLog.rotate_key`)."""
+        return self._audit.rotate_key(retiring_key, new_key, actor)
+
+    def verify(self, public_key: Ed25519PublicKey) -> VerifyReport:
+        """Recompute the chain and check every seal against the trusted key (:meth:`AuditLog.verify`)."""
         return self._audit.verify(public_key)
+
+    def verify_trusting_stored_key(self) -> VerifyReport:
+        """Verify against the record's own copy of its key (:meth:`AuditLog.verify_trusting_stored_key`)."""
+        return self._audit.verify_trusting_stored_key()
 
     def export_jsonl(self, out: TextIO) -> int:
         """Write the JSON-lines export (:meth:`AuditLog.export_jsonl`)."""

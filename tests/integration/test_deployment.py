@@ -38,6 +38,11 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _make_audit_key(state_dir: Path) -> None:
+    """The coordinator's signing key where `start` looks by default (it is never made implicitly)."""
+    subprocess.run([str(BIN / "fedseal-server"), "keys", str(state_dir / "keys")], check=True, capture_output=True)
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -61,6 +66,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         _write_site_csv(tmp_path / f"site{i}.csv", i)
     port = _free_port()
     out = tmp_path / "out"
+    _make_audit_key(tmp_path / "srv")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         server = _start(
@@ -107,12 +113,19 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         eps = [s["record_level_epsilon"] for r in doc["rounds"] for s in r["sites"]]
         assert all(e is not None and 0 < e <= 8.0 for e in eps)  # DP-SGD ran at both sites
         assert doc["rounds"][-1]["accuracy"] > 0.5
+        verify = subprocess.run(
+            [str(BIN / "fedseal-server"), "audit", "verify", "--db", str(tmp_path / "srv" / "record.db"),
+             "--public-key", str(tmp_path / "srv" / "keys" / "audit.pub")],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert verify.returncode == 0 and verify.stdout.startswith("OK:"), verify.stdout + verify.stderr
     finally:
         for p in procs:
             _kill(p)
 
 
 def test_server_start_missing_certs_one_clear_line(tmp_path: Path) -> None:
+    _make_audit_key(tmp_path / "srv")
     proc = subprocess.run(
         [str(BIN / "fedseal-server"), "start", "--certs", str(tmp_path / "none"), "--port", str(_free_port()),
          "--state-dir", str(tmp_path / "srv")],
@@ -124,6 +137,7 @@ def test_server_start_missing_certs_one_clear_line(tmp_path: Path) -> None:
 
 def test_server_start_port_in_use_one_clear_line(tmp_path: Path) -> None:
     subprocess.run([str(BIN / "fedseal-server"), "certs", str(tmp_path / "c")], check=True, capture_output=True)
+    _make_audit_key(tmp_path / "srv")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -135,6 +149,17 @@ def test_server_start_port_in_use_one_clear_line(tmp_path: Path) -> None:
         )
     assert proc.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_server_start_without_audit_key_one_clear_line_and_no_key_made(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(BIN / "fedseal-server"), "start", "--insecure", "--port", str(_free_port()),
+         "--state-dir", str(tmp_path / "srv")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert f"fedseal-server keys {tmp_path / 'srv' / 'keys'}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "srv" / "keys").exists()
 
 
 def test_client_start_unreachable_superlink_one_clear_line(tmp_path: Path) -> None:

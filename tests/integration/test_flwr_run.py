@@ -50,9 +50,13 @@ def test_flwr_run_local_simulation_completes(tmp_path: Path) -> None:
         FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
         PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
     )
+    bin_dir = Path(sys.executable).parent
+    keys = flwr_home / "fedseal" / "keys"  # where the ServerApp looks beside its default record
+    made = subprocess.run([str(bin_dir / "fedseal-server"), "keys", str(keys)], capture_output=True)
+    assert made.returncode == 0, made.stderr
     try:
         proc = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream",
+            [str(bin_dir / "flwr"), "run", ".", "--stream",
              "--run-config", "rounds=2",
              "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -63,3 +67,11 @@ def test_flwr_run_local_simulation_completes(tmp_path: Path) -> None:
     assert proc.returncode == 0, output[-3000:]
     assert "round 2: accuracy=" in output, output[-3000:]
     assert "participants=3/3" in output
+    verify = subprocess.run(
+        [str(bin_dir / "fedseal-server"), "audit", "verify",
+         "--db", str(flwr_home / "fedseal" / "record.db"), "--public-key", str(keys / "audit.pub")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert verify.returncode == 0 and verify.stdout.startswith("OK:"), verify.stdout + verify.stderr
+    sites = sorted((flwr_home / "fedseal-sites").iterdir())
+    assert len(sites) == 3 and all(s.stat().st_mode & 0o077 == 0 for s in sites)

@@ -15,9 +15,9 @@ from client.app import make_client_app
 from common.config import RunConfig
 from common.errors import PolicyViolation
 from policies import load_server_policy, load_site_policies
-from server.book import RunBook, load_or_create_key
+from server.book import RunBook
 from server.policy_gate import PolicyGate
-from server.record import SqlRecord
+from server.record import SqlRecord, create_keypair, load_signing_key
 from server.rounds import FederatedRun
 
 BIN = Path(sys.executable).parent
@@ -39,7 +39,8 @@ min_cohort_size = 3
 
 def _run(tmp_path: Path, cfg: RunConfig, *, server_policy: str | None = None, site_dir: Path | None = None):
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
-    book = RunBook(record, load_or_create_key(tmp_path / "keys"), "0000abcd0001")
+    create_keypair(tmp_path / "keys")  # made on purpose, as `fedseal-server keys` does
+    book = RunBook(record, load_signing_key(tmp_path / "keys"), "0000abcd0001")
     gate = None
     if server_policy is not None:
         (tmp_path / "server.toml").write_text(server_policy)

@@ -11,7 +11,7 @@ from opacus.accountants import RDPAccountant
 
 from client.app import make_client_app
 from client.ledger import SiteLedger
-from client.state import LEDGER_FILE
+from client.state import LEDGER_FILE, private_dir
 from common.config import RunConfig
 from common.dp import PrivacyEvent, epsilon_for
 from server.rounds import FederatedRun
@@ -34,7 +34,7 @@ def _cfg(**changes: object) -> RunConfig:
 def _exhaust(site_root: Path, cfg: RunConfig, partition: int) -> None:
     """Spend (almost) the whole budget of one site's dataset in an earlier run."""
     dataset_id = f"{cfg.dataset}-seed{cfg.seed}-{cfg.partition}-p{partition}of{cfg.num_sites}"
-    (site_root / f"site-{partition}").mkdir(parents=True)
+    private_dir(site_root / f"site-{partition}")  # as the site makes it: 0700
     with SiteLedger(site_root / f"site-{partition}" / LEDGER_FILE) as ledger:
         ledger.reserve(dataset_id, "earlier-run", 1, PrivacyEvent(0.8, 0.5, 40), cfg.site_delta, cfg.accountant, 1e9)
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from client.ledger import SiteLedger
-from server.record import SqlRecord
+from server.record import SqlRecord, load_public_key
 
 ROUNDS = 4
 
@@ -60,7 +60,7 @@ def test_killed_simulation_resumes_without_counting_twice(tmp_path: Path) -> Non
         assert [v.round for v in versions] == list(range(1, ROUNDS + 1))  # no round twice
         kinds = [e.kind for e in record.events(run.run_id)]
         assert "run_resumed" in kinds and kinds[-1] == "run_finished"
-        report = record.verify()
+        report = record.verify(load_public_key(out / "keys" / "audit.pub"))
         assert report.ok, report
         energy_rounds = sorted({(e.round, e.node_id) for e in record.energy(run.run_id)})
         assert len(energy_rounds) == len(record.energy(run.run_id))  # energy never counted twice

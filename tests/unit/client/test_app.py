@@ -24,7 +24,7 @@ from client.mods import MASKED_STAGE
 from client.mods.clipping import clipping_mod
 from client.secure import STATE_RECORD
 from client.site import load_site_data
-from client.state import LEDGER_FILE
+from client.state import LEDGER_FILE, private_dir
 from common.config import RunConfig
 from common.dp import PrivacyEvent, clip_l2, epsilon_for
 from common.errors import PrivacyBudgetExceeded
@@ -236,7 +236,7 @@ def _dp_cfg(site_epsilon: float) -> RunConfig:
 def _ledger_of(tmp_path: Path, cfg: RunConfig, partition: int) -> tuple[SiteLedger, str]:
     context = site_context(partition, cfg.num_sites)
     dataset_id = load_site_data(cfg, task_for(cfg), context.node_config).dataset_id
-    (tmp_path / f"site-{partition}").mkdir(parents=True, exist_ok=True)
+    private_dir(tmp_path / f"site-{partition}")  # as the site makes it: 0700
     return SiteLedger(tmp_path / f"site-{partition}" / LEDGER_FILE), dataset_id
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigurationError
-from server.record.keys import create_keypair, load_private_key, load_public_key
+from server.record.keys import create_keypair, load_private_key, load_public_key, load_signing_key
 
 
 def test_create_keypair_private_key_mode_0600(tmp_path: Path) -> None:
@@ -47,3 +47,19 @@ def test_load_public_key_garbage_refused(tmp_path: Path) -> None:
     bad.write_text("nope")
     with pytest.raises(ConfigurationError):
         load_public_key(bad)
+
+
+def test_load_signing_key_missing_is_an_error_naming_the_command_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_signing_key(tmp_path / "keys")
+    message = str(info.value)
+    assert str(tmp_path / "keys" / "audit.key") in message
+    assert f"fedseal-server keys {tmp_path / 'keys'}" in message and "\n" not in message
+    assert not (tmp_path / "keys").exists()
+
+
+def test_load_signing_key_loads_what_keys_created(tmp_path: Path) -> None:
+    paths = create_keypair(tmp_path)
+    assert load_signing_key(tmp_path).public_key() == load_public_key(paths.public_key)

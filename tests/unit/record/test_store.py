@@ -64,7 +64,8 @@ def test_append_event_nan_payload_refused_and_nothing_written(record: SqlRecord)
 
 
 def test_verify_empty_record_ok(record: SqlRecord) -> None:
-    assert record.verify().summary() == "OK: 0 events, 0 seals"
+    assert record.verify(KEY.public_key()).summary() == "OK: 0 events, 0 seals"
+    assert record.verify_trusting_stored_key().summary() == "OK: 0 events, 0 seals"
 
 
 def test_verify_edited_payload_names_that_event(record: SqlRecord) -> None:
@@ -210,10 +211,10 @@ def test_verify_wrong_public_key_fails_at_first_seal(record: SqlRecord) -> None:
     assert "signature" in (report.problem or "")
 
 
-def test_verify_forged_seal_signature_fails_without_trusted_key(record: SqlRecord) -> None:
+def test_verify_forged_seal_signature_fails_trusting_the_stored_key(record: SqlRecord) -> None:
     _sealed(record)
     _sql(record, "UPDATE audit_seals SET signature_hex = :s WHERE seq = 4", s="00" * 64)
-    report = record.verify()
+    report = record.verify_trusting_stored_key()
     assert report.first_bad_seq == 4 and "signature" in (report.problem or "")
 
 
@@ -235,15 +236,15 @@ def test_seals_latest_seal_and_stored_public_keys_follow_the_seals_made(
     assert record.stored_public_keys() == [public_key_hex(KEY.public_key())]
 
 
-def test_verify_without_key_seals_with_two_public_keys_fail_at_the_first_other_key(
+def test_verify_trusting_stored_key_a_second_key_without_rotation_fails_at_its_seal(
     record: SqlRecord,
 ) -> None:
     _sealed(record, n=4)
     record.append_event("run-a", "test_event", "server", {"i": 5})
     record.seal(Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33))))
-    report = record.verify()
+    report = record.verify_trusting_stored_key()
     assert not report.ok and report.first_bad_seq == 5
-    assert "different public keys" in (report.problem or "")
+    assert "key in force at seq 5" in (report.problem or "")
 
 
 def test_exports_hold_every_event_and_seal_and_verify_offline(record: SqlRecord) -> None:
