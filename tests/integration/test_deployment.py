@@ -59,6 +59,9 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         subprocess.run([str(BIN / "fedseal-client"), "keys", str(stem)], check=True, capture_output=True)
     for i in range(2):
         _write_site_csv(tmp_path / f"site{i}.csv", i)
+    # the coordinator's audit key, made beforehand so that the sites can pin it
+    audit_keys = tmp_path / "audit-keys"
+    subprocess.run([str(BIN / "fedseal-server"), "keys", str(audit_keys)], check=True, capture_output=True)
     port = _free_port()
     out = tmp_path / "out"
     procs: list[subprocess.Popen[bytes]] = []
@@ -67,7 +70,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
             [str(BIN / "fedseal-server"), "start", "--certs", str(certs), "--host", "127.0.0.1",
              "--port", str(port), "--rounds", "2", "--min-sites", "2", "--round-timeout", "150",
              "--state-dir", str(tmp_path / "srv"), "--out", str(out), "--auth-keys", str(keys),
-             "--dp", "--secagg"],
+             "--keys", str(audit_keys), "--dp", "--secagg"],
             tmp_path / "server.log",
         )
         procs.append(server)
@@ -83,7 +86,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
                     [str(BIN / "fedseal-client"), "start", "--data", str(tmp_path / f"site{i}.csv"),
                      "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
                      "--port", str(_free_port()), "--state-dir", str(tmp_path / f"site{i}"),
-                     "--auth-key", str(keys / f"site{i}")],
+                     "--auth-key", str(keys / f"site{i}"), "--server-key", str(audit_keys / "audit.pub")],
                     tmp_path / f"site{i}.log",
                 )
             )
@@ -107,6 +110,19 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         eps = [s["record_level_epsilon"] for r in doc["rounds"] for s in r["sites"]]
         assert all(e is not None and 0 < e <= 8.0 for e in eps)  # DP-SGD ran at both sites
         assert doc["rounds"][-1]["accuracy"] > 0.5
+        # every message (each in a fresh ClientApp process) was verified under the pinned key,
+        # and the final signed head reached both sites after the run ended
+        from client.witness import read_heads
+
+        seq_files = [tmp_path / f"site{i}" / "site" / "instruction-seq.json" for i in range(2)]
+        assert all(f.is_file() for f in seq_files)
+        from server.record import SqlRecord
+
+        with SqlRecord(f"sqlite:///{tmp_path / 'srv' / 'record.db'}", create=False) as record:
+            final, last = record.latest_seal(), record.events()[-1]
+        assert final is not None and last.kind == "run_finished" and final.seq == last.seq
+        for i in range(2):
+            assert read_heads(tmp_path / f"site{i}" / "site" / "witnessed-heads.jsonl")[-1] == final
     finally:
         for p in procs:
             _kill(p)

@@ -100,3 +100,25 @@ def test_witness_index_is_rebuilt_when_missing_or_stale(tmp_path: Path) -> None:
         fh.write(json.dumps({"head": _head(8).hex(), "run": "r1"}) + "\n")
     with pytest.raises(HeadRefused, match="older than seq 8"):
         witness_head(path, _head(6), run_id="r1")
+
+
+def test_client_start_pins_the_key_and_policy_in_node_config(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from client.cli import _trust_config
+
+    pub = tmp_path / "audit.pub"
+    pub.write_bytes(
+        KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    assert _trust_config(None, pub) == f' server-key="{RAW.hex()}"'
+    policy = tmp_path / "site.toml"
+    policy.write_text(f'kind = "site"\n[trust]\nserver_key = "{RAW.hex()}"\n')
+    assert _trust_config(policy, pub) == f' policy-path="{policy.resolve()}" server-key="{RAW.hex()}"'
+    policy.write_text(f'kind = "site"\n[trust]\nserver_key = "{OTHER.public_key().public_bytes_raw().hex()}"\n')
+    with pytest.raises(ConfigurationError, match="differ"):
+        _trust_config(policy, pub)
+    with pytest.raises(ConfigurationError, match="not found"):
+        _trust_config(tmp_path / "missing.toml", None)
