@@ -415,3 +415,26 @@ def test_honest_run_with_pinned_key_completes_and_every_site_holds_the_final_hea
     ]  # fmt: skip
     assert decisions and all(d["allowed"] and "signed by the trusted server key" in d["reason"] for d in decisions)
     record.close()
+
+
+def test_resumed_run_is_accepted_by_pinned_sites_after_a_coordinator_crash(tmp_path: Path) -> None:
+    """A new coordinator process numbers from scratch, but above everything the crashed one
+    sent: the sites take the resumed run's instructions and refuse none as replays."""
+    s = sites(tmp_path)
+
+    def crash(msg: Message) -> None:  # round 2 reached NODE, then the coordinator dies
+        if msg.metadata.group_id == "2" and msg.metadata.dst_node_id == PEER:
+            raise RuntimeError("coordinator killed")
+
+    s.tamper = crash
+    record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
+    with pytest.raises(RuntimeError, match="killed"):
+        FederatedRun(cfg(rounds=3), s.grid, book=RunBook(record, KEY, RUN_ID)).execute()
+    assert (NODE, 2) in s.trainer.calls
+    s.tamper = None
+    resumed = FederatedRun(cfg(rounds=3), s.grid, book=RunBook(record, KEY, RUN_ID), resume=True)
+    results = resumed.execute()
+    assert [(r.round, r.participants) for r in results] == [(1, 2), (2, 2), (3, 2)]
+    assert s.trainer.calls.count((NODE, 2)) == 2  # round 2 redone from the record
+    assert s.heads(NODE)[-1] == record.latest_seal()
+    record.close()
