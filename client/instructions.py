@@ -1,4 +1,4 @@
-"""The site's check of every instruction: signed by the pinned coordinator key, for this node, fresh.
+"""The site's check of every instruction: signed by the pinned coordinator key, for it, fresh.
 
 A site pins its coordinator's audit-signing public key in its policy
 (``trust.server_key``) or its node config (``server-key``, which
@@ -164,7 +164,9 @@ def check_instruction(msg: Message, context: Context, setup: SiteSetup) -> Instr
 
 def _check(msg: Message, context: Context, setup: SiteSetup) -> InstructionCheck:
     try:
-        trusted = pinned_server_key(context.node_config, site_policy(context.node_config, setup.policies))
+        trusted = pinned_server_key(
+            context.node_config, site_policy(context.node_config, setup.policies)
+        )
     except ConfigurationError as exc:
         raise InstructionRefused(f"the pinned server key is misconfigured ({exc})") from None
     try:
@@ -186,7 +188,8 @@ def _check(msg: Message, context: Context, setup: SiteSetup) -> InstructionCheck
     md = msg.metadata
     if md.dst_node_id != context.node_id:
         raise InstructionRefused(
-            f"instruction is addressed to node {md.dst_node_id}, not to this node ({context.node_id})"
+            f"instruction is addressed to node {md.dst_node_id}, "
+            f"not to this node ({context.node_id})"
         )
     run_id = _run_id(msg)
     try:
@@ -251,5 +254,7 @@ def _read_sequences(path: Path) -> dict[str, int]:
         ):
             raise ValueError("bad layout")
     except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise InstructionRefused(f"the site's sequence store {path.name} is unreadable ({exc})") from None
+        raise InstructionRefused(
+            f"the site's sequence store {path.name} is unreadable ({exc})"
+        ) from None
     return dict(last)

@@ -172,7 +172,7 @@ def content_digest(content: RecordDict, cache: DigestCache | None = None) -> byt
 
 
 def signature_record(signature: InstructionSignature) -> ConfigRecord:
-    """The record (:data:`~common.records.KEY_INSTRUCTION_SIGNATURE`) a signed instruction carries."""
+    """The signature record (:data:`~common.records.KEY_INSTRUCTION_SIGNATURE`) to carry."""
     return ConfigRecord(dict(signature.to_fields()))
 
 

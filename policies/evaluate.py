@@ -453,7 +453,9 @@ def _signature_decision(policy: SitePolicy, rq: RoundRequest) -> Decision:
     trusted = own if own is not None else rq.server_key
     if trusted is None:
         if rq.signature is None:
-            return _allow(rule, "no server key pinned; the instruction is unsigned (not authenticated)")
+            return _allow(
+                rule, "no server key pinned; the instruction is unsigned (not authenticated)"
+            )
         signer = rq.signer_key_id.hex()[:16] if rq.signer_key_id is not None else "?"
         return _allow(
             rule,
@@ -474,9 +476,14 @@ def _signature_decision(policy: SitePolicy, rq: RoundRequest) -> Decision:
             f"trusted key is {short}...",
         )
     if not verify_instruction(trusted, rq.signed_payload, rq.signature):
-        return _deny(rule, f"instruction signature does not verify with the trusted server key {short}...")
+        return _deny(
+            rule, f"instruction signature does not verify with the trusted server key {short}..."
+        )
     if header.group_id != str(rq.server_round):
-        return _deny(rule, f"signed round {header.group_id!r} is not the instruction's round {rq.server_round}")
+        return _deny(
+            rule,
+            f"signed round {header.group_id!r} is not the instruction's round {rq.server_round}",
+        )
     if rq.last_sequence is not None and header.seq <= rq.last_sequence:
         return _deny(
             rule,

@@ -243,7 +243,7 @@ class InstructionSignature:
             raise DataError("instruction signature: signature must be 64 bytes")
 
     def to_fields(self) -> dict[str, int | bytes]:
-        """The record fields: ``v`` (1), ``seq``, ``key-id`` (32 bytes), ``signature`` (64 bytes)."""
+        """The record fields: ``v`` (1), ``seq``, ``key-id`` (32 bytes), ``signature`` (64)."""
         return {
             FIELD_VERSION: INSTRUCTION_VERSION,
             FIELD_SEQ: self.seq,

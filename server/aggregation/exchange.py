@@ -166,8 +166,13 @@ class GridExchange:
         except Exception as exc:  # noqa: BLE001 - the run is over; this must not mask its outcome
             log.warning("run %s: final audit head not sent: %s", self.run_id, exc)
             return 0
-        acked = sum(1 for r in replies.values() if not r.has_error() and KEY_REFUSAL not in r.content)
+        acked = sum(
+            1 for r in replies.values() if not r.has_error() and KEY_REFUSAL not in r.content
+        )
         log.info(
-            "run %s: final audit head acknowledged by %d of %d sites", self.run_id, acked, len(nodes)
+            "run %s: final audit head acknowledged by %d of %d sites",
+            self.run_id,
+            acked,
+            len(nodes),
         )
         return acked
