@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 
+from client.instructions import InstructionCheck, InstructionRefused, check_instruction
 from client.ledger import SiteLedger
 from client.privacy import SiteDpPlan, make_private, plan_site_dp, validate_model
 from client.site import SiteData, load_site_data
 from client.site_policy import SiteSetup, site_policy
 from client.state import LEDGER_FILE, WITNESS_FILE, site_dir
 from client.training import TrainStats, make_loader, secret_seed, select_device, train_local
-from client.witness import witness_head
+from client.witness import HeadRefused, witness_head
 from common.audit.seal import SignedHead
 from common.config import RunConfig
 from common.energy import EnergyConfig, make_meter
@@ -73,24 +74,46 @@ class SiteContext:
     head: SignedHead | None
     cohort_size: object = None  # plain rounds: how many sites the server invited
     app_hash: str | None = None  # the coordinator's code hash, as its audit log records it
+    instruction: InstructionCheck | None = None  # the signature check (client.instructions)
 
     @classmethod
     def of(cls, msg: Message, context: Context, setup: SiteSetup | Path | None) -> SiteContext:
-        """Parse an instruction; keep the server's signed audit head it carries."""
+        """Verify an instruction, then parse it; keep the server's signed audit head it carries.
+
+        The signature check (:func:`client.instructions.check_instruction`)
+        comes before anything reads the instruction; the head is checked
+        before it is stored (:func:`client.witness.witness_head`).
+
+        Raises
+        ------
+        InstructionRefused
+            The instruction fails the signature check under the site's pinned
+            key, or its audit head fails the witness checks.
+        """
         if not isinstance(setup, SiteSetup):
             setup = SiteSetup(root=setup)
+        check = check_instruction(msg, context, setup)
         cfg, server_round, extra = record_to_config(msg.content[KEY_CONFIG])
         directory = site_dir(context.node_config, context.node_id, setup.root)
-        head = None
-        if KEY_AUDIT_HEAD in extra:
-            head = witness_head(directory / WITNESS_FILE, extra[KEY_AUDIT_HEAD])
         run_id = extra.get(KEY_RUN_ID)
         if not isinstance(run_id, str) or not run_id:
             raise ConfigurationError("instruction lacks the run id")
+        head = None
+        if KEY_AUDIT_HEAD in extra:
+            try:
+                head = witness_head(
+                    directory / WITNESS_FILE,
+                    extra[KEY_AUDIT_HEAD],
+                    run_id=run_id,
+                    trusted_key=check.trusted_key,
+                )
+            except HeadRefused as exc:
+                raise InstructionRefused(f"audit head not witnessed: {exc}", rule=None) from None
         site = cls(cfg, server_round, task_for(cfg), context, directory, run_id, setup, head)
         site.cohort_size = extra.get(KEY_COHORT_SIZE)
         app_hash = extra.get(KEY_APP_HASH)
         site.app_hash = app_hash if isinstance(app_hash, str) else None
+        site.instruction = check
         return site
 
     def data(self) -> SiteData:

@@ -5,7 +5,13 @@ Actions (Flower message types):
 * ``train`` — plain round: train on the site's own data, reply with the model
   *update* (new - global) as a flat float32 vector, plus metrics;
 * ``train.secagg_*`` — the four secure-aggregation stages (:mod:`client.secure`);
-* ``evaluate`` — score the global model on the site's local test split.
+* ``evaluate`` — score the global model on the site's local test split;
+* ``query.audit_head`` — the run's final signed audit head, sent after the
+  run ended: verified, witnessed, acknowledged with an empty reply.
+
+Every handler runs behind :func:`~client.mods.instruction.instruction_mod`:
+the coordinator's signature on the message is checked (under the site's
+pinned key) before anything else reads it (:mod:`client.instructions`).
 
 Every train action runs one chain: the mods of :func:`train_mods` (secure
 aggregation, the plain round's participation decision, clipping) around the
@@ -28,12 +34,13 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from client import steps
 from client.agent import SiteContext, Trainer, compute_update, load_global
 from client.mods.clipping import clipping_mod
+from client.mods.instruction import instruction_mod
 from client.mods.participation import participation_mod
 from client.mods.secagg import secagg_mod
 from client.site_policy import SiteSetup
 from client.training import select_device
 from common.evaluation import evaluate
-from common.records import KEY_ARRAYS, KEY_METRICS
+from common.records import AUDIT_HEAD_ACTION, KEY_ARRAYS, KEY_METRICS
 from common.secagg.stages import WIRE_STAGES
 from policies import SitePolicies
 
@@ -46,6 +53,9 @@ TRAIN_ACTIONS = (
 def train_mods(setup: SiteSetup) -> list[Mod]:
     """The mods of every train action, outermost first: the one place their order is set.
 
+    0. :func:`~client.mods.instruction.instruction_mod` checks the
+       coordinator's signature before any other mod reads the message, and
+       answers a refused one (every handler has it first);
     1. :func:`~client.mods.secagg.secagg_mod` answers the secure stages; only
        the masked stage goes on inward, and it masks what comes back, so it
        must see the update after clipping;
@@ -58,7 +68,7 @@ def train_mods(setup: SiteSetup) -> list[Mod]:
 
     The inner function is the train step (:func:`client.steps.train`).
     """
-    return [secagg_mod(setup), participation_mod(setup), clipping_mod]
+    return [instruction_mod(setup), secagg_mod(setup), participation_mod(setup), clipping_mod]
 
 
 def train_step(setup: SiteSetup, trainer: Trainer) -> ClientAppCallable:
@@ -81,6 +91,14 @@ def handle_evaluate(
     loss, accuracy = evaluate(model.to(device), data.x_test, data.y_test, device)
     metrics = MetricRecord({"num-examples": len(data.y_test), "loss": loss, "accuracy": accuracy})
     return Message(content=RecordDict({KEY_METRICS: metrics}), reply_to=msg)
+
+
+def handle_audit_head(
+    msg: Message, context: Context, site_root: SiteSetup | Path | None = None
+) -> Message:
+    """The run's final head: verified and witnessed (:meth:`SiteContext.of`), then an empty ack."""
+    SiteContext.of(msg, context, site_root)
+    return Message(content=RecordDict(), reply_to=msg)
 
 
 def make_client_app(
@@ -108,9 +126,15 @@ def make_client_app(
     for action in TRAIN_ACTIONS:
         client_app.train(action, mods=mods)(train)
 
-    @client_app.evaluate()
+    checked = [instruction_mod(setup)]
+
+    @client_app.evaluate(mods=checked)
     def evaluate_(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, setup)
+
+    @client_app.query(AUDIT_HEAD_ACTION, mods=checked)
+    def audit_head_(msg: Message, context: Context) -> Message:
+        return handle_audit_head(msg, context, setup)
 
     return client_app
 

@@ -77,10 +77,19 @@ def start_cmd(
         Path | None,
         typer.Option(help="This site's policy (TOML): budget, cohort, trusted server key..."),
     ] = None,
+    server_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="The coordinator's audit public key (audit.pub, PEM or hex) to pin: "
+            "every instruction must be signed by it."
+        ),
+    ] = None,
 ) -> None:
     """Start a Flower SuperNode whose fedseal ClientApp trains on --data.
 
-    Runs until stopped (Ctrl-C). TLS is on unless --insecure is given.
+    Runs until stopped (Ctrl-C). TLS is on unless --insecure is given. With a
+    pinned coordinator key (--server-key, or trust.server_key in --policy)
+    the site refuses every instruction not signed by it.
     """
     apply_safe_flower_env()
     from common.processes import (
@@ -105,6 +114,7 @@ def start_cmd(
 
     state_dir = private_dir(state_dir.resolve())  # 0700; refused if shared or another user's
     node_config = f'data-path="{data.resolve()}" label-column="{label_column}" state-dir="{state_dir / "site"}"'
+    node_config += _trust_config(policy, server_key)
     argv = [
         flower_executable("flower-supernode"),
         "--superlink",
@@ -162,6 +172,29 @@ def start_cmd(
                 "the SuperLink refused this site: its public key is not registered with the coordinator"
             )
         raise FedsealError(f"the SuperNode exited with code {code}")
+
+
+def _trust_config(policy: Path | None, server_key: Path | None) -> str:
+    """Node-config entries for the site's policy file and pinned coordinator key (checked now)."""
+    from client.instructions import NODE_CONFIG_SERVER_KEY, pinned_server_key
+    from policies import load_site_policy
+    from policies.models import canonical_server_key
+
+    entries = ""
+    node: dict[str, str] = {}
+    loaded = None
+    if policy is not None:
+        if not policy.is_file():
+            raise ConfigurationError(f"site policy not found: {policy}")
+        loaded = load_site_policy(policy)  # a broken file fails here, in one line
+        entries += f' policy-path="{policy.resolve()}"'
+    if server_key is not None:
+        if not server_key.is_file():
+            raise ConfigurationError(f"coordinator key not found: {server_key}")
+        node[NODE_CONFIG_SERVER_KEY] = canonical_server_key(server_key.read_text(encoding="ascii"))
+        entries += f' {NODE_CONFIG_SERVER_KEY}="{node[NODE_CONFIG_SERVER_KEY]}"'
+    pinned_server_key(node, loaded)  # the two pins, when both are given, must agree
+    return entries
 
 
 def main() -> None:

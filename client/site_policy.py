@@ -15,15 +15,17 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord
 
-from common.audit.seal import SignedHead
 from common.config import RunConfig
 from policies import Decision, SitePolicies, SitePolicy, load_site_policy, policy_hash
 from policies.evaluate import check_round_request, check_site_budget
 from policies.plans import RoundRequest
+
+if TYPE_CHECKING:
+    from client.instructions import InstructionCheck
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,7 @@ def check_round(
     secagg_neighbours: int | None = None,
     noise_multiplier: float | None,
     app_hash: str | None,
-    head: SignedHead | None,
+    instruction: InstructionCheck | None,
 ) -> list[Decision]:
     """The site policy's decisions on this round's instruction.
 
@@ -91,9 +93,12 @@ def check_round(
         The site's DP-SGD noise multiplier this round (ignored when DP is off).
     app_hash : str or None
         The coordinator's code hash, as its audit log records it.
-    head : SignedHead or None
-        The server's signed audit head the instruction carries.
+    instruction : InstructionCheck or None
+        What the site established about the instruction's signature
+        (:func:`client.instructions.check_instruction`): the policy's
+        ``trust.server_key`` rule verifies it again, and says so.
     """
+    signature = instruction.signature if instruction is not None else None
     request = RoundRequest(
         server_round=server_round,
         cohort_size=cohort_size,
@@ -105,8 +110,12 @@ def check_round(
         noise_multiplier=noise_multiplier if cfg.dp else None,
         max_grad_norm=cfg.max_grad_norm if cfg.dp else None,
         app_hash=app_hash,
-        signature=head.signature if head is not None else None,
-        signed_payload=head.message() if head is not None else None,
+        signature=signature.signature if signature is not None else None,
+        signed_payload=instruction.signed_message if instruction is not None else None,
+        signer_key_id=signature.key_id if signature is not None else None,
+        sequence=signature.seq if signature is not None else None,
+        last_sequence=instruction.previous_seq if instruction is not None else None,
+        server_key=instruction.trusted_key if instruction is not None else None,
     )
     return check_round_request(policy, request)
 

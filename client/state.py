@@ -26,10 +26,13 @@ would let its author decrypt the sealed secrets.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,9 @@ from common.rng import secure_bytes
 
 STATE_KEY_FILE = "state.key"
 LEDGER_FILE = "ledger.db"
+WITNESS_INDEX_FILE = "witnessed-heads.index.json"
+SEQUENCE_FILE = "instruction-seq.json"
+LOCK_FILE = "site.lock"
 KEY_BYTES = 32
 PRIVATE_DIR_MODE = 0o700
 
@@ -177,3 +183,42 @@ def state_key(directory: Path) -> bytes:
         fh.flush()
         os.fsync(fh.fileno())
     return key
+
+
+@contextlib.contextmanager
+def site_lock(directory: Path) -> Iterator[None]:
+    """Hold this site's state lock (an exclusive ``flock`` on ``site.lock``) for the block.
+
+    Serialises the read-check-write of the site's small state files
+    (instruction sequence numbers, the witness index) between ClientApp
+    processes of the same site.
+    """
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``path`` crash-safely: a synced temporary file renamed over it, then the directory synced.
+
+    After a crash the file holds either its old or its new content, never a mix.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

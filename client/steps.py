@@ -95,7 +95,7 @@ def decide_participation(
             secagg_neighbours=secagg_neighbours,
             noise_multiplier=plan.noise_multiplier if plan is not None else None,
             app_hash=site.app_hash,
-            head=site.head,
+            instruction=site.instruction,
         )
     denied = [str(d) for d in decisions if not d.allowed]
     reason = "; ".join(denied) if denied else budget_reason

@@ -30,8 +30,14 @@ KEY_CONFIG = "config"
 KEY_METRICS = "metrics"
 KEY_REFUSAL = "refusal"  # ConfigRecord {"reason": str} when a site declines a round
 KEY_SITE_DECISIONS = "site-decisions"  # ConfigRecord {"policy-hash", "decisions" (JSON)}
+# ConfigRecord {"v": 1, "seq": int, "key-id": 32 bytes, "signature": 64 bytes}: the
+# coordinator's signature over the instruction (common.audit.instruction, common.record_digest)
+KEY_INSTRUCTION_SIGNATURE = "instruction-signature"
 # Array name inside the ArrayRecord.
 KEY_VECTOR = "vector"
+# The action of the query message carrying a run's final signed audit head to every site
+# (message type ``query.audit_head``; the site's ack is an empty reply).
+AUDIT_HEAD_ACTION = "audit_head"
 
 WIRE_DTYPE = np.dtype("<f4")
 

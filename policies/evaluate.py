@@ -17,9 +17,10 @@ import hashlib
 import math
 from collections.abc import Mapping
 
-from common.errors import ConfigurationError
+from common.audit.instruction import InstructionHeader, key_fingerprint, verify_instruction
+from common.errors import ConfigurationError, DataError
 from policies.decisions import Decision
-from policies.keys import canonical_node_key, verify_ed25519
+from policies.keys import canonical_node_key
 from policies.models import EPSILON_LEVELS, ServerPolicy, SitePolicy, canonical_app_hash
 from policies.plans import RoundRequest, RunPlan
 
@@ -350,9 +351,12 @@ def check_round_request(policy: SitePolicy, request: RoundRequest) -> list[Decis
     ``rounds.max_local_epochs``, the secure-aggregation floors
     ``rounds.min_secagg_threshold``, ``rounds.min_secagg_threshold_fraction``
     and ``rounds.min_secagg_neighbours``, ``trust.allowed_app_hashes`` and
-    ``trust.server_key`` (the Ed25519 signature over
-    ``request.signed_payload`` is verified here with the trusted key).
-    The privacy budget is checked separately by :func:`check_site_budget`.
+    ``trust.server_key``: the instruction's own Ed25519 signature
+    (:mod:`common.audit.instruction`) over ``request.signed_payload`` (its
+    type, run, round, destination, sequence number and the digest of every
+    record it carries) is verified here with the trusted key, and its
+    sequence number must be above ``request.last_sequence``. The privacy
+    budget is checked separately by :func:`check_site_budget`.
     """
     p, r = policy.privacy, policy.rounds
     rq = request
@@ -479,22 +483,63 @@ def _app_decision(policy: SitePolicy, rq: RoundRequest) -> Decision:
 
 
 def _signature_decision(policy: SitePolicy, rq: RoundRequest) -> Decision:
+    """``trust.server_key``: was this very instruction signed by the trusted coordinator key?
+
+    Stops instructions that are unsigned, signed by another key, altered
+    after signing (any signed field or record: ``signed_payload`` is what the
+    site recomputed from what it received), or replayed / out of order.
+    """
     rule = "trust.server_key"
-    trusted = policy.trust.server_key_bytes
+    own = policy.trust.server_key_bytes
+    if own is not None and rq.server_key is not None and own != rq.server_key:
+        return _deny(rule, "the policy and the node config pin different server keys")
+    trusted = own if own is not None else rq.server_key
     if trusted is None:
-        return _allow(rule, "no server key pinned; instruction not authenticated")
+        if rq.signature is None:
+            return _allow(
+                rule, "no server key pinned; the instruction is unsigned (not authenticated)"
+            )
+        signer = rq.signer_key_id.hex()[:16] if rq.signer_key_id is not None else "?"
+        return _allow(
+            rule,
+            f"no server key pinned; the instruction's signature (key SHA256:{signer}..., "
+            f"sequence {rq.sequence}) was not verified",
+        )
     short = trusted.hex()[:16]
     if rq.signature is None or rq.signed_payload is None:
         return _deny(rule, f"instruction is not signed; trusted server key {short}...")
-    if rq.server_public_key is not None and rq.server_public_key != trusted:
+    try:
+        header, _ = InstructionHeader.parse_message(rq.signed_payload)
+    except DataError as exc:
+        return _deny(rule, f"the signed instruction is malformed ({exc})")
+    if header.key_id != key_fingerprint(trusted):
         return _deny(
             rule,
-            f"instruction signed by key {rq.server_public_key.hex()[:16]}..., "
+            f"instruction signed by key SHA256:{header.key_id.hex()[:16]}..., "
             f"trusted key is {short}...",
         )
-    if verify_ed25519(trusted, rq.signed_payload, rq.signature):
-        return _allow(rule, f"instruction signed by the trusted server key {short}...")
-    return _deny(rule, f"signature does not verify with the trusted server key {short}...")
+    if not verify_instruction(trusted, rq.signed_payload, rq.signature):
+        return _deny(
+            rule, f"instruction signature does not verify with the trusted server key {short}..."
+        )
+    if header.group_id != str(rq.server_round):
+        return _deny(
+            rule,
+            f"signed round {header.group_id!r} is not the instruction's round {rq.server_round}",
+        )
+    if rq.last_sequence is not None and header.seq <= rq.last_sequence:
+        return _deny(
+            rule,
+            f"instruction sequence {header.seq} is not above {rq.last_sequence}, the last "
+            "accepted (replayed or out of order)",
+        )
+    order = "the run's first" if rq.last_sequence is None else f"above {rq.last_sequence}"
+    return _allow(
+        rule,
+        f"instruction {header.message_type} (round {header.group_id}, node {header.dst_node_id}, "
+        f"sequence {header.seq}, {order}) signed by the trusted server key {short}...: "
+        "Ed25519 over its type, run, round, node, sequence and every record it carries",
+    )
 
 
 def check_site_budget(

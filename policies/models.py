@@ -272,8 +272,11 @@ class SiteRoundRules:
 class TrustRules:
     """Whom the site trusts.
 
-    ``server_key``: the coordinator's Ed25519 public key; when set, an
-    instruction not signed by it is refused. ``allowed_app_hashes``: the
+    ``server_key``: the coordinator's Ed25519 (audit) public key; when set,
+    an instruction is refused unless it carries that key's signature over
+    its type, run, round, destination, sequence number and every record
+    (:mod:`common.audit.instruction`), unaltered, fresh and in order, and
+    audit heads not signed by it are not witnessed. ``allowed_app_hashes``: the
     SHA-256 hashes of the Flower apps (FABs) the site runs; empty allows any.
     """
 

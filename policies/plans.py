@@ -129,12 +129,23 @@ class RoundRequest:
     app_hash : str or None
         SHA-256 (hex) of the Flower app (FAB) the instruction comes from,
         when known.
-    server_public_key : bytes or None
-        Raw 32-byte Ed25519 key the instruction claims to be signed by.
     signature : bytes or None
-        Ed25519 signature over ``signed_payload``.
+        The instruction's Ed25519 signature (64 bytes; ``None``: unsigned).
     signed_payload : bytes or None
-        The exact bytes the server signed (e.g. the canonical instruction).
+        The exact bytes the signature covers, as the site recomputed them from
+        what it received (:meth:`common.audit.instruction.InstructionHeader.message`);
+        ``None`` when the site pins no key (it recomputes nothing then).
+    signer_key_id : bytes or None
+        The SHA-256 fingerprint of the key the instruction names (32 bytes).
+    sequence : int or None
+        The instruction's sequence number, as it carries it.
+    last_sequence : int or None
+        The last sequence number the site accepted before this instruction
+        from the same key for the same run (``None``: none yet).
+    server_key : bytes or None
+        The coordinator key (raw 32 bytes) the site pinned, from its policy
+        or its node config; the policy's own ``trust.server_key``, when set,
+        must be the same key.
     """
 
     server_round: int
@@ -147,9 +158,12 @@ class RoundRequest:
     max_grad_norm: float | None = None
     app_hash: str | None = None
     secagg_neighbours: int | None = None
-    server_public_key: bytes | None = None
     signature: bytes | None = None
     signed_payload: bytes | None = None
+    signer_key_id: bytes | None = None
+    sequence: int | None = None
+    last_sequence: int | None = None
+    server_key: bytes | None = None
 
     def __post_init__(self) -> None:
         _int("server_round", self.server_round, 1)
@@ -172,7 +186,14 @@ class RoundRequest:
             _positive("max_grad_norm", self.max_grad_norm)
         if self.app_hash is not None and not isinstance(self.app_hash, str):
             raise ConfigurationError(f"app_hash must be a string, got {self.app_hash!r}")
-        for name in ("server_public_key", "signature", "signed_payload"):
+        for name in ("signature", "signed_payload", "signer_key_id", "server_key"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bytes):
                 raise ConfigurationError(f"{name} must be bytes, got {type(value).__name__}")
+        for name, size in (("signature", 64), ("signer_key_id", 32), ("server_key", 32)):
+            value = getattr(self, name)
+            if value is not None and len(value) != size:
+                raise ConfigurationError(f"{name} must be {size} bytes, got {len(value)}")
+        for name in ("sequence", "last_sequence"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), 1)

@@ -9,7 +9,10 @@ a writing method of the record: aggregators and the central-DP wrapper
 return their facts as data (:class:`server.aggregation.base.Aggregate`) and
 the round loop hands them here. After every round (and at the end) it seals
 the audit head with the server's Ed25519 key; the signed head goes out with
-the next round's instructions so the sites keep a witness copy.
+the next round's instructions so the sites keep a witness copy. The same key
+signs every instruction (``RunBook.key`` becomes the exchange's
+:class:`~common.audit.instruction.InstructionSigner`), and the final head goes
+to every site after the run ends (:meth:`server.aggregation.exchange.GridExchange.announce_head`).
 
 The signing key it is given comes from
 :func:`server.record.rotation.signing_key_for`, which never creates one and

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from flwr.serverapp import Grid
 
+from common.audit.instruction import InstructionSigner
 from common.config import RunConfig
 from common.errors import FedsealError
 from common.records import ModelSpec, state_dict_to_vector
@@ -89,10 +90,16 @@ class FederatedRun:
         self.evaluator = Evaluator(cfg, task, model, self.spec)
         self.results: list[RoundResult] = []
         self.first_round = 1
+        self.reached = 0  # the last round run_round started
         self.gate = gate
         self.stopped: str | None = None  # why a policy ended the run early
         self.exchange = GridExchange(
-            grid, cfg, self.run_id, code_hash(), lambda: book.head if book is not None else None
+            grid,
+            cfg,
+            self.run_id,
+            code_hash(),
+            lambda: book.head if book is not None else None,
+            InstructionSigner(book.key) if book is not None else None,
         )
         self.aggregator = aggregator or aggregator_for(
             cfg, self.run_id, self.spec.size, self._judge_secagg if gate is not None else None
@@ -138,11 +145,13 @@ class FederatedRun:
         except FedsealError as exc:
             if self.book is not None:
                 self.book.finish("aborted", str(exc))
+                self.exchange.announce_head(self._last_round())
             raise
         if self.book is not None:
             self.book.finish(
                 "finished", None if self.stopped is None else f"stopped by policy: {self.stopped}"
             )
+            self.exchange.announce_head(self._last_round())
         self.observer.on_finish(self.results)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,8 +160,13 @@ class FederatedRun:
             )
         return self.results
 
+    def _last_round(self) -> int:
+        """The last round the run reached (0 before the first): the final head's group id."""
+        return max(self.first_round - 1, self.reached)
+
     def run_round(self, server_round: int) -> RoundResult:
         """Sample, aggregate, apply the update, evaluate; raises when the round fails."""
+        self.reached = server_round
         start = time.perf_counter()
         nodes = wait_for_nodes(self.grid, self.cfg.min_sites, self.cfg.round_timeout_s)
         if self.gate is not None:

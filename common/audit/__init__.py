@@ -3,7 +3,9 @@
 Layering: :mod:`~common.audit.chain` (events and their hash chain) imports
 nothing else of the package; :mod:`~common.audit.seal` (signed heads and the
 verification of a sealed history) builds on it; :mod:`~common.audit.export`
-and :mod:`~common.audit.witness` build on both.
+and :mod:`~common.audit.witness` build on both. :mod:`~common.audit.instruction`
+(the coordinator's signature on every instruction it sends, under the same key)
+stands alone.
 
 Pure: no database, no network, no Flower. The server's record
 (``server.record``) stores events and seals; sites keep signed heads and use

@@ -64,16 +64,18 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         subprocess.run([str(BIN / "fedseal-client"), "keys", str(stem)], check=True, capture_output=True)
     for i in range(2):
         _write_site_csv(tmp_path / f"site{i}.csv", i)
+    # the coordinator's audit key, made beforehand so that the sites can pin it
+    audit_keys = tmp_path / "audit-keys"
+    subprocess.run([str(BIN / "fedseal-server"), "keys", str(audit_keys)], check=True, capture_output=True)
     port = _free_port()
     out = tmp_path / "out"
-    _make_audit_key(tmp_path / "srv")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         server = _start(
             [str(BIN / "fedseal-server"), "start", "--certs", str(certs), "--host", "127.0.0.1",
              "--port", str(port), "--rounds", "2", "--min-sites", "2", "--round-timeout", "150",
              "--state-dir", str(tmp_path / "srv"), "--out", str(out), "--auth-keys", str(keys),
-             "--dp", "--secagg"],
+             "--keys", str(audit_keys), "--dp", "--secagg"],
             tmp_path / "server.log",
         )
         procs.append(server)
@@ -89,7 +91,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
                     [str(BIN / "fedseal-client"), "start", "--data", str(tmp_path / f"site{i}.csv"),
                      "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
                      "--port", str(_free_port()), "--state-dir", str(tmp_path / f"site{i}"),
-                     "--auth-key", str(keys / f"site{i}")],
+                     "--auth-key", str(keys / f"site{i}"), "--server-key", str(audit_keys / "audit.pub")],
                     tmp_path / f"site{i}.log",
                 )
             )
@@ -115,10 +117,23 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         assert doc["rounds"][-1]["accuracy"] > 0.5
         verify = subprocess.run(
             [str(BIN / "fedseal-server"), "audit", "verify", "--db", str(tmp_path / "srv" / "record.db"),
-             "--public-key", str(tmp_path / "srv" / "keys" / "audit.pub")],
+             "--public-key", str(audit_keys / "audit.pub")],
             capture_output=True, text=True, timeout=60,
         )
         assert verify.returncode == 0 and verify.stdout.startswith("OK:"), verify.stdout + verify.stderr
+        # every message (each in a fresh ClientApp process) was verified under the pinned key,
+        # and the final signed head reached both sites after the run ended
+        from client.witness import read_heads
+
+        seq_files = [tmp_path / f"site{i}" / "site" / "instruction-seq.json" for i in range(2)]
+        assert all(f.is_file() for f in seq_files)
+        from server.record import SqlRecord
+
+        with SqlRecord(f"sqlite:///{tmp_path / 'srv' / 'record.db'}", create=False) as record:
+            final, last = record.latest_seal(), record.events()[-1]
+        assert final is not None and last.kind == "run_finished" and final.seq == last.seq
+        for i in range(2):
+            assert read_heads(tmp_path / f"site{i}" / "site" / "witnessed-heads.jsonl")[-1] == final
     finally:
         for p in procs:
             _kill(p)

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common.audit.instruction import InstructionHeader, key_fingerprint
 from common.errors import ConfigurationError, PolicyViolation
 from policies import (
     Decision,
@@ -339,32 +340,69 @@ def _pinned() -> tuple[Ed25519PrivateKey, SitePolicy]:
     return key, SitePolicy(trust=TrustRules(server_key=raw.hex()))
 
 
+def _raw(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _instruction(key: Ed25519PrivateKey, seq: int = 7, group: str = "1") -> bytes:
+    """The signed bytes of a round-1 instruction (its records' digest stands in as 32 bytes)."""
+    header = InstructionHeader("train", "run-1", group, 1000, seq, key_fingerprint(_raw(key)))
+    return header.message(bytes(range(32)))
+
+
 def test_check_round_request_signed_by_trusted_key_allowed() -> None:
     key, policy = _pinned()
-    payload = b"round 1 instruction"
-    request = dataclasses.replace(GOOD_REQUEST, signed_payload=payload, signature=key.sign(payload))
-    assert _by_rule(check_round_request(policy, request), "trust.server_key").allowed
+    payload = _instruction(key)
+    request = dataclasses.replace(
+        GOOD_REQUEST, signed_payload=payload, signature=key.sign(payload), last_sequence=6
+    )
+    decision = _by_rule(check_round_request(policy, request), "trust.server_key")
+    assert decision.allowed and "sequence 7" in decision.reason and "every record" in decision.reason
 
 
-@pytest.mark.parametrize("tamper", ["unsigned", "other_key", "payload_edited", "claims_other_key"])
+@pytest.mark.parametrize(
+    "tamper",
+    ["unsigned", "other_key", "payload_edited", "claims_other_key", "replayed", "other_round",
+     "not_an_instruction", "node_config_pins_other_key"],
+)  # fmt: skip
 def test_check_round_request_not_signed_by_trusted_key_denied(tamper: str) -> None:
     key, policy = _pinned()
     other = Ed25519PrivateKey.generate()
-    payload = b"round 1 instruction"
-    signer = other if tamper == "other_key" else key
+    payload = _instruction(other if tamper == "claims_other_key" else key)
+    signed = payload
+    if tamper == "other_round":
+        payload = signed = _instruction(key, group="2")
+    if tamper == "not_an_instruction":
+        payload = signed = b"round 1 instruction"
+    signer = other if tamper in ("other_key", "claims_other_key") else key
     request = dataclasses.replace(
         GOOD_REQUEST,
-        signed_payload=payload + (b"!" if tamper == "payload_edited" else b""),
-        signature=None if tamper == "unsigned" else signer.sign(payload),
-        server_public_key=(
-            other.public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            )
-            if tamper == "claims_other_key"
-            else None
-        ),
+        signed_payload=payload[:-1] + b"!" if tamper == "payload_edited" else payload,
+        signature=None if tamper == "unsigned" else signer.sign(signed),
+        last_sequence=7 if tamper == "replayed" else 6,
+        server_key=_raw(other) if tamper == "node_config_pins_other_key" else None,
     )
     assert not _by_rule(check_round_request(policy, request), "trust.server_key").allowed
+
+
+def test_check_round_request_without_pinned_key_allowed_and_says_not_authenticated() -> None:
+    key = Ed25519PrivateKey.generate()
+    unsigned = _by_rule(check_round_request(SitePolicy(), GOOD_REQUEST), "trust.server_key")
+    assert unsigned.allowed and "unsigned" in unsigned.reason
+    request = dataclasses.replace(
+        GOOD_REQUEST, signature=key.sign(b"x"), signer_key_id=key_fingerprint(_raw(key)), sequence=9
+    )
+    noted = _by_rule(check_round_request(SitePolicy(), request), "trust.server_key")
+    assert noted.allowed and "not verified" in noted.reason and "sequence 9" in noted.reason
+
+
+def test_check_round_request_node_config_key_is_the_trusted_key_without_a_policy_key() -> None:
+    key = Ed25519PrivateKey.generate()
+    payload = _instruction(key)
+    request = dataclasses.replace(
+        GOOD_REQUEST, signed_payload=payload, signature=key.sign(payload), server_key=_raw(key)
+    )
+    assert _by_rule(check_round_request(SitePolicy(), request), "trust.server_key").allowed
 
 
 # ---------------------------------------------------------------- site: budget
