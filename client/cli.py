@@ -75,14 +75,20 @@ def start_cmd(
     max_retries: Annotated[int, typer.Option(help="Reconnection attempts (0 = forever).")] = 0,
     policy: Annotated[
         Path | None,
-        typer.Option(help="This site's policy (TOML): budget, cohort, trusted server key..."),
+        typer.Option(
+            help="This site's policy (TOML): budget, cohort, trusted server key... "
+            "(default: the shipped default site policy, `fedseal-client policy default site`)."
+        ),
     ] = None,
 ) -> None:
     """Start a Flower SuperNode whose fedseal ClientApp trains on --data.
 
-    Runs until stopped (Ctrl-C). TLS is on unless --insecure is given.
+    The site's policy (--policy, else the shipped default) is validated and put
+    in force before anything connects; one line names it and its hash. Runs
+    until stopped (Ctrl-C). TLS is on unless --insecure is given.
     """
     apply_safe_flower_env()
+    from client.site_policy import install_site_policy
     from common.processes import (
         check_port_free,
         check_reachable,
@@ -99,11 +105,22 @@ def start_cmd(
         raise ConfigurationError(f"site data file not found: {data}")
     if auth_key is not None and not auth_key.is_file():
         raise ConfigurationError(f"node key not found: {auth_key}")
+    state_dir = state_dir.resolve()
+    site_state = state_dir / "site"
+    # A broken policy fails here (every problem listed, as `policy check`), before any connection.
+    installed = install_site_policy(policy, site_state)
+    typer.echo(installed.summary())
     check_port_free("127.0.0.1", port)
     check_reachable(superlink)
-    state_dir = state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    node_config = f'data-path="{data.resolve()}" label-column="{label_column}" state-dir="{state_dir / "site"}"'
+    node_config = node_config_text(
+        {
+            "data-path": str(data.resolve()),
+            "label-column": label_column,
+            "state-dir": str(site_state),
+            "policy-path": str(installed.path),
+            "policy-hash": installed.hash,
+        }
+    )
     argv = [
         flower_executable("flower-supernode"),
         "--superlink",
@@ -161,6 +178,23 @@ def start_cmd(
                 "the SuperLink refused this site: its public key is not registered with the coordinator"
             )
         raise FedsealError(f"the SuperNode exited with code {code}")
+
+
+def node_config_text(values: dict[str, str]) -> str:
+    """The SuperNode's ``--node-config`` string: ``key="value"`` pairs, one space apart.
+
+    Flower reads each value as a TOML basic string between double quotes, so a
+    value holding a double quote or a backslash could not arrive as written:
+    it is refused rather than mangled (a policy path that silently became
+    another path would leave the site under a policy it did not choose).
+    """
+    for key, value in values.items():
+        if '"' in value or "\\" in value or "\n" in value:
+            raise ConfigurationError(
+                f"{key} {value!r} holds a double quote, backslash or newline; "
+                "use a path without them"
+            )
+    return " ".join(f'{key}="{value}"' for key, value in values.items())
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Where a site keeps its own state: ledger, witnessed audit heads, the state-sealing key.
+"""Where a site keeps its own state: ledger, witnessed audit heads, the state-sealing key,
+and (deployed sites) the copy of the site policy in force.
 
 Resolution of the site's state directory, first match wins:
 
@@ -26,6 +27,7 @@ from common.rng import secure_bytes
 STATE_KEY_FILE = "state.key"
 LEDGER_FILE = "ledger.db"
 WITNESS_FILE = "witnessed-heads.jsonl"
+POLICY_FILE = "policy.toml"  # the site policy `fedseal-client start` put in force
 KEY_BYTES = 32
 
 
