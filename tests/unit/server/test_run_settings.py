@@ -324,6 +324,24 @@ def test_resume_refuses_what_differs_from_the_start_in_one_line(
     assert spy.calls == []  # nothing was launched
 
 
+def test_insecure_run_resumes_only_with_insecure_given_again(
+    coordinator: Coordinator, spy: Spy
+) -> None:
+    result = _invoke("start", "--insecure", "--keys", str(coordinator.keys), *coordinator.common())
+    link, cfg, settings = spy.calls.pop()
+    assert "--insecure" in SuperLink(link).argv() and not link.auth_keys, result.output
+    coordinator.state.mkdir(parents=True, exist_ok=True)  # the SuperLink would have made it
+    run_cfg, book = open_run(cfg, ServerSettings.from_flower(settings.to_flower()), {}, None)
+    book.start(asdict(run_cfg), None)
+    book.record.close()
+    upgraded = _resume(coordinator, book.run_id, "--certs", str(coordinator.certs), "--keys",
+                       str(coordinator.keys))
+    _one_line_refusal(upgraded, "TLS: the run started with --insecure")
+    again = _resume(coordinator, book.run_id, "--insecure", "--keys", str(coordinator.keys))
+    assert again.exit_code == 0, again.output
+    assert "NO TLS (--insecure), no node authentication, no server policy" in again.stdout
+
+
 def test_resume_refuses_a_run_with_no_recorded_settings(coordinator: Coordinator, spy: Spy) -> None:
     coordinator.state.mkdir()
     record = SqlRecord(f"sqlite:///{coordinator.db}")
