@@ -264,20 +264,25 @@ def test_deployment_three_sites_own_policies_one_refuses_the_run_completes(
     assert settings["signing_key_sha256"] and not settings["resumed"]
 
 
-@pytest.mark.slow  # about two minutes on two cores: kept out of the default run (`-m slow`)
+@pytest.mark.slow  # 2-3 minutes on two cores (every SecAgg+ stage is a new ClientApp process)
 def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
     federation: Federation, tmp_path: Path
 ) -> None:
-    """Kill the coordinator's whole process tree mid-run; `resume` restores what `start` set up."""
+    """Kill the coordinator's whole process tree mid-run; `resume` restores what `start` set up.
+
+    Two sites, SecAgg+ (no DP-SGD, to keep it short), a server policy requiring it.
+    """
     port = _free_port()
     server_policy = tmp_path / "server-policy.toml"
-    server_policy.write_text('kind = "server"\nname = "resume test"\n[secure_aggregation]\nrequired = false\n')
+    server_policy.write_text(  # two sites: SecAgg+'s threshold is 1
+        'kind = "server"\nname = "resume test"\n[secure_aggregation]\nrequired = true\nmin_threshold = 1\n'
+    )
     rounds = 2
     server = federation.server(port, "--rounds", str(rounds), "--min-sites", "2", "--round-timeout", "120",
-                               "--no-dp", "--no-secagg", "--policy", str(server_policy))
-    plain = {"require_dp": False, "require_secure_aggregation": False, "min_cohort_size": 2}
+                               "--no-dp", "--secagg", "--policy", str(server_policy))
+    secure = {"require_dp": False, "require_secure_aggregation": True, "min_cohort_size": 2}
     for i in range(2):
-        federation.site(i, port, federation.site_policy(i, **plain), key=federation.site_key(i))
+        federation.site(i, port, federation.site_policy(i, **secure), key=federation.site_key(i))
     db = tmp_path / "srv" / "record.db"
     deadline = time.monotonic() + 240
     while _versions(db) < 1:
@@ -309,7 +314,7 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
 
     doc = json.loads((tmp_path / "out2" / "result.json").read_text())
     assert [r["round"] for r in doc["rounds"]] == list(range(1, rounds + 1))
-    assert all(r["participants"] == 2 for r in doc["rounds"])
+    assert all(r["participants"] == 2 and r["secagg"]["participants"] == 2 for r in doc["rounds"])
     with SqlRecord(f"sqlite:///{db}", create=False) as record:
         assert [v.round for v in record.list_versions(run.run_id)] == list(range(1, rounds + 1))
         events = record.events(run.run_id)
