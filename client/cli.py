@@ -75,7 +75,10 @@ def start_cmd(
     max_retries: Annotated[int, typer.Option(help="Reconnection attempts (0 = forever).")] = 0,
     policy: Annotated[
         Path | None,
-        typer.Option(help="This site's policy (TOML): budget, cohort, trusted server key..."),
+        typer.Option(
+            help="This site's policy (TOML): budget, cohort, trusted server key... "
+            "(default: the shipped default site policy, `fedseal-client policy default site`)."
+        ),
     ] = None,
     server_key: Annotated[
         Path | None,
@@ -87,11 +90,14 @@ def start_cmd(
 ) -> None:
     """Start a Flower SuperNode whose fedseal ClientApp trains on --data.
 
-    Runs until stopped (Ctrl-C). TLS is on unless --insecure is given. With a
-    pinned coordinator key (--server-key, or trust.server_key in --policy)
-    the site refuses every instruction not signed by it.
+    The site's policy (--policy, else the shipped default) is validated and put
+    in force before anything connects; one line names it and its hash. With a
+    pinned coordinator key (--server-key, or trust.server_key in the policy)
+    the site refuses every instruction not signed by it. Runs until stopped
+    (Ctrl-C). TLS is on unless --insecure is given.
     """
     apply_safe_flower_env()
+    from client.site_policy import install_site_policy
     from common.processes import (
         check_port_free,
         check_reachable,
@@ -108,13 +114,25 @@ def start_cmd(
         raise ConfigurationError(f"site data file not found: {data}")
     if auth_key is not None and not auth_key.is_file():
         raise ConfigurationError(f"node key not found: {auth_key}")
-    check_port_free("127.0.0.1", port)
-    check_reachable(superlink)
     from client.state import private_dir
 
     state_dir = private_dir(state_dir.resolve())  # 0700; refused if shared or another user's
-    node_config = f'data-path="{data.resolve()}" label-column="{label_column}" state-dir="{state_dir / "site"}"'
-    node_config += _trust_config(policy, server_key)
+    site_state = private_dir(state_dir / "site")
+    # A broken policy fails here (every problem listed, as `policy check`), before any connection.
+    installed = install_site_policy(policy, site_state)
+    typer.echo(installed.summary())
+    check_port_free("127.0.0.1", port)
+    check_reachable(superlink)
+    node_config = node_config_text(
+        {
+            "data-path": str(data.resolve()),
+            "label-column": label_column,
+            "state-dir": str(site_state),
+            "policy-path": str(installed.path),
+            "policy-hash": installed.hash,
+            **_trust_config(installed.path, server_key),
+        }
+    )
     argv = [
         flower_executable("flower-supernode"),
         "--superlink",
@@ -174,27 +192,40 @@ def start_cmd(
         raise FedsealError(f"the SuperNode exited with code {code}")
 
 
-def _trust_config(policy: Path | None, server_key: Path | None) -> str:
-    """Node-config entries for the site's policy file and pinned coordinator key (checked now)."""
+def _trust_config(policy: Path, server_key: Path | None) -> dict[str, str]:
+    """The node-config entry pinning the coordinator key, when given (checked now).
+
+    The pin from ``--server-key`` and the policy's ``trust.server_key``, when
+    both are given, must agree.
+    """
     from client.instructions import NODE_CONFIG_SERVER_KEY, pinned_server_key
     from policies import load_site_policy
     from policies.models import canonical_server_key
 
-    entries = ""
     node: dict[str, str] = {}
-    loaded = None
-    if policy is not None:
-        if not policy.is_file():
-            raise ConfigurationError(f"site policy not found: {policy}")
-        loaded = load_site_policy(policy)  # a broken file fails here, in one line
-        entries += f' policy-path="{policy.resolve()}"'
     if server_key is not None:
         if not server_key.is_file():
             raise ConfigurationError(f"coordinator key not found: {server_key}")
         node[NODE_CONFIG_SERVER_KEY] = canonical_server_key(server_key.read_text(encoding="ascii"))
-        entries += f' {NODE_CONFIG_SERVER_KEY}="{node[NODE_CONFIG_SERVER_KEY]}"'
-    pinned_server_key(node, loaded)  # the two pins, when both are given, must agree
-    return entries
+    pinned_server_key(node, load_site_policy(policy))
+    return node
+
+
+def node_config_text(values: dict[str, str]) -> str:
+    """The SuperNode's ``--node-config`` string: ``key="value"`` pairs, one space apart.
+
+    Flower reads each value as a TOML basic string between double quotes, so a
+    value holding a double quote or a backslash could not arrive as written:
+    it is refused rather than mangled (a policy path that silently became
+    another path would leave the site under a policy it did not choose).
+    """
+    for key, value in values.items():
+        if '"' in value or "\\" in value or "\n" in value:
+            raise ConfigurationError(
+                f"{key} {value!r} holds a double quote, backslash or newline; "
+                "use a path without them"
+            )
+    return " ".join(f'{key}="{value}"' for key, value in values.items())
 
 
 def main() -> None:

@@ -1,17 +1,22 @@
 """The site's own policy, enforced before it trains: what it allows, decided as values.
 
-A site's policy comes from the SuperNode's node config (``policy-path``,
-``fedseal-client start --policy FILE``) or, in simulations, from the policy
-set handed to the ClientApp (one file for all sites, or ``site-<i>.toml``
-per site). Every decision, allow and deny, goes back to the server with the
-policy's hash so the coordinator's audit log records it; any denial makes
-the site refuse the round before its data is touched.
+A deployed site's policy is put in force by ``fedseal-client start``
+(:func:`install_site_policy`): the file given with ``--policy``, or the
+shipped default site policy when none is given, is validated, copied into
+the site's state directory and named in the SuperNode's node config
+(``policy-path``, with its hash as ``policy-hash``). In simulations it comes
+from the policy set handed to the ClientApp (one file for all sites, or
+``site-<i>.toml`` per site). Every decision, allow and deny, goes back to
+the server with the policy's hash so the coordinator's audit log records it;
+any denial makes the site refuse the round before its data is touched.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord
 
+from client.state import POLICY_FILE
 from common.config import RunConfig
-from policies import Decision, SitePolicies, SitePolicy, load_site_policy, policy_hash
+from common.errors import ConfigurationError
+from policies import (
+    Decision,
+    SitePolicies,
+    SitePolicy,
+    default_site_policy_path,
+    load_site_policy,
+    policy_hash,
+)
 from policies.evaluate import check_round_request, check_site_budget
 from policies.plans import RoundRequest
 
@@ -48,17 +62,106 @@ def site_policy(node_config: Mapping[str, Any], policies: SitePolicies | None) -
     Parameters
     ----------
     node_config : mapping
-        The SuperNode's node config: ``policy-path`` (a deployed site's file)
-        or ``partition-id`` (a simulated site, looked up in ``policies``).
+        The SuperNode's node config: ``policy-path`` (a deployed site's file,
+        with the ``policy-hash`` it must still have) or ``partition-id`` (a
+        simulated site, looked up in ``policies``).
     policies : SitePolicies or None
         The simulated sites' policies handed to the ClientApp.
+
+    Raises
+    ------
+    ConfigurationError
+        The deployed site's policy file is gone or no longer has the hash
+        ``fedseal-client start`` put in force: the site fails its rounds
+        rather than train under a policy nobody checked.
     """
     path = node_config.get("policy-path")
     if isinstance(path, str) and path:
-        return _load(path, Path(path).stat().st_mtime_ns)
+        try:
+            policy = _load(path, Path(path).stat().st_mtime_ns)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"site policy {path} cannot be read: {exc.strerror or exc}"
+            ) from None
+        pinned = node_config.get("policy-hash")
+        if isinstance(pinned, str) and pinned and policy_hash(policy) != pinned:
+            raise ConfigurationError(
+                f"site policy {path} changed since `fedseal-client start` put it in force "
+                f"(sha256 {policy_hash(policy)}, expected {pinned}); restart the site agent"
+            )
+        return policy
     if policies is not None and "partition-id" in node_config:
         return policies.for_site(f"site-{node_config['partition-id']}")
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledPolicy:
+    """The site policy ``fedseal-client start`` put in force.
+
+    Attributes
+    ----------
+    source : Path
+        The file the site named (``--policy``), or the shipped default.
+    path : Path
+        The copy in the site's state directory that the ClientApp enforces.
+    hash : str
+        The policy's hash (:func:`policies.policy_hash`), pinned in the node config.
+    default : bool
+        Whether ``source`` is the shipped default site policy (no ``--policy``).
+    """
+
+    source: Path
+    path: Path
+    hash: str
+    default: bool
+
+    def summary(self) -> str:
+        """One line naming the policy in force, for the site's operator."""
+        which = (
+            " (the shipped default; give --policy FILE for this site's own)" if self.default else ""
+        )
+        return f"site policy in force: {self.source}{which}, sha256 {self.hash}"
+
+
+def install_site_policy(source: Path | None, state_dir: Path) -> InstalledPolicy:
+    """Validate the site's policy and put it in force for the SuperNode about to start.
+
+    Stops the attack where the site's ``--policy`` never reaches the deployed
+    ClientApp, so that ``require_dp``, the epsilon budget,
+    ``require_secure_aggregation``, ``min_cohort_size`` and the server-key pin
+    are never checked and the coordinator's run settings decide alone: the
+    policy (the shipped default when ``source`` is None: a site never runs
+    without one) is validated, copied into ``state_dir`` as
+    :data:`~client.state.POLICY_FILE` and its hash returned for the node
+    config. The copy freezes what was checked: editing or removing the
+    original later changes nothing until the agent is restarted (and prints
+    the new policy), and :func:`site_policy` refuses a copy whose hash moved.
+
+    Raises
+    ------
+    PolicyFileError
+        The file is missing or invalid (every problem listed, as ``policy check``).
+    ConfigurationError
+        The file changed while it was being copied.
+    """
+    chosen = (source or default_site_policy_path()).resolve()
+    policy = load_site_policy(chosen)
+    digest = policy_hash(policy)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    target = state_dir / POLICY_FILE
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".policy-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(chosen.read_bytes())
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if policy_hash(load_site_policy(target)) != digest:
+        raise ConfigurationError(f"site policy {chosen} changed while it was being put in force")
+    return InstalledPolicy(chosen, target, digest, source is None)
 
 
 def check_round(

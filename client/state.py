@@ -1,4 +1,5 @@
-"""Where a site keeps its own state: ledger, witnessed audit heads, the state-sealing key.
+"""Where a site keeps its own state: ledger, witnessed audit heads, the state-sealing key,
+and (deployed sites) the copy of the site policy in force.
 
 Resolution of the site's state directory, first match wins:
 
@@ -45,6 +46,7 @@ LEDGER_FILE = "ledger.db"
 WITNESS_INDEX_FILE = "witnessed-heads.index.json"
 SEQUENCE_FILE = "instruction-seq.json"
 LOCK_FILE = "site.lock"
+POLICY_FILE = "policy.toml"  # the site policy `fedseal-client start` put in force
 KEY_BYTES = 32
 PRIVATE_DIR_MODE = 0o700
 

@@ -45,10 +45,16 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
 
 
 def check_port_free(host: str, port: int) -> None:
-    """ConfigurationError with one clear line if ``host:port`` cannot be bound."""
+    """ConfigurationError with one clear line if ``host:port`` cannot be bound.
+
+    Probed as Flower's servers bind (``SO_REUSEADDR``, as uvicorn does): a port
+    another process listens on is refused, while one that only has connections
+    in TIME_WAIT, e.g. right after a crashed coordinator, is free to reuse.
+    """
     if not (0 < port < 65536):
         raise ConfigurationError(f"port {port} is outside 1..65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from policies.cli_errors import report_policy_problems
 from policies.loading import (
     PolicyFileError,
     PolicyKind,
@@ -123,10 +124,7 @@ def check_command(
     try:
         policy = load_policy(file, _KINDS[kind])
     except PolicyFileError as exc:
-        count = len(exc.violations)
-        for violation in exc.violations:
-            typer.echo(str(violation), err=True)
-        typer.echo(f"{file}: {count} problem{'s' if count != 1 else ''}", err=True)
+        report_policy_problems(exc, str(file))
         raise typer.Exit(EXIT_INVALID) from None
     typer.echo(summarize(policy))
 

@@ -10,21 +10,23 @@ key directory, a SQLite record's key is looked for in ``keys/`` beside it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import SERVER_ONLY_PREFIX, RunConfig
 from common.errors import ConfigurationError
-from policies import load_server_policy
+from policies import ServerPolicy, load_server_policy, policy_hash
 from server.book import RunBook, default_db_url
 from server.policy_gate import PolicyGate
 from server.record import SqlRecord, signing_key_for
 from server.results import RoundObserver
 from server.rounds import FederatedRun
+from server.run_settings import DeploymentSettings, check_resume, recorded_settings
 
 # Coordinator-only run_config keys (never sent to sites).
 KEY_OUT_DIR = SERVER_ONLY_PREFIX + "out-dir"
@@ -32,22 +34,30 @@ KEY_DB_URL = SERVER_ONLY_PREFIX + "db-url"
 KEY_KEY_DIR = SERVER_ONLY_PREFIX + "key-dir"
 KEY_RESUME = SERVER_ONLY_PREFIX + "resume-run"
 KEY_POLICY = SERVER_ONLY_PREFIX + "policy"
+KEY_DEPLOYMENT = SERVER_ONLY_PREFIX + "deployment"
 
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """Where the coordinator keeps its record and key, and whether it resumes a run."""
+    """Where the coordinator keeps its record and key, and whether it resumes a run.
+
+    ``deployment`` is what ``fedseal-server start``/``resume`` launched the
+    SuperLink with (:mod:`server.run_settings`); simulations have none.
+    """
 
     db_url: str | None = None
     key_dir: Path | None = None
     out_dir: Path | None = None
     resume_run_id: str | None = None
     policy_path: Path | None = None
+    deployment: DeploymentSettings | None = None
 
     def to_flower(self) -> dict[str, str]:
         out = {}
         if self.policy_path:
             out[KEY_POLICY] = str(self.policy_path)
+        if self.deployment is not None:
+            out[KEY_DEPLOYMENT] = self.deployment.to_json()
         if self.db_url:
             out[KEY_DB_URL] = self.db_url
         if self.key_dir:
@@ -59,13 +69,15 @@ class ServerSettings:
         return out
 
     @classmethod
-    def from_flower(cls, run_config: dict[str, object]) -> ServerSettings:
+    def from_flower(cls, run_config: Mapping[str, object]) -> ServerSettings:
         def text(key: str) -> str | None:
             value = run_config.get(key)
             return value if isinstance(value, str) and value else None
 
         key_dir, out_dir, policy = text(KEY_KEY_DIR), text(KEY_OUT_DIR), text(KEY_POLICY)
+        deployment = text(KEY_DEPLOYMENT)
         return cls(
+            deployment=DeploymentSettings.from_json(deployment) if deployment else None,
             policy_path=Path(policy) if policy else None,
             db_url=text(KEY_DB_URL),
             key_dir=Path(key_dir) if key_dir else None,
@@ -75,34 +87,68 @@ class ServerSettings:
 
 
 def open_run(
-    cfg: RunConfig | None, settings: ServerSettings, run_config: dict[str, object]
+    cfg: RunConfig | None,
+    settings: ServerSettings,
+    run_config: Mapping[str, object],
+    policy: ServerPolicy | None = None,
 ) -> tuple[RunConfig, RunBook]:
     """Open the record and the signing key; for a resume, the run's own configuration.
+
+    A deployed run (``settings.deployment``) gets its settings completed with
+    the loaded policy's hash and the signing key's fingerprint, to be recorded
+    with its start or resume (``run_settings``). A resume of a run that was
+    started deployed is held to the settings recorded then
+    (:func:`server.run_settings.check_resume`, here with the key actually
+    loaded): it stops a relaunch that drops node authentication, the server
+    policy, TLS, or signs on under another key.
 
     Raises
     ------
     ConfigurationError
         If the signing key is missing (it is never created here) or is not
-        the record's key in force, or the run to resume is finished.
+        the record's key in force, the run to resume is finished, or a
+        resume does not match the recorded deployment settings.
     """
     db_url = settings.db_url or default_db_url()
-    key_dir = settings.key_dir or _default_key_dir(db_url)
     record = SqlRecord(db_url)
     try:
+        key_dir = settings.key_dir or _default_key_dir(db_url)
         key = signing_key_for(record, key_dir)
+        deployed = _deployed_settings(settings, policy, key.public_key())
+        if settings.resume_run_id:
+            run_id = settings.resume_run_id
+            info = record.get_run(run_id)
+            if info.status == "finished":
+                raise ConfigurationError(f"run {run_id} already finished; nothing to resume")
+            recorded = recorded_settings(record.events(run_id))
+            if recorded is not None or deployed is not None:
+                check_resume(run_id, recorded, deployed)
+            run_cfg = RunConfig.from_record(info.config)
+            return run_cfg, RunBook(record, key, run_id, _payload(deployed))
+        run_cfg = cfg if cfg is not None else RunConfig.from_flower(run_config)
+        return run_cfg, RunBook(record, key, uuid.uuid4().hex[:12], _payload(deployed))
     except BaseException:
         record.close()
         raise
-    if settings.resume_run_id:
-        info = record.get_run(settings.resume_run_id)
-        if info.status == "finished":
-            raise ConfigurationError(
-                f"run {settings.resume_run_id} already finished; nothing to resume"
-            )
-        run_cfg = RunConfig.from_record(info.config)
-        return run_cfg, RunBook(record, key, settings.resume_run_id)
-    run_cfg = cfg if cfg is not None else RunConfig.from_flower(run_config)
-    return run_cfg, RunBook(record, key, uuid.uuid4().hex[:12])
+
+
+def _deployed_settings(
+    settings: ServerSettings, policy: ServerPolicy | None, public_key: Ed25519PublicKey
+) -> DeploymentSettings | None:
+    deployed = settings.deployment
+    if deployed is None:
+        return None
+    loaded = policy_hash(policy) if policy is not None else None
+    if loaded != deployed.policy_sha256:
+        raise ConfigurationError(
+            f"the server policy loaded (sha256 {loaded}) is not the one the command line "
+            f"checked (sha256 {deployed.policy_sha256}); was {settings.policy_path} changed?"
+        )
+    return deployed.with_signing_key(public_key)
+
+
+def _payload(deployed: DeploymentSettings | None) -> dict[str, object] | None:
+    return deployed.to_payload() if deployed is not None else None
 
 
 def _default_key_dir(db_url: str) -> Path:
@@ -133,7 +179,7 @@ def make_server_app(
         chosen = settings if settings is not None else ServerSettings.from_flower(run_config)
         # A broken policy file fails here, before anything is recorded (PolicyFileError names it).
         policy = load_server_policy(chosen.policy_path) if chosen.policy_path else None
-        run_cfg, book = open_run(cfg, chosen, run_config)
+        run_cfg, book = open_run(cfg, chosen, run_config, policy)
         try:
             FederatedRun(
                 run_cfg,

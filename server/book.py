@@ -79,10 +79,18 @@ class ResumePoint:
 class RunBook:
     """Writes one run into the central record and seals it."""
 
-    def __init__(self, record: SqlRecord, signing_key: Ed25519PrivateKey, run_id: str) -> None:
+    def __init__(
+        self,
+        record: SqlRecord,
+        signing_key: Ed25519PrivateKey,
+        run_id: str,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
         self.record = record
         self.key = signing_key
         self.run_id = run_id
+        # A deployed run's settings (server.run_settings), recorded with its start or resume.
+        self.settings = dict(settings) if settings is not None else None
         self._nodes: set[int] = set()
         self.head: SignedHead | None = record.latest_seal()
 
@@ -91,12 +99,18 @@ class RunBook:
         self.record.create_run(
             config, run_id=self.run_id, policy_hash=policy_hash, app_hash=code_hash()
         )
+        self._record_settings(resumed=False)
         self.seal()
 
     def resume(self) -> ModelVersion | None:
         version = self.record.resume_run(self.run_id)
+        self._record_settings(resumed=True)
         self.seal()
         return version
+
+    def _record_settings(self, *, resumed: bool) -> None:
+        if self.settings is not None:
+            self.event("run_settings", {**self.settings, "resumed": resumed})
 
     def resume_point(self, vector_length: int) -> ResumePoint:
         """Reopen the run (audited, sealed) and read back where it stands.

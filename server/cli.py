@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.env import apply_safe_flower_env
+from common.errors import ConfigurationError
 from common.pki import CertPaths, make_certs
 from policies.cli_errors import one_line_errors
 from server.run_options import COORDINATOR_OPTIONS, with_run_options
@@ -21,6 +23,7 @@ from server.run_options import COORDINATOR_OPTIONS, with_run_options
 if TYPE_CHECKING:
     from server.app import ServerSettings
     from server.deploy import LinkSettings
+    from server.run_settings import DeploymentSettings
 
 app = typer.Typer(
     name="fedseal-server",
@@ -108,7 +111,9 @@ def start_cmd(
 
     TLS is on unless --insecure is given. Sites connect with `fedseal-client start`.
     The run configuration options are shared with `fedseal-sim run`; the sites bring
-    their own data files.
+    their own data files. The deployment settings (TLS and certificate fingerprints,
+    the node-key allow-list, the server policy's hash, the signing key) are recorded
+    with the run's start (`run_settings`): `fedseal-server resume` is held to them.
     """
     apply_safe_flower_env()
     from server.app import ServerSettings
@@ -120,33 +125,14 @@ def start_cmd(
         )
     if certs is not None and insecure:
         raise typer.BadParameter("--certs and --insecure exclude each other")
-    policy_keys: tuple[str, ...] = ()
-    if policy is not None:
-        from policies import load_server_policy
-
-        loaded = load_server_policy(policy)  # a broken file fails here, naming each bad field
-        if loaded.admission.mode == "allowlist":
-            policy_keys = loaded.admission.public_keys
-    site_keys = tuple(sorted(auth_keys.glob("*.pub"))) if auth_keys is not None else ()
-    if auth_keys is not None and not site_keys:
-        raise typer.BadParameter(f"no *.pub site keys in {auth_keys}")
-    if policy_keys:
-        # The policy's allow-listed keys become Flower node authentication: unlisted
-        # SuperNodes are refused by the SuperLink itself, before any message.
-        key_dir = state_dir.resolve() / "admission-keys"
-        key_dir.mkdir(parents=True, exist_ok=True)
-        written = []
-        for i, line in enumerate(policy_keys):
-            path = key_dir / f"policy-{i}.pub"
-            path.write_text(line + "\n")
-            written.append(path)
-        site_keys = tuple(sorted({*site_keys, *written}))
+    state = state_dir.resolve()
+    deployment = _deployment(certs, auth_keys, policy)
     settings = LinkSettings(
         host=host,
         port=port,
-        state_dir=state_dir.resolve(),
+        state_dir=state,
         certs=CertPaths.in_dir(certs) if certs is not None else None,
-        auth_keys=site_keys,
+        auth_keys=_write_allow_list(deployment, state),
     )
     result_dir = (out_dir or state_dir / "runs").resolve()
     server_settings = ServerSettings(
@@ -154,7 +140,9 @@ def start_cmd(
         key_dir=(keys or settings.state_dir / "keys").resolve(),
         out_dir=result_dir,
         policy_path=policy.resolve() if policy is not None else None,
+        deployment=deployment,
     )
+    out.print(f"run settings: {deployment.describe()}", soft_wrap=True, highlight=False)
     code = serve(settings, run_config, server_settings)
     result = result_dir / "result.json"
     if code != 0 or not result.is_file():
@@ -207,38 +195,185 @@ def resume_cmd(
         Path | None,
         typer.Option(help="Audit key directory (default STATE_DIR/keys); the run's existing key."),
     ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="Coordinator policy; must be the run's (same hash). Default: the recorded path."
+        ),
+    ] = None,
+    auth_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Allowed site public keys (*.pub); must be the run's allow-list. "
+            "Default: the keys recorded at the run's start."
+        ),
+    ] = None,
     out_dir: ResultDir = None,
 ) -> None:
     """Continue a run after the coordinator crashed: from its last model version, with its
-    privacy accountant restored from the record and the audit chain continued (`resumed`)."""
+    privacy accountant restored from the record and the audit chain continued (`resumed`).
+
+    The run is relaunched with the settings recorded at its start: TLS with the same CA
+    and server certificate, node authentication with the same allow-list, the same
+    server policy (its decisions are recorded again) and the same audit-signing key.
+    Anything missing or different is refused, in one line naming it, before any process
+    starts.
+    """
     apply_safe_flower_env()
     from server.app import ServerSettings
     from server.deploy import LinkSettings
-    from server.record import SqlRecord
+    from server.record import KeyPaths, SqlRecord
+    from server.record.keys import load_public_key
+    from server.run_settings import (
+        differences,
+        recorded_settings,
+        require_recorded,
+        signing_key_fingerprint,
+    )
 
     if (certs is None) == (not insecure):
         raise typer.BadParameter("give exactly one of --certs DIR or --insecure")
     state = state_dir.resolve()
     db_url = _db_url(db, state)
     with SqlRecord(db_url, create=False) as record:
-        cfg = RunConfig(**record.get_run(run_id).config)
+        info = record.get_run(run_id)
+        recorded = recorded_settings(record.events(run_id))
+    if info.status == "finished":
+        raise ConfigurationError(f"run {run_id} already finished; nothing to resume")
+    recorded = require_recorded(run_id, recorded)
+    cfg = RunConfig(**info.config)
+    if policy is None and recorded.policy_path is not None:
+        if Path(recorded.policy_path).is_file():
+            policy = Path(recorded.policy_path)
+    key_dir = (keys or state / "keys").resolve()
+    public = KeyPaths.in_dir(key_dir).public_key
+    problems = []
+    signing = None
+    if public.is_file():
+        signing = signing_key_fingerprint(load_public_key(public))
+    else:
+        problems.append(
+            f"audit signing key: {public} not found (the run is sealed with sha256 "
+            f"{(recorded.signing_key_sha256 or '')[:16]}...); give --keys DIR"
+        )
+    offered = dataclasses.replace(
+        _deployment(certs, auth_keys, policy, recorded if auth_keys is None else None),
+        signing_key_sha256=signing,
+        resumed=True,
+    )
+    problems += differences(recorded, offered)
+    if problems:
+        raise ConfigurationError(f"cannot resume run {run_id}: " + "; ".join(problems))
     settings = LinkSettings(
-        host=host, port=port, state_dir=state, certs=CertPaths.in_dir(certs) if certs else None
+        host=host,
+        port=port,
+        state_dir=state,
+        certs=CertPaths.in_dir(certs) if certs else None,
+        auth_keys=_write_allow_list(offered, state),
+        fresh_state=False,
     )
     result_dir = (out_dir or state / "runs").resolve()
     server_settings = ServerSettings(
         db_url=db_url,
-        key_dir=(keys or state / "keys").resolve(),
+        key_dir=key_dir,
         out_dir=result_dir,
         resume_run_id=run_id,
+        policy_path=policy.resolve() if policy is not None else None,
+        deployment=offered,
     )
-    out.print(f"resuming run {run_id}")
+    out.print(
+        f"resuming run {run_id} with its recorded settings: {offered.describe()}",
+        soft_wrap=True,
+        highlight=False,
+    )
     code = serve(settings, cfg, server_settings)
-    if code != 0:
+    # `flwr run` may exit 0 when the ServerApp failed: the record says whether the run ended.
+    with SqlRecord(db_url, create=False) as record:
+        status = record.get_run(run_id).status
+    if code != 0 or status != "finished":
         from common.errors import FedsealError
 
-        raise FedsealError(f"the resumed run did not complete (flwr exit code {code})")
+        raise FedsealError(
+            f"the resumed run did not complete (flwr exit code {code}, run {status}); "
+            f"see {settings.state_dir}"
+        )
     out.print(f"run {run_id} completed; results in {result_dir}")
+
+
+def _deployment(
+    certs: Path | None,
+    auth_keys: Path | None,
+    policy: Path | None,
+    recorded: DeploymentSettings | None = None,
+) -> DeploymentSettings:
+    """The deployment settings a launch is about to use (``server.run_settings``).
+
+    The allow-list is the ``*.pub`` keys of ``auth_keys`` and the server policy's
+    admission keys (they become Flower node authentication: unlisted SuperNodes are
+    refused by the SuperLink itself, before any message); with ``recorded`` given
+    (a resume without --auth-keys) it is the recorded allow-list.
+    """
+    from policies import load_server_policy, policy_hash
+    from server.run_settings import (
+        DeploymentSettings,
+        node_key,
+        node_keys_in,
+        tls_fingerprints,
+    )
+
+    policy_sha: str | None = None
+    policy_keys: tuple[str, ...] = ()
+    if policy is not None:
+        loaded = load_server_policy(policy)  # a broken file fails here, naming each bad field
+        policy_sha = policy_hash(loaded)
+        if loaded.admission.mode == "allowlist":
+            policy_keys = loaded.admission.public_keys
+    if recorded is not None:
+        found = {k.fingerprint: k for k in recorded.auth_keys}
+        keys_dir = recorded.auth_keys_dir
+    else:
+        site_keys = tuple(sorted(auth_keys.glob("*.pub"))) if auth_keys is not None else ()
+        if auth_keys is not None and not site_keys:
+            raise typer.BadParameter(f"no *.pub site keys in {auth_keys}")
+        found = {k.fingerprint: k for k in node_keys_in(site_keys)}
+        keys_dir = str(auth_keys.resolve()) if auth_keys is not None else None
+    for line in policy_keys:
+        key = node_key(line)
+        found[key.fingerprint] = key
+    ca_fp, server_fp = (None, None)
+    if certs is not None:
+        ca_fp, server_fp = tls_fingerprints(CertPaths.in_dir(certs))
+    return DeploymentSettings(
+        tls=certs is not None,
+        ca_cert_sha256=ca_fp,
+        server_cert_sha256=server_fp,
+        node_auth=bool(found),
+        auth_keys_dir=keys_dir,
+        auth_keys=tuple(sorted(found.values())),
+        policy_path=str(policy.resolve()) if policy is not None else None,
+        policy_sha256=policy_sha,
+    )
+
+
+def _write_allow_list(deployment: DeploymentSettings, state_dir: Path) -> tuple[Path, ...]:
+    """Write the allow-list's keys as ``STATE_DIR/admission-keys/*.pub`` for registration.
+
+    Older ``*.pub`` files there are removed first: the SuperLink registers exactly
+    the keys of this launch's allow-list.
+    """
+    key_dir = state_dir / "admission-keys"
+    if key_dir.is_dir():
+        for old in key_dir.glob("*.pub"):
+            old.unlink()
+    if not deployment.auth_keys:
+        return ()
+    key_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, key in enumerate(deployment.auth_keys):
+        path = key_dir / f"key-{i:03d}.pub"
+        path.write_text(key.key + "\n")
+        paths.append(path)
+    return tuple(paths)
 
 
 def serve(link_settings: LinkSettings, cfg: RunConfig, server_settings: ServerSettings) -> int:

@@ -3,7 +3,11 @@
 ``fedseal-server start`` = start ``flower-superlink`` (TLS unless explicitly
 insecure, node authentication when site keys are allow-listed), register the
 allowed site keys, then ``flwr run`` the fedseal app against it and stream its
-logs. The FAB (Flower app bundle) that ``flwr run`` submits is generated: a
+logs. ``start`` begins from an empty SuperLink state (the previous one is kept
+as ``superlink-state.db.previous``), so the registered keys are exactly the
+run's allow-list; ``resume`` reopens the crashed SuperLink's state, so the
+sites' SuperNodes reconnect under their node ids by themselves, and checks
+that it holds no registered key beyond the allow-list. The FAB (Flower app bundle) that ``flwr run`` submits is generated: a
 ``pyproject.toml`` naming ``server.app:app``/``client.app:app`` and carrying the
 run configuration; the code itself is the installed fedseal package on the
 coordinator and on every site.
@@ -11,6 +15,7 @@ coordinator and on every site.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +43,15 @@ class LinkSettings:
     certs: CertPaths | None  # None = insecure (explicitly requested)
     auth_keys: tuple[Path, ...] = ()
     startup_timeout_s: float = 60.0
+    fresh_state: bool = True  # start: a new SuperLink state; resume: the crashed one's
 
     @property
     def flwr_home(self) -> Path:
         return self.state_dir / "flwr"
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "superlink-state.db"
 
 
 def _toml_value(value: bool | int | float | str) -> str:
@@ -106,6 +116,26 @@ def write_connection(settings: LinkSettings) -> None:
     (settings.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
+def _set_aside(database: Path) -> None:
+    """Move a previous SuperLink state (and its SQLite side files) to ``*.previous``."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        path = database.with_name(database.name + suffix)
+        if path.exists():
+            path.replace(path.with_name(database.name + ".previous" + suffix))
+
+
+def _json_object(text: str) -> dict[str, object]:
+    """The JSON object ``flwr ... --format json`` printed (after any other output)."""
+    start = text.find("{")
+    try:
+        value = json.loads(text[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise FedsealError(f"unexpected output from flwr: {text.strip()[-300:]}")
+    return value
+
+
 class SuperLink:
     """A running ``flower-superlink``; use as a context manager to always stop it."""
 
@@ -139,7 +169,26 @@ class SuperLink:
                 raise ConfigurationError(f"site public key not found: {key}")
         check_port_free(s.host, s.port)
         s.state_dir.mkdir(parents=True, exist_ok=True)
+        if s.fresh_state:
+            _set_aside(s.database)
         write_connection(s)
+        argv = self.argv()
+        self.proc = start_group(argv, flower_env(s.flwr_home), self.log_path)
+        probe_host = "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host
+        try:
+            wait_for_port(probe_host, s.port, self.proc, s.startup_timeout_s, "the SuperLink")
+        except FedsealError as exc:
+            self.stop()
+            raise FedsealError(f"{exc} (see {self.log_path})") from None
+        try:
+            self._register_keys()
+        except BaseException:
+            self.stop()
+            raise
+
+    def argv(self) -> list[str]:
+        """The ``flower-superlink`` command line: TLS unless insecure, node auth with keys."""
+        s = self.settings
         argv = [
             flower_executable("flower-superlink"),
             "--host",
@@ -147,7 +196,7 @@ class SuperLink:
             "--port",
             str(s.port),
             "--database",
-            str(s.state_dir / "superlink-state.db"),
+            str(s.database),
             "--disable-runtime-dependency-installation",
         ]
         if s.certs is None:
@@ -163,15 +212,37 @@ class SuperLink:
             ]
         if s.auth_keys:
             argv.append("--enable-supernode-auth")
-        self.proc = start_group(argv, flower_env(s.flwr_home), self.log_path)
-        probe_host = "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host
-        try:
-            wait_for_port(probe_host, s.port, self.proc, s.startup_timeout_s, "the SuperLink")
-        except FedsealError as exc:
-            self.stop()
-            raise FedsealError(f"{exc} (see {self.log_path})") from None
-        for key in s.auth_keys:
-            self.flwr(["supernode", "register", str(key.resolve()), CONNECTION], check=True)
+        return argv
+
+    def _register_keys(self) -> None:
+        """Register the allow-list; then no other key may be registered.
+
+        A key the reopened state (resume) already holds is fine. Any registered
+        node beyond the allow-list (a stale or foreign state directory, a key
+        registered behind fedseal's back) would let a SuperNode outside the
+        run's allow-list in, so the launch is refused.
+        """
+        keys = self.settings.auth_keys
+        for key in keys:
+            proc = self.flwr(["supernode", "register", str(key.resolve()), CONNECTION])
+            if proc.returncode != 0:
+                detail = ((proc.stdout or "") + (proc.stderr or "")).strip()
+                if "already in use" not in detail:
+                    raise FedsealError(f"`flwr supernode register` failed: {detail[-500:]}")
+        if not keys:
+            return
+        listed = self.flwr(["supernode", "list", CONNECTION, "--format", "json"], check=True)
+        nodes = _json_object(listed.stdout).get("nodes")
+        if not isinstance(nodes, list):
+            raise FedsealError(f"`flwr supernode list` gave no node list: {listed.stdout[-300:]}")
+        registered = [
+            n for n in nodes if not isinstance(n, dict) or n.get("status") != "unregistered"
+        ]
+        if len(registered) > len(keys):
+            raise ConfigurationError(
+                f"the SuperLink state {self.settings.database} holds {len(registered)} registered "
+                f"SuperNodes but the run allow-lists {len(keys)} keys; it is not this run's state"
+            )
 
     def flwr(
         self, args: list[str], *, check: bool = False, stream: bool = False
