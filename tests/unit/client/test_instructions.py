@@ -113,12 +113,15 @@ def test_client_start_pins_the_key_and_policy_in_node_config(tmp_path: Path) -> 
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    assert _trust_config(None, pub) == f' server-key="{RAW.hex()}"'
+    from policies import default_site_policy_path
+
+    assert _trust_config(default_site_policy_path(), pub) == {"server-key": RAW.hex()}
     policy = tmp_path / "site.toml"
     policy.write_text(f'kind = "site"\n[trust]\nserver_key = "{RAW.hex()}"\n')
-    assert _trust_config(policy, pub) == f' policy-path="{policy.resolve()}" server-key="{RAW.hex()}"'
+    assert _trust_config(policy, pub) == {"server-key": RAW.hex()}
+    assert _trust_config(policy, None) == {}  # the policy's own pin travels in the policy copy
     policy.write_text(f'kind = "site"\n[trust]\nserver_key = "{OTHER.public_key().public_bytes_raw().hex()}"\n')
     with pytest.raises(ConfigurationError, match="differ"):
         _trust_config(policy, pub)
     with pytest.raises(ConfigurationError, match="not found"):
-        _trust_config(tmp_path / "missing.toml", None)
+        _trust_config(policy, tmp_path / "missing.pub")
