@@ -155,12 +155,16 @@ class Federation:
     def site_policy(self, i: int, file: str | None = None, **rules: object) -> Path:
         """Site ``i``'s own policy file: the server key pinned, ``rules`` over the defaults."""
         values: dict[str, object] = {"require_dp": True, "require_secure_aggregation": True,
-                                     "min_cohort_size": 3, **rules}
+                                     "min_cohort_size": 3, "min_secagg_threshold": 2,
+                                     "min_secagg_neighbours": 2, **rules}
         text = (
             f'kind = "site"\nname = "site {i}"\n[privacy]\nrequire_dp = {str(values["require_dp"]).lower()}\n'
             f"epsilon_budget = 8.0\n[rounds]\n"
             f'require_secure_aggregation = {str(values["require_secure_aggregation"]).lower()}\n'
-            f'min_cohort_size = {values["min_cohort_size"]}\n[trust]\nserver_key = "{self.server_key_hex}"\n'
+            f'min_cohort_size = {values["min_cohort_size"]}\n'
+            f'min_secagg_threshold = {values["min_secagg_threshold"]}\n'
+            f'min_secagg_neighbours = {values["min_secagg_neighbours"]}\n'
+            f'[trust]\nserver_key = "{self.server_key_hex}"\n'
         )
         path = self.root / f"{file or f'site{i}'}-policy.toml"
         path.write_text(text)
@@ -297,7 +301,9 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
     rounds = 2
     server = federation.server(port, "--rounds", str(rounds), "--min-sites", "2", "--round-timeout", "120",
                                "--no-dp", "--secagg", "--policy", str(server_policy))
-    secure = {"require_dp": False, "require_secure_aggregation": True, "min_cohort_size": 2}
+    # two sites: t = k = 1, below the default secure-aggregation floors, which these sites lower
+    secure = {"require_dp": False, "require_secure_aggregation": True, "min_cohort_size": 2,
+              "min_secagg_threshold": 1, "min_secagg_neighbours": 1}
     for i in range(2):
         federation.site(i, port, federation.site_policy(i, **secure), key=federation.site_key(i))
     db = tmp_path / "srv" / "record.db"
