@@ -42,7 +42,7 @@ and that resolved configuration is what the coordinator's policy judges
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -225,7 +225,7 @@ class SecAggAggregator:
                 if (
                     node_id in facts.rejected
                 ):  # a wrong unmask share; its own input stays in the sum
-                    site = SiteOutcome(**{**_fields(site), "reason": facts.rejected[node_id]})
+                    site = replace(site, reason=facts.rejected[node_id])
                     agg.event(
                         "secagg_share_rejected",
                         {
@@ -544,10 +544,6 @@ class SecAggAggregator:
 
 def _message_type(stage: Stage) -> str:
     return f"{MessageType.TRAIN}.{stage.action}"
-
-
-def _fields(site: SiteOutcome) -> dict[str, Any]:
-    return {name: getattr(site, name) for name in SiteOutcome.__dataclass_fields__}
 
 
 def _str_keys(mapping: Mapping[int, str]) -> dict[str, str]:
