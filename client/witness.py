@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.state import WITNESS_INDEX_FILE, replace_file, site_lock
 from common.audit.seal import SignedHead
+from common.audit.witness import parse_witness_entries
 from common.errors import DataError, IntegrityError
 
 MAX_HEAD_BYTES = 1024
@@ -171,22 +172,7 @@ def _load_index(path: Path) -> _Index:
 def _read(path: Path) -> list[tuple[SignedHead, str | None]]:
     if not path.is_file():
         return []
-    out = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-            run_id = doc.get("run")
-            out.append(
-                (
-                    SignedHead.decode(bytes.fromhex(doc["head"])),
-                    run_id if isinstance(run_id, str) else None,
-                )
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DataError(f"{path}:{line_no}: unreadable witnessed head ({exc})") from None
-    return out
+    return parse_witness_entries(path.read_text(encoding="utf-8").splitlines(), str(path))
 
 
 def read_heads(path: Path) -> list[SignedHead]:

@@ -207,8 +207,13 @@ def verify_with_witnesses(
     )
 
 
-def parse_witness_lines(lines: Iterable[str], source: str = "witness file") -> list[SignedHead]:
-    """The signed heads of a site's witness file (``{"head": hex}`` per line), oldest first.
+def parse_witness_entries(
+    lines: Iterable[str], source: str = "witness file"
+) -> list[tuple[SignedHead, str | None]]:
+    """The entries of a site's witness file, oldest first: (signed head, run id or None).
+
+    Each line is ``{"head": hex}``, optionally with ``"run": run_id`` (the run
+    whose instruction carried the head).
 
     Raises
     ------
@@ -216,7 +221,7 @@ def parse_witness_lines(lines: Iterable[str], source: str = "witness file") -> l
         On a line that is not such an object or whose head does not decode;
         the message names ``source`` and the line number.
     """
-    heads: list[SignedHead] = []
+    entries: list[tuple[SignedHead, str | None]] = []
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -225,7 +230,15 @@ def parse_witness_lines(lines: Iterable[str], source: str = "witness file") -> l
             text = obj["head"] if isinstance(obj, dict) else None
             if not isinstance(text, str) or len(text) > 2 * MAX_ENCODED_HEAD_BYTES:
                 raise DataError('expected {"head": hex}')
-            heads.append(SignedHead.decode(bytes.fromhex(text)))
+            run_id = obj.get("run")
+            entries.append(
+                (SignedHead.decode(bytes.fromhex(text)), run_id if isinstance(run_id, str) else None)
+            )
         except (ValueError, KeyError) as exc:
             raise DataError(f"{source}:{line_no}: unreadable witnessed head ({exc})") from None
-    return heads
+    return entries
+
+
+def parse_witness_lines(lines: Iterable[str], source: str = "witness file") -> list[SignedHead]:
+    """The signed heads of a site's witness file, oldest first (see :func:`parse_witness_entries`)."""
+    return [head for head, _ in parse_witness_entries(lines, source)]
