@@ -41,7 +41,8 @@ from client.site_policy import SiteSetup
 from client.training import select_device
 from common.evaluation import evaluate
 from common.records import AUDIT_HEAD_ACTION, KEY_ARRAYS, KEY_METRICS
-from common.secagg.stages import WIRE_STAGES
+from client.secure import handle_identity
+from common.secagg.stages import IDENTITY_ACTION, WIRE_STAGES
 from policies import SitePolicies
 
 TRAIN_ACTIONS = (
@@ -135,6 +136,10 @@ def make_client_app(
     @client_app.query(AUDIT_HEAD_ACTION, mods=checked)
     def audit_head_(msg: Message, context: Context) -> Message:
         return handle_audit_head(msg, context, setup)
+
+    @client_app.query(IDENTITY_ACTION, mods=checked)
+    def identity_(msg: Message, context: Context) -> Message:
+        return handle_identity(msg, context, setup)
 
     return client_app
 

@@ -1,4 +1,4 @@
-"""Client side of secure aggregation on Flower's Message API: the four SecAgg+ stages.
+"""Client side of secure aggregation on Flower's Message API: the five SecAgg+ v3 stages.
 
 Flower may run every message in a fresh process (Deployment Engine), so a
 client's round state cannot live in memory between stages. It is kept in the
@@ -7,9 +7,15 @@ under the site's own state key (:mod:`client.state`), bound to this node and
 this round's configuration; it is deleted after the unmask stage. The server
 never sees it; a stale or foreign blob fails authentication.
 
-Order on the client: (keys) advertise -> (shares) share -> (masked) train,
-clip to C, quantise, mask -> (unmask) reveal shares. The update is clipped
-here, by the client, so that the server only ever sees the masked sum.
+Order on the client: (keys) advertise, signed with the site's identity key
+-> (shares) verify every advertisement against the site's pinned roster,
+derive the graph, share -> (masked) train, clip to C, quantise, mask ->
+(consistency) sign the survivor set -> (unmask) reveal shares once a quorum
+signed that same set (protocol v3, :mod:`common.secagg.signing`). The
+update is clipped here, by the client, so that the server only ever sees the
+masked sum. The identity key and the roster are the site's own
+(:meth:`client.agent.SiteContext.identity`, :meth:`~client.agent.SiteContext.roster`);
+a site without them takes no part in a secure round.
 
 These stages run inside the ClientApp's secure-aggregation mod
 (:mod:`client.mods.secagg`); the masked stage trains and clips through the
@@ -31,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -59,9 +66,11 @@ from common.records import (
 )
 from common.rng import secure_generator
 from common.secagg import SecAggClient, SecAggConfig
+from common.secagg.signing import identity_message, public_bytes, sign
 from common.secagg.messages import (
     AdvertiseKeysRequest,
     CollectMaskedRequest,
+    ConsistencyRequest,
     ShareKeysRequest,
     UnmaskRequest,
     peek_round,
@@ -149,6 +158,32 @@ def _bundle_reply(msg: Message, payloads: list[bytes]) -> Message:
     return Message(content=RecordDict({KEY_SECAGG_MSG: bundle_to_record(payloads)}), reply_to=msg)
 
 
+def _federation(site: SiteContext) -> tuple[Ed25519PrivateKey, frozenset[bytes], int]:
+    """This site's identity key, its roster's identity keys and its floor on verified members.
+
+    The floor is the site policy's ``rounds.min_cohort_size`` (at least 2),
+    now counted over members whose signed advertisements this site verified,
+    not over the cohort the coordinator claims.
+
+    Raises
+    ------
+    ConfigurationError
+        The site has no identity key or no verified roster.
+    """
+    policy = site.policy()
+    floor = max(2, policy.rounds.min_cohort_size) if policy is not None else 2
+    return site.identity(), site.roster().identity_keys(), floor
+
+
+def _open(
+    site: SiteContext, context: Context, config: SecAggConfig, sealed: bytes, key: bytes
+) -> SecAggClient:
+    identity, members, floor = _federation(site)
+    return SecAggClient.open(
+        sealed, key, context.node_id, config, identity, members, min_verified=floor
+    )
+
+
 def _participation(
     site: SiteContext, config: SecAggConfig
 ) -> tuple[str | None, ConfigRecord | None]:
@@ -158,6 +193,22 @@ def _participation(
     neighbour degree of this very configuration before any key exists.
     """
     return decide_participation(site, config.size, config.threshold, config.neighbours)
+
+
+def handle_identity(
+    msg: Message, context: Context, site_root: SiteSetup | Path | None = None
+) -> Message:
+    """The coordinator's identity query: this site's identity key and its signature over
+    (run, node id), so the coordinator can bind the node to the identity in the next
+    configuration. Nothing secret and nothing data-dependent leaves the site; the
+    site trusts the binding only after checking the configuration itself."""
+    site = SiteContext.of(msg, context, site_root)
+    identity, members, _ = _federation(site)
+    own = public_bytes(identity)
+    if own not in members:
+        raise ConfigurationError("this site's identity is not in the roster it pins")
+    signature = sign(identity, identity_message(int(site.run_id, 16), context.node_id))
+    return _reply(msg, own + signature)
 
 
 def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
@@ -173,8 +224,7 @@ def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | No
         msg.content[KEY_SECAGG_CONFIG], MAX_SECAGG_SETUP_ROUNDS, MAX_SECAGG_CONFIG_BYTES
     )
     configs = [SecAggConfig.decode(raw) for raw in raw_configs]
-    model_size = site.task.build(seed=cfg.seed)
-    expected = sum(p.numel() for p in model_size.parameters())
+    expected = site.task.parameter_count()
     for i, config in enumerate(configs):
         if config.round != server_round + i:
             raise ProtocolError(
@@ -199,9 +249,10 @@ def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | No
     if len(requests) != len(configs):
         raise ProtocolError(f"{len(requests)} key requests for {len(configs)} rounds")
     key = state_key(site.directory)
+    identity, members, floor = _federation(site)
     replies = []
     for raw, config in zip(requests, configs, strict=True):
-        client = SecAggClient(context.node_id, config)
+        client = SecAggClient(context.node_id, config, identity, members, min_verified=floor)
         replies.append(client.advertise_keys(AdvertiseKeysRequest.decode(raw, config)).encode())
         _save(context, config, client, key, first=server_round)
     return with_decisions(_bundle_reply(msg, replies), decisions)
@@ -216,8 +267,7 @@ def _resume(site: SiteContext, context: Context) -> tuple[SecAggConfig, SecAggCl
             _drop(context, past)
     config, sealed = _load(context, site.server_round)
     key = state_key(site.directory)
-    client = SecAggClient.open(sealed, key, context.node_id, config)
-    return config, client, key
+    return config, _open(site, context, config, sealed, key), key
 
 
 def handle_shares(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
@@ -242,7 +292,7 @@ def handle_shares(msg: Message, context: Context, site_root: SiteSetup | Path | 
         if server_round not in held or server_round in kept:
             raise ProtocolError(f"share request for round {server_round}, which is not prepared")
         config, sealed = _load(context, server_round)
-        client = SecAggClient.open(sealed, key, context.node_id, config)
+        client = _open(site, context, config, sealed, key)
         replies.append(client.share_keys(ShareKeysRequest.decode(raw, config)).encode())
         _save(context, config, client, key)
         kept.append(server_round)
@@ -293,8 +343,27 @@ def handle_masked(
     return with_decisions(_reply(msg, reply.encode_parts(), ordered), decisions)
 
 
+def handle_consistency(
+    msg: Message, context: Context, site_root: SiteSetup | Path | None
+) -> Message:
+    """Stage 4: sign the survivor set the coordinator says it summed (once per round)."""
+    site = SiteContext.of(msg, context, site_root)
+    config, client, key = _resume(site, context)
+    request = ConsistencyRequest.decode(
+        record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
+    )
+    try:
+        reply = client.consistency(request)
+    except Exception:
+        _drop(context, site.server_round)  # a refused round's secrets go at once
+        raise
+    _save(context, config, client, key)
+    return _reply(msg, reply.encode())
+
+
 def handle_unmask(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
-    """Stage 4: reveal, per neighbour, the self-mask share (survivor) or key share (dropped)."""
+    """Stage 5: with a quorum over the signed survivor set, reveal one share per neighbour:
+    the self-mask share (survivor) or the mask-key share (dropped)."""
     site = SiteContext.of(msg, context, site_root)
     config, client, _ = _resume(site, context)
     request = UnmaskRequest.decode(

@@ -7,9 +7,11 @@ before it has seen any site data.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from common.config import RunConfig
@@ -28,6 +30,10 @@ class TaskSpec:
     def build(self, seed: int) -> nn.Module:
         return build_model(self.model_name, self.input_shape, self.num_classes, seed=seed)
 
+    def parameter_count(self) -> int:
+        """The model's number of parameters, without allocating or initialising them."""
+        return _parameter_count(self.model_name, self.input_shape, self.num_classes)
+
     def shape_examples(self, x: np.ndarray) -> np.ndarray:
         """Reshape flat ``(n, features)`` rows into the model's input shape."""
         if x.shape[1:] != (self.num_features,):
@@ -36,6 +42,13 @@ class TaskSpec:
                 f"the data has {x.shape[1:]}"
             )
         return x.reshape((len(x), *self.input_shape))
+
+
+@functools.lru_cache(maxsize=32)
+def _parameter_count(name: str, input_shape: tuple[int, ...], num_classes: int) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no random initialisation
+        model = build_model(name, input_shape, num_classes, seed=0)
+    return sum(p.numel() for p in model.parameters())
 
 
 def task_for(cfg: RunConfig) -> TaskSpec:

@@ -22,6 +22,7 @@ from client.mods import MASKED_STAGE, train_message_type
 from client.site_policy import SiteSetup, decisions_record, site_policy
 from client.steps import refusal
 from common.records import AUDIT_HEAD_ACTION
+from common.secagg.stages import IDENTITY_ACTION
 from common.secagg.stages import Stage
 from policies import Decision
 
@@ -34,6 +35,7 @@ REFUSABLE = frozenset(
         MASKED_STAGE,
         MessageType.EVALUATE,
         AUDIT_HEAD_MESSAGE,
+        f"{MessageType.QUERY}.{IDENTITY_ACTION}",
     }
 )
 """Message types whose replies the coordinator reads as refusals."""

@@ -1,7 +1,7 @@
 """Secure aggregation on the site, as a Flower mod (after Flower's ``secaggplus_mod``).
 
-The mod owns the four SecAgg+ stages (:mod:`client.secure`): it answers the
-keys, shares and unmask stages itself, never calling the inner train path;
+The mod owns the five SecAgg+ stages (:mod:`client.secure`): it answers the
+keys, shares, consistency and unmask stages itself, never calling the inner train path;
 for the masked stage it opens the round's sealed state and checks the
 request, calls the inner train path (``call_next``: train, then clip to C),
 and quantises and masks the clipped update it gets back. Every other train
@@ -26,6 +26,7 @@ Stage = Callable[[Message, Context, SiteSetup | Path | None], Message]
 _STAGES: dict[str, Stage] = {
     train_message_type(SecAggStage.ADVERTISE_KEYS.action): secure.handle_keys,
     train_message_type(SecAggStage.SHARE_KEYS.action): secure.handle_shares,
+    train_message_type(SecAggStage.CONSISTENCY.action): secure.handle_consistency,
     train_message_type(SecAggStage.UNMASK.action): secure.handle_unmask,
 }  # the stages that never train
 

@@ -52,7 +52,7 @@ def _scaled_norm(arrays: Sequence[FloatArray], scale: float) -> float:
     for a in arrays:
         if a.size:
             v = a.astype(np.float64, copy=False).ravel() / scale
-            total += float(np.dot(v, v))
+            total += _dot(v)
     return math.sqrt(total)
 
 
@@ -64,7 +64,7 @@ def _narrow_sum_squares(arrays: Sequence[FloatArray]) -> float:
     square is below 1.2e77 and the smallest non-zero one above 1e-90, so no
     partial sum of fewer than 1e200 terms can overflow or underflow. The only
     way the total is not finite is a NaN or infinite input, which the caller
-    refuses. Rounding in the sum is the same as in ``np.dot`` on float64.
+    refuses. The sum is a float64 sum of products (:func:`_dot`).
     """
     total = 0.0
     buf = np.empty(_CHUNK, dtype=np.float64)
@@ -73,8 +73,18 @@ def _narrow_sum_squares(arrays: Sequence[FloatArray]) -> float:
         for start in range(0, flat.size, _CHUNK):
             part = buf[: min(_CHUNK, flat.size - start)]
             np.copyto(part, flat[start : start + part.size])
-            total += float(np.dot(part, part))
+            total += _dot(part)
     return total
+
+
+def _dot(v: npt.NDArray[np.float64]) -> float:
+    """``sum v_j^2`` of a 1-D float64 array, without BLAS.
+
+    ``np.dot`` calls OpenBLAS, whose worker threads spin against every other
+    process on a loaded machine (a simulation runs one ClientApp process per
+    core): measured 2.5-137 ms for 1M values where this loop takes about 1 ms.
+    """
+    return float(np.einsum("i,i->", v, v))
 
 
 def _narrow(arrays: Sequence[FloatArray]) -> bool:

@@ -1,37 +1,48 @@
-"""The client side of a SecAgg+ round as a pure state machine.
+"""The client side of a SecAgg+ round as a pure state machine (protocol v3, authenticated).
 
-Guarantee (honest-but-curious server colluding with at most ``t - 1``
-clients; Bell et al. CCS 2020, Bonawitz et al. CCS 2017): what this client
-sends reveals nothing about its input beyond what the sum of the survivors'
-inputs reveals, because its masked vector is ``q + PRG(b) + sum_v +-PRG(s_uv)``
-with a self-mask seed ``b`` and pairwise X25519 keys, and it reveals, per
-neighbour, *either* the share of that neighbour's seed ``b`` (neighbour
-survived) *or* of its mask key (neighbour dropped), never both, and only once.
-Besides its two public keys it publishes only ``H(label, run, round, node, b)``
+Guarantee (a *malicious* server colluding with at most ``t - 1`` clients;
+Bonawitz et al. CCS 2017 §4 actively secure variant, over Bell et al.'s
+CCS 2020 sparse graph; the v3 reasoning is in :mod:`common.secagg.signing`):
+what this client sends reveals nothing about its input beyond what the sum
+of the survivors' inputs reveals, because its masked vector is
+``q + PRG(b) + sum_v +-PRG(s_uv)`` with a self-mask seed ``b`` and pairwise
+X25519 keys agreed only with neighbours whose keys were signed by a roster
+identity, and it reveals, per neighbour, *either* the share of that
+neighbour's seed ``b`` (neighbour survived) *or* of its mask key (neighbour
+dropped), never both, and only once, according to a survivor set that a
+quorum of the cohort signed. Besides its two public keys and identity
+signature it publishes only ``H(label, run, round, node, b)``
 (:mod:`common.crypto.commitment`; hiding for a uniform 32-byte ``b`` with
 SHA-256 as a random oracle), which lets the server reject a wrongly
 reconstructed ``b``.
 
 Fail-closed checks before any secret is used: every request must be of the
 type the stage table allows next (:func:`~common.secagg.stages.check_transition`),
-for this run, round and node; keys and shares come only from neighbours in the
-public graph; at most one unmask answer, and only if the survivor and dropped
-sets are disjoint, exactly cover the neighbours this client masked with, and
-name at least ``t`` survivors. After any rejected request the client refuses
-every further request of the round (:class:`~common.errors.ProtocolAbort`).
+for this run, round and node; at SHARE_KEYS every advertisement must be
+signed by a distinct roster member over this very configuration, this
+client's own must be the one it sent, and at least ``min_verified`` members
+must be present; the graph seed is recomputed from them, and keys and shares
+come only from neighbours in that graph; the consistency request's survivor
+set must include this client and only verified members; at UNMASK the
+survivor set must be the one this client signed, with valid signatures of a
+quorum of verified members over it. After any rejected request the client
+refuses every further request of the round (:class:`~common.errors.ProtocolAbort`).
 
 Secrets live in this object's memory for one round; they leave it only as
 Shamir shares encrypted for a neighbour, or sealed under a caller-held key
 (:meth:`SecAggClient.seal`). The client's own keys and seed are erased from
-the state as soon as the masked input is computed.
+the state as soon as the masked input is computed. The identity key is the
+caller's (it is never sealed here).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.crypto import aead
 from common.crypto.commitment import commit_seed
@@ -68,6 +79,8 @@ from common.secagg.messages import (
     Ciphertext,
     CollectMaskedReply,
     CollectMaskedRequest,
+    ConsistencyReply,
+    ConsistencyRequest,
     PeerKeys,
     RevealedShare,
     ShareKeysReply,
@@ -77,12 +90,33 @@ from common.secagg.messages import (
 )
 from common.secagg.params import SecAggConfig
 from common.secagg.quantize import quantize
+from common.secagg.signing import (
+    IDENTITY_KEY_SIZE,
+    advertisement_message,
+    check_bound_identities,
+    consistency_message,
+    graph_seed,
+    public_bytes,
+    quorum,
+    sign,
+    verifies,
+    verify_advertisements,
+)
 from common.secagg.stages import Stage, check_transition
 
 _Request = TypeVar(
-    "_Request", AdvertiseKeysRequest, ShareKeysRequest, CollectMaskedRequest, UnmaskRequest
+    "_Request",
+    AdvertiseKeysRequest,
+    ShareKeysRequest,
+    CollectMaskedRequest,
+    ConsistencyRequest,
+    UnmaskRequest,
 )
-_STATE_HEAD = struct.Struct(">BBB")
+_Reply = TypeVar(
+    "_Reply", ShareKeysReply, CollectMaskedReply, ConsistencyReply, UnmaskReply, None
+)
+_STATE_HEAD = struct.Struct(">BBBB")
+_STATE_MEMBER = struct.Struct(f">Q{IDENTITY_KEY_SIZE}s")
 _STATE_PEER = struct.Struct(f">Q{KEY_SIZE}s{KEY_SIZE}s")
 _STATE_HELD = struct.Struct(f">Q{VALUE_SIZE}s{VALUE_SIZE}s")
 _U32 = struct.Struct(">I")
@@ -157,11 +191,19 @@ class SecAggClient:
         This client's node id; must be in ``config.cohort``.
     config : SecAggConfig
         The round's public configuration (as received from the server).
+    identity : Ed25519PrivateKey
+        This site's identity key (its public key is in the roster).
+    members : frozenset[bytes]
+        The identity public keys of the pinned roster's members.
+    min_verified : int
+        The fewest verified members (this client included) the site accepts
+        in a round (its policy's minimum cohort; at least 2).
 
     Raises
     ------
     ConfigurationError
-        If ``node_id`` is not in the cohort.
+        If ``node_id`` is not in the cohort, the identity is not an Ed25519
+        key in ``members``, or ``min_verified`` is below 2.
     """
 
     __slots__ = (
@@ -169,29 +211,55 @@ class SecAggClient:
         "_encryption",
         "_failed",
         "_held",
+        "_identity",
+        "_identities",
         "_mask",
+        "_members",
+        "_min_verified",
         "_neighbours",
         "_node_id",
         "_peers",
         "_seed",
+        "_graph_seed",
         "_stage",
+        "_survivors",
     )
 
-    def __init__(self, node_id: int, config: SecAggConfig) -> None:
+    def __init__(
+        self,
+        node_id: int,
+        config: SecAggConfig,
+        identity: Ed25519PrivateKey,
+        members: frozenset[bytes],
+        *,
+        min_verified: int = 2,
+    ) -> None:
         if not isinstance(config, SecAggConfig):
             raise ConfigurationError("config must be a SecAggConfig")
         if not config.contains(node_id):
             raise ConfigurationError(f"node {node_id!r} is not in the round's cohort")
+        if not isinstance(identity, Ed25519PrivateKey):
+            raise ConfigurationError("a site identity must be an Ed25519 private key")
+        if not isinstance(members, frozenset) or public_bytes(identity) not in members:
+            raise ConfigurationError("this site's identity is not in the roster it pins")
+        if type(min_verified) is not int or min_verified < 2:
+            raise ConfigurationError(f"min_verified must be an int >= 2, got {min_verified!r}")
         self._node_id = node_id
         self._config = config
-        self._neighbours = neighbour_graph(config)[node_id]
+        self._identity = identity
+        self._members = members
+        self._min_verified = min_verified
+        self._neighbours: frozenset[int] = frozenset()
         self._stage = Stage.INIT
         self._failed = False
         self._encryption: KeyPair | None = None
         self._mask: KeyPair | None = None
         self._seed: bytes | None = None
+        self._graph_seed: bytes | None = None
+        self._identities: dict[int, bytes] = {}
         self._peers: dict[int, PeerKeys] = {}
         self._held: dict[int, tuple[int, int]] = {}
+        self._survivors: tuple[int, ...] = ()
 
     @property
     def node_id(self) -> int:
@@ -205,8 +273,13 @@ class SecAggClient:
 
     @property
     def neighbours(self) -> frozenset[int]:
-        """This client's neighbours in the public graph."""
+        """This client's verified neighbours in the round's graph (empty before SHARE_KEYS)."""
         return self._neighbours
+
+    @property
+    def graph_seed(self) -> bytes | None:
+        """The graph seed this client derived from the advertisements (None before SHARE_KEYS)."""
+        return self._graph_seed
 
     def _enter(self, request: object, expected: type[_Request]) -> _Request:
         if self._failed:
@@ -229,12 +302,21 @@ class SecAggClient:
             raise
         return request
 
-    def advertise_keys(self, request: AdvertiseKeysRequest) -> AdvertiseKeysReply:
-        """Stage ADVERTISE_KEYS: make two X25519 key pairs and a self-mask seed ``b``.
+    def _guard(self, step: Callable[[], _Reply]) -> _Reply:
+        try:
+            return step()
+        except FedsealError:
+            self._failed = True
+            raise
 
-        The reply carries both public keys and a commitment to ``b``
+    def advertise_keys(self, request: AdvertiseKeysRequest) -> AdvertiseKeysReply:
+        """Stage ADVERTISE_KEYS: make two X25519 key pairs and a self-mask seed ``b``; sign.
+
+        The reply carries both public keys, a commitment to ``b``
         (:func:`~common.crypto.commitment.commit_seed`), which lets the server
-        tell a correctly reconstructed ``b`` from one built with a wrong share.
+        tell a correctly reconstructed ``b`` from one built with a wrong share,
+        and this site's identity signature over all of it and the round's
+        configuration digest (:func:`~common.secagg.signing.advertisement_message`).
 
         Raises
         ------
@@ -242,24 +324,41 @@ class SecAggClient:
             On a wrong-stage, wrong-round or wrong-node request.
         """
         self._enter(request, AdvertiseKeysRequest)
+        self._guard(
+            lambda: check_bound_identities(
+                self._config, self._node_id, public_bytes(self._identity), self._members
+            )
+        )
         self._encryption = generate_key_pair()
         self._mask = generate_key_pair()
         self._seed = secure_bytes(SEED_SIZE)
         self._stage = Stage.ADVERTISE_KEYS
+        return self._own_advertisement()
+
+    def _own_advertisement(self) -> AdvertiseKeysReply:
+        if self._encryption is None or self._mask is None or self._seed is None:
+            raise ProtocolError("client has no keys")
         config = self._config
+        enc, mask = self._encryption.public_bytes, self._mask.public_bytes
+        commitment = commit_seed(
+            self._seed, run_id=config.run_id, round=config.round, node_id=self._node_id
+        )
+        signature = sign(
+            self._identity, advertisement_message(config, self._node_id, enc, mask, commitment)
+        )
         return AdvertiseKeysReply(
             config.run_id,
             config.round,
             self._node_id,
-            self._encryption.public_bytes,
-            self._mask.public_bytes,
-            commit_seed(
-                self._seed, run_id=config.run_id, round=config.round, node_id=self._node_id
-            ),
+            enc,
+            mask,
+            commitment,
+            public_bytes(self._identity),
+            signature,
         )
 
     def share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:
-        """Stage SHARE_KEYS: Shamir-share the mask key and seed among live neighbours.
+        """Stage SHARE_KEYS: verify every advertisement, derive the graph, share with neighbours.
 
         Each neighbour ``v`` receives ``AEAD(key_uv, share(mask_sk) || share(b))``
         with associated data (version, run, round, sender, receiver, stage).
@@ -267,51 +366,65 @@ class SecAggClient:
         Raises
         ------
         ProtocolError
-            If a listed peer is not a neighbour or public keys repeat.
+            If an advertisement is unsigned by a distinct roster member, for
+            another configuration, or this client's own was altered; or public
+            keys repeat.
         ProtocolAbort
-            If fewer than ``t`` neighbours are live.
+            If fewer than ``min_verified`` members or ``t`` neighbours are present.
         IntegrityError
             If a peer's public key is a low-order point.
         """
         self._enter(request, ShareKeysRequest)
-        try:
-            return self._share_keys(request)
-        except FedsealError:
-            self._failed = True
-            raise
+        return self._guard(lambda: self._share_keys(request))
 
     def _share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:
         config = self._config
         if self._encryption is None or self._mask is None or self._seed is None:
             raise ProtocolError("client has no keys")
-        ids = [peer.node_id for peer in request.peers]
-        strangers = set(ids) - self._neighbours
-        if strangers:
-            raise ProtocolError(f"keys offered for non-neighbours {sorted(strangers)}")
-        if len(ids) < config.threshold:
+        ads = {a.node_id: a for a in request.advertisements}
+        if self._node_id not in ads:
+            raise ProtocolError("the server left out this site's own key advertisement")
+        if ads[self._node_id] != self._own_advertisement().advertisement():
+            raise ProtocolError("the server altered this site's own key advertisement")
+        verified = verify_advertisements(
+            config, {node: a.fields() for node, a in ads.items()}, self._members
+        )
+        if verified.rejected:
+            node, reason = min(verified.rejected.items())
+            raise ProtocolError(f"node {node}: {reason}")
+        if len(ads) < self._min_verified:
             raise ProtocolAbort(
-                f"node {self._node_id} has {len(ids)} live neighbours, fewer than the "
-                f"threshold {config.threshold}"
+                f"only {len(ads)} verified roster members in the round, fewer than this "
+                f"site's minimum {self._min_verified}"
             )
-        keys = [self._encryption.public_bytes, self._mask.public_bytes]
-        for peer in request.peers:
-            keys += [peer.encryption_key, peer.mask_key]
+        keys = [k for a in ads.values() for k in (a.encryption_key, a.mask_key)]
         if len(set(keys)) != len(keys):
             raise ProtocolError("advertised public keys are not all distinct")
+        seed = graph_seed(config, [a.encode() for a in request.advertisements])
+        neighbours = neighbour_graph(config, seed)[self._node_id] & set(ads)
+        if len(neighbours) < config.threshold:
+            raise ProtocolAbort(
+                f"node {self._node_id} has {len(neighbours)} live neighbours, fewer than the "
+                f"threshold {config.threshold}"
+            )
+        ids = sorted(neighbours)
         indices = [config.share_index(node) for node in ids]
         key_shares = split_secret(
             private_bytes(self._mask), threshold=config.threshold, indices=indices
         )
         seed_shares = split_secret(self._seed, threshold=config.threshold, indices=indices)
         ciphertexts = []
-        for peer, key_share, seed_share in zip(request.peers, key_shares, seed_shares, strict=True):
+        for node, key_share, seed_share in zip(ids, key_shares, seed_shares, strict=True):
             key = share_encryption_key(
-                self._encryption, peer.encryption_key, config, self._node_id, peer.node_id
+                self._encryption, ads[node].encryption_key, config, self._node_id, node
             )
             plaintext = encode_value(key_share.value) + encode_value(seed_share.value)
-            associated = share_associated_data(config, self._node_id, peer.node_id)
-            ciphertexts.append(Ciphertext(peer.node_id, aead.encrypt(key, plaintext, associated)))
-        self._peers = {peer.node_id: peer for peer in request.peers}
+            associated = share_associated_data(config, self._node_id, node)
+            ciphertexts.append(Ciphertext(node, aead.encrypt(key, plaintext, associated)))
+        self._peers = {n: PeerKeys(n, ads[n].encryption_key, ads[n].mask_key) for n in ids}
+        self._identities = verified.identities
+        self._graph_seed = seed
+        self._neighbours = frozenset(neighbours)
         self._stage = Stage.SHARE_KEYS
         return ShareKeysReply(config.run_id, config.round, self._node_id, tuple(ciphertexts))
 
@@ -341,11 +454,7 @@ class SecAggClient:
             If any ciphertext fails to authenticate (tampered, replayed, re-labelled).
         """
         self._enter(request, CollectMaskedRequest)
-        try:
-            return self._collect_masked(request, update, rng)
-        except FedsealError:
-            self._failed = True
-            raise
+        return self._guard(lambda: self._collect_masked(request, update, rng))
 
     def _collect_masked(
         self, request: CollectMaskedRequest, update: np.ndarray, rng: np.random.Generator
@@ -395,45 +504,86 @@ class SecAggClient:
         self._stage = Stage.COLLECT_MASKED
         return CollectMaskedReply(config.run_id, config.round, self._node_id, masked)
 
-    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
-        """Stage UNMASK: reveal seed shares of survivors and key shares of dropped neighbours.
+    def consistency(self, request: ConsistencyRequest) -> ConsistencyReply:
+        """Stage CONSISTENCY: sign the survivor set ``U3`` the server says it summed.
+
+        A client signs one survivor set per round (this state machine moves
+        on), so two quorums over different sets cannot both contain it.
 
         Raises
         ------
         ProtocolError
-            If the sets overlap, name non-neighbours, or do not account for
-            exactly the neighbours this client masked with.
+            If ``U3`` names nodes whose advertisements this client did not verify.
         ProtocolAbort
-            If fewer than ``t`` survivors are named.
+            If fewer than ``t`` of the neighbours it holds shares from survived
+            (it could not help unmask anyway), or ``U3`` is smaller than the quorum.
+        """
+        self._enter(request, ConsistencyRequest)
+        return self._guard(lambda: self._consistency(request))
+
+    def _consistency(self, request: ConsistencyRequest) -> ConsistencyReply:
+        config = self._config
+        survivors = request.survivors
+        strangers = set(survivors) - set(self._identities)
+        if strangers:
+            raise ProtocolError(f"survivor set names unverified nodes {sorted(strangers)}")
+        alive = set(self._held) & set(survivors)
+        if len(alive) < config.threshold:
+            raise ProtocolAbort(
+                f"only {len(alive)} surviving neighbours named, fewer than the threshold "
+                f"{config.threshold}; refusing to sign"
+            )
+        if len(survivors) < quorum(config):
+            raise ProtocolAbort(
+                f"{len(survivors)} survivors cannot reach the consistency quorum {quorum(config)}"
+            )
+        if self._graph_seed is None:
+            raise ProtocolError("client has no graph seed")
+        signature = sign(self._identity, consistency_message(config, self._graph_seed, survivors))
+        self._survivors = survivors
+        self._stage = Stage.CONSISTENCY
+        return ConsistencyReply(config.run_id, config.round, self._node_id, signature)
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Stage UNMASK: with a quorum over the signed ``U3``, reveal one share per neighbour.
+
+        For each neighbour it holds shares from: the self-mask seed share if
+        the neighbour is in ``U3`` (survived), else the mask-key share.
+
+        Raises
+        ------
+        ProtocolError
+            If the survivor set differs from the one this client signed, or a
+            signature is invalid, repeated or from a node outside ``U3``.
+        ProtocolAbort
+            If fewer than :func:`~common.secagg.signing.quorum` valid signatures arrive.
         """
         self._enter(request, UnmaskRequest)
-        try:
-            return self._unmask(request)
-        except FedsealError:
-            self._failed = True
-            raise
+        return self._guard(lambda: self._unmask(request))
 
     def _unmask(self, request: UnmaskRequest) -> UnmaskReply:
         config = self._config
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        strangers = (survivors | dropped) - self._neighbours
-        if strangers:
-            raise ProtocolError(f"unmask request names non-neighbours {sorted(strangers)}")
-        if survivors & dropped:
-            raise ProtocolError(
-                f"unmask request names nodes both survived and dropped: {sorted(survivors & dropped)}"
-            )
-        if survivors | dropped != set(self._held):
-            raise ProtocolError(
-                "unmask request does not account for exactly the neighbours this client masked with"
-            )
-        if len(survivors) < config.threshold:
+        if request.survivors != self._survivors or self._graph_seed is None:
+            raise ProtocolError("unmask request's survivor set is not the one this site signed")
+        message = consistency_message(config, self._graph_seed, self._survivors)
+        members = set(self._survivors)
+        for signed in request.signatures:
+            if signed.node_id not in members:
+                raise ProtocolError(f"consistency signature from node {signed.node_id}, not a survivor")
+            if not verifies(self._identities[signed.node_id], message, signed.signature):
+                raise ProtocolError(
+                    f"consistency signature of node {signed.node_id} does not verify"
+                )
+        needed = quorum(config)
+        if len(request.signatures) < needed:
             raise ProtocolAbort(
-                f"only {len(survivors)} surviving neighbours named, fewer than the threshold "
-                f"{config.threshold}; refusing to unmask"
+                f"{len(request.signatures)} consistency signatures, fewer than the quorum "
+                f"{needed}; refusing to unmask"
             )
-        seed_shares = tuple(RevealedShare(v, self._held[v][1]) for v in request.survivors)
-        key_shares = tuple(RevealedShare(v, self._held[v][0]) for v in request.dropped)
+        survivors = sorted(set(self._held) & members)
+        dropped = sorted(set(self._held) - members)
+        seed_shares = tuple(RevealedShare(v, self._held[v][1]) for v in survivors)
+        key_shares = tuple(RevealedShare(v, self._held[v][0]) for v in dropped)
         self._held = {}
         self._stage = Stage.UNMASK
         return UnmaskReply(config.run_id, config.round, self._node_id, seed_shares, key_shares)
@@ -444,16 +594,24 @@ class SecAggClient:
         The sealing key is HKDF(key, client-state label, run, round, node) and
         the associated data binds the configuration digest and node id, so a
         blob opens only for the same node and the same round configuration.
+        The identity key is not in it (the site holds it).
 
         Raises
         ------
         ConfigurationError
             If ``key`` is not 32 bytes.
         """
-        header = _STATE_HEAD.pack(int(self._stage), int(self._failed), int(self._seed is not None))
+        secrets = self._encryption is not None and self._mask is not None and self._seed is not None
+        header = _STATE_HEAD.pack(
+            int(self._stage), int(self._failed), int(secrets), int(self._graph_seed is not None)
+        )
         parts = [header]
         if self._encryption is not None and self._mask is not None and self._seed is not None:
             parts += [private_bytes(self._encryption), private_bytes(self._mask), self._seed]
+        if self._graph_seed is not None:
+            parts.append(self._graph_seed)
+        parts.append(_U32.pack(len(self._identities)))
+        parts += [_STATE_MEMBER.pack(n, i) for n, i in sorted(self._identities.items())]
         parts.append(_U32.pack(len(self._peers)))
         parts += [
             _STATE_PEER.pack(p.node_id, p.encryption_key, p.mask_key) for p in self._peers.values()
@@ -463,6 +621,8 @@ class SecAggClient:
             _STATE_HELD.pack(node, encode_value(k), encode_value(s))
             for node, (k, s) in self._held.items()
         ]
+        parts.append(_U32.pack(len(self._survivors)))
+        parts.append(struct.pack(f">{len(self._survivors)}Q", *self._survivors))
         return aead.encrypt(
             _state_key(key, self._config, self._node_id),
             b"".join(parts),
@@ -470,8 +630,18 @@ class SecAggClient:
         )
 
     @classmethod
-    def open(cls, blob: bytes, key: bytes, node_id: int, config: SecAggConfig) -> SecAggClient:
-        """Restore a client sealed by :meth:`seal`.
+    def open(
+        cls,
+        blob: bytes,
+        key: bytes,
+        node_id: int,
+        config: SecAggConfig,
+        identity: Ed25519PrivateKey,
+        members: frozenset[bytes],
+        *,
+        min_verified: int = 2,
+    ) -> SecAggClient:
+        """Restore a client sealed by :meth:`seal` (with the site's identity and roster).
 
         Raises
         ------
@@ -479,7 +649,7 @@ class SecAggClient:
             If the blob does not authenticate under this key, node and
             configuration, or its content is malformed.
         """
-        client = cls(node_id, config)
+        client = cls(node_id, config, identity, members, min_verified=min_verified)
         plaintext = aead.decrypt(
             _state_key(key, config, node_id), blob, _state_associated_data(config, node_id)
         )
@@ -490,7 +660,7 @@ class SecAggClient:
         return client
 
     def _restore(self, data: bytes) -> None:
-        stage, failed, has_secrets = _STATE_HEAD.unpack_from(data)
+        stage, failed, has_secrets, has_graph = _STATE_HEAD.unpack_from(data)
         offset = _STATE_HEAD.size
         self._stage = Stage(stage)
         self._failed = bool(failed)
@@ -501,6 +671,15 @@ class SecAggClient:
             )
             self._seed = data[offset + 2 * KEY_SIZE : offset + 2 * KEY_SIZE + SEED_SIZE]
             offset += 2 * KEY_SIZE + SEED_SIZE
+        if has_graph:
+            self._graph_seed = data[offset : offset + SEED_SIZE]
+            offset += SEED_SIZE
+        (count,) = _U32.unpack_from(data, offset)
+        offset += _U32.size
+        for _ in range(count):
+            node, identity = _STATE_MEMBER.unpack_from(data, offset)
+            self._identities[node] = identity
+            offset += _STATE_MEMBER.size
         (count,) = _U32.unpack_from(data, offset)
         offset += _U32.size
         for _ in range(count):
@@ -513,8 +692,15 @@ class SecAggClient:
             node, k, s = _STATE_HELD.unpack_from(data, offset)
             self._held[node] = (decode_value(k), decode_value(s))
             offset += _STATE_HELD.size
+        (count,) = _U32.unpack_from(data, offset)
+        offset += _U32.size
+        self._survivors = tuple(struct.unpack_from(f">{count}Q", data, offset))
+        offset += 8 * count
         if offset != len(data):
             raise ValueError("trailing bytes")
+        if self._graph_seed is not None:
+            graph = neighbour_graph(self._config, self._graph_seed)
+            self._neighbours = graph[self._node_id] & frozenset(self._identities)
 
 
 def _state_key(key: bytes, config: SecAggConfig, node_id: int) -> bytes:

@@ -15,19 +15,28 @@ secret: authenticity of shares is the AEAD's job (:mod:`common.crypto.aead`).
 Layout (big-endian integers; the masked vector little-endian)::
 
     header  = "fsam" | u8 version | u8 kind | u64 run | u64 round | u64 node
+    ad      = 32 enc_pk | 32 mask_pk | 32 seed_commitment | 32 identity_pk | 64 signature
     kind 1  AdvertiseKeysRequest   header
-    kind 2  AdvertiseKeysReply     header | 32 enc_pk | 32 mask_pk | 32 seed_commitment
-    kind 3  ShareKeysRequest       header | u32 c | c x (u64 node | 32 enc_pk | 32 mask_pk)
+    kind 2  AdvertiseKeysReply     header | ad
+    kind 3  ShareKeysRequest       header | u32 a | a x (u64 node | ad)
     kind 4  ShareKeysReply         header | u32 c | c x (u64 receiver | 160 ciphertext)
     kind 5  CollectMaskedRequest   header | u32 c | c x (u64 sender | 160 ciphertext)
     kind 6  CollectMaskedReply     header | d x (u32 or u64) masked vector
-    kind 7  UnmaskRequest          header | u32 s | u32 r | s x u64 survivor | r x u64 dropped
+    kind 9  ConsistencyRequest     header | u32 s | s x u64 survivor
+    kind 10 ConsistencyReply       header | 64 signature
+    kind 7  UnmaskRequest          header | u32 s | u32 m | s x u64 survivor
+                                          | m x (u64 signer | 64 signature)
     kind 8  UnmaskReply            header | u32 s | u32 r | s x (u64 owner | 66 seed share)
                                           | r x (u64 owner | 66 key share)
 
-``node`` is the client a request is for or a reply is from. Version 2 (the
-header's version byte, :data:`~common.secagg.params.PROTOCOL_VERSION`) added
-``seed_commitment`` to kind 2; a version-1 message is rejected by its header.
+``node`` is the client a request is for or a reply is from. Version 3 (the
+header's version byte, :data:`~common.secagg.params.PROTOCOL_VERSION`) signs
+advertisements with the site's identity key, hands every site all verified
+advertisements (kind 3, its own included, ``a <= n``), adds the consistency
+round (kinds 9, 10) and replaces the unmask request's per-node lists by the
+signed survivor set ``U3`` and the consistency signatures (``s, m <= n``);
+see :mod:`common.secagg.signing`. Version 2 added ``seed_commitment``; a
+message of another version is rejected by its header.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from common.crypto.prg import RingArray
 from common.crypto.shamir import PRIME, VALUE_SIZE
 from common.errors import ProtocolError
 from common.secagg.params import PROTOCOL_VERSION, SecAggConfig
+from common.secagg.signing import IDENTITY_KEY_SIZE, SIGNATURE_SIZE
 from common.secagg.stages import Stage
 
 MAGIC = b"fsam"
@@ -132,8 +142,23 @@ def _read_count(data: bytes, offset: int, limit: int, name: str) -> int:
         raise ProtocolError(f"{name}: truncated before its count")
     (count,) = _U32.unpack_from(data, offset)
     if count > limit:
-        raise ProtocolError(f"{name}: {count} entries exceed the neighbour degree {limit}")
+        raise ProtocolError(f"{name}: {count} entries exceed the limit {limit}")
     return int(count)
+
+
+def _check_member_ids(ids: object, own: int, what: str) -> None:
+    """Strictly increasing valid node ids that include ``own`` (a set of cohort members)."""
+    if type(ids) is not tuple:
+        raise ProtocolError(f"{what} must be a tuple")
+    previous = -1
+    for node in ids:
+        if not _is_u64(node) or node == 0:
+            raise ProtocolError(f"{what}: invalid node id {node!r}")
+        if node <= previous:
+            raise ProtocolError(f"{what}: node ids must be strictly increasing (no duplicates)")
+        previous = node
+    if own not in ids:
+        raise ProtocolError(f"{what}: does not include the message's own node {own}")
 
 
 def _expect_size(data: bytes, size: int, name: str) -> None:
@@ -160,6 +185,48 @@ class PeerKeys:
             raise ProtocolError(f"invalid node id {self.node_id!r}")
         _check_bytes(self.encryption_key, KEY_SIZE, "an encryption public key")
         _check_bytes(self.mask_key, KEY_SIZE, "a mask public key")
+
+
+@dataclass(frozen=True, slots=True)
+class Advertisement:
+    """One site's signed key advertisement, as the coordinator relays it (protocol v3)."""
+
+    node_id: int
+    encryption_key: bytes
+    mask_key: bytes
+    commitment: bytes
+    identity_key: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        if not _is_u64(self.node_id):
+            raise ProtocolError(f"invalid node id {self.node_id!r}")
+        _check_bytes(self.encryption_key, KEY_SIZE, "an encryption public key")
+        _check_bytes(self.mask_key, KEY_SIZE, "a mask public key")
+        _check_bytes(self.commitment, COMMITMENT_SIZE, "a seed commitment")
+        _check_bytes(self.identity_key, IDENTITY_KEY_SIZE, "an identity public key")
+        _check_bytes(self.signature, SIGNATURE_SIZE, "an advertisement signature")
+
+    def encode(self) -> bytes:
+        """The entry's wire bytes (also what the graph seed hashes)."""
+        return _AD.pack(
+            self.node_id,
+            self.encryption_key,
+            self.mask_key,
+            self.commitment,
+            self.identity_key,
+            self.signature,
+        )
+
+    def fields(self) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+        """(encryption key, mask key, commitment, identity key, signature)."""
+        return (
+            self.encryption_key,
+            self.mask_key,
+            self.commitment,
+            self.identity_key,
+            self.signature,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,85 +293,106 @@ class AdvertiseKeysReply:
 
     ``commitment`` is :func:`~common.crypto.commitment.commit_seed` of the
     client's self-mask seed; the server accepts a reconstructed seed only if it
-    opens it.
+    opens it. ``signature`` is the site's identity signature over
+    :func:`~common.secagg.signing.advertisement_message` (verified by every
+    site that receives it, not here).
     """
 
     STAGE: ClassVar[Stage] = Stage.ADVERTISE_KEYS
     KIND: ClassVar[int] = 2
-    SIZE: ClassVar[int] = HEADER.size + 2 * KEY_SIZE + COMMITMENT_SIZE
+    SIZE: ClassVar[int] = HEADER.size + 2 * KEY_SIZE + COMMITMENT_SIZE + 96
     run_id: int
     round: int
     node_id: int
     encryption_key: bytes
     mask_key: bytes
     commitment: bytes
+    identity_key: bytes
+    signature: bytes
 
     def __post_init__(self) -> None:
         _check_header_fields(self.run_id, self.round, self.node_id)
-        _check_bytes(self.encryption_key, KEY_SIZE, "an encryption public key")
-        _check_bytes(self.mask_key, KEY_SIZE, "a mask public key")
-        _check_bytes(self.commitment, COMMITMENT_SIZE, "a seed commitment")
+        self.advertisement()  # checks every field's size
+
+    def advertisement(self) -> Advertisement:
+        """This reply as the entry the coordinator relays to every site."""
+        return Advertisement(
+            self.node_id,
+            self.encryption_key,
+            self.mask_key,
+            self.commitment,
+            self.identity_key,
+            self.signature,
+        )
 
     def encode(self) -> bytes:
         """Wire bytes (see the module docstring)."""
         head = _header(self.KIND, self.run_id, self.round, self.node_id)
-        return head + self.encryption_key + self.mask_key + self.commitment
+        return head + self.advertisement().encode()[_U64.size :]
 
     @classmethod
     def decode(cls, data: bytes, config: SecAggConfig) -> AdvertiseKeysReply:
         """Validate and parse; raises ProtocolError on any deviation."""
         data, node = _read_header(data, config, cls.KIND, cls.__name__)
         _expect_size(data, cls.SIZE, cls.__name__)
-        offset = HEADER.size
-        return cls(
-            config.run_id,
-            config.round,
-            node,
-            data[offset : offset + KEY_SIZE],
-            data[offset + KEY_SIZE : offset + 2 * KEY_SIZE],
-            data[offset + 2 * KEY_SIZE : offset + 2 * KEY_SIZE + COMMITMENT_SIZE],
+        _, enc, mask, commitment, identity, signature = _AD.unpack(
+            _U64.pack(node) + data[HEADER.size :]
         )
+        return cls(config.run_id, config.round, node, enc, mask, commitment, identity, signature)
 
 
-_PEER = struct.Struct(f">Q{KEY_SIZE}s{KEY_SIZE}s")
+_AD = struct.Struct(
+    f">Q{KEY_SIZE}s{KEY_SIZE}s{COMMITMENT_SIZE}s{IDENTITY_KEY_SIZE}s{SIGNATURE_SIZE}s"
+)
+_SIGNED = struct.Struct(f">Q{SIGNATURE_SIZE}s")
 _CIPHER = struct.Struct(f">Q{CIPHERTEXT_SIZE}s")
 _SHARE = struct.Struct(f">Q{VALUE_SIZE}s")
 
 
 @dataclass(frozen=True, slots=True)
 class ShareKeysRequest:
-    """Server -> client: the public keys of its live neighbours (stage SHARE_KEYS)."""
+    """Server -> client: every advertisement the server accepted, its own included (SHARE_KEYS).
+
+    The client verifies them all (:func:`~common.secagg.signing.verify_advertisements`),
+    derives the graph seed from them and shares with its neighbours among them.
+    """
 
     STAGE: ClassVar[Stage] = Stage.SHARE_KEYS
     KIND: ClassVar[int] = 3
     run_id: int
     round: int
     node_id: int
-    peers: tuple[PeerKeys, ...]
+    advertisements: tuple[Advertisement, ...]
 
     def __post_init__(self) -> None:
         _check_header_fields(self.run_id, self.round, self.node_id)
-        _check_entries(self.peers, PeerKeys, "node_id", self.node_id, "peer keys")
+        if type(self.advertisements) is not tuple or not all(
+            type(a) is Advertisement for a in self.advertisements
+        ):
+            raise ProtocolError("advertisements must be a tuple of Advertisement")
+        _check_member_ids(
+            tuple(a.node_id for a in self.advertisements), self.node_id, "advertisements"
+        )
 
     def encode(self) -> bytes:
         """Wire bytes (see the module docstring)."""
         parts = [_header(self.KIND, self.run_id, self.round, self.node_id)]
-        parts.append(_U32.pack(len(self.peers)))
-        parts += [_PEER.pack(p.node_id, p.encryption_key, p.mask_key) for p in self.peers]
+        parts.append(_U32.pack(len(self.advertisements)))
+        parts += [a.encode() for a in self.advertisements]
         return b"".join(parts)
 
     @classmethod
     def decode(cls, data: bytes, config: SecAggConfig) -> ShareKeysRequest:
         """Validate and parse; raises ProtocolError on any deviation."""
         data, node = _read_header(data, config, cls.KIND, cls.__name__)
-        count = _read_count(data, HEADER.size, config.neighbours, cls.__name__)
+        count = _read_count(data, HEADER.size, config.size, cls.__name__)
         start = HEADER.size + _U32.size
-        _expect_size(data, start + count * _PEER.size, cls.__name__)
-        peers = tuple(
-            PeerKeys(*_PEER.unpack_from(data, start + i * _PEER.size)) for i in range(count)
+        _expect_size(data, start + count * _AD.size, cls.__name__)
+        ads = tuple(
+            Advertisement(*_AD.unpack_from(data, start + i * _AD.size)) for i in range(count)
         )
-        _in_cohort([p.node_id for p in peers], config, cls.__name__)
-        return cls(config.run_id, config.round, node, peers)
+        _in_cohort([a.node_id for a in ads], config, cls.__name__)
+        return cls(config.run_id, config.round, node, ads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,8 +527,87 @@ class CollectMaskedReply:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsistencyRequest:
+    """Server -> client: the survivor set ``U3`` to sign (stage CONSISTENCY, protocol v3)."""
+
+    STAGE: ClassVar[Stage] = Stage.CONSISTENCY
+    KIND: ClassVar[int] = 9
+    run_id: int
+    round: int
+    node_id: int
+    survivors: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_header_fields(self.run_id, self.round, self.node_id)
+        _check_member_ids(self.survivors, self.node_id, "survivors")
+
+    def encode(self) -> bytes:
+        """Wire bytes (see the module docstring)."""
+        head = _header(self.KIND, self.run_id, self.round, self.node_id)
+        ids = self.survivors
+        return head + _U32.pack(len(ids)) + struct.pack(f">{len(ids)}Q", *ids)
+
+    @classmethod
+    def decode(cls, data: bytes, config: SecAggConfig) -> ConsistencyRequest:
+        """Validate and parse; raises ProtocolError on any deviation."""
+        data, node = _read_header(data, config, cls.KIND, cls.__name__)
+        count = _read_count(data, HEADER.size, config.size, cls.__name__)
+        start = HEADER.size + _U32.size
+        _expect_size(data, start + 8 * count, cls.__name__)
+        ids = struct.unpack_from(f">{count}Q", data, start)
+        _in_cohort(ids, config, cls.__name__)
+        return cls(config.run_id, config.round, node, tuple(ids))
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyReply:
+    """Client -> server: its identity signature over the survivor set (stage CONSISTENCY)."""
+
+    STAGE: ClassVar[Stage] = Stage.CONSISTENCY
+    KIND: ClassVar[int] = 10
+    SIZE: ClassVar[int] = HEADER.size + SIGNATURE_SIZE
+    run_id: int
+    round: int
+    node_id: int
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_header_fields(self.run_id, self.round, self.node_id)
+        _check_bytes(self.signature, SIGNATURE_SIZE, "a consistency signature")
+
+    def encode(self) -> bytes:
+        """Wire bytes (see the module docstring)."""
+        return _header(self.KIND, self.run_id, self.round, self.node_id) + self.signature
+
+    @classmethod
+    def decode(cls, data: bytes, config: SecAggConfig) -> ConsistencyReply:
+        """Validate and parse; raises ProtocolError on any deviation."""
+        data, node = _read_header(data, config, cls.KIND, cls.__name__)
+        _expect_size(data, cls.SIZE, cls.__name__)
+        return cls(config.run_id, config.round, node, data[HEADER.size :])
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A survivor's consistency signature, as the server relays it."""
+
+    node_id: int
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        if not _is_u64(self.node_id) or self.node_id == 0:
+            raise ProtocolError(f"invalid node id {self.node_id!r}")
+        _check_bytes(self.signature, SIGNATURE_SIZE, "a consistency signature")
+
+
+@dataclass(frozen=True, slots=True)
 class UnmaskRequest:
-    """Server -> client: which neighbours survived and which dropped (stage UNMASK)."""
+    """Server -> client: the signed survivor set and the signatures over it (stage UNMASK).
+
+    Which of its neighbours survived or dropped the client derives from
+    ``survivors`` itself; it reveals only if ``signatures`` hold a quorum
+    over the very set it signed (:mod:`common.secagg.signing`).
+    """
 
     STAGE: ClassVar[Stage] = Stage.UNMASK
     KIND: ClassVar[int] = 7
@@ -448,30 +615,46 @@ class UnmaskRequest:
     round: int
     node_id: int
     survivors: tuple[int, ...]
-    dropped: tuple[int, ...]
+    signatures: tuple[Signed, ...]
 
     def __post_init__(self) -> None:
         _check_header_fields(self.run_id, self.round, self.node_id)
-        _check_ids(self.survivors, self.node_id, "survivors")
-        _check_ids(self.dropped, self.node_id, "dropped")
+        _check_member_ids(self.survivors, self.node_id, "survivors")
+        if type(self.signatures) is not tuple or not all(
+            type(s) is Signed for s in self.signatures
+        ):
+            raise ProtocolError("signatures must be a tuple of Signed")
+        signers = tuple(s.node_id for s in self.signatures)
+        if list(signers) != sorted(set(signers)):
+            raise ProtocolError("signers: node ids must be strictly increasing (no duplicates)")
 
     def encode(self) -> bytes:
         """Wire bytes (see the module docstring)."""
         head = _header(self.KIND, self.run_id, self.round, self.node_id)
-        counts = _COUNTS.pack(len(self.survivors), len(self.dropped))
-        ids = self.survivors + self.dropped
-        return head + counts + struct.pack(f">{len(ids)}Q", *ids)
+        counts = _COUNTS.pack(len(self.survivors), len(self.signatures))
+        ids = struct.pack(f">{len(self.survivors)}Q", *self.survivors)
+        return b"".join(
+            [head, counts, ids, *(_SIGNED.pack(s.node_id, s.signature) for s in self.signatures)]
+        )
 
     @classmethod
     def decode(cls, data: bytes, config: SecAggConfig) -> UnmaskRequest:
         """Validate and parse; raises ProtocolError on any deviation."""
         data, node = _read_header(data, config, cls.KIND, cls.__name__)
-        survivors_n, dropped_n = _read_counts(data, config, cls.__name__)
+        if len(data) < HEADER.size + _COUNTS.size:
+            raise ProtocolError(f"{cls.__name__}: truncated before its counts")
+        survivors_n, signed_n = _COUNTS.unpack_from(data, HEADER.size)
+        if survivors_n > config.size or signed_n > config.size:
+            raise ProtocolError(f"{cls.__name__}: more entries than the cohort has members")
         start = HEADER.size + _COUNTS.size
-        _expect_size(data, start + 8 * (survivors_n + dropped_n), cls.__name__)
-        ids = struct.unpack_from(f">{survivors_n + dropped_n}Q", data, start)
-        _in_cohort(ids, config, cls.__name__)
-        return cls(config.run_id, config.round, node, ids[:survivors_n], ids[survivors_n:])
+        _expect_size(data, start + 8 * survivors_n + signed_n * _SIGNED.size, cls.__name__)
+        ids = struct.unpack_from(f">{survivors_n}Q", data, start)
+        offset = start + 8 * survivors_n
+        signed = tuple(
+            Signed(*_SIGNED.unpack_from(data, offset + i * _SIGNED.size)) for i in range(signed_n)
+        )
+        _in_cohort([*ids, *(s.node_id for s in signed)], config, cls.__name__)
+        return cls(config.run_id, config.round, node, tuple(ids), signed)
 
 
 def _read_counts(data: bytes, config: SecAggConfig, name: str) -> tuple[int, int]:
@@ -537,6 +720,8 @@ Message: TypeAlias = (
     | ShareKeysReply
     | CollectMaskedRequest
     | CollectMaskedReply
+    | ConsistencyRequest
+    | ConsistencyReply
     | UnmaskRequest
     | UnmaskReply
 )
@@ -547,6 +732,8 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
     ShareKeysReply,
     CollectMaskedRequest,
     CollectMaskedReply,
+    ConsistencyRequest,
+    ConsistencyReply,
     UnmaskRequest,
     UnmaskReply,
 )

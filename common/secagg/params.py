@@ -29,15 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from common.crypto.prg import SEED_SIZE, ring_dtype
+from common.crypto.prg import ring_dtype
 from common.errors import ConfigurationError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Wire version of this implementation: the message header's and the encoded
 configuration's version byte, also bound into every share's AEAD associated
 data and every sealed client state (via the configuration digest), so a
 message or ciphertext of another version is rejected.
 
+3: authenticated SecAgg+ (:mod:`common.secagg.signing`): advertisements
+signed by roster identities, the neighbour-graph seed derived from them
+(the configuration no longer carries a server-chosen seed), a signed
+consistency round before unmasking.
 2: ``AdvertiseKeysReply`` carries a commitment to the self-mask seed.
 1: initial format. The key-derivation labels carry their own version (``v1``
 in :mod:`common.crypto.kdf`); their derivations are unchanged in version 2.
@@ -48,12 +52,14 @@ MIN_BITS = 8
 MAX_BITS = 53
 """Up to 53 bits so that every quantised sum is exact in a float64 mantissa."""
 MAX_COHORT = 65_536
+IDENTITY_SIZE = 32
+"""A roster identity key: raw Ed25519 public bytes."""
 MAX_VECTOR_LENGTH = 2**32 - 1
 _U64_MAX = 2**64 - 1
 
 _MAGIC = b"fsac"
 _HEAD = struct.Struct(">4sBQQI")
-_TAIL = struct.Struct(">II32sIdBd")
+_TAIL = struct.Struct(">IIIdBd")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +74,15 @@ class SecAggConfig:
         The run and round this configuration belongs to (bound into every key and message).
     cohort : tuple[int, ...]
         The sorted, distinct node ids invited to the round.
+    identities : tuple[bytes, ...]
+        The roster identity key (32 raw Ed25519 bytes) of each cohort node, in
+        cohort order, all distinct (protocol v3). Every advertisement signs
+        this configuration's digest, so all honest sites that exchange shares
+        bind each node id to the same identity (:mod:`common.secagg.signing`).
     threshold : int
         ``t``: shares needed to reconstruct a node's secret; minimum live neighbours.
     neighbours : int
         ``k``: degree of the neighbour graph.
-    graph_seed : bytes
-        32 public bytes fixing the neighbour graph, chosen before keys are seen.
     vector_length : int
         Number of coordinates ``d`` of every input.
     value_bound : float
@@ -88,9 +97,9 @@ class SecAggConfig:
     run_id: int
     round: int
     cohort: tuple[int, ...]
+    identities: tuple[bytes, ...]
     threshold: int
     neighbours: int
-    graph_seed: bytes
     vector_length: int
     value_bound: float
     bits: int
@@ -129,6 +138,16 @@ class SecAggConfig:
             raise ConfigurationError(f"node {node_id} is not in the cohort")
         return position + 1
 
+    def identity_of(self, node_id: int) -> bytes:
+        """The roster identity key the configuration binds to ``node_id``.
+
+        Raises
+        ------
+        ConfigurationError
+            If ``node_id`` is not in the cohort.
+        """
+        return self.identities[self.share_index(node_id) - 1]
+
     def contains(self, node_id: object) -> bool:
         """Whether ``node_id`` is an int (not bool) naming a cohort member."""
         if type(node_id) is not int:
@@ -139,11 +158,10 @@ class SecAggConfig:
     def encode(self) -> bytes:
         """Canonical bytes of this configuration (big-endian, fixed layout)."""
         head = _HEAD.pack(_MAGIC, self.version, self.run_id, self.round, len(self.cohort))
-        ids = struct.pack(f">{len(self.cohort)}Q", *self.cohort)
+        ids = struct.pack(f">{len(self.cohort)}Q", *self.cohort) + b"".join(self.identities)
         tail = _TAIL.pack(
             self.threshold,
             self.neighbours,
-            self.graph_seed,
             self.vector_length,
             self.value_bound,
             self.bits,
@@ -169,21 +187,26 @@ class SecAggConfig:
         magic, version, run_id, round_, count = _HEAD.unpack_from(data)
         if magic != _MAGIC or version != PROTOCOL_VERSION:
             raise ConfigurationError("secure-aggregation configuration: unknown format or version")
-        if count > MAX_COHORT or len(data) != _HEAD.size + 8 * count + _TAIL.size:
+        entry = 8 + IDENTITY_SIZE
+        if count > MAX_COHORT or len(data) != _HEAD.size + entry * count + _TAIL.size:
             raise ConfigurationError("secure-aggregation configuration: wrong size")
         cohort = struct.unpack_from(f">{count}Q", data, _HEAD.size)
-        t, k, seed, d, bound, bits, scale = _TAIL.unpack_from(data, _HEAD.size + 8 * count)
+        start = _HEAD.size + 8 * count
+        identities = [
+            data[start + i * IDENTITY_SIZE : start + (i + 1) * IDENTITY_SIZE] for i in range(count)
+        ]
+        t, k, d, bound, bits, scale = _TAIL.unpack_from(data, _HEAD.size + entry * count)
         if list(cohort) != sorted(set(cohort)):
             raise ConfigurationError("secure-aggregation configuration: cohort not canonical")
         config = make_config(
             run_id=run_id,
             round=round_,
             cohort=cohort,
+            identities=identities,
             threshold=t,
             value_bound=bound,
             vector_length=d,
             bits=bits,
-            graph_seed=seed,
             neighbours=k,
             scale=scale,
         )
@@ -266,11 +289,11 @@ def make_config(
     run_id: int,
     round: int,
     cohort: Sequence[int],
+    identities: Sequence[bytes],
     threshold: float | int,
     value_bound: float,
     vector_length: int,
     bits: int = 32,
-    graph_seed: bytes,
     neighbours: int | None = None,
     scale: float | None = None,
 ) -> SecAggConfig:
@@ -282,6 +305,9 @@ def make_config(
         In [0, 2^64).
     cohort : Sequence[int]
         At least 2 distinct node ids in [1, 2^64); stored sorted.
+    identities : Sequence[bytes]
+        Each cohort node's 32-byte roster identity key, in the order of
+        ``cohort`` as given (reordered with it); all distinct.
     threshold : float or int
         A float in (0.5, 1] is a fraction of the neighbour degree
         (``t = ceil(fraction * k)``); an int is the count ``t`` itself.
@@ -291,8 +317,6 @@ def make_config(
         ``d`` in [1, 2^32).
     bits : int
         Ring size exponent ``b`` in [8, 53]; 32 (uint32 words) is fastest.
-    graph_seed : bytes
-        32 public random bytes, fixed before clients advertise keys.
     neighbours : int or None
         Degree ``k``; default ``ceil(3 log2 n)`` rounded up to even and at
         least ``t``, or ``n - 1`` when that is not smaller.
@@ -313,6 +337,14 @@ def make_config(
     if len(set(ids)) != len(ids) or 0 in ids:
         raise ConfigurationError("cohort node ids must be distinct and non-zero")
     n = len(ids)
+    if isinstance(identities, str | bytes) or not isinstance(identities, Sequence):
+        raise ConfigurationError("identities must be a sequence of 32-byte keys")
+    keys = tuple(identities)
+    if len(keys) != n or any(type(k) is not bytes or len(k) != IDENTITY_SIZE for k in keys):
+        raise ConfigurationError(f"identities must be {n} keys of exactly {IDENTITY_SIZE} bytes")
+    if len(set(keys)) != n:
+        raise ConfigurationError("every cohort node needs its own identity (two share one)")
+    bound_to = dict(zip(ids, keys, strict=True))
     if not 2 <= n <= MAX_COHORT:
         raise ConfigurationError(f"a secure-aggregation cohort needs 2..{MAX_COHORT} clients")
     if type(bits) is not int or not MIN_BITS <= bits <= MAX_BITS:
@@ -329,8 +361,6 @@ def make_config(
     ):
         raise ConfigurationError(f"value_bound must be positive and finite, got {value_bound!r}")
     bound = float(value_bound)
-    if type(graph_seed) is not bytes or len(graph_seed) != SEED_SIZE:
-        raise ConfigurationError(f"graph_seed must be exactly {SEED_SIZE} bytes")
 
     t, k = resolve_threshold(threshold, n, neighbours)
     if type(k) is not int or not 1 <= k <= n - 1:
@@ -350,9 +380,9 @@ def make_config(
         run_id=run_id,
         round=round,
         cohort=tuple(sorted(ids)),
+        identities=tuple(bound_to[node] for node in sorted(ids)),
         threshold=t,
         neighbours=k,
-        graph_seed=graph_seed,
         vector_length=vector_length,
         value_bound=bound,
         bits=bits,

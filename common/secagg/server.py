@@ -1,5 +1,14 @@
 """The server side of a SecAgg+ round as a pure state machine.
 
+Protocol v3 (authenticated, :mod:`common.secagg.signing`): the server relays
+every verified, signed advertisement to every live site, derives the graph
+from them as each site does, and runs the consistency round between the
+masked inputs and unmasking. An honest server also filters what a faulty or
+malicious *site* sends: an advertisement not signed by a distinct roster
+member (``members``), colliding public keys, or a consistency signature that
+does not verify takes only that site out of the round, named in
+:attr:`SecAggServer.rejected` (the sites would otherwise refuse the round).
+
 Guarantee: if every client follows the protocol, :meth:`SecAggServer.receive_unmask`
 returns exactly ``sum_{u in U3} q_u (mod 2^b)``, the sum of the quantised
 inputs of the clients whose masked vectors arrived (``U3``), lifted to signed
@@ -63,20 +72,36 @@ from common.secagg.messages import (
     Ciphertext,
     CollectMaskedReply,
     CollectMaskedRequest,
-    PeerKeys,
+    ConsistencyReply,
+    ConsistencyRequest,
     ShareKeysReply,
     ShareKeysRequest,
+    Signed,
     UnmaskReply,
     UnmaskRequest,
 )
 from common.secagg.params import SecAggConfig
 from common.secagg.quantize import dequantize_sum
+from common.secagg.signing import (
+    consistency_message,
+    graph_seed,
+    quorum,
+    verifies,
+    verify_advertisements,
+)
 from common.secagg.stages import Stage, check_transition
 
 RECONSTRUCTION_ATTEMPTS = 1024
 """Bound on the ``t``-subsets tried per secret (reached only with several wrong shares)."""
 
-_Reply = TypeVar("_Reply", AdvertiseKeysReply, ShareKeysReply, CollectMaskedReply, UnmaskReply)
+_Reply = TypeVar(
+    "_Reply",
+    AdvertiseKeysReply,
+    ShareKeysReply,
+    CollectMaskedReply,
+    ConsistencyReply,
+    UnmaskReply,
+)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -122,39 +147,50 @@ class SecAggServer:
     """The server's state for one secure-aggregation round.
 
     Call, in order: :meth:`start`, :meth:`receive_advertise_keys`,
-    :meth:`receive_share_keys`, :meth:`receive_masked`, :meth:`receive_unmask`;
-    each consumes the replies that arrived and returns the next per-node
-    requests (the last returns the :class:`AggregateResult`).
+    :meth:`receive_share_keys`, :meth:`receive_masked`,
+    :meth:`receive_consistency`, :meth:`receive_unmask`; each consumes the
+    replies that arrived and returns the next per-node requests (the last
+    returns the :class:`AggregateResult`). ``members`` are the roster's
+    identity keys (None: advertisements are checked for a valid, distinct
+    signature only; the sites still check the roster).
     """
 
     __slots__ = (
         "_config",
         "_failed",
         "_graph",
+        "_identities",
         "_keys",
         "_live",
         "_masked_with",
+        "_members",
+        "_rejected",
         "_requested",
-        "_routed",
+        "_seed",
         "_stage",
         "_sum",
-        "_unmask_requests",
+        "_survivors",
+        "_verified",
     )
 
-    def __init__(self, config: SecAggConfig) -> None:
+    def __init__(self, config: SecAggConfig, members: frozenset[bytes] | None = None) -> None:
         if not isinstance(config, SecAggConfig):
             raise ConfigurationError("config must be a SecAggConfig")
         self._config = config
-        self._graph = neighbour_graph(config)
+        self._members = members
+        self._graph: dict[int, frozenset[int]] = {}
+        self._seed: bytes | None = None
         self._stage = Stage.INIT
         self._failed = False
         self._requested: frozenset[int] = frozenset()
         self._keys: dict[int, AdvertiseKeysReply] = {}
+        self._identities: dict[int, bytes] = {}
+        self._verified: frozenset[int] = frozenset()
         self._live: frozenset[int] = frozenset()
-        self._routed: dict[int, dict[int, bytes]] = {}
         self._masked_with: dict[int, frozenset[int]] = {}
         self._sum: RingArray | None = None
-        self._unmask_requests: dict[int, UnmaskRequest] = {}
+        self._survivors: tuple[int, ...] = ()
+        self._rejected: dict[int, str] = {}
 
     @property
     def config(self) -> SecAggConfig:
@@ -163,8 +199,18 @@ class SecAggServer:
 
     @property
     def graph(self) -> dict[int, frozenset[int]]:
-        """The public neighbour graph (a copy)."""
+        """The neighbour graph derived from the advertisements (a copy; empty before)."""
         return dict(self._graph)
+
+    @property
+    def graph_seed(self) -> bytes | None:
+        """The graph seed derived from the advertisements (None before)."""
+        return self._seed
+
+    @property
+    def rejected(self) -> dict[int, str]:
+        """Sites this server took out of the round for what they sent, with the reason."""
+        return dict(self._rejected)
 
     def _advance(self, following: Stage) -> None:
         if self._failed:
@@ -227,41 +273,53 @@ class SecAggServer:
     def receive_advertise_keys(
         self, replies: Sequence[AdvertiseKeysReply]
     ) -> dict[int, ShareKeysRequest]:
-        """Consume public keys; send each live node its live neighbours' keys.
+        """Verify the signed advertisements, derive the graph, send every live node all of them.
+
+        A site whose advertisement is not signed by a distinct roster member
+        over this configuration, or whose public keys repeat another's, is
+        left out (named in :attr:`rejected`); the graph seed is derived from
+        the rest, as every site will derive it.
 
         Raises
         ------
         ProtocolError
-            On an invalid reply or repeated public keys.
+            On an invalid reply.
         ProtocolAbort
             If fewer than ``t`` usable clients remain.
         """
         received = self._guarded(replies, AdvertiseKeysReply)
+        config = self._config
         try:
-            keys = [k for r in received.values() for k in (r.encryption_key, r.mask_key)]
-            if len(set(keys)) != len(keys):
-                raise ProtocolError("two advertised public keys are equal")
-            live = self._prune(set(received), "ADVERTISE_KEYS")
+            verified = verify_advertisements(
+                config,
+                {u: r.advertisement().fields() for u, r in received.items()},
+                self._members,
+            )
+            self._rejected.update(verified.rejected)
+            owners: dict[bytes, list[int]] = {}
+            for u in verified.identities:
+                for key in (received[u].encryption_key, received[u].mask_key):
+                    owners.setdefault(key, []).append(u)
+            clashing = {u for nodes in owners.values() if len(nodes) > 1 for u in nodes}
+            for u in clashing:
+                self._rejected[u] = "advertised a public key that another site advertised too"
+            accepted = sorted(set(verified.identities) - clashing)
+            self._seed = graph_seed(
+                config, [received[u].advertisement().encode() for u in accepted]
+            )
+            self._graph = neighbour_graph(config, self._seed)
+            self._verified = frozenset(accepted)
+            self._identities = {u: verified.identities[u] for u in accepted}
+            live = self._prune(set(accepted), "ADVERTISE_KEYS")
             self._advance(Stage.SHARE_KEYS)
         except FedsealError:
             self._failed = True
             raise
-        self._keys = {u: received[u] for u in live}
+        self._keys = {u: received[u] for u in accepted}
         self._live = live
         self._requested = live
-        config = self._config
-        return {
-            u: ShareKeysRequest(
-                config.run_id,
-                config.round,
-                u,
-                tuple(
-                    PeerKeys(v, self._keys[v].encryption_key, self._keys[v].mask_key)
-                    for v in sorted(self._graph[u] & live)
-                ),
-            )
-            for u in sorted(live)
-        }
+        ads = tuple(received[u].advertisement() for u in accepted)
+        return {u: ShareKeysRequest(config.run_id, config.round, u, ads) for u in sorted(live)}
 
     def receive_share_keys(
         self, replies: Sequence[ShareKeysReply]
@@ -271,7 +329,7 @@ class SecAggServer:
         Raises
         ------
         ProtocolError
-            If a reply's receivers are not exactly the neighbours it was sent keys for.
+            If a reply's receivers are not exactly its verified neighbours.
         ProtocolAbort
             If fewer than ``t`` usable clients remain.
         """
@@ -279,7 +337,7 @@ class SecAggServer:
         try:
             for u, reply in received.items():
                 receivers = {c.node_id for c in reply.ciphertexts}
-                if receivers != self._graph[u] & self._live:
+                if receivers != self._graph[u] & self._verified:
                     raise ProtocolError(f"node {u} sent shares to the wrong set of nodes")
             live = self._prune(set(received), "SHARE_KEYS")
             self._advance(Stage.COLLECT_MASKED)
@@ -305,25 +363,30 @@ class SecAggServer:
             for u in sorted(live)
         }
 
-    def receive_masked(self, replies: Sequence[CollectMaskedReply]) -> dict[int, UnmaskRequest]:
-        """Consume masked vectors (summing them at once); ask survivors for shares.
+    def receive_masked(
+        self, replies: Sequence[CollectMaskedReply]
+    ) -> dict[int, ConsistencyRequest]:
+        """Consume masked vectors (summing them at once); ask survivors to sign ``U3``.
 
         Raises
         ------
         ProtocolError
             On a vector of the wrong length or type.
         ProtocolAbort
-            If fewer than ``t`` masked vectors arrived, or a survivor has fewer
-            than ``t`` surviving neighbours (its self-mask could not be removed).
+            If fewer masked vectors arrived than the threshold or the
+            consistency quorum, or a survivor has fewer than ``t`` surviving
+            neighbours (its self-mask could not be removed).
         """
         received = self._guarded(replies, CollectMaskedReply)
         config = self._config
         try:
             survivors = frozenset(received)
-            if len(survivors) < config.threshold:
+            needed = max(config.threshold, quorum(config))
+            if len(survivors) < needed:
                 raise ProtocolAbort(
                     f"secure aggregation aborted at COLLECT_MASKED: {len(survivors)} masked "
-                    f"inputs, fewer than the threshold {config.threshold}"
+                    f"inputs, fewer than the threshold {config.threshold} or the consistency "
+                    f"quorum {quorum(config)}"
                 )
             for u in survivors:
                 masked = received[u].masked
@@ -335,7 +398,7 @@ class SecAggServer:
                         f"secure aggregation aborted: node {u} has {len(alive)} surviving "
                         f"neighbours, fewer than the threshold {config.threshold}"
                     )
-            self._advance(Stage.UNMASK)
+            self._advance(Stage.CONSISTENCY)
         except FedsealError:
             self._failed = True
             raise
@@ -345,17 +408,55 @@ class SecAggServer:
         self._sum = total
         self._live = survivors
         self._requested = survivors
-        self._unmask_requests = {
-            u: UnmaskRequest(
-                config.run_id,
-                config.round,
-                u,
-                tuple(sorted(self._masked_with[u] & survivors)),
-                tuple(sorted(self._masked_with[u] - survivors)),
-            )
-            for u in sorted(survivors)
+        self._survivors = tuple(sorted(survivors))
+        return {
+            u: ConsistencyRequest(config.run_id, config.round, u, self._survivors)
+            for u in self._survivors
         }
-        return dict(self._unmask_requests)
+
+    def receive_consistency(
+        self, replies: Sequence[ConsistencyReply]
+    ) -> dict[int, UnmaskRequest]:
+        """Check the survivors' signatures over ``U3``; hand a quorum of them to every signer.
+
+        A signature that does not verify takes only its sender out of the
+        unmask stage (named in :attr:`rejected`); its masked input stays in
+        the sum, its self-mask seed is reconstructed like any survivor's.
+
+        Raises
+        ------
+        ProtocolAbort
+            If fewer than the quorum of valid signatures arrived.
+        """
+        received = self._guarded(replies, ConsistencyReply)
+        config = self._config
+        try:
+            if self._seed is None:
+                raise ProtocolError("no graph seed")
+            message = consistency_message(config, self._seed, self._survivors)
+            valid: list[Signed] = []
+            for u in sorted(received):
+                if verifies(self._identities[u], message, received[u].signature):
+                    valid.append(Signed(u, received[u].signature))
+                else:
+                    self._rejected[u] = "stage consistency: signature does not verify"
+            needed = quorum(config)
+            if len(valid) < needed:
+                raise ProtocolAbort(
+                    f"secure aggregation aborted at CONSISTENCY: {len(valid)} valid signatures, "
+                    f"fewer than the quorum {needed}"
+                )
+            self._advance(Stage.UNMASK)
+        except FedsealError:
+            self._failed = True
+            raise
+        signers = frozenset(s.node_id for s in valid)
+        self._requested = signers
+        quorum_signatures = tuple(valid[:needed])  # each site checks exactly a quorum
+        return {
+            u: UnmaskRequest(config.run_id, config.round, u, self._survivors, quorum_signatures)
+            for u in sorted(signers)
+        }
 
     def receive_unmask(self, replies: Sequence[UnmaskReply]) -> AggregateResult:
         """Reconstruct seeds and dropped keys, remove every mask, return the sum.
@@ -384,10 +485,9 @@ class SecAggServer:
         seed_shares: dict[int, list[Share]] = {u: [] for u in self._live}
         key_shares: dict[int, list[Share]] = {}
         for w, reply in received.items():
-            request = self._unmask_requests[w]
-            if (
-                tuple(s.owner for s in reply.seed_shares) != request.survivors
-                or tuple(s.owner for s in reply.key_shares) != request.dropped
+            held = self._masked_with[w]
+            if tuple(s.owner for s in reply.seed_shares) != tuple(sorted(held & self._live)) or (
+                tuple(s.owner for s in reply.key_shares) != tuple(sorted(held - self._live))
             ):
                 rejected[w] = "stage unmask: answered shares for other nodes than asked"
                 continue
@@ -467,5 +567,5 @@ class SecAggServer:
             dropped=tuple(sorted(set(config.cohort) - self._live)),
             threshold=t,
             neighbours=config.neighbours,
-            rejected=dict(sorted(rejected.items())),
+            rejected=dict(sorted({**self._rejected, **rejected}.items())),
         )

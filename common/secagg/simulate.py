@@ -9,10 +9,12 @@ caller can reproduce every quantised input. No network, no Flower.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.errors import DataError, ProtocolError
 from common.secagg.client import SecAggClient
@@ -21,16 +23,39 @@ from common.secagg.messages import (
     AdvertiseKeysRequest,
     CollectMaskedReply,
     CollectMaskedRequest,
+    ConsistencyReply,
+    ConsistencyRequest,
     ShareKeysReply,
     ShareKeysRequest,
     UnmaskReply,
     UnmaskRequest,
 )
-from common.secagg.params import SecAggConfig
+from common.secagg.params import SecAggConfig, make_config
 from common.secagg.server import AggregateResult, SecAggServer
-from common.secagg.stages import Stage
+from common.secagg.signing import public_bytes
+from common.secagg.stages import WIRE_STAGES, Stage
 
-_PROTOCOL_STAGES = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK)
+_PROTOCOL_STAGES = WIRE_STAGES
+
+
+def make_identities(cohort: Sequence[int]) -> dict[int, Ed25519PrivateKey]:
+    """A fresh Ed25519 identity per node (the roster of an in-memory round)."""
+    return {u: Ed25519PrivateKey.generate() for u in cohort}
+
+
+def members_of(identities: Mapping[int, Ed25519PrivateKey]) -> frozenset[bytes]:
+    """The roster's identity public keys."""
+    return frozenset(public_bytes(key) for key in identities.values())
+
+
+def federated_config(
+    **fields: Any,
+) -> tuple[SecAggConfig, dict[int, Ed25519PrivateKey]]:
+    """A configuration (``make_config(**fields)``, without ``identities``) binding a fresh
+    identity to each cohort node, and those identities (an in-memory round's roster)."""
+    keys = make_identities(list(fields["cohort"]))
+    config = make_config(identities=[public_bytes(keys[u]) for u in fields["cohort"]], **fields)
+    return config, keys
 
 
 def client_generators(
@@ -51,6 +76,7 @@ def run_round(
     rng: np.random.Generator,
     *,
     wire: bool = True,
+    identities: Mapping[int, Ed25519PrivateKey],
 ) -> AggregateResult:
     """Run one secure-aggregation round in memory.
 
@@ -66,6 +92,9 @@ def run_round(
         Parent of the clients' rounding generators (see :func:`client_generators`).
     wire : bool
         Encode and decode every message (default) or pass objects directly.
+    identities : Mapping[int, Ed25519PrivateKey]
+        Each node's identity key, the ones ``config`` binds (their public keys
+        form the roster both sides check; :func:`federated_config` makes both).
 
     Raises
     ------
@@ -79,9 +108,12 @@ def run_round(
     for stage, nodes in drop.items():
         if stage not in _PROTOCOL_STAGES or not set(nodes) <= set(config.cohort):
             raise ProtocolError(f"invalid dropout injection at {stage!r}")
+    if set(identities) != set(config.cohort):
+        raise DataError("identities must hold exactly one key per cohort node")
     generators = client_generators(config, rng)
-    clients = {u: SecAggClient(u, config) for u in config.cohort}
-    server = SecAggServer(config)
+    members = members_of(identities)
+    clients = {u: SecAggClient(u, config, identities[u], members) for u in config.cohort}
+    server = SecAggServer(config, members)
     gone: set[int] = set()
 
     def answer(
@@ -109,6 +141,10 @@ def run_round(
         collect,
         lambda u, r: clients[u].collect_masked(r, inputs[u], generators[u]),
     )
-    unmask: Mapping[int, UnmaskRequest] = server.receive_masked(masked)
+    check: Mapping[int, ConsistencyRequest] = server.receive_masked(masked)
+    signed: list[ConsistencyReply] = answer(
+        Stage.CONSISTENCY, check, lambda u, r: clients[u].consistency(r)
+    )
+    unmask: Mapping[int, UnmaskRequest] = server.receive_consistency(signed)
     revealed: list[UnmaskReply] = answer(Stage.UNMASK, unmask, lambda u, r: clients[u].unmask(r))
     return server.receive_unmask(revealed)

@@ -1,7 +1,7 @@
 """Protocol stages and the one table of allowed transitions.
 
 This module is also the one place that names the stages: their wire codes,
-their short labels (``keys``, ``shares``, ``masked``, ``unmask``) and the
+their short labels (``keys``, ``shares``, ``masked``, ``consistency``, ``unmask``) and the
 ClientApp actions that run them (``secagg_<label>``).
 
 Guarantee: a state machine that calls :func:`check_transition` before acting
@@ -31,11 +31,13 @@ class Stage(enum.IntEnum):
     """Clients receive their neighbours' shares and send their masked input."""
     UNMASK = 4
     """Clients reveal seed shares of survivors and key shares of dropped neighbours."""
+    CONSISTENCY = 5
+    """Survivors sign the survivor set (protocol v3); between COLLECT_MASKED and UNMASK."""
 
 
     @property
     def label(self) -> str:
-        """The stage's short name (``keys``, ``shares``, ``masked``, ``unmask``; ``init``)."""
+        """The stage's short name (``keys``, ``shares``, ``masked``, ``consistency``, ``unmask``)."""
         return _LABELS[self]
 
     @property
@@ -62,12 +64,16 @@ class Stage(enum.IntEnum):
 
 ACTION_PREFIX = "secagg_"
 """Every secure-aggregation ClientApp action is ``secagg_<label>``."""
+IDENTITY_ACTION = f"{ACTION_PREFIX}identity"
+"""The query action (``query.secagg_identity``) by which the coordinator learns, once per
+site and run, which roster identity speaks for a node id (before any configuration names it)."""
 
 _LABELS: dict[Stage, str] = {
     Stage.INIT: "init",
     Stage.ADVERTISE_KEYS: "keys",
     Stage.SHARE_KEYS: "shares",
     Stage.COLLECT_MASKED: "masked",
+    Stage.CONSISTENCY: "consistency",
     Stage.UNMASK: "unmask",
 }
 
@@ -75,9 +81,10 @@ WIRE_STAGES: tuple[Stage, ...] = (
     Stage.ADVERTISE_KEYS,
     Stage.SHARE_KEYS,
     Stage.COLLECT_MASKED,
+    Stage.CONSISTENCY,
     Stage.UNMASK,
 )
-"""The four stages that travel as messages, in protocol order."""
+"""The five stages that travel as messages, in protocol order."""
 
 STAGE_LABELS: tuple[str, ...] = tuple(_LABELS[s] for s in WIRE_STAGES)
 """Their short names, in protocol order (the one list CLIs and fault plans offer)."""
@@ -88,7 +95,8 @@ TRANSITIONS: frozenset[tuple[Stage, Stage]] = frozenset(
         (Stage.INIT, Stage.ADVERTISE_KEYS),
         (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS),
         (Stage.SHARE_KEYS, Stage.COLLECT_MASKED),
-        (Stage.COLLECT_MASKED, Stage.UNMASK),
+        (Stage.COLLECT_MASKED, Stage.CONSISTENCY),
+        (Stage.CONSISTENCY, Stage.UNMASK),
     }
 )
 """Every allowed (previous, next) pair; all others are rejected."""

@@ -1,12 +1,17 @@
 """Secure aggregation (SecAgg+) on Flower's Message API: the server learns only the sum.
 
-Drives :class:`common.secagg.SecAggServer` through its four stages, one Grid
-exchange each, one method per stage (as Flower's ``SecAggPlusWorkflow``
-does): :meth:`SecAggAggregator._advertise_keys` and
+Drives :class:`common.secagg.SecAggServer` through its five stages (protocol
+v3, authenticated: :mod:`common.secagg.signing`), one Grid exchange each, one
+method per stage (as Flower's ``SecAggPlusWorkflow`` does):
+:meth:`SecAggAggregator._advertise_keys` and
 :meth:`SecAggAggregator._share_keys` form the *setup*, for one round or, when
 every round has the same cohort, for several rounds at once (one bundle of
-per-round messages per site); :meth:`SecAggAggregator._collect_masked` and
-:meth:`SecAggAggregator._unmask` finish a prepared round.
+per-round messages per site); :meth:`SecAggAggregator._collect_masked`,
+:meth:`SecAggAggregator._consistency` and :meth:`SecAggAggregator._unmask`
+finish a prepared round. The coordinator holds the federation's roster
+(public) and filters advertisements and consistency signatures that do not
+verify, so one faulty site cannot make every honest site refuse the round;
+the sites check everything again themselves.
 
 Every reply is checked on its own before the protocol sees it
 (:class:`server.aggregation.replies.SiteFacts`): a Flower error, an
@@ -19,8 +24,8 @@ holders and named in the outcome (its own masked input, already in the sum,
 stays there).
 
 Why several rounds can share one setup without weakening anything: every
-round still has its own configuration (round number, fresh public graph
-seed) and every client makes fresh key pairs and a fresh self-mask seed per
+round still has its own configuration (round number; its graph seed derived
+from that round's own advertisements) and every client makes fresh key pairs and a fresh self-mask seed per
 round (:class:`common.secagg.SecAggClient`, one per round), so the rounds'
 secrets are independent, exactly as with one setup per round. Only the
 *messages* are batched: one keys exchange carries every round's
@@ -43,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
@@ -61,19 +66,23 @@ from common.records import (
     record_to_bytes,
     vector_to_record,
 )
-from common.rng import secure_bytes
 from common.secagg import AggregateResult, SecAggConfig, SecAggServer, make_config
 from common.secagg.messages import (
     AdvertiseKeysReply,
     CollectMaskedReply,
+    ConsistencyReply,
     ShareKeysReply,
     UnmaskReply,
 )
-from common.secagg.stages import Stage
+from common.secagg.signing import IDENTITY_CLAIM_SIZE, identity_message, verifies
+from common.secagg.stages import IDENTITY_ACTION, Stage
 from server.aggregation.base import Aggregate, RoundEvent, RoundInput
 from server.aggregation.exchange import Exchange
 from server.aggregation.replies import SiteFacts, masked_metrics, site_outcome
 from server.results import SiteOutcome
+
+if TYPE_CHECKING:
+    from common.roster import Roster
 
 # judge(first round of a setup, its resolved configuration) -> (audit events, denials)
 Judge = Callable[[int, SecAggConfig], tuple[list[RoundEvent], list[Any]]]
@@ -116,12 +125,15 @@ class SecAggAggregator:
         run_number: int,
         vector_length: int,
         judge: Judge | None = None,
+        roster: Roster | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_number = run_number
         self.vector_length = vector_length
         self.judge = judge
+        self.roster = roster
         self._prepared: dict[int, PreparedRound] = {}
+        self._identities: dict[int, bytes] = {}  # node id -> the identity it proved, this run
 
     @property
     def clipped_to(self) -> float:
@@ -261,14 +273,57 @@ class SecAggAggregator:
                 run_id=self.run_number,
                 round=r,
                 cohort=cohort,
+                identities=[self._identities[n] for n in cohort],
                 threshold=self.cfg.secagg_threshold_value,
                 value_bound=self.cfg.clip_norm,
                 vector_length=self.vector_length,
                 bits=self.cfg.secagg_bits,
-                graph_seed=secure_bytes(32),
             )
             for r in rounds
         }
+
+    def _bind_identities(
+        self, first: int, cohort: list[int], exchange: Exchange, facts: SiteFacts
+    ) -> list[int]:
+        """The cohort members whose roster identity is known; asks the others once per run.
+
+        Each asked site answers with its identity key and a signature over
+        (run, its node id) (:func:`common.secagg.signing.identity_message`);
+        a key outside the roster, a bad signature or a key another node
+        already proved leaves that site out of this setup (named in the
+        facts). The configuration then binds these identities, and every site
+        checks the binding itself; this step only keeps a faulty site from
+        making every honest one refuse the round.
+        """
+        unknown = [n for n in cohort if n not in self._identities]
+        if unknown:
+            content = exchange.instruction(first)
+            replies = exchange.send({n: (content, IDENTITY_MESSAGE) for n in unknown}, first)
+            members = self.roster.identity_keys() if self.roster is not None else None
+            owners = {key: n for n, key in self._identities.items()}
+            for node_id in unknown:
+                reply = facts.usable(replies, node_id, "identity", may_refuse=True)
+                if reply is None:
+                    continue
+                try:
+                    claim = record_to_bytes(
+                        reply.content.array_records.get(KEY_SECAGG_MSG), IDENTITY_CLAIM_SIZE
+                    )
+                    if len(claim) != IDENTITY_CLAIM_SIZE:
+                        raise ProtocolError("an identity claim has the wrong size")
+                    key, signature = claim[:32], claim[32:]
+                    if members is not None and key not in members:
+                        raise ProtocolError("its identity key is not in the roster")
+                    if not verifies(key, identity_message(self.run_number, node_id), signature):
+                        raise ProtocolError("its identity signature does not verify")
+                    if key in owners:
+                        raise ProtocolError(f"its identity is node {owners[key]}'s")
+                except FedsealError as exc:
+                    facts.rejected[node_id] = f"stage identity: {exc}"
+                    continue
+                self._identities[node_id] = key
+                owners[key] = node_id
+        return [n for n in cohort if n in self._identities]
 
     def _setup(
         self,
@@ -278,20 +333,28 @@ class SecAggAggregator:
         facts: SiteFacts,
         agg: Aggregate,
     ) -> dict[int, PreparedRound]:
-        """Keys, then shares, for every round; raises if the first round cannot start.
+        """Identities (once per site and run), keys, then shares, for every round; raises if
+        the first round cannot start.
 
         A later round whose protocol cannot go on (e.g. a neighbour graph that
         leaves some site below the threshold) ends the setup before it: those
         rounds get a setup of their own when their turn comes.
         """
         first = rounds[0]
+        sampled = cohort
+        cohort = self._bind_identities(first, cohort, exchange, facts)
+        if len(cohort) < 2:
+            raise ProtocolAbort(
+                f"round {first}: {len(cohort)} sites proved a roster identity, fewer than 2"
+            )
         configs = self._configs(rounds, cohort)
         if self.judge is not None:
             events, denied = self.judge(first, configs[first])
             agg.events.extend(events)
             if denied:
                 raise PolicyViolation(denied)
-        servers = {r: SecAggServer(c) for r, c in configs.items()}
+        members = self.roster.identity_keys() if self.roster is not None else None
+        servers = {r: SecAggServer(c, members) for r, c in configs.items()}
         share_requests = self._advertise_keys(rounds, cohort, servers, configs, exchange, facts)
         prepared_rounds = [r for r in rounds if r in share_requests]
         masked = self._share_keys(
@@ -299,7 +362,7 @@ class SecAggAggregator:
         )
         return {
             r: PreparedRound(
-                servers[r], dict(masked[r]), tuple(cohort), facts.copy(with_decisions=r == first)
+                servers[r], dict(masked[r]), tuple(sampled), facts.copy(with_decisions=r == first)
             )
             for r in prepared_rounds
             if r in masked
@@ -342,6 +405,9 @@ class SecAggAggregator:
                 if r == first:
                     raise
                 break
+            finally:  # sites whose advertisements did not verify are out, with the reason
+                for node_id, reason in servers[r].rejected.items():
+                    facts.rejected.setdefault(node_id, f"stage keys: {reason}")
         return share_requests
 
     def _share_keys(
@@ -440,11 +506,12 @@ class SecAggAggregator:
         exchange: Exchange,
         global_vector: np.ndarray,
     ) -> _Unmasked:
-        """Stages 3 and 4 of a prepared round."""
+        """Stages 3 to 5 of a prepared round."""
         site_metrics: dict[int, dict[str, Any]] = {}
-        unmask_requests = self._collect_masked(
+        consistency_requests = self._collect_masked(
             server_round, prepared, exchange, global_vector, site_metrics
         )
+        unmask_requests = self._consistency(server_round, prepared, exchange, consistency_requests)
         result = self._unmask(server_round, prepared, exchange, unmask_requests)
         # share holders the protocol caught with wrong unmask shares (contributors stay in the sum)
         facts = prepared.facts
@@ -461,7 +528,7 @@ class SecAggAggregator:
         global_vector: np.ndarray,
         site_metrics: dict[int, dict[str, Any]],
     ) -> Mapping[int, Any]:
-        """Stage 3: sites train, clip, quantise and mask; returns the unmask requests.
+        """Stage 3: sites train, clip, quantise and mask; returns the consistency requests.
 
         In a round after its setup's first, a site re-decides here (budget,
         policy); a refusal takes it out of this round, like a dropout.
@@ -476,6 +543,19 @@ class SecAggAggregator:
         )
         return prepared.server.receive_masked(msgs)
 
+    def _consistency(
+        self,
+        server_round: int,
+        prepared: PreparedRound,
+        exchange: Exchange,
+        requests: Mapping[int, Any],
+    ) -> Mapping[int, Any]:
+        """Stage 4: survivors sign the survivor set; returns the unmask requests (with a quorum)."""
+        replies = self._round_exchange(Stage.CONSISTENCY, server_round, requests, exchange, None)
+        return prepared.server.receive_consistency(
+            self._decode(Stage.CONSISTENCY, replies, prepared, ConsistencyReply, None)
+        )
+
     def _unmask(
         self,
         server_round: int,
@@ -483,7 +563,7 @@ class SecAggAggregator:
         exchange: Exchange,
         requests: Mapping[int, Any],
     ) -> AggregateResult:
-        """Stage 4: survivors reveal the shares that remove every mask; the sum comes out."""
+        """Stage 5: signers reveal the shares that remove every mask; the sum comes out."""
         replies = self._round_exchange(Stage.UNMASK, server_round, requests, exchange, None)
         return prepared.server.receive_unmask(
             self._decode(Stage.UNMASK, replies, prepared, UnmaskReply, None)
@@ -540,6 +620,10 @@ class SecAggAggregator:
                 continue
             decoded.append(msg)
         return decoded
+
+
+IDENTITY_MESSAGE = f"{MessageType.QUERY}.{IDENTITY_ACTION}"
+"""The query that asks a site which roster identity speaks for its node id."""
 
 
 def _message_type(stage: Stage) -> str:

@@ -30,6 +30,7 @@ from rich.table import Table
 from common.config import RunConfig
 from common.errors import FedsealError
 from server.run_options import SecaggSetupRounds
+from simulations.bench.secagg import ratio
 
 bench_app = typer.Typer(
     name="bench",
@@ -59,15 +60,15 @@ def parse_counts(text: str, option: str) -> list[int]:
     return values
 
 
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    """``numerator / denominator``, or None when either is missing or the denominator is 0."""
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _spread(spread: Any, spec: str) -> str:
+    """``median (min-max)`` of a :class:`~simulations.bench.secagg.Spread`, or ``-``."""
+    if spread is None:
+        return "-"
+    return f"{spread.median:{spec}} ({spread.low:{spec}}-{spread.high:{spec}})"
 
 
 def _emit_json(doc: object) -> None:
@@ -93,6 +94,15 @@ def secagg_cmd(
         bool, typer.Option("--flower/--no-flower", help="Also time Flower's own SecAgg+.")
     ] = True,
     setup_rounds: SecaggSetupRounds = RunConfig().secagg_setup_rounds,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            "--repeats",
+            min=1,
+            help="Runs per cell, variants interleaved; ratios are reported as the median "
+            "and min-max over the runs.",
+        ),
+    ] = 3,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
     ] = False,
@@ -100,20 +110,22 @@ def secagg_cmd(
     """Time a round of plain FedAvg, fedseal SecAgg+ and Flower's SecAgg+ (clients do no training).
 
     With the default ``--setup-rounds`` the rounds after the first reuse the
-    first round's setup (two exchanges each); ``--setup-rounds 1`` times the
-    protocol with its keys and shares exchanges in every round.
+    first round's setup (three exchanges each: masked, consistency, unmask);
+    ``--setup-rounds 1`` times the protocol with its keys and shares exchanges
+    in every round. Each cell runs ``--repeats`` times (plain, fedseal, Flower,
+    plain, ...): one run on a shared machine is not a figure.
     """
-    from simulations.bench.secagg import BenchRow, run_bench
+    from simulations.bench.secagg import Sample, run_bench
     from simulations.engine import stdout_to_stderr
 
     client_counts = parse_counts(clients, "--clients")
     lengths = parse_counts(params, "--params")
 
-    def announce(row: BenchRow) -> None:
+    def announce(n: int, m: int, repeat: int, sample: Sample) -> None:
         err.print(
-            f"[dim]{row.clients} clients x {row.params:,} params: plain {row.plain_s:.3f} s, "
-            f"fedseal {_fmt(row.fedseal_s, '.3f')} s, "
-            f"flower {_fmt(row.flower_secaggplus_s, '.3f')} s[/dim]"
+            f"[dim]{n} clients x {m:,} params, run {repeat}/{repeats}: plain "
+            f"{sample.plain_s:.3f} s, fedseal {_fmt(sample.fedseal_s, '.3f')} s, "
+            f"flower {_fmt(sample.flower_secaggplus_s, '.3f')} s[/dim]"
         )
 
     try:
@@ -123,8 +135,9 @@ def secagg_cmd(
                 lengths,
                 rounds,
                 include_flower=flower,
-                on_row=announce,
                 setup_rounds=setup_rounds,
+                repeats=repeats,
+                on_sample=announce,
             )
     except FedsealError as exc:
         err.print(f"[red]benchmark failed:[/red] {exc}")
@@ -136,7 +149,8 @@ def secagg_cmd(
         _emit_json({"rows": [row.to_json() for row in rows]})
         return
     table = Table(
-        title=f"Secure aggregation round time (median of rounds 2..{rounds}; clients do no training)"
+        title=f"Secure aggregation round time: median of rounds 2..{rounds} per run, "
+        f"median (min-max) over {repeats} interleaved runs; clients do no training"
     )
     for title in (
         "clients",
@@ -155,8 +169,8 @@ def secagg_cmd(
             f"{row.plain_s:.3f}",
             _fmt(row.fedseal_s, ".3f"),
             _fmt(row.flower_secaggplus_s, ".3f"),
-            _fmt(ratio(row.fedseal_s, row.plain_s), ".2f"),
-            _fmt(ratio(row.flower_secaggplus_s, row.fedseal_s), ".1f"),
+            _spread(row.fedseal_over_plain, ".2f"),
+            _spread(row.flower_over_fedseal, ".1f"),
         )
     Console().print(table)
 

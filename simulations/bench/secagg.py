@@ -1,10 +1,16 @@
-"""Secure-aggregation benchmark: plain FedAvg vs fedseal SecAgg+ vs Flower's SecAgg+, one run.
+"""Secure-aggregation benchmark: plain FedAvg vs fedseal SecAgg+ vs Flower's SecAgg+.
 
 Every variant runs on Flower's Simulation Engine with the same number of
 sites, whose clients do no training (they return a fixed update), so what is
-timed is the protocol: messages, serialisation, crypto, aggregation. The
-figure per variant is the median round time over rounds after the first
-(the first round pays for actor start-up and imports).
+timed is the protocol: messages, serialisation, crypto, aggregation. A
+variant's figure in one run is its median round time over rounds after the
+first (the first round pays for actor start-up and imports).
+
+These machines are noisy, so one run is not a figure: each cell runs
+``repeats`` times with the variants interleaved (plain, fedseal, Flower,
+plain, fedseal, ...), a ratio is taken within each repeat (the variants of
+one repeat saw the same load), and the cell reports the median and the
+min-max of those ratios.
 """
 
 from __future__ import annotations
@@ -19,21 +25,104 @@ from common.config import RunConfig
 
 
 @dataclass(frozen=True, slots=True)
-class BenchRow:
-    clients: int
-    params: int
+class Spread:
+    """The median and the range of a figure over repeats."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread | None:
+        if not values:
+            return None
+        return cls(float(statistics.median(values)), float(min(values)), float(max(values)))
+
+    def to_json(self) -> dict[str, float]:
+        return {"median": self.median, "min": self.low, "max": self.high}
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One repeat of one cell: each variant's median round time (None: not run or not built)."""
+
     plain_s: float
     fedseal_s: float | None
     flower_secaggplus_s: float | None
 
+
+@dataclass(frozen=True, slots=True)
+class BenchRow:
+    """One cell over its repeats: medians of the times, and of the per-repeat ratios."""
+
+    clients: int
+    params: int
+    samples: tuple[Sample, ...]
+
+    def _times(self, name: str) -> list[float]:
+        return [v for s in self.samples if (v := getattr(s, name)) is not None]
+
+    @property
+    def plain_s(self) -> float:
+        return float(statistics.median(self._times("plain_s")))
+
+    @property
+    def fedseal_s(self) -> float | None:
+        times = self._times("fedseal_s")
+        return float(statistics.median(times)) if times else None
+
+    @property
+    def flower_secaggplus_s(self) -> float | None:
+        times = self._times("flower_secaggplus_s")
+        return float(statistics.median(times)) if times else None
+
+    @property
+    def fedseal_over_plain(self) -> Spread | None:
+        """fedseal / plain within each repeat."""
+        return Spread.of(
+            [r for s in self.samples if (r := ratio(s.fedseal_s, s.plain_s)) is not None]
+        )
+
+    @property
+    def flower_over_fedseal(self) -> Spread | None:
+        """Flower's SecAgg+ / fedseal within each repeat."""
+        return Spread.of(
+            [
+                r
+                for s in self.samples
+                if (r := ratio(s.flower_secaggplus_s, s.fedseal_s)) is not None
+            ]
+        )
+
     def to_json(self) -> dict[str, Any]:
+        spreads = {
+            "fedseal_over_plain": self.fedseal_over_plain,
+            "flower_over_fedseal": self.flower_over_fedseal,
+        }
         return {
             "clients": self.clients,
             "params": self.params,
+            "repeats": len(self.samples),
             "plain_s": self.plain_s,
             "fedseal_s": self.fedseal_s,
             "flower_secaggplus_s": self.flower_secaggplus_s,
+            **{k: (v.to_json() if v is not None else None) for k, v in spreads.items()},
+            "samples": [
+                {
+                    "plain_s": s.plain_s,
+                    "fedseal_s": s.fedseal_s,
+                    "flower_secaggplus_s": s.flower_secaggplus_s,
+                }
+                for s in self.samples
+            ],
         }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
 
 
 def _median_after_first(times: Sequence[float]) -> float:
@@ -122,23 +211,33 @@ def run_bench(
     include_flower: bool = True,
     on_row: Callable[[BenchRow], None] | None = None,
     setup_rounds: int | None = None,
+    repeats: int = 1,
+    on_sample: Callable[[int, int, int, Sample], None] | None = None,
 ) -> list[BenchRow]:
-    """Time every (clients, params) cell for each variant; rows in the order measured."""
+    """Time every (clients, params) cell ``repeats`` times, variants interleaved; rows in order."""
     import logging
 
+    if type(repeats) is not int or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     rows = []
     for n in clients:
         for m in params:
-            plain = time_fedseal(n, m, rounds, secagg=False)
-            try:
-                fedseal: float | None = time_fedseal(
-                    n, m, rounds, secagg=True, setup_rounds=setup_rounds
-                )
-            except ValueError:
-                fedseal = None
-            flower = time_flower_secaggplus(n, m, rounds) if include_flower else None
-            row = BenchRow(n, m, plain, fedseal, flower)
+            samples = []
+            for repeat in range(repeats):
+                plain = time_fedseal(n, m, rounds, secagg=False)
+                try:
+                    fedseal: float | None = time_fedseal(
+                        n, m, rounds, secagg=True, setup_rounds=setup_rounds
+                    )
+                except ValueError:
+                    fedseal = None
+                flower = time_flower_secaggplus(n, m, rounds) if include_flower else None
+                sample = Sample(plain, fedseal, flower)
+                samples.append(sample)
+                if on_sample:
+                    on_sample(n, m, repeat + 1, sample)
+            row = BenchRow(n, m, tuple(samples))
             rows.append(row)
             if on_row:
                 on_row(row)

@@ -19,6 +19,7 @@ from common.crypto.prg import expand_seed
 from common.rng import secure_bytes, seeded_generator
 from common.secagg import SecAggClient, SecAggServer, make_config
 from common.secagg.quantize import quantize
+from common.secagg.simulate import make_identities, members_of
 
 
 def _median_s(fn: Callable[[], object], repeats: int) -> float:
@@ -45,12 +46,13 @@ def _round_stage_times(clients_n: int, size: int) -> dict[str, float]:
         threshold=0.6,
         value_bound=1.0,
         vector_length=size,
-        graph_seed=secure_bytes(32),
     )
     rng = seeded_generator(0)
     inputs = {u: rng.uniform(-1.0, 1.0, size) for u in config.cohort}
-    clients = {u: SecAggClient(u, config) for u in config.cohort}
-    server = SecAggServer(config)
+    identities = make_identities(config.cohort)
+    members = members_of(identities)
+    clients = {u: SecAggClient(u, config, identities[u], members) for u in config.cohort}
+    server = SecAggServer(config, members)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     keys = [clients[u].advertise_keys(r) for u, r in server.start().items()]
@@ -66,7 +68,9 @@ def _round_stage_times(clients_n: int, size: int) -> dict[str, float]:
         masked.append(type(reply).decode(reply.encode(), config))
     timings["mask_client_s"] = statistics.median(per_client)
     t0 = time.perf_counter()
-    unmask = server.receive_masked(masked)
+    check = server.receive_masked(masked)
+    signed = [clients[u].consistency(r) for u, r in check.items()]
+    unmask = server.receive_consistency(signed)
     revealed = [clients[u].unmask(r) for u, r in unmask.items()]
     t1 = time.perf_counter()
     server.receive_unmask(revealed)
@@ -103,7 +107,6 @@ def bench_primitives(
             threshold=0.6,
             value_bound=1.0,
             vector_length=size,
-            graph_seed=seed,
         )
         x = seeded_generator(1).uniform(-1.0, 1.0, size)
         rng = seeded_generator(2)

@@ -55,7 +55,7 @@ from simulations.faults import FaultPlan, SilencingGrid
 
 D = 16  # coordinates of the "vector" model
 CLIP = 1.0
-STAGES = ("keys", "shares", "masked", "unmask")
+STAGES = ("keys", "shares", "masked", "consistency", "unmask")
 
 
 def node(partition: int) -> int:
@@ -117,17 +117,30 @@ def federation(
     return FederatedRun(cfg, grid), grid
 
 
+IDENTITY_QUERY = "query.secagg_identity"
+
+
+def stage_history(grid: FakeGrid) -> list[fake_grid.Exchange]:
+    """The secure-aggregation stage exchanges, without the once-per-site identity query."""
+    return [e for e in grid.history if IDENTITY_QUERY not in e.message_types.values()]
+
+
+def placeholder_identities(n: int) -> list[bytes]:
+    """Distinct 32-byte keys for a configuration built only to compute an error bound."""
+    return [i.to_bytes(32, "big") for i in range(1, n + 1)]
+
+
 def quantisation_tolerance(cfg: RunConfig, contributors: int, magnitude: float) -> float:
     """Bound on |secure mean - exact mean| per coordinate: quantisation, then float32 storage."""
     config = make_config(
         run_id=1,
         round=1,
         cohort=[node(i) for i in range(cfg.num_sites)],
+        identities=placeholder_identities(cfg.num_sites),
         threshold=cfg.secagg_threshold_value,
         value_bound=cfg.clip_norm,
         vector_length=D,
         bits=cfg.secagg_bits,
-        graph_seed=bytes(32),
     )
     float32_rounding = 2 * float(np.finfo(np.float32).eps) * max(1.0, magnitude)
     return error_bound(config, contributors) / contributors + float32_rounding
@@ -181,8 +194,8 @@ def test_secure_round_distinct_updates_equals_mean_of_clipped_updates(
     # sites 3..5 were above C: without clipping on the client the mean would differ
     unclipped = np.mean([node_update(p) for p in range(6)], axis=0)
     assert np.max(np.abs(run.global_vector - before - unclipped)) > 1e-3
-    # every node answered the four stages, in order, once each
-    assert [set(e.message_types.values()) for e in grid.history] == [
+    # every node answered the five stages, in order, once each
+    assert [set(e.message_types.values()) for e in stage_history(grid)] == [
         {f"train.secagg_{s}"} for s in STAGES
     ]
 
@@ -207,11 +220,11 @@ def test_secure_round_digits_equals_plain_average_of_same_clipped_updates(tmp_pa
         run_id=1,
         round=1,
         cohort=[1, 2, 3],
+        identities=placeholder_identities(3),
         threshold=cfg.secagg_threshold_value,
         value_bound=cfg.clip_norm,
         vector_length=size,
         bits=cfg.secagg_bits,
-        graph_seed=bytes(32),
     )
     float32_rounding = 2 * float(np.finfo(np.float32).eps) * float(np.max(np.abs(before)) + 1)
     np.testing.assert_allclose(
@@ -241,7 +254,7 @@ def test_secure_round_one_dropout_at_stage_completes_with_survivors(
     run, grid = federation(cfg, tmp_path, faults=[Fault(dropper, f"secagg_{stage}")])
     before = run.global_vector.copy()
     result = run.execute()[0]
-    if stage == "unmask":
+    if stage in ("consistency", "unmask"):
         # its masked input is already in the sum; the others reconstruct its self-mask
         assert accepted(result) == {node(i) for i in range(6)}
         assert result.secagg is not None and result.secagg["dropouts"] == 0
@@ -252,7 +265,7 @@ def test_secure_round_one_dropout_at_stage_completes_with_survivors(
         assert reasons(result) == {dropper: f"no reply at stage {stage}"}
         assert_mean_of(run, before, [0, 1, 2, 3, 5], cfg)
         # a site that dropped is asked nothing after that stage
-        later = grid.history[STAGES.index(stage) + 1 :]
+        later = stage_history(grid)[STAGES.index(stage) + 1 :]
         assert all(dropper not in e.message_types for e in later)
     assert result.participants == len(accepted(result))
 
@@ -260,28 +273,43 @@ def test_secure_round_one_dropout_at_stage_completes_with_survivors(
 def test_secure_round_dropouts_across_stages_exact_sum_of_survivors(
     tmp_path: Path, distinct_updates: None
 ) -> None:
-    cfg = vector_cfg(8)  # k = 7, t = 5
+    cfg = vector_cfg(10)  # k = 9, t = 6, consistency quorum 8
     faults = [Fault(node(1), "secagg_shares"), Fault(node(6), "secagg_masked", deliver=False)]
     run, _ = federation(cfg, tmp_path, faults=faults, order=reverse_order)
     before = run.global_vector.copy()
     result = run.execute()[0]
-    assert result.secagg == {"participants": 8, "dropouts": 2, "threshold": 5, "neighbours": 7}
+    assert result.secagg == {"participants": 10, "dropouts": 2, "threshold": 6, "neighbours": 9}
     assert set(reasons(result)) == {node(1), node(6)}
-    assert_mean_of(run, before, [0, 2, 3, 4, 5, 7], cfg)
+    assert_mean_of(run, before, [0, 2, 3, 4, 5, 7, 8, 9], cfg)
 
 
-def test_secure_round_thirty_percent_drop_at_masked_completes(
+def test_secure_round_twenty_percent_drop_at_masked_completes(
     tmp_path: Path, distinct_updates: None
 ) -> None:
-    cfg = vector_cfg(10)  # k = 9, t = 6: 3 of 10 silent at the masked stage leaves 7
-    silent = [2, 5, 9]
+    # k = 9, t = 6: 2 of 10 silent at the masked stage leaves 8, the consistency quorum
+    # max(t, floor((n + t - 1) / 2) + 1) = 8 (common.secagg.signing.quorum)
+    cfg = vector_cfg(10)
+    silent = [2, 9]
     run, _ = federation(cfg, tmp_path, faults=[Fault(node(p), "secagg_masked") for p in silent])
     before = run.global_vector.copy()
     result = run.execute()[0]
-    assert result.secagg is not None and result.secagg["dropouts"] == 3
+    assert result.secagg is not None and result.secagg["dropouts"] == 2
     survivors = [p for p in range(10) if p not in silent]
     assert accepted(result) == {node(p) for p in survivors}
     assert_mean_of(run, before, survivors, cfg)
+
+
+def test_secure_round_below_the_consistency_quorum_aborts(
+    tmp_path: Path, distinct_updates: None
+) -> None:
+    # 3 of 10 silent at the masked stage leaves 7: every survivor still has t = 6
+    # live neighbours, but 7 signers cannot be a quorum (8) over one survivor set,
+    # so no site would reveal; the coordinator stops before asking.
+    cfg = vector_cfg(10)
+    faults = [Fault(node(p), "secagg_masked") for p in (2, 5, 9)]
+    run, _ = federation(cfg, tmp_path, faults=faults)
+    with pytest.raises(ProtocolAbort, match="consistency quorum 8"):
+        run.execute()
 
 
 def test_secure_round_silent_site_rejoins_next_round(
@@ -549,19 +577,19 @@ def silenced_federation(
 def test_drop_rate_injects_dropouts_at_drop_stage(
     tmp_path: Path, distinct_updates: None, stage: str
 ) -> None:
-    cfg = vector_cfg(6)
-    plan = FaultPlan(0.34, stage, seed=cfg.seed)  # round(0.34 * 6) = 2 sites
+    cfg = vector_cfg(8)  # k = 7, t = 5, consistency quorum 7
+    plan = FaultPlan(0.13, stage, seed=cfg.seed)  # round(0.13 * 8) = 1 site
     run, grid = silenced_federation(cfg, tmp_path, plan)
     before = run.global_vector.copy()
     result = run.execute()[0]
-    assert result.sampled == 6 and result.secagg is not None
-    assert len(grid.silenced[1]) == 2
+    assert result.sampled == 8 and result.secagg is not None
+    assert len(grid.silenced[1]) == 1
     contributors = sorted(n - FIRST_NODE_ID for n in accepted(result))
-    if stage == "unmask":
-        # silent at unmask after masking: still in the sum, unmasked by the others
-        assert result.secagg["dropouts"] == 0 and contributors == list(range(6))
+    if stage in ("consistency", "unmask"):
+        # silent after masking: still in the sum, unmasked by the others
+        assert result.secagg["dropouts"] == 0 and contributors == list(range(8))
     else:
-        assert result.secagg["dropouts"] == 2 and len(contributors) == 4
+        assert result.secagg["dropouts"] == 1 and len(contributors) == 7
         # the server cannot tell an injected silence from a real one
         assert reasons(result) == {n: f"no reply at stage {stage}" for n in grid.silenced[1]}
     assert_mean_of(run, before, contributors, cfg)
@@ -576,7 +604,7 @@ def test_drop_rate_zero_injects_nothing(tmp_path: Path, distinct_updates: None) 
 
 # ------------------------------------------------------------------ (g) one setup, several rounds
 def _actions(grid: FakeGrid) -> list[str]:
-    return [next(iter(e.message_types.values())).split(".")[-1] for e in grid.history]
+    return [next(iter(e.message_types.values())).split(".")[-1] for e in stage_history(grid)]
 
 
 def test_one_setup_prepares_every_round_each_round_exact(
@@ -594,12 +622,16 @@ def test_one_setup_prepares_every_round_each_round_exact(
     results = run.execute()
     assert _actions(grid) == [
         "secagg_keys", "secagg_shares",
-        "secagg_masked", "secagg_unmask",
-        "secagg_masked", "secagg_unmask",
-        "secagg_masked", "secagg_unmask",
+        "secagg_masked", "secagg_consistency", "secagg_unmask",
+        "secagg_masked", "secagg_consistency", "secagg_unmask",
+        "secagg_masked", "secagg_consistency", "secagg_unmask",
     ]  # fmt: skip
     # a round's secrets are erased after its unmask stage; later rounds' wait sealed
     assert held == [[1, 2, 3], [2, 3], [3]]
+    # the coordinator asked each site for its identity once, before the first setup
+    queries = [e for e in grid.history if IDENTITY_QUERY in e.message_types.values()]
+    assert grid.history[0] is queries[0] and len(queries) == 1
+    assert sorted(queries[0].message_types) == [node(i) for i in range(5)]
     for result in results:
         assert accepted(result) == {node(i) for i in range(5)}
         assert result.secagg == {"participants": 5, "dropouts": 0, "threshold": 3, "neighbours": 4}
@@ -636,7 +668,7 @@ def test_one_setup_silent_at_keys_is_out_of_every_prepared_round(
     for result in results:
         assert reasons(result) == {silent: "no reply at stage keys"}
         assert result.secagg is not None and result.secagg["dropouts"] == 1
-    later = grid.history[1:]
+    later = stage_history(grid)[1:]
     assert all(silent not in e.message_types for e in later)
     expected = 2 * np.mean([clipped(p) for p in range(5)], axis=0)
     tol = 2 * quantisation_tolerance(cfg, 5, float(np.max(np.abs(run.global_vector))))
@@ -688,11 +720,13 @@ def test_setup_bundle_with_inconsistent_round_configs_is_refused_by_the_site(
             run_id=second.run_id,
             round=second.round + 1 if field_name == "round" else second.round,
             cohort=list(second.cohort)[:-1] if field_name == "cohort" else list(second.cohort),
+            identities=list(second.identities)[:-1]
+            if field_name == "cohort"
+            else list(second.identities),
             threshold=second.threshold,
             value_bound=second.value_bound,
             vector_length=second.vector_length,
             bits=second.bits,
-            graph_seed=bytes(32),
         )
         content = RecordDict(dict(msg.content.items()))
         content[KEY_SECAGG_CONFIG] = bundle_to_record([raw[0], forged.encode()])

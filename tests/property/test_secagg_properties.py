@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from unittest import mock
+
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from common.crypto import shamir
 from common.errors import ProtocolAbort
 from common.rng import seeded_generator
-from common.secagg import Stage, make_config, run_round
+from common.secagg import Stage, make_config, run_round, simulate
 from common.secagg.graph import neighbour_graph
+from common.secagg.messages import AdvertiseKeysReply
 from common.secagg.quantize import error_bound, lift_signed, quantize
+from common.secagg.server import SecAggServer
+from common.secagg.signing import graph_seed, quorum
 from common.secagg.simulate import client_generators
+
+
+class _Recording(SecAggServer):
+    """The real server; remembers the advertisements it was given (to rebuild the graph)."""
+
+    advertised: list[AdvertiseKeysReply] = []
+
+    def receive_advertise_keys(self, replies: Sequence[AdvertiseKeysReply]):  # type: ignore[no-untyped-def]
+        _Recording.advertised = list(replies)
+        return super().receive_advertise_keys(replies)
 
 
 @st.composite
@@ -33,17 +49,27 @@ def rounds(draw: st.DrawFn) -> tuple:
         value_bound=1.5,
         vector_length=d,
         bits=bits,
-        graph_seed=draw(st.binary(min_size=32, max_size=32)),
     )
     stage = draw(st.sampled_from(list(Stage)[1:]))
-    dropped = draw(st.sets(st.sampled_from(config.cohort), max_size=n))
+    # mostly few dropouts (k - t always leaves t holders), sometimes any number
+    most = draw(st.one_of(st.integers(0, k - t + 1), st.integers(0, n)))
+    dropped = draw(st.sets(st.sampled_from(config.cohort), max_size=most))
     return config, stage, dropped, draw(st.integers(0, 2**32))
 
 
-def _expected_contributors(config, stage: Stage, dropped: set[int]) -> set[int] | None:
-    """An independent model of the protocol's dropout rules: contributors, or None for abort."""
-    graph = neighbour_graph(config)
-    t = config.threshold
+def _graph(config, advertised: list[AdvertiseKeysReply]) -> dict[int, frozenset[int]]:
+    """The graph every party must use: seeded by the advertisements, in node order (v3)."""
+    entries = [r.advertisement().encode() for r in sorted(advertised, key=lambda r: r.node_id)]
+    return neighbour_graph(config, graph_seed(config, entries))
+
+
+def _expected_contributors(config, graph, stage: Stage, dropped: set[int]) -> set[int] | None:
+    """An independent model of the protocol's dropout rules: contributors, or None for abort.
+
+    In v3 the masked inputs must also reach the consistency quorum, a quorum of the
+    survivors must sign, and the signers are the only ones that reveal shares.
+    """
+    t, q = config.threshold, quorum(config)
     alive = set(config.cohort) - dropped
     if stage in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS):
         while True:  # nodes with fewer than t live neighbours are excluded
@@ -51,13 +77,16 @@ def _expected_contributors(config, stage: Stage, dropped: set[int]) -> set[int] 
             if not weak:
                 break
             alive -= weak
-        return alive if len(alive) >= t else None
+        return alive if len(alive) >= max(t, q) else None
     if stage is Stage.COLLECT_MASKED:
-        if len(alive) < t:
+        if len(alive) < max(t, q):
             return None
         needed = alive | {x for x in dropped if graph[x] & alive}
         return alive if all(len(graph[u] & alive) >= t for u in needed) else None
-    # UNMASK: every node's seed needs t responding neighbours.
+    # CONSISTENCY: a quorum must sign; UNMASK: all signed. Either way every node's seed needs
+    # t revealing neighbours.
+    if stage is Stage.CONSISTENCY and len(alive) < q:
+        return None
     return set(config.cohort) if all(len(graph[u] & alive) >= t for u in config.cohort) else None
 
 
@@ -67,12 +96,22 @@ def test_run_round_any_dropout_pattern_exact_sum_or_abort(case: tuple) -> None:
     config, stage, dropped, seed = case
     rng = seeded_generator(seed)
     inputs = {u: rng.uniform(-1.5, 1.5, config.vector_length) for u in config.cohort}
-    contributors = _expected_contributors(config, stage, dropped)
+    _Recording.advertised = []
+    with mock.patch.object(simulate, "SecAggServer", _Recording):
+        try:
+            result = run_round(inputs, config, {stage: dropped}, seeded_generator(seed))
+        except ProtocolAbort:
+            result = None
+    if _Recording.advertised:
+        graph = _graph(config, _Recording.advertised)
+        contributors = _expected_contributors(config, graph, stage, dropped)
+    else:  # nobody advertised: the round cannot start
+        contributors = None
+    event(f"{stage.name}: {'abort' if contributors is None else 'sum'}")
     if contributors is None:
-        with pytest.raises(ProtocolAbort):
-            run_round(inputs, config, {stage: dropped}, seeded_generator(seed))
+        assert result is None, (stage, dropped)
         return
-    result = run_round(inputs, config, {stage: dropped}, seeded_generator(seed))
+    assert result is not None, (stage, dropped)
     assert set(result.contributors) == contributors
     generators = client_generators(config, seeded_generator(seed))
     expected = np.zeros(config.vector_length, dtype=np.int64)

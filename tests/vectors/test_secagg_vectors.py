@@ -7,10 +7,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.crypto import commitment, kdf, prg
-from common.secagg.messages import AdvertiseKeysReply, AdvertiseKeysRequest
-from common.secagg.params import PROTOCOL_VERSION
+from common.secagg import signing
+from common.secagg.messages import (
+    AdvertiseKeysReply,
+    AdvertiseKeysRequest,
+    ConsistencyReply,
+    ConsistencyRequest,
+    Signed,
+    UnmaskRequest,
+)
+from common.secagg.params import PROTOCOL_VERSION, make_config
 
 SEED = bytes(range(32))
 
@@ -91,9 +102,9 @@ def test_kdf_outputs_pinned_and_match_reference() -> None:
 
 
 def test_wire_header_pinned() -> None:
-    assert PROTOCOL_VERSION == 2
+    assert PROTOCOL_VERSION == 3
     assert AdvertiseKeysRequest(1, 2, 3).encode() == (
-        b"fsam\x02\x01" + (1).to_bytes(8, "big") + (2).to_bytes(8, "big") + (3).to_bytes(8, "big")
+        b"fsam\x03\x01" + (1).to_bytes(8, "big") + (2).to_bytes(8, "big") + (3).to_bytes(8, "big")
     )
 
 
@@ -111,15 +122,84 @@ def test_seed_commitment_pinned_and_matches_reference() -> None:
     assert derived.hex() == "3569d511186b44f0f1414ff04773b7278667c86f9525dc1f9a3844a70371adfc"
 
 
-def test_advertise_keys_reply_layout_pinned() -> None:
-    enc, mask, commit = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32
-    assert AdvertiseKeysReply(1, 2, 3, enc, mask, commit).encode() == (
-        b"fsam\x02\x02"
+def _head(kind: int) -> bytes:
+    return (
+        b"fsam\x03"
+        + bytes([kind])
         + (1).to_bytes(8, "big")
         + (2).to_bytes(8, "big")
         + (3).to_bytes(8, "big")
-        + enc
-        + mask
+    )
+
+
+def test_advertise_keys_reply_layout_pinned() -> None:
+    enc, mask, commit = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32
+    identity, signature = bytes([4]) * 32, bytes([5]) * 64
+    reply = AdvertiseKeysReply(1, 2, 3, enc, mask, commit, identity, signature)
+    assert reply.encode() == _head(2) + enc + mask + commit + identity + signature
+    assert AdvertiseKeysReply.SIZE == 30 + 192
+    assert reply.advertisement().encode() == (3).to_bytes(8, "big") + reply.encode()[30:]
+
+
+def test_consistency_and_unmask_layouts_pinned() -> None:
+    assert ConsistencyRequest(1, 2, 3, (2, 3)).encode() == _head(9) + struct.pack(">IQQ", 2, 2, 3)
+    assert ConsistencyReply(1, 2, 3, bytes([7]) * 64).encode() == _head(10) + bytes([7]) * 64
+    request = UnmaskRequest(1, 2, 3, (2, 3), (Signed(2, bytes([8]) * 64),))
+    assert request.encode() == (
+        _head(7) + struct.pack(">IIQQ", 2, 1, 2, 3) + (2).to_bytes(8, "big") + bytes([8]) * 64
+    )
+
+
+def test_signing_labels_and_quorum_pinned() -> None:
+    assert signing.LABEL_ADVERTISEMENT == b"fedseal/secagg/v3/advertisement\x00"
+    assert signing.LABEL_CONSISTENCY == b"fedseal/secagg/v3/consistency\x00"
+    assert signing.LABEL_GRAPH_SEED == b"fedseal/secagg/v3/graph-seed\x00"
+    cases = {(5, 3, 4): 4, (6, 3, 5): 5, (20, 9, 14): 15, (30, 9, 16): 20, (3, 2, 2): 3}
+    for (n, t, k), expected in cases.items():
+        config = make_config(
+            run_id=1,
+            round=2,
+            cohort=list(range(1, n + 1)),
+            threshold=t,
+            neighbours=k,
+            value_bound=1.0,
+            vector_length=1,
+        )
+        assert signing.quorum(config) == expected, (n, t, k)
+
+
+def test_signed_messages_and_graph_seed_match_reference() -> None:
+    config = make_config(
+        run_id=1, round=2, cohort=[3, 5, 8], threshold=2, value_bound=1.0, vector_length=4
+    )
+    digest = hashlib.sha256(config.encode()).digest()
+    enc, mask, commit = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32
+    assert (
+        signing.advertisement_message(config, 5, enc, mask, commit)
+        == (b"fedseal/secagg/v3/advertisement\x00" + digest + (5).to_bytes(8, "big") + enc + mask)
         + commit
     )
-    assert AdvertiseKeysReply.SIZE == 30 + 96
+    seed = bytes(range(32))
+    assert signing.consistency_message(config, seed, (3, 5)) == (
+        b"fedseal/secagg/v3/consistency\x00" + digest + seed + struct.pack(">IQQ", 2, 3, 5)
+    )
+    entries = [bytes([9]) * 200, bytes([10]) * 200]
+    reference = hashlib.sha256(
+        b"fedseal/secagg/v3/graph-seed\x00" + digest + struct.pack(">I", 2) + b"".join(entries)
+    ).digest()
+    assert signing.graph_seed(config, entries) == reference
+    # the identity signature is Ed25519 (RFC 8032 section 7.1, test 1)
+    identity = Ed25519PrivateKey.from_private_bytes(
+        bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+    )
+    assert signing.public_bytes(identity).hex() == (
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+    )
+    assert signing.sign(identity, b"").hex() == (
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+        "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+    )
+    message = signing.advertisement_message(config, 5, enc, mask, commit)
+    signature = signing.sign(identity, message)
+    assert signing.verifies(signing.public_bytes(identity), message, signature)
+    assert not signing.verifies(signing.public_bytes(identity), message + b"\x00", signature)

@@ -278,11 +278,11 @@ def _tolerance(cfg: RunConfig, contributors: int) -> float:
         run_id=1,
         round=1,
         cohort=[FIRST_NODE_ID + i for i in range(cfg.num_sites)],
+        identities=[i.to_bytes(32, "big") for i in range(1, cfg.num_sites + 1)],
         threshold=cfg.secagg_threshold_value,
         value_bound=cfg.clip_norm,
         vector_length=D,
         bits=cfg.secagg_bits,
-        graph_seed=bytes(32),
     )
     return error_bound(config, contributors) / contributors + 1e-6
 

@@ -22,21 +22,42 @@ from common.secagg import AggregateResult, SecAggClient, SecAggServer, make_conf
 from common.secagg.messages import AdvertiseKeysReply, RevealedShare, UnmaskReply
 from common.secagg.params import SecAggConfig
 from common.secagg.quantize import lift_signed, quantize
+from common.secagg.signing import advertisement_message, public_bytes, sign
+from common.secagg.simulate import make_identities, members_of
 
 D = 24
 INCONSISTENT = "inconsistent with the verified secret"
 
 
+IDENTITIES = make_identities([10 * (i + 1) for i in range(9)])
+MEMBERS = members_of(IDENTITIES)
+
+
 def _config(n: int) -> SecAggConfig:
+    cohort = [10 * (i + 1) for i in range(n)]
     return make_config(
         run_id=3,
         round=7,
-        cohort=[10 * (i + 1) for i in range(n)],
+        cohort=cohort,
+        identities=[public_bytes(IDENTITIES[u]) for u in cohort],
         threshold=0.6,
         value_bound=1.0,
         vector_length=D,
-        graph_seed=bytes(range(32)),
     )
+
+
+class WrongCommitment(SecAggClient):
+    """A faulty client: it signs and sends a commitment that its seed does not open."""
+
+    def _own_advertisement(self) -> AdvertiseKeysReply:
+        honest = super()._own_advertisement()
+        config = self._config
+        message = advertisement_message(
+            config, self.node_id, honest.encryption_key, honest.mask_key, bytes(32)
+        )
+        return dataclasses.replace(
+            honest, commitment=bytes(32), signature=sign(self._identity, message)
+        )
 
 
 @dataclasses.dataclass
@@ -66,14 +87,17 @@ def _round(
     config = _config(n)
     rng = seeded_generator(seed)
     inputs = {u: rng.uniform(-1.0, 1.0, D) for u in config.cohort}
-    clients = {u: SecAggClient(u, config) for u in config.cohort}
-    server = SecAggServer(config)
+    clients = {
+        u: (WrongCommitment if u == bad_commitment else SecAggClient)(
+            u, config, IDENTITIES[u], MEMBERS
+        )
+        for u in config.cohort
+    }
+    server = SecAggServer(config, MEMBERS)
     keys = []
     for u, request in server.start().items():
-        reply = clients[u].advertise_keys(request)
-        if u == bad_commitment:  # a client whose commitment does not match its seed
-            reply = dataclasses.replace(reply, commitment=bytes(32))
-        keys.append(_wire(reply, config))
+        # a WrongCommitment client's commitment does not match its seed (validly signed)
+        keys.append(_wire(clients[u].advertise_keys(request), config))
     share = server.receive_advertise_keys(keys)  # type: ignore[arg-type]
     shares = [_wire(clients[u].share_keys(r), config) for u, r in share.items()]
     collect = server.receive_share_keys(shares)  # type: ignore[arg-type]
@@ -82,8 +106,10 @@ def _round(
         for u, r in collect.items()
         if u not in drop_masked
     ]
-    unmask = server.receive_masked(masked)  # type: ignore[arg-type]
-    replies = {u: clients[u].unmask(r) for u, r in unmask.items()}
+    check = server.receive_masked(masked)  # type: ignore[arg-type]
+    signed = [_wire(clients[u].consistency(r), config) for u, r in check.items()]
+    unmask = server.receive_consistency(signed)  # type: ignore[arg-type]
+    replies = {u: clients[u].unmask(_wire(r, config)) for u, r in unmask.items()}
     contributors = [u for u in config.cohort if u not in drop_masked]
     expected = np.sum(
         [
@@ -189,15 +215,17 @@ def test_commitment_opens_only_its_own_seed_node_run_round() -> None:
 
 def test_advertise_keys_reply_commits_to_the_clients_seed() -> None:
     config = _config(5)
-    server = SecAggServer(config)
+    server = SecAggServer(config, MEMBERS)
     u = config.cohort[0]
-    client = SecAggClient(u, config)
+    client = SecAggClient(u, config, IDENTITIES[u], MEMBERS)
     reply = client.advertise_keys(server.start()[u])
     assert isinstance(reply, AdvertiseKeysReply)
     decoded = AdvertiseKeysReply.decode(reply.encode(), config)
     assert decoded.commitment == reply.commitment
     # the sealed state carries the seed: it opens the advertised commitment
-    restored = SecAggClient.open(client.seal(bytes(32)), bytes(32), u, config)
+    restored = SecAggClient.open(
+        client.seal(bytes(32)), bytes(32), u, config, IDENTITIES[u], MEMBERS
+    )
     seed = restored._seed  # noqa: SLF001 - white-box check of the committed value
     assert seed is not None
     assert commitment.opens(reply.commitment, seed, run_id=3, round=7, node_id=u)

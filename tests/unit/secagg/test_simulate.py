@@ -6,19 +6,28 @@ import math
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.errors import ProtocolAbort
 from common.rng import seeded_generator
 from common.secagg import Stage, make_config, run_round
 from common.secagg.client import SecAggClient
-from common.secagg.graph import neighbour_graph
-from common.secagg.messages import AdvertiseKeysRequest, ShareKeysRequest
+from common.secagg.messages import (
+    AdvertiseKeysRequest,
+    Ciphertext,
+    CollectMaskedRequest,
+    ShareKeysRequest,
+)
 from common.secagg.params import SecAggConfig
 from common.secagg.quantize import error_bound, lift_signed, quantize
-from common.secagg.simulate import client_generators
+from common.secagg.signing import quorum
+from common.secagg.simulate import client_generators, federated_config, make_identities, members_of
 
 
-def _config(n: int, d: int = 200, **kw: object) -> SecAggConfig:
+def _config(
+    n: int, d: int = 200, **kw: object
+) -> tuple[SecAggConfig, dict[int, Ed25519PrivateKey]]:
+    """A configuration binding a fresh identity to each node, and those identities."""
     args: dict[str, object] = {
         "run_id": 11,
         "round": 4,
@@ -26,10 +35,9 @@ def _config(n: int, d: int = 200, **kw: object) -> SecAggConfig:
         "threshold": 0.6,
         "value_bound": 2.0,
         "vector_length": d,
-        "graph_seed": bytes(range(32)),
     }
     args.update(kw)
-    return make_config(**args)  # type: ignore[arg-type]
+    return federated_config(**args)
 
 
 def _inputs(config: SecAggConfig, seed: int = 0) -> dict[int, np.ndarray]:
@@ -50,9 +58,9 @@ def _expected(
 
 def test_run_round_no_dropout_exact_quantised_sum_and_float_bound() -> None:
     for n, bits in ((3, 32), (8, 16), (20, 40)):
-        config = _config(n, bits=bits)
+        config, identities = _config(n, bits=bits)
         inputs = _inputs(config)
-        result = run_round(inputs, config, {}, seeded_generator(99))
+        result = run_round(inputs, config, {}, seeded_generator(99), identities=identities)
         assert result.contributors == config.cohort and result.dropped == ()
         assert np.array_equal(result.sum_int, _expected(config, inputs, config.cohort))
         plain = np.sum([inputs[u] for u in config.cohort], axis=0)
@@ -61,16 +69,26 @@ def test_run_round_no_dropout_exact_quantised_sum_and_float_bound() -> None:
 
 
 @pytest.mark.parametrize(
-    "stage", [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK]
+    "stage",
+    [
+        Stage.ADVERTISE_KEYS,
+        Stage.SHARE_KEYS,
+        Stage.COLLECT_MASKED,
+        Stage.CONSISTENCY,
+        Stage.UNMASK,
+    ],
 )
 def test_run_round_dropouts_at_each_stage_exact_survivor_sum(stage: Stage) -> None:
-    config = _config(14, threshold=0.6)
+    config, identities = _config(14, threshold=0.6)  # k = 12, t = 8, quorum 11
+    assert quorum(config) == 11
     inputs = _inputs(config, 1)
     rng = seeded_generator(5)
     for _ in range(3):
         dropped = set(rng.choice(config.cohort, size=3, replace=False).tolist())
-        result = run_round(inputs, config, {stage: dropped}, seeded_generator(99))
-        if stage is Stage.UNMASK:
+        result = run_round(
+            inputs, config, {stage: dropped}, seeded_generator(99), identities=identities
+        )
+        if stage in (Stage.CONSISTENCY, Stage.UNMASK):
             assert result.contributors == config.cohort  # their inputs are in, masks removed
         else:
             assert set(result.dropped) == dropped
@@ -78,47 +96,105 @@ def test_run_round_dropouts_at_each_stage_exact_survivor_sum(stage: Stage) -> No
 
 
 def test_run_round_dropouts_across_all_stages_exact_sum() -> None:
-    config = _config(30, d=50, threshold=0.55)
+    # The graph now comes from fresh keys (v3), so the pattern must work for any graph:
+    # 7 = k - t dropouts in all leave every secret t live holders, and 25 masked inputs
+    # clear the consistency quorum of 20.
+    config, identities = _config(30, d=50, threshold=0.55)  # k = 16, t = 9, quorum 20
+    assert (config.neighbours, config.threshold, quorum(config)) == (16, 9, 20)
     inputs = _inputs(config, 2)
     cohort = list(config.cohort)
     drop = {
         Stage.ADVERTISE_KEYS: {cohort[0]},
         Stage.SHARE_KEYS: {cohort[5]},
-        Stage.COLLECT_MASKED: set(cohort[10:19]),  # 30 % at the masked-input stage
+        Stage.COLLECT_MASKED: set(cohort[10:13]),
+        Stage.CONSISTENCY: {cohort[20]},
+        Stage.UNMASK: {cohort[25]},
     }
-    result = run_round(inputs, config, drop, seeded_generator(99))
-    expected_out = {cohort[0], cohort[5], *cohort[10:19]}
+    result = run_round(inputs, config, drop, seeded_generator(99), identities=identities)
+    expected_out = {cohort[0], cohort[5], *cohort[10:13]}
     assert set(result.dropped) == expected_out
+    assert cohort[20] in result.contributors and cohort[25] in result.contributors
     assert np.array_equal(result.sum_int, _expected(config, inputs, result.contributors))
 
 
-def test_run_round_below_threshold_aborts() -> None:
-    config = _config(5)  # k = 4, t = 3
+def test_run_round_masked_dropout_down_to_the_consistency_quorum() -> None:
+    # v3's price: more than half the cohort must reach the consistency round, even where
+    # t alone would do (complete graph, so the outcome does not depend on the keys)
+    config, identities = _config(12, d=20)  # k = 11, t = 7, quorum 10
+    assert (config.neighbours, config.threshold, quorum(config)) == (11, 7, 10)
+    inputs = _inputs(config, 3)
+    cohort = list(config.cohort)
+    result = run_round(
+        inputs,
+        config,
+        {Stage.COLLECT_MASKED: set(cohort[:2])},
+        seeded_generator(99),
+        identities=identities,
+    )
+    assert result.dropped == tuple(cohort[:2])
+    assert np.array_equal(result.sum_int, _expected(config, inputs, result.contributors))
+    with pytest.raises(ProtocolAbort, match="consistency quorum 10"):
+        run_round(
+            inputs,
+            config,
+            {Stage.COLLECT_MASKED: set(cohort[:3])},
+            seeded_generator(99),
+            identities=identities,
+        )
+
+
+@pytest.mark.parametrize(
+    ("stage", "count", "reason"),
+    [
+        (Stage.ADVERTISE_KEYS, 3, "threshold"),
+        (Stage.SHARE_KEYS, 3, "threshold"),
+        (Stage.COLLECT_MASKED, 3, "threshold"),
+        (Stage.COLLECT_MASKED, 2, "quorum 4"),  # 3 = t masked inputs, but quorum 4
+        (Stage.CONSISTENCY, 2, "3 valid signatures, fewer than the quorum 4"),
+        (Stage.UNMASK, 3, "threshold"),
+    ],
+)
+def test_run_round_below_threshold_or_quorum_aborts(stage: Stage, count: int, reason: str) -> None:
+    config, identities = _config(5)  # k = 4, t = 3, quorum 4
     inputs = _inputs(config)
     cohort = list(config.cohort)
-    for stage in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK):
-        with pytest.raises(ProtocolAbort, match="threshold"):
-            run_round(inputs, config, {stage: set(cohort[:3])}, seeded_generator(0))
+    with pytest.raises(ProtocolAbort, match=reason):
+        run_round(
+            inputs, config, {stage: set(cohort[:count])}, seeded_generator(0), identities=identities
+        )
+
+
+def test_run_round_with_given_identities_and_objects_off_the_wire() -> None:
+    config, identities = _config(6, d=10)
+    inputs = _inputs(config, 4)
+    for wire in (True, False):
+        result = run_round(
+            inputs, config, {}, seeded_generator(1), wire=wire, identities=identities
+        )
+        assert np.array_equal(result.sum_int, _expected_with(config, inputs, 1))
+        assert result.rejected == {}
+
+
+def _expected_with(config: SecAggConfig, inputs: dict[int, np.ndarray], seed: int) -> np.ndarray:
+    generators = client_generators(config, seeded_generator(seed))
+    return np.sum(
+        [lift_signed(quantize(inputs[u], config, generators[u]), config.bits) for u in inputs],
+        axis=0,
+    )
 
 
 def test_masked_vector_uniform_chi_square() -> None:
     # A client's masked vector of an all-zero input must look uniform over Z_2^32.
-    config = _config(5, d=200_000, value_bound=1.0)
+    config, identities = _config(5, d=200_000, value_bound=1.0)
     u = config.cohort[0]
-    clients = {v: SecAggClient(v, config) for v in config.cohort}
+    members = members_of(identities)
+    clients = {v: SecAggClient(v, config, identities[v], members) for v in config.cohort}
     keys = {v: clients[v].advertise_keys(AdvertiseKeysRequest(11, 4, v)) for v in config.cohort}
-    graph = neighbour_graph(config)
-    from common.secagg.messages import Ciphertext, CollectMaskedRequest, PeerKeys
-
-    shares = {}
-    for v in config.cohort:
-        peers = tuple(
-            PeerKeys(w, keys[w].encryption_key, keys[w].mask_key) for w in sorted(graph[v])
-        )
-        shares[v] = clients[v].share_keys(ShareKeysRequest(11, 4, v, peers))
+    ads = tuple(keys[v].advertisement() for v in config.cohort)
+    shares = {v: clients[v].share_keys(ShareKeysRequest(11, 4, v, ads)) for v in config.cohort}
     incoming = tuple(
         Ciphertext(v, next(c.data for c in shares[v].ciphertexts if c.node_id == u))
-        for v in sorted(graph[u])
+        for v in sorted(clients[u].neighbours)
     )
     reply = clients[u].collect_masked(
         CollectMaskedRequest(11, 4, u, incoming),

@@ -6,13 +6,25 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fake_grid import FIRST_NODE_ID, FakeGrid, Fault, error_reply, server_identity
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import RunConfig
 from common.errors import ConfigurationError, ProtocolAbort
-from common.records import KEY_ARRAYS, KEY_METRICS, KEY_REFUSAL, vector_to_record
+from common.records import (
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_METRICS,
+    KEY_REFUSAL,
+    KEY_RUN_ID,
+    KEY_SECAGG_MSG,
+    bytes_to_record,
+    vector_to_record,
+)
+from common.secagg.signing import identity_message, public_bytes
+from common.secagg.stages import IDENTITY_ACTION
 from server.aggregation import (
     Aggregate,
     Exchange,
@@ -68,7 +80,17 @@ def fake_sites(refuse: int | None = None) -> ClientApp:
         )
         return Message(content, reply_to=msg)
 
+    @app.query(IDENTITY_ACTION)
+    def identity(msg: Message, context: Context) -> Message:
+        key = IDENTITIES.setdefault(context.node_id, Ed25519PrivateKey.generate())
+        run_number = int(str(msg.content.config_records[KEY_CONFIG][KEY_RUN_ID]), 16)
+        claim = public_bytes(key) + key.sign(identity_message(run_number, context.node_id))
+        return Message(RecordDict({KEY_SECAGG_MSG: bytes_to_record(claim)}), reply_to=msg)
+
     return app
+
+
+IDENTITIES: dict[int, Ed25519PrivateKey] = {}
 
 
 def run_once(
@@ -172,13 +194,14 @@ def test_secure_aggregator_policy_denial_fails_before_any_site_sees_the_config()
         judged.append(secagg_config.threshold)  # type: ignore[attr-defined]
         return [], ["threshold too low"]
 
-    aggregator = SecAggAggregator(config, 1, D, judge)
+    aggregator = SecAggAggregator(config, 0xABCD, D, judge)  # the exchange's run id
     agg = aggregator.aggregate(
         RoundInput(1, sorted(grid.get_node_ids()), np.zeros(D, dtype=np.float32)),
         GridExchange(grid, config, "00000000abcd", "test"),
     )
     assert judged == [2]  # 4 sites: k = 3 neighbours, t = ceil(0.6 * 3) = 2, resolved once
     assert agg.failure is not None and "threshold too low" in str(agg.failure)
-    assert grid.history == []
+    # the sites were asked who they are (nothing about the round), never sent a configuration
+    assert [set(e.message_types.values()) for e in grid.history] == [{"query.secagg_identity"}]
     statuses = [e.payload["status"] for e in agg.events if e.kind == "secagg_outcome"]
     assert statuses == ["aborted"]
