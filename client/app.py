@@ -36,6 +36,7 @@ from client.agent import SiteContext, Trainer, compute_update, load_global
 from client.mods.clipping import clipping_mod
 from client.mods.instruction import instruction_mod
 from client.mods.participation import participation_mod
+from client.mods.release import release_mod
 from client.mods.secagg import secagg_mod
 from client.site_policy import SiteSetup
 from client.training import select_device
@@ -63,13 +64,24 @@ def train_mods(setup: SiteSetup) -> list[Mod]:
     2. :func:`~client.mods.participation.participation_mod` decides a plain
        round before anything inside it touches data (a secure round decides
        in its own stages);
-    3. :func:`~client.mods.clipping.clipping_mod` clips the train step's
+    3. :func:`~client.mods.release.release_mod` holds a plain round to one
+       release (:mod:`client.release`): it claims the round before the data
+       is touched and stores what comes back, clipped, before it leaves; a
+       repeat gets the same bytes or a refusal (the masked stage claims its
+       release in :func:`client.secure.handle_masked`, through the same function);
+    4. :func:`~client.mods.clipping.clipping_mod` clips the train step's
        update to C, next to the step, so that every path out of the site
        (plain reply or masked input) carries the clipped update.
 
     The inner function is the train step (:func:`client.steps.train`).
     """
-    return [instruction_mod(setup), secagg_mod(setup), participation_mod(setup), clipping_mod]
+    return [
+        instruction_mod(setup),
+        secagg_mod(setup),
+        participation_mod(setup),
+        release_mod(setup),
+        clipping_mod,
+    ]
 
 
 def train_step(setup: SiteSetup, trainer: Trainer) -> ClientAppCallable:

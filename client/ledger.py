@@ -19,6 +19,27 @@ between reserve and confirm can only over-count. Reserving the same
 twice. :meth:`SiteLedger.would_spend` is the same check without the write
 (a dry run, e.g. to decide whether to take part before any data is
 touched). The ledger stores no data and no secrets.
+
+The release log (table ``site_release``, same file): one row per
+(dataset, run, round) a site has answered a train request for, so that a
+site releases at most one data-dependent reply per round whatever the
+coordinator asks (:mod:`client.release` decides; this module only stores).
+:meth:`SiteLedger.claim_release` writes the row as ``reserved`` *before*
+the data is touched, in one ``BEGIN IMMEDIATE`` transaction that first
+looks for an earlier row (a second request for the round gets that row
+back, nothing written); :meth:`SiteLedger.store_release` marks it
+``released`` *before* the reply leaves the site, with the reply sealed
+(plain rounds: an AEAD ciphertext made by :mod:`client.release`, never the
+plaintext) and the id of the privacy-ledger entry that charged the round
+(None without DP). Which release answered which request: each row keeps
+the digest of the request it answered (:func:`common.record_digest.request_digest`)
+and counts the later requests it answered with the same bytes (``resent``)
+or refused (``refused``); the coordinator's audit log holds every refusal's
+reason. A reserved row whose attempt failed in this process (an error, a
+refusal) is removed (:meth:`SiteLedger.abandon_release`): nothing left the
+site. One left by a crash stays: the site cannot tell a crashed attempt
+from one still running in another process, so it never trains that round
+again.
 """
 
 from __future__ import annotations
@@ -26,7 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,10 +62,19 @@ from common.dp.events import PrivacyEvent, PrivacyLevel
 from common.errors import ConfigurationError, PrivacyBudgetExceeded, RecordError
 from common.sqlite import sqlite_engine
 
-__all__ = ["DatasetTotal", "LedgerEntry", "SiteLedger", "Spend"]
+__all__ = [
+    "DatasetTotal",
+    "LedgerEntry",
+    "ReleaseClaim",
+    "ReleaseEntry",
+    "SiteLedger",
+    "Spend",
+]
 
 RESERVED = "reserved"
 CONFIRMED = "confirmed"
+RELEASED = "released"
+RELEASE_KINDS = ("plain", "secure")
 _BUSY_TIMEOUT_S = 30.0
 
 
@@ -72,6 +102,72 @@ class LedgerRow(_LedgerModel, table=True):
     state: str
     created_at: datetime
     confirmed_at: datetime | None = None
+
+
+class ReleaseRow(_LedgerModel, table=True):
+    """The one release of a (dataset, run, round) (SQL row); see the module docstring."""
+
+    __tablename__ = "site_release"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "run_id", "round", name="uq_release_dataset_run_round"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: str = Field(index=True)
+    run_id: str
+    round: int
+    kind: str  # "plain" (cached reply) or "secure" (a masked input: nothing cached)
+    state: str  # "reserved" (claimed, nothing left yet) or "released"
+    request_digest: str  # hex SHA-256 of the request it answered
+    setup_digest: str | None = None  # secure: hex SHA-256 of the SecAgg configuration
+    ledger_entry_id: int | None = Field(default=None, foreign_key="privacy_ledger.id")
+    sealed_reply: bytes | None = None  # plain: the reply, AEAD-sealed (client.release)
+    resent: int = 0  # later identical requests answered with the same bytes
+    refused: int = 0  # later requests refused
+    created_at: datetime
+    released_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseEntry:
+    """A release-log row as a value (``sealed_reply`` is ciphertext)."""
+
+    id: int
+    dataset_id: str
+    run_id: str
+    round: int
+    kind: str
+    state: str
+    request_digest: str
+    setup_digest: str | None
+    ledger_entry_id: int | None
+    sealed_reply: bytes | None
+    resent: int
+    refused: int
+    created_at: datetime
+    released_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (ISO 8601 times; the sealed reply only as its size)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sealed_reply"}
+        out["sealed_reply_bytes"] = len(self.sealed_reply) if self.sealed_reply else 0
+        out["created_at"] = self.created_at.isoformat()
+        out["released_at"] = self.released_at.isoformat() if self.released_at else None
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseClaim:
+    """What :meth:`SiteLedger.claim_release` found: a new reservation, or the earlier row."""
+
+    entry: ReleaseEntry
+    fresh: bool  # True: reserved now for this request; False: the round had a row already
+
+
+def _release(row: ReleaseRow) -> ReleaseEntry:
+    if row.id is None:
+        raise RecordError("release row without an id")
+    return ReleaseEntry(**row.model_dump())
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +298,14 @@ def _check_budget(budget: float) -> float:
     return float(budget)
 
 
+def _check_round_key(dataset_id: str, run_id: str, round: int) -> None:
+    """Validate the (dataset, run, round) that keys a ledger or release-log row."""
+    _check_text("dataset_id", dataset_id)
+    _check_text("run_id", run_id)
+    if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+        raise ConfigurationError(f"round must be an int >= 0, got {round!r}")
+
+
 def _check_reserve_args(
     dataset_id: str,
     run_id: str,
@@ -212,10 +316,7 @@ def _check_reserve_args(
     budget: float,
 ) -> tuple[float, str, float]:
     """Validate :meth:`SiteLedger.reserve`'s arguments; return (delta, accountant, budget)."""
-    _check_text("dataset_id", dataset_id)
-    _check_text("run_id", run_id)
-    if isinstance(round, bool) or not isinstance(round, int) or round < 0:
-        raise ConfigurationError(f"round must be an int >= 0, got {round!r}")
+    _check_round_key(dataset_id, run_id, round)
     if not isinstance(event, PrivacyEvent) or event.level is not PrivacyLevel.RECORD:
         raise ConfigurationError("the site ledger records record-level PrivacyEvents only")
     return validate_delta(delta), validate_accountant(accountant), _check_budget(budget)
@@ -465,6 +566,170 @@ class SiteLedger:
                     session.add(row)
         except SQLAlchemyError as exc:
             raise RecordError(f"cannot write the privacy ledger {self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------ release log
+    def claim_release(
+        self,
+        dataset_id: str,
+        run_id: str,
+        round: int,
+        kind: str,
+        request_digest: str,
+        setup_digest: str | None = None,
+    ) -> ReleaseClaim:
+        """Reserve the one release of (dataset, run, round), or return the row it already has.
+
+        One ``BEGIN IMMEDIATE`` transaction: two processes asked for the same
+        round cannot both get a fresh reservation. Call it before the data is
+        touched.
+
+        Parameters
+        ----------
+        dataset_id, run_id : str
+            Non-empty identifiers.
+        round : int
+            Round number, ``>= 0``.
+        kind : {"plain", "secure"}
+            A plain reply (cached when stored) or a secure round's masked input.
+        request_digest : str
+            Hex digest of the request (:func:`common.record_digest.request_digest`).
+        setup_digest : str or None
+            Secure rounds: hex digest of the secure-aggregation configuration.
+
+        Returns
+        -------
+        ReleaseClaim
+            ``fresh`` with the new reserved row, or not fresh with the earlier
+            row (nothing written).
+
+        Raises
+        ------
+        RecordError
+            If the database fails.
+        ConfigurationError
+            For invalid arguments.
+        """
+        _check_round_key(dataset_id, run_id, round)
+        _check_text("request_digest", request_digest)
+        if kind not in RELEASE_KINDS:
+            raise ConfigurationError(f"release kind must be one of {RELEASE_KINDS}, got {kind!r}")
+        try:
+            with self._session() as session:
+                existing = self._release_row(session, dataset_id, run_id, round)
+                if existing is not None:
+                    return ReleaseClaim(_release(existing), fresh=False)
+                row = ReleaseRow(
+                    dataset_id=dataset_id,
+                    run_id=run_id,
+                    round=round,
+                    kind=kind,
+                    state=RESERVED,
+                    request_digest=request_digest,
+                    setup_digest=setup_digest,
+                    created_at=datetime.now(UTC),
+                )
+                session.add(row)
+                session.flush()
+                claim = ReleaseClaim(_release(row), fresh=True)
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot write the release log {self.path}: {exc}") from exc
+        return claim
+
+    def store_release(self, release_id: int, sealed_reply: bytes | None) -> ReleaseEntry:
+        """Mark a reserved release ``released``, before its reply leaves the site.
+
+        Links the privacy-ledger entry that charged the same (dataset, run,
+        round), if any (None for a run without DP).
+
+        Parameters
+        ----------
+        release_id : int
+            The id :meth:`claim_release` returned.
+        sealed_reply : bytes or None
+            Plain rounds: the reply as an AEAD ciphertext; None for a masked input.
+
+        Raises
+        ------
+        RecordError
+            If the row does not exist or is not reserved, or the database fails.
+        """
+        try:
+            with self._session() as session:
+                row = self._reserved(session, release_id)
+                ledger_row = self._row(session, row.dataset_id, row.run_id, row.round)
+                row.state, row.released_at = RELEASED, datetime.now(UTC)
+                row.sealed_reply = sealed_reply
+                row.ledger_entry_id = ledger_row.id if ledger_row is not None else None
+                session.add(row)
+                session.flush()
+                entry = _release(row)
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot write the release log {self.path}: {exc}") from exc
+        return entry
+
+    def abandon_release(self, release_id: int) -> None:
+        """Remove a reserved release whose attempt ended in this process with nothing sent.
+
+        Raises
+        ------
+        RecordError
+            If the row does not exist or is already released, or the database fails.
+        """
+        try:
+            with self._session() as session:
+                session.delete(self._reserved(session, release_id))
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot write the release log {self.path}: {exc}") from exc
+
+    def count_answer(self, release_id: int, *, resent: bool) -> None:
+        """Count one later request a release answered: resent its bytes, or refused."""
+        try:
+            with self._session() as session:
+                row = session.get(ReleaseRow, release_id)
+                if row is None:
+                    raise RecordError(f"no release {release_id}")
+                if resent:
+                    row.resent += 1
+                else:
+                    row.refused += 1
+                session.add(row)
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot write the release log {self.path}: {exc}") from exc
+
+    def releases(self, dataset_id: str | None = None) -> list[ReleaseEntry]:
+        """Every release-log row (of one dataset, or all), in insertion order."""
+        query = select(ReleaseRow).order_by(ReleaseRow.id)  # type: ignore[arg-type]
+        if dataset_id is not None:
+            query = query.where(ReleaseRow.dataset_id == dataset_id)
+        try:
+            with self._session() as session:
+                entries = [_release(r) for r in session.exec(query).all()]
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot read the release log {self.path}: {exc}") from exc
+        return entries
+
+    @staticmethod
+    def _release_row(
+        session: Session, dataset_id: str, run_id: str, round: int
+    ) -> ReleaseRow | None:
+        return session.exec(
+            select(ReleaseRow).where(
+                ReleaseRow.dataset_id == dataset_id,
+                ReleaseRow.run_id == run_id,
+                ReleaseRow.round == round,
+            )
+        ).first()
+
+    @staticmethod
+    def _reserved(session: Session, release_id: int) -> ReleaseRow:
+        if isinstance(release_id, bool) or not isinstance(release_id, int):
+            raise ConfigurationError(f"release_id must be an int, got {release_id!r}")
+        row = session.get(ReleaseRow, release_id)
+        if row is None:
+            raise RecordError(f"no release {release_id}")
+        if row.state != RESERVED:
+            raise RecordError(f"release {release_id} is {row.state}, not reserved")
+        return row
 
     def history(self, dataset_id: str | None = None) -> list[LedgerEntry]:
         """Every entry (of one dataset, or all), in insertion order."""

@@ -42,6 +42,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.agent import SiteContext
+from client.release import release_once
 from client.site_policy import SiteSetup
 from client.state import state_key
 from client.steps import (
@@ -328,7 +329,8 @@ def handle_masked(
         if reason is not None:
             _drop(context, server_round)
             return refusal(msg, reason, decisions)
-    trained = train(msg, context)
+    # one release per round (client.release): a repeat is refused, never trained again
+    trained = release_once(site, msg, lambda: train(msg, context), setup=config.digest())
     if is_refusal(trained):
         _drop(context, server_round)
         return with_decisions(trained, decisions)

@@ -65,27 +65,52 @@ def load_site_data(cfg: RunConfig, task: TaskSpec, node_config: Mapping[str, Any
     return _load_cached(cfg, task, key)
 
 
+def site_dataset_id(cfg: RunConfig, node_config: Mapping[str, Any]) -> str:
+    """The stable id of the dataset the site running this ClientApp holds, without loading it.
+
+    What the site's ledger and release log key their rows by: the node
+    config's ``dataset-id``, else the site file's name and content hash
+    (deployment), else the simulated partition's description.
+
+    Raises
+    ------
+    ConfigurationError
+        If the node config names neither a data file nor a partition.
+    """
+    key = tuple(sorted((str(k), str(v)) for k, v in node_config.items()))
+    return _dataset_id_cached(cfg.dataset, cfg.seed, cfg.partition, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset_id_cached(
+    dataset: str, seed: int, partition: str, node_key: tuple[tuple[str, str], ...]
+) -> str:
+    node_config = dict(node_key)
+    if "data-path" in node_config:
+        return node_config.get("dataset-id") or _file_id(Path(node_config["data-path"]))
+    if "partition-id" in node_config:
+        pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        return f"{dataset}-seed{seed}-{partition}-p{pid}of{n}"
+    raise ConfigurationError(
+        "node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)"
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(cfg: RunConfig, task: TaskSpec, node_key: tuple[tuple[str, str], ...]) -> SiteData:
     node_config = dict(node_key)
+    dataset_id = site_dataset_id(cfg, node_config)
     if "data-path" in node_config:
-        path = Path(node_config["data-path"])
         data = load_site_file(
-            path,
+            Path(node_config["data-path"]),
             num_classes=task.num_classes,
             label_column=node_config.get("label-column", "label"),
         )
-        dataset_id = node_config.get("dataset-id") or _file_id(path)
-    elif "partition-id" in node_config:
+    else:
         if cfg.dataset == "custom":
             raise ConfigurationError("dataset 'custom' needs a data-path in the node config")
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
         data = site_partition(cfg, pid, n)
-        dataset_id = f"{cfg.dataset}-seed{cfg.seed}-{cfg.partition}-p{pid}of{n}"
-    else:
-        raise ConfigurationError(
-            "node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)"
-        )
     # Split with a generator keyed by the dataset id, so reruns give the same split.
     digest = int.from_bytes(hashlib.sha256(dataset_id.encode()).digest()[:8], "big")
     train, test = split_train_test(data, LOCAL_TEST_FRACTION, seeded_generator(digest))

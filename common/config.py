@@ -56,6 +56,8 @@ class RunConfig:
     min_sites: int = 2
     sampling: str = "fixed"
     round_timeout_s: float = 600.0
+    # a failed round ends the round, not the run: the run aborts after this many in a row
+    max_failed_rounds: int = 3
     # local training
     local_epochs: int = 2
     batch_size: int = 16
@@ -145,6 +147,7 @@ class RunConfig:
         _positive_int("rounds", self.rounds)
         _positive_int("num_sites", self.num_sites)
         _positive_int("min_sites", self.min_sites)
+        _positive_int("max_failed_rounds", self.max_failed_rounds)
         _positive_int("local_epochs", self.local_epochs)
         _positive_int("batch_size", self.batch_size)
         _non_negative_int("seed", self.seed)

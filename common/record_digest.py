@@ -45,9 +45,12 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.audit.instruction import InstructionSignature
 from common.errors import DataError
-from common.records import KEY_INSTRUCTION_SIGNATURE
+from common.records import KEY_AUDIT_HEAD, KEY_CONFIG, KEY_INSTRUCTION_SIGNATURE
 
 CONTENT_DOMAIN = b"fedseal/instruction-content/v1\x00"
+REQUEST_DOMAIN = b"fedseal/release-request/v1\x00"
+REQUEST_VOLATILE_CONFIG = (KEY_AUDIT_HEAD,)
+"""Config-record keys an honest resend of the same request may change (see :func:`request_digest`)."""
 _INT_BYTES = 16
 
 # id(record) -> (record, kind + digest); holding the record keeps its id from being reused
@@ -168,6 +171,55 @@ def content_digest(content: RecordDict, cache: DigestCache | None = None) -> byt
     h.update(_u32(len(entries)))
     for raw_name, kind, digest in entries:
         h.update(kind + _bytes32(raw_name) + digest)
+    return h.digest()
+
+
+def request_digest(message_type: str, content: RecordDict) -> bytes:
+    """SHA-256 naming what a train instruction asks of a site, whoever signed it and when.
+
+    A site releases at most one reply per (dataset, run, round)
+    (:mod:`client.release`); this digest tells an honest resend of the same
+    request (answered with the same sealed bytes) from a different request
+    for the same round (refused). Encoding (version 1)::
+
+        request_digest = SHA-256(b"fedseal/release-request/v1\\0"
+                                 || bytes32(utf8(message_type))
+                                 || content_digest(content without the volatile fields))
+
+    **In the digest** (what changes the data-dependent answer, or who it is
+    for): the message type (plain ``train`` or a secure stage); every record
+    of the instruction, as :func:`content_digest` covers them: the whole
+    config record (every run setting: model, training and DP settings, the
+    round, the run id, the cohort size, the coordinator's code hash), the
+    global model arrays, and secure-aggregation payloads (a masked request
+    carries the setup's encrypted shares, so another setup or cohort gives
+    another digest).
+
+    **Left out** (they legitimately change when the same request is sent
+    again, e.g. by a coordinator resumed after a crash): the instruction
+    signature record (signature, per-run sequence number, key id; a resend
+    is signed anew at a higher seq), and the audit head in the config record
+    (:data:`~common.records.KEY_AUDIT_HEAD`, the coordinator's latest seal,
+    which moves with every event it records). Neither changes what the site
+    computes. The destination node is the site itself; the round's group id
+    repeats the config's round.
+
+    Raises
+    ------
+    DataError
+        A record the content digest cannot encode.
+    """
+    if not isinstance(message_type, str):
+        raise DataError("message type must be a string")
+    stable = RecordDict(dict(content.items()))
+    config = content.get(KEY_CONFIG)
+    if isinstance(config, ConfigRecord):
+        stable[KEY_CONFIG] = ConfigRecord(
+            {k: v for k, v in config.items() if k not in REQUEST_VOLATILE_CONFIG}
+        )
+    h = hashlib.sha256(REQUEST_DOMAIN)
+    h.update(_bytes32(message_type.encode("utf-8")))
+    h.update(content_digest(stable))
     return h.digest()
 
 

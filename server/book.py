@@ -39,6 +39,7 @@ from common.dp import PrivacyEvent, PrivacyLevel
 from common.records import check_vector
 from server.aggregation.base import Aggregate
 from server.record import ModelVersion, SqlRecord
+from server.record.values import CLOSED_ROUND_STATUSES
 from server.results import RoundResult
 
 CODE_PACKAGES = ("common", "client", "server", "policies")
@@ -115,31 +116,35 @@ class RunBook:
     def resume_point(self, vector_length: int) -> ResumePoint:
         """Reopen the run (audited, sealed) and read back where it stands.
 
-        Only what the last model version covers counts as done: later rounds
-        (finished in the record but not versioned) and their client-level
-        releases are redone from that version.
+        Only what the last model version covers counts as done, and the
+        failed rounds right after it (closed as failed, they left the model
+        as that version has it): later rounds (finished in the record but not
+        versioned) and their client-level releases are redone from that version.
         """
         version = self.resume()
-        done = version.round if version is not None else 0
+        versioned = version.round if version is not None else 0
+        rounds = self.record.rounds(self.run_id)
+        done = versioned
+        failed = {info.round for info in rounds if info.status == "failed"}
+        while done + 1 in failed:
+            done += 1
         events = [
             PrivacyEvent(p.noise_multiplier, p.sample_rate, p.steps, PrivacyLevel.CLIENT)
             for p in self.record.privacy(self.run_id)
-            if p.level == "client" and p.round <= done
+            if p.level == "client" and p.round <= versioned
         ]
         results = [
             RoundResult.from_json(info.metrics)
-            for info in self.record.rounds(self.run_id)
-            if info.status == "finished" and info.metrics
+            for info in rounds
+            if info.status in CLOSED_ROUND_STATUSES and info.metrics and info.round <= done
         ]
         if version is None:
-            return ResumePoint(1, results, None, events)
+            return ResumePoint(done + 1, results, None, events)
         data = self.record.load_version_bytes(version.version)
         vector = check_vector(
             np.frombuffer(data, dtype=np.float32).copy(), vector_length, what="resumed model"
         )
-        return ResumePoint(
-            version.round + 1, [r for r in results if r.round <= done], vector, events
-        )
+        return ResumePoint(done + 1, results, vector, events)
 
     def finish(self, status: str = "finished", reason: str | None = None) -> None:
         self.record.finish_run(self.run_id, status=status, reason=reason)
@@ -244,6 +249,18 @@ class RunBook:
             ),
             client_level_epsilon=result.client_level_epsilon,
             energy_kwh=self.record.energy_total_kwh(self.run_id),
+        )
+        self.seal()
+
+    def round_failed(self, result: RoundResult) -> None:
+        """A failed round: closed as failed with its reason (``round_failed``), no version; sealed.
+
+        The model stays as it was and nothing was released, so no spend,
+        energy or model version is recorded for it (:meth:`aggregated` booked
+        the aggregator's events, which say what went wrong).
+        """
+        self.record.fail_round(
+            self.run_id, result.round, result.failure or "failed", result.to_json()
         )
         self.seal()
 

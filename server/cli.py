@@ -153,6 +153,9 @@ def start_cmd(
         )
     doc = json.loads(result.read_text())
     for r in doc["rounds"]:
+        if r.get("failed"):
+            out.print(f"round {r['round']}: failed: {r['failure']}", soft_wrap=True)
+            continue
         out.print(
             f"round {r['round']}: accuracy={r['accuracy']} loss={r['loss']} participants={r['participants']}"
         )

@@ -29,6 +29,13 @@ class SiteOutcome:
 
 @dataclass(frozen=True, slots=True)
 class RoundResult:
+    """One round as the run reports it; a failed round (``failed``) changed nothing.
+
+    A failed round (a protocol abort, too few usable updates, a policy denial
+    of its parameters) kept the global model as it was and released nothing:
+    no accuracy, loss, client-level epsilon or energy; ``failure`` says why.
+    """
+
     round: int
     accuracy: float | None
     loss: float | None
@@ -36,10 +43,12 @@ class RoundResult:
     sampled: int
     seconds: float
     sites: tuple[SiteOutcome, ...] = field(default_factory=tuple)
-    evaluation: str = "central"  # "central" (server's held-out split) or "federated"
+    evaluation: str = "central"  # "central" (server's held-out split), "federated", "none" (failed)
     secagg: dict[str, int] | None = None  # participants, dropouts, threshold, neighbours
     client_level_epsilon: float | None = None  # DP-FedAvg, run so far (None when off)
     energy: dict[str, float | bool] | None = None  # kwh, co2eq_g, estimated (sum over sites)
+    failed: bool = False  # the round ended without a model update (see ``failure``)
+    failure: str | None = None  # why it failed
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -98,6 +107,7 @@ def result_document(
         "run_id": run_id,
         "config": asdict(cfg),
         "rounds": [r.to_json() for r in results],
+        "failed_rounds": [r.round for r in results if r.failed],
         "stopped": stopped,
         "privacy": {
             "site_dp": cfg.dp,

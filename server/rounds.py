@@ -12,7 +12,15 @@ same: the server never learns a site's example count under secure
 aggregation, and DP-FedAvg's sensitivity (C on the sum) assumes unit weights.
 
 Aggregators return what happened as data; :class:`server.book.RunBook`, the
-record's one writer, books it; a failed round keeps the global model as it was.
+record's one writer, books it.
+
+A failed round ends the round, not the run (DESIGN.md §7): the aggregator's
+events are booked, the round is closed as failed with its reason
+(``round_failed``), the global model stays as it was, nothing is released
+(the central-DP wrapper adds no noise and spends nothing for it), and the
+run goes on with the next round. The run aborts only after
+``max_failed_rounds`` failed rounds in a row; a run in which every round
+that ran failed ends aborted, saying so.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from flwr.serverapp import Grid
 
 from common.audit.instruction import InstructionSigner
 from common.config import RunConfig
-from common.errors import FedsealError
+from common.errors import FedsealError, ProtocolAbort
 from common.records import ModelSpec, state_dict_to_vector
 from common.secagg import SecAggConfig
 from common.task import task_for
@@ -132,15 +140,28 @@ class FederatedRun:
                 result = self.run_round(server_round)
                 self.results.append(result)
                 if self.book is not None:
-                    self.book.round_done(result, self.global_vector.astype(np.float32).tobytes())
+                    if result.failed:
+                        self.book.round_failed(result)
+                    else:
+                        model = self.global_vector.astype(np.float32).tobytes()
+                        self.book.round_done(result, model)
                 self.observer.on_round(result)
-                log.info(
-                    "round %d: accuracy=%s loss=%s participants=%d/%d",
-                    server_round,
-                    _fmt(result.accuracy),
-                    _fmt(result.loss),
-                    result.participants,
-                    result.sampled,
+                if result.failed:
+                    log.warning("round %d failed: %s", server_round, result.failure)
+                else:
+                    log.info(
+                        "round %d: accuracy=%s loss=%s participants=%d/%d",
+                        server_round,
+                        _fmt(result.accuracy),
+                        _fmt(result.loss),
+                        result.participants,
+                        result.sampled,
+                    )
+                self._check_failed_rounds()
+            if self.results and all(r.failed for r in self.results):
+                raise ProtocolAbort(
+                    f"no round of run {self.run_id} succeeded ({len(self.results)} failed); "
+                    f"last: {self.results[-1].failure}"
                 )
         except FedsealError as exc:
             if self.book is not None:
@@ -164,8 +185,23 @@ class FederatedRun:
         """The last round the run reached (0 before the first): the final head's group id."""
         return max(self.first_round - 1, self.reached)
 
+    def _check_failed_rounds(self) -> None:
+        """Abort the run once its last ``max_failed_rounds`` rounds all failed."""
+        limit = self.cfg.max_failed_rounds
+        tail = self.results[-limit:]
+        if len(tail) == limit and all(r.failed for r in tail):
+            raise ProtocolAbort(
+                f"{limit} failed rounds in a row (max_failed_rounds={limit}); "
+                f"last: {tail[-1].failure}"
+            )
+
     def run_round(self, server_round: int) -> RoundResult:
-        """Sample, aggregate, apply the update, evaluate; raises when the round fails."""
+        """Sample, aggregate, apply the update, evaluate; a failed round's result says so.
+
+        A failed aggregate (``Aggregate.failure``) leaves the model as it was
+        and yields a result with ``failed`` set and the reason; nothing is
+        evaluated or released.
+        """
         self.reached = server_round
         start = time.perf_counter()
         nodes = wait_for_nodes(self.grid, self.cfg.min_sites, self.cfg.round_timeout_s)
@@ -182,12 +218,14 @@ class FederatedRun:
         require_contributors(agg, self.cfg.min_sites, server_round, len(cohort))
         if self.book is not None:
             self.book.aggregated(server_round, agg, self.cfg)
-        if agg.failure is not None:
-            raise agg.failure
-        self.global_vector = self.global_vector + agg.mean()
-        loss, accuracy, how = self.evaluator.evaluate(
-            server_round, self.global_vector, self.grid, self.exchange
-        )
+        failed = agg.failure is not None
+        loss = accuracy = None
+        how = "none"
+        if not failed:
+            self.global_vector = self.global_vector + agg.mean()
+            loss, accuracy, how = self.evaluator.evaluate(
+                server_round, self.global_vector, self.grid, self.exchange
+            )
         return RoundResult(
             round=server_round,
             accuracy=accuracy,
@@ -199,7 +237,9 @@ class FederatedRun:
             evaluation=how,
             secagg=agg.secagg,
             client_level_epsilon=agg.central.epsilon if agg.central is not None else None,
-            energy=round_energy(agg.outcomes),
+            energy=None if failed else round_energy(agg.outcomes),
+            failed=failed,
+            failure=str(agg.failure) if failed else None,
         )
 
     # ----------------------------------------------------------- server steps

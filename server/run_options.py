@@ -174,6 +174,12 @@ SHARED_OPTIONS: tuple[RunOption, ...] = (
         choices=SAMPLINGS,
     ),
     _option("round_timeout_s", "--round-timeout", help="Seconds to wait for sites per round."),
+    _option(
+        "max_failed_rounds",
+        "--max-failed-rounds",
+        help="Consecutive failed rounds (model kept, failure recorded) after which the run aborts.",
+        min=1,
+    ),
     _option("local_epochs", "--local-epochs", help="Local epochs per round."),
     _option("batch_size", "--batch-size", help="Local batch size."),
     _option("learning_rate", "--lr", help="Local SGD learning rate."),

@@ -184,7 +184,7 @@ def run_cmd(
         ]
         table.add_row(
             str(r["round"]),
-            "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}",
+            _accuracy_cell(r),
             "n/a" if r["loss"] is None else f"{r['loss']:.4f}",
             f"{r['participants']}/{r['sampled']}",
             f"{max(site_eps):.3f}" if site_eps else "-",
@@ -194,6 +194,13 @@ def run_cmd(
         )
     Console().print(table)
     Console().print(f"run directory: {out} (record.db, result.json); report: {report_html}")
+
+
+def _accuracy_cell(r: dict[str, Any]) -> str:
+    """A round's accuracy for the results table; a failed round says so."""
+    if r.get("failed"):
+        return "failed"
+    return "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
 
 
 @one_line_errors

@@ -34,6 +34,8 @@ LABEL_NEIGHBOUR_GRAPH = b"fedseal/v1/neighbour-graph"
 """PRG seed of the public neighbour-graph permutation."""
 LABEL_CLIENT_STATE = b"fedseal/v1/client-state"
 """Key that seals a client's round state under its site-held key."""
+LABEL_RELEASE_CACHE = b"fedseal/v1/release-cache"
+"""Key that seals a site's released replies at rest under its site-held key."""
 
 LABELS = (
     LABEL_SHARE_ENCRYPTION,
@@ -41,6 +43,7 @@ LABELS = (
     LABEL_SELF_MASK,
     LABEL_NEIGHBOUR_GRAPH,
     LABEL_CLIENT_STATE,
+    LABEL_RELEASE_CACHE,
 )
 
 KEY_SIZE = 32
@@ -108,3 +111,14 @@ def derive_node_key(secret: bytes, label: bytes, *, run_id: int, round: int, nod
 def derive_round_key(secret: bytes, label: bytes, *, run_id: int, round: int) -> bytes:
     """Derive a 32-byte key bound to one run and round."""
     return hkdf_sha256(secret, round_info(label, run_id=run_id, round=round))
+
+
+def derive_site_key(secret: bytes, label: bytes) -> bytes:
+    """Derive a 32-byte key for one purpose of a site's own secret (no run, round or node).
+
+    Raises
+    ------
+    ConfigurationError
+        On an unknown label or a secret shorter than 16 bytes.
+    """
+    return hkdf_sha256(secret, _info(label, ()))

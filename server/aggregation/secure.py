@@ -201,6 +201,7 @@ class SecAggAggregator:
                 "status": "aborted",
                 "reason": str(exc),
                 "rejected": _str_keys(facts.rejected),
+                "refused": _str_keys(facts.refused),  # e.g. a round already released
             },
         )
         agg.failure = exc

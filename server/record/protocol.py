@@ -189,6 +189,18 @@ class Record(Protocol):
         """Close a started round with its metrics and append ``round_finished``."""
         ...
 
+    def fail_round(
+        self,
+        run_id: str,
+        round: int,
+        reason: str,
+        metrics: Mapping[str, object],
+        *,
+        actor: str = "server",
+    ) -> RoundInfo:
+        """Close a started round as failed (no model) and append ``round_failed`` with the reason."""
+        ...
+
     def rounds(self, run_id: str) -> list[RoundInfo]:
         """A run's rounds in order."""
         ...

@@ -4,7 +4,9 @@ A run is created once (a second run with the same id is refused) and only
 ever moves between ``running``, ``finished`` and ``aborted``. A round is
 opened with its cohort and closed with its metrics; a finished round is never
 reopened, so no round counts twice, while one left open by a crash can be
-restarted (its row reused, the event says ``restarted``). Every change
+restarted (its row reused, the event says ``restarted``). A round that
+produced no model is closed as ``failed`` with its reason, and is no more
+reopened than a finished one. Every change
 appends its event (:class:`~server.record.audit_log.AuditLog`) in the
 transaction that makes it, so the record and its log cannot disagree.
 """
@@ -21,6 +23,7 @@ from server.record.audit_log import AuditLog
 from server.record.db import Database
 from server.record.schema import ModelVersionRow, NodeRow, RoundRow, RunRow
 from server.record.values import (
+    CLOSED_ROUND_STATUSES,
     RUN_END_STATUSES,
     ModelVersion,
     NodeEntry,
@@ -211,7 +214,8 @@ class Runs:
         """Open a round and append ``round_started`` with its cohort.
 
         A round left open by a crash is restarted (its row reused, the event
-        says ``restarted``); a finished round is refused, so no round counts twice.
+        says ``restarted``); a finished or failed round is refused, so no round
+        counts twice.
         """
         rnd = check_round(round)
         members = [int(check_node_id(n)) for n in cohort]
@@ -223,8 +227,8 @@ class Runs:
             ).first()
             restarted = row is not None
             if row is not None:
-                if row.status == "finished":
-                    raise RecordError(f"round {rnd} of run {run_id} already finished")
+                if row.status in CLOSED_ROUND_STATUSES:
+                    raise RecordError(f"round {rnd} of run {run_id} already {row.status}")
                 row.started_at, row.cohort_json = utc_now(), json_text([str(m) for m in members])
             else:
                 row = RoundRow(
@@ -252,6 +256,35 @@ class Runs:
         self, run_id: str, round: int, metrics: Mapping[str, object], *, actor: str = "server"
     ) -> RoundInfo:
         """Close a started round with its metrics and append ``round_finished``."""
+        return self._close_round(run_id, round, "finished", metrics, {}, actor)
+
+    def fail_round(
+        self,
+        run_id: str,
+        round: int,
+        reason: str,
+        metrics: Mapping[str, object],
+        *,
+        actor: str = "server",
+    ) -> RoundInfo:
+        """Close a started round as ``failed`` (no model came of it) and append ``round_failed``.
+
+        A failed round is closed like a finished one: never reopened, so a
+        resumed run goes on after it instead of redoing it.
+        """
+        if not isinstance(reason, str) or not reason:
+            raise DataError("a failed round needs its reason")
+        return self._close_round(run_id, round, "failed", metrics, {"reason": reason}, actor)
+
+    def _close_round(
+        self,
+        run_id: str,
+        round: int,
+        status: str,
+        metrics: Mapping[str, object],
+        extra: Mapping[str, object],
+        actor: str,
+    ) -> RoundInfo:
         rnd = check_round(round)
         metrics_json = json_text(dict(metrics))
 
@@ -261,11 +294,10 @@ class Runs:
             ).first()
             if row is None or row.status != "started":
                 raise RecordError(f"round {rnd} of run {run_id} is not open")
-            row.status, row.finished_at, row.metrics_json = "finished", utc_now(), metrics_json
+            row.status, row.finished_at, row.metrics_json = status, utc_now(), metrics_json
             session.add(row)
-            self._audit.append(
-                session, run_id, "round_finished", actor, {"round": rnd, "metrics": dict(metrics)}
-            )
+            payload = {"round": rnd, **extra, "metrics": dict(metrics)}
+            self._audit.append(session, run_id, f"round_{status}", actor, payload)
             return round_from_row(row)
 
         return self._db.write(work)

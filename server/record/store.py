@@ -237,6 +237,18 @@ class SqlRecord:
         """Close a started round (:meth:`Runs.finish_round`)."""
         return self._runs.finish_round(run_id, round, metrics, actor=actor)
 
+    def fail_round(
+        self,
+        run_id: str,
+        round: int,
+        reason: str,
+        metrics: Mapping[str, object],
+        *,
+        actor: str = "server",
+    ) -> RoundInfo:
+        """Close a started round as failed (:meth:`Runs.fail_round`)."""
+        return self._runs.fail_round(run_id, round, reason, metrics, actor=actor)
+
     def rounds(self, run_id: str) -> list[RoundInfo]:
         """A run's rounds in order (:meth:`Runs.rounds`)."""
         return self._runs.rounds(run_id)

@@ -33,6 +33,7 @@ from server.record.schema import (
 
 __all__ = [
     "PRIVACY_LEVELS",
+    "CLOSED_ROUND_STATUSES",
     "RUN_END_STATUSES",
     "EnergyEntry",
     "ModelVersion",
@@ -58,6 +59,7 @@ __all__ = [
 
 PRIVACY_LEVELS = ("record", "client")
 RUN_END_STATUSES = ("finished", "aborted")
+CLOSED_ROUND_STATUSES = ("finished", "failed")  # a round in either is never reopened
 
 
 # ----------------------------------------------------------------- value objects

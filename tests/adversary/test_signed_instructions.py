@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fake_grid import FIRST_NODE_ID, FakeGrid, server_identity
 from flwr.app import Array, Message
+from pinned_sites import pinned_policies
 
 from client.agent import LocalUpdate, SiteContext
 from client.app import make_client_app
@@ -39,7 +40,7 @@ from common.records import (
     KEY_VECTOR,
     vector_to_record,
 )
-from policies import SitePolicies, load_site_policies
+from policies import SitePolicies
 from server.aggregation.exchange import GridExchange
 from server.aggregation.replies import refusal_reason
 from server.book import RunBook
@@ -54,17 +55,6 @@ RUN_ID = "0000feed0001"
 RECORD = "record-of-this-run"
 OLD_RECORD = "record-of-long-ago"
 NODE, PEER = FIRST_NODE_ID, FIRST_NODE_ID + 1
-
-SITE_POLICY = """kind = "site"
-[privacy]
-require_dp = false
-[rounds]
-require_secure_aggregation = false
-min_cohort_size = 1
-[trust]
-server_key = "{key}"
-"""
-
 
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
@@ -82,10 +72,7 @@ def cfg(num_sites: int = 2, **changes: object) -> RunConfig:
 
 
 def pinned(tmp_path: Path) -> SitePolicies:
-    folder = tmp_path / "site-policies"
-    folder.mkdir(exist_ok=True)
-    (folder / "default.toml").write_text(SITE_POLICY.format(key=RAW.hex()))
-    return load_site_policies(folder)
+    return pinned_policies(tmp_path / "site-policies", KEY)
 
 
 @dataclass
@@ -310,9 +297,9 @@ def test_replayed_instruction_refused(tmp_path: Path) -> None:
     assert refused(_replay(s, first), "not above", "replayed")  # the latest one, again
     (second,) = ex.messages({NODE: (content, "train")}, 1)
     (reply,) = s.grid.send_and_receive([second])
-    assert refusal_reason(reply) is None
+    assert refusal_reason(reply) is None  # signed anew: answered (with the round's one release)
     assert refused(_replay(s, first), "not above")  # an earlier one
-    assert s.trainer.calls == [(NODE, 1), (NODE, 1)]
+    assert s.trainer.calls == [(NODE, 1)]  # tests/adversary/test_repeated_rounds.py
 
 
 def test_instructions_delivered_out_of_order_refused(tmp_path: Path) -> None:
@@ -435,6 +422,7 @@ def test_resumed_run_is_accepted_by_pinned_sites_after_a_coordinator_crash(tmp_p
     resumed = FederatedRun(cfg(rounds=3), s.grid, book=RunBook(record, KEY, RUN_ID), resume=True)
     results = resumed.execute()
     assert [(r.round, r.participants) for r in results] == [(1, 2), (2, 2), (3, 2)]
-    assert s.trainer.calls.count((NODE, 2)) == 2  # round 2 redone from the record
+    # round 2 redone from the record: NODE answers with its stored release, without training
+    assert s.trainer.calls.count((NODE, 2)) == 1
     assert s.heads(NODE)[-1] == record.latest_seal()
     record.close()

@@ -330,35 +330,37 @@ def test_secure_round_silent_site_rejoins_next_round(
     ("stage", "silent"),
     [("keys", [0, 1, 2]), ("shares", [0, 1, 2]), ("masked", [1, 3, 4]), ("unmask", [1, 2])],
 )
-def test_secure_round_below_threshold_aborts_global_model_unchanged(
+def test_secure_round_below_threshold_fails_the_round_model_unchanged_run_goes_on(
     tmp_path: Path, distinct_updates: None, stage: str, silent: list[int]
 ) -> None:
     # 5 sites, k = 4, t = 3. At unmask two silent sites leave each other survivor
     # with two responding neighbours: fewer than t shares of its self-mask seed.
-    cfg = vector_cfg(5, rounds=2, secagg_setup_rounds=1)  # keys and shares again in round 2
+    cfg = vector_cfg(5, rounds=3, secagg_setup_rounds=1)  # keys and shares again every round
     faults = [Fault(node(p), f"secagg_{stage}", server_round=2) for p in silent]
     run, _ = federation(cfg, tmp_path, faults=faults)
-    after_round_1: list[np.ndarray] = []
+    models: dict[int, np.ndarray] = {}
     original_round = run.run_round
 
     def spy(server_round: int) -> RoundResult:
-        if server_round == 2:
-            after_round_1.append(run.global_vector.copy())
+        models[server_round] = run.global_vector.copy()  # the model each round starts from
         return original_round(server_round)
 
     run.run_round = spy  # type: ignore[method-assign]
-    with pytest.raises(ProtocolAbort, match="threshold"):
-        run.execute()
-    assert len(run.results) == 1
-    np.testing.assert_array_equal(run.global_vector, after_round_1[0])
+    results = run.execute()  # a failed round ends the round, not the run
+    assert [r.failed for r in results] == [False, True, False]
+    assert "threshold" in (results[1].failure or "")
+    np.testing.assert_array_equal(models[3], models[2])  # the failed round changed nothing
+    assert results[2].participants == 5
 
 
-def test_secure_round_two_site_cohort_too_small_aborts(tmp_path: Path) -> None:
+def test_secure_round_two_site_cohort_too_small_fails_and_no_round_succeeds(tmp_path: Path) -> None:
     cfg = vector_cfg(3, min_sites=3)
     run, _ = federation(cfg, tmp_path, faults=[Fault(node(0), "secagg_keys")])
     before = run.global_vector.copy()
-    with pytest.raises(ProtocolAbort):
+    with pytest.raises(ProtocolAbort, match="no round of run .* succeeded"):
         run.execute()
+    (result,) = run.results
+    assert result.failed and "secure aggregation aborted" in (result.failure or "")
     np.testing.assert_array_equal(run.global_vector, before)
 
 

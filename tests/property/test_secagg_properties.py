@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from common.crypto import shamir
 from common.errors import ProtocolAbort
 from common.rng import seeded_generator
-from common.secagg import Stage, make_config, run_round, simulate
+from common.secagg import Stage, run_round, simulate
 from common.secagg.graph import neighbour_graph
 from common.secagg.messages import AdvertiseKeysReply
 from common.secagg.quantize import error_bound, lift_signed, quantize
 from common.secagg.server import SecAggServer
 from common.secagg.signing import graph_seed, quorum
-from common.secagg.simulate import client_generators
+from common.secagg.simulate import client_generators, federated_config
 
 
 class _Recording(SecAggServer):
@@ -40,7 +40,7 @@ def rounds(draw: st.DrawFn) -> tuple:
     t = draw(st.integers(k // 2 + 1, k))
     d = draw(st.integers(1, 40))
     bits = draw(st.sampled_from([16, 32, 40]))
-    config = make_config(
+    config, identities = federated_config(
         run_id=draw(st.integers(0, 2**64 - 1)),
         round=draw(st.integers(0, 1000)),
         cohort=draw(st.lists(st.integers(1, 2**64 - 1), min_size=n, max_size=n, unique=True)),
@@ -54,7 +54,7 @@ def rounds(draw: st.DrawFn) -> tuple:
     # mostly few dropouts (k - t always leaves t holders), sometimes any number
     most = draw(st.one_of(st.integers(0, k - t + 1), st.integers(0, n)))
     dropped = draw(st.sets(st.sampled_from(config.cohort), max_size=most))
-    return config, stage, dropped, draw(st.integers(0, 2**32))
+    return config, identities, stage, dropped, draw(st.integers(0, 2**32))
 
 
 def _graph(config, advertised: list[AdvertiseKeysReply]) -> dict[int, frozenset[int]]:
@@ -93,13 +93,15 @@ def _expected_contributors(config, graph, stage: Stage, dropped: set[int]) -> se
 @settings(max_examples=40, deadline=None)
 @given(rounds())
 def test_run_round_any_dropout_pattern_exact_sum_or_abort(case: tuple) -> None:
-    config, stage, dropped, seed = case
+    config, identities, stage, dropped, seed = case
     rng = seeded_generator(seed)
     inputs = {u: rng.uniform(-1.5, 1.5, config.vector_length) for u in config.cohort}
     _Recording.advertised = []
     with mock.patch.object(simulate, "SecAggServer", _Recording):
         try:
-            result = run_round(inputs, config, {stage: dropped}, seeded_generator(seed))
+            result = run_round(
+                inputs, config, {stage: dropped}, seeded_generator(seed), identities=identities
+            )
         except ProtocolAbort:
             result = None
     if _Recording.advertised:

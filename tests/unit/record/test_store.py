@@ -392,6 +392,23 @@ def test_start_round_finished_round_refused_open_round_restarted(record: SqlReco
     assert record.events()[2].payload()["restarted"] is True
 
 
+def test_fail_round_closes_it_failed_with_its_reason_and_never_reopens(record: SqlRecord) -> None:
+    run = record.create_run({})
+    record.start_round(run, 1, [1, 2])
+    with pytest.raises(DataError, match="reason"):
+        record.fail_round(run, 1, "", {})
+    record.fail_round(run, 1, "round 1: too few updates", {"failed": True})
+    (info,) = record.rounds(run)
+    assert (info.status, info.metrics) == ("failed", {"failed": True})
+    event = record.events()[-1]
+    assert event.kind == "round_failed"
+    assert event.payload() == {"round": 1, "reason": "round 1: too few updates", "metrics": {"failed": True}}
+    with pytest.raises(RecordError, match="already failed"):
+        record.start_round(run, 1, [1])
+    with pytest.raises(RecordError, match="not open"):
+        record.fail_round(run, 1, "again", {})
+
+
 def test_record_privacy_unknown_level_refused(record: SqlRecord) -> None:
     run = record.create_run({})
     with pytest.raises(DataError):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.errors import ProtocolAbort
+from common.errors import DataError, ProtocolAbort, ProtocolError
 from common.rng import seeded_generator
 from common.secagg import Stage, make_config, run_round
 from common.secagg.client import SecAggClient
@@ -20,7 +20,7 @@ from common.secagg.messages import (
 )
 from common.secagg.params import SecAggConfig
 from common.secagg.quantize import error_bound, lift_signed, quantize
-from common.secagg.signing import quorum
+from common.secagg.signing import public_bytes, quorum
 from common.secagg.simulate import client_generators, federated_config, make_identities, members_of
 
 
@@ -173,6 +173,46 @@ def test_run_round_with_given_identities_and_objects_off_the_wire() -> None:
         )
         assert np.array_equal(result.sum_int, _expected_with(config, inputs, 1))
         assert result.rejected == {}
+
+
+def test_federated_config_binds_the_identities_it_returns() -> None:
+    config, identities = _config(6, d=10, cohort=[40, 10, 30, 20, 60, 50])
+    assert config.cohort == (10, 20, 30, 40, 50, 60) and set(identities) == set(config.cohort)
+    for u in config.cohort:
+        assert config.identity_of(u) == public_bytes(identities[u])
+    again, _ = _config(6, d=10, cohort=[40, 10, 30, 20, 60, 50])
+    assert set(again.identities).isdisjoint(config.identities)  # fresh keys every call
+    assert again.digest() != config.digest()
+
+
+def test_run_round_refuses_identities_other_than_the_bound_ones() -> None:
+    config, identities = _config(5, d=4)
+    inputs = _inputs(config)
+    with pytest.raises(DataError, match="one key per cohort node"):
+        run_round(
+            inputs, config, {}, seeded_generator(0), identities=dict(list(identities.items())[1:])
+        )
+    # a roster the configuration does not bind: every site refuses before it makes keys
+    strangers = make_identities(config.cohort)
+    with pytest.raises(ProtocolError, match="binds node .* to another identity"):
+        run_round(inputs, config, {}, seeded_generator(0), identities=strangers)
+    # two sites' keys swapped: each site finds its node bound to the other's key
+    first, second = config.cohort[:2]
+    swapped = {**identities, first: identities[second], second: identities[first]}
+    with pytest.raises(ProtocolError, match=f"binds node {first} to another identity"):
+        run_round(inputs, config, {}, seeded_generator(0), identities=swapped)
+    # and a configuration made by make_config with those very keys runs
+    bound = make_config(
+        run_id=config.run_id,
+        round=config.round,
+        cohort=list(config.cohort),
+        identities=[public_bytes(swapped[u]) for u in config.cohort],
+        threshold=config.threshold,
+        value_bound=config.value_bound,
+        vector_length=config.vector_length,
+    )
+    result = run_round(inputs, bound, {}, seeded_generator(0), identities=swapped)
+    assert result.contributors == config.cohort
 
 
 def _expected_with(config: SecAggConfig, inputs: dict[int, np.ndarray], seed: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from common.config import RunConfig
 from common.errors import ProtocolAbort
 from server.aggregation import Aggregate, Exchange, RoundInput
 from server.book import RunBook
+from server.privacy import CentralDP
 from server.record import SqlRecord
 from server.results import SiteOutcome
 from server.rounds import FederatedRun
@@ -91,26 +92,129 @@ def test_loop_applies_each_aggregate_mean_and_books_its_events_in_order(tmp_path
     assert record.verify_trusting_stored_key().ok
 
 
-def test_loop_failed_round_keeps_model_books_events_and_aborts_run(tmp_path: Path) -> None:
+def failing(reason: str) -> Aggregate:
     failed = summed([], 0.0)
-    failed.failure = ProtocolAbort("round 2: the protocol gave up")
-    aggregator = ScriptedAggregator({1: summed([1000, 1001], 1.0), 2: failed})
-    run, record = booked_run(tmp_path, cfg(), aggregator)
-    with pytest.raises(ProtocolAbort, match="gave up"):
+    failed.failure = ProtocolAbort(reason)
+    return failed
+
+
+def test_loop_failed_round_keeps_model_is_booked_failed_and_run_goes_on(tmp_path: Path) -> None:
+    script = {
+        1: summed([1000, 1001], 1.0),
+        2: failing("round 2: the protocol gave up"),
+        3: summed([1000, 1001], 0.5),
+    }
+    aggregator = ScriptedAggregator(script)
+    run, record = booked_run(tmp_path, cfg(rounds=3), aggregator)
+    before = run.global_vector.copy()
+    results = run.execute()
+    assert [(r.round, r.failed) for r in results] == [(1, False), (2, True), (3, False)]
+    assert results[1].failure == "round 2: the protocol gave up" and results[1].accuracy is None
+    # round 3 started from round 1's model: the failed round changed nothing
+    np.testing.assert_allclose(
+        aggregator.inputs[2].global_vector - before, np.full(D, 1.0), atol=1e-6
+    )
+    np.testing.assert_allclose(run.global_vector - before, np.full(D, 1.5), atol=1e-6)
+    assert [e.kind for e in record.events(run.run_id)].count("probe") == 3  # its events booked
+    assert [(r.round, r.status) for r in record.rounds(run.run_id)] == [
+        (1, "finished"), (2, "failed"), (3, "finished"),
+    ]  # fmt: skip
+    (failed,) = [e.payload() for e in record.events(run.run_id) if e.kind == "round_failed"]
+    assert failed["round"] == 2 and failed["reason"] == "round 2: the protocol gave up"
+    assert failed["metrics"]["failed"] is True
+    assert [v.round for v in record.list_versions(run.run_id)] == [1, 3]
+    assert record.get_run(run.run_id).status == "finished"
+    assert run.result_doc()["failed_rounds"] == [2]
+    assert record.verify_trusting_stored_key().ok
+
+
+def test_loop_max_failed_rounds_in_a_row_abort_the_run(tmp_path: Path) -> None:
+    script = {
+        1: summed([1000, 1001], 1.0),
+        2: failing("round 2: lost"),
+        3: summed([1000, 1001], 1.0),
+        4: failing("round 4: lost"),
+        5: failing("round 5: lost"),
+        6: summed([1000, 1001], 1.0),
+    }
+    aggregator = ScriptedAggregator(script)
+    run, record = booked_run(tmp_path, cfg(rounds=6, max_failed_rounds=2), aggregator)
+    with pytest.raises(ProtocolAbort, match=r"2 failed rounds in a row .*round 5: lost"):
         run.execute()
-    assert len(run.results) == 1
-    assert [e.kind for e in record.events(run.run_id)].count("probe") == 2
-    assert record.get_run(run.run_id).status == "aborted"
-    assert [v.round for v in record.list_versions(run.run_id)] == [1]
+    assert [i.server_round for i in aggregator.inputs] == [1, 2, 3, 4, 5]  # round 6 never ran
+    info = record.get_run(run.run_id)
+    assert info.status == "aborted"
+    (aborted,) = [e.payload() for e in record.events(run.run_id) if e.kind == "run_aborted"]
+    assert "max_failed_rounds=2" in aborted["reason"]
+    assert [r.status for r in record.rounds(run.run_id)].count("failed") == 3
 
 
 def test_loop_too_few_contributors_fails_the_round_model_unchanged() -> None:
-    aggregator = ScriptedAggregator({1: summed([1000], 3.0, events=False)})
-    run = FederatedRun(cfg(rounds=1), FakeGrid(ClientApp(), 3), aggregator=aggregator)
+    aggregator = ScriptedAggregator({1: summed([1000], 3.0, events=False), 2: summed([1000], 3.0)})
+    run = FederatedRun(cfg(rounds=2), FakeGrid(ClientApp(), 3), aggregator=aggregator)
     before = run.global_vector.copy()
-    with pytest.raises(ProtocolAbort, match="1 usable update"):
-        run.execute()
+    with pytest.raises(ProtocolAbort, match="no round of run .* succeeded"):
+        run.execute()  # two failed rounds, fewer than max_failed_rounds, and no model
+    assert [r.failed for r in run.results] == [True, True]
+    assert "1 usable update" in (run.results[0].failure or "")
     np.testing.assert_array_equal(run.global_vector, before)
+
+
+class ClippedScript(ScriptedAggregator):
+    clipped_to = 1.0
+
+
+def test_loop_failed_round_under_central_dp_adds_no_noise_and_spends_nothing(
+    tmp_path: Path,
+) -> None:
+    script = {
+        1: summed([1000, 1001], 0.1),
+        2: failing("round 2: lost"),
+        3: summed([1000, 1001], 0.1),
+    }
+    config = cfg(rounds=3, central_dp=True, clip_norm=1.0)
+    central = CentralDP(ClippedScript(script), config)
+    run, record = booked_run(tmp_path, config, central)  # type: ignore[arg-type]
+    results = run.execute()
+    assert central.accountant.rounds == 2
+    assert results[1].client_level_epsilon is None and results[2].client_level_epsilon is not None
+    spends = [(p.round, p.level) for p in record.privacy(run.run_id)]
+    assert spends == [(1, "client"), (3, "client")]
+    assert "central_dp_applied" not in [
+        e.kind for e in record.events(run.run_id) if e.payload().get("round") == 2
+    ]
+
+
+def test_resume_after_a_failed_round_goes_on_after_it_from_the_last_model(tmp_path: Path) -> None:
+    class Crash(Exception):
+        pass
+
+    class CrashingAt3(ScriptedAggregator):
+        def aggregate(self, round_input: RoundInput, exchange: Exchange) -> Aggregate:
+            if round_input.server_round == 3:
+                raise Crash("coordinator killed")
+            return super().aggregate(round_input, exchange)
+
+    script = {
+        1: summed([1000, 1001], 1.0),
+        2: failing("round 2: lost"),
+        3: summed([1000, 1001], 0.5),
+    }
+    run, record = booked_run(tmp_path, cfg(rounds=3), CrashingAt3(script))
+    before = run.global_vector.copy()
+    with pytest.raises(Crash):
+        run.execute()
+    aggregator = ScriptedAggregator(script)
+    book = RunBook(record, Ed25519PrivateKey.generate(), run.run_id)
+    resumed = FederatedRun(
+        cfg(rounds=3), FakeGrid(ClientApp(), 3), book=book, resume=True, aggregator=aggregator
+    )
+    results = resumed.execute()
+    assert [i.server_round for i in aggregator.inputs] == [3]  # the failed round 2 is not redone
+    np.testing.assert_allclose(
+        aggregator.inputs[0].global_vector - before, np.full(D, 1.0), atol=1e-6
+    )
+    assert [(r.round, r.failed) for r in results] == [(1, False), (2, True), (3, False)]
 
 
 def test_loop_samples_fixed_cohort_of_admitted_nodes() -> None:

@@ -50,6 +50,7 @@ VALUES: dict[str, tuple[str, object]] = {
     "min_sites": ("3", 3),
     "sampling": ("poisson", "poisson"),
     "round_timeout_s": ("150", 150.0),
+    "max_failed_rounds": ("5", 5),
     "local_epochs": ("3", 3),
     "batch_size": ("32", 32),
     "learning_rate": ("0.05", 0.05),
