@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from common.crypto.prg import expand_seed
 from common.rng import secure_bytes, seeded_generator
-from common.secagg import SecAggClient, SecAggServer, make_config
+from common.secagg import SecAggClient, SecAggServer
 from common.secagg.quantize import quantize
-from common.secagg.simulate import make_identities, members_of
+from common.secagg.simulate import federated_config, members_of
 
 
 def _median_s(fn: Callable[[], object], repeats: int) -> float:
@@ -39,7 +39,7 @@ def _raw_keystream(seed: bytes, buffer: np.ndarray) -> None:
 
 def _round_stage_times(clients_n: int, size: int) -> dict[str, float]:
     """Drive one full round and time each stage's client and server work."""
-    config = make_config(
+    config, identities = federated_config(
         run_id=1,
         round=1,
         cohort=list(range(1, clients_n + 1)),
@@ -49,7 +49,6 @@ def _round_stage_times(clients_n: int, size: int) -> dict[str, float]:
     )
     rng = seeded_generator(0)
     inputs = {u: rng.uniform(-1.0, 1.0, size) for u in config.cohort}
-    identities = make_identities(config.cohort)
     members = members_of(identities)
     clients = {u: SecAggClient(u, config, identities[u], members) for u in config.cohort}
     server = SecAggServer(config, members)
@@ -100,7 +99,7 @@ def bench_primitives(
         buffer = np.zeros(nbytes, dtype=np.uint8)
         keystream_s = _median_s(partial(_raw_keystream, seed, buffer), repeats)
         expand_s = _median_s(partial(expand_seed, seed, size, 32), repeats)
-        config = make_config(
+        config, _ = federated_config(  # only its quantisation parameters are used
             run_id=1,
             round=1,
             cohort=list(range(1, clients + 1)),

@@ -254,9 +254,9 @@ def test_secure_round_redone_under_a_new_setup_refused_at_the_masked_stage(tmp_p
     (outcome,) = [e.payload for e in agg.events if e.kind == "secagg_outcome"]
     refused: Mapping[str, str] = outcome["refused"]
     assert sorted(refused) == [str(n) for n in cohort]
-    assert all(
-        "already released under another secure-aggregation setup" in r for r in refused.values()
-    ), refused
+    # protocol v3's configuration has no coordinator-chosen seed, so a redo with the same
+    # cohort has the same configuration digest: the round is refused as released, whatever setup
+    assert all("its masked input was already released" in r for r in refused.values()), refused
     with s.ledger() as ledger:
         (release,) = ledger.releases()
     assert (release.kind, release.refused, release.sealed_reply) == ("secure", 1, None)

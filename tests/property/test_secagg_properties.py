@@ -11,9 +11,9 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from common.crypto import shamir
-from common.errors import ProtocolAbort
+from common.errors import ConfigurationError, ProtocolAbort
 from common.rng import seeded_generator
-from common.secagg import Stage, run_round, simulate
+from common.secagg import SecAggConfig, Stage, make_config, run_round, simulate
 from common.secagg.graph import neighbour_graph
 from common.secagg.messages import AdvertiseKeysReply
 from common.secagg.quantize import error_bound, lift_signed, quantize
@@ -122,6 +122,33 @@ def test_run_round_any_dropout_pattern_exact_sum_or_abort(case: tuple) -> None:
     assert np.array_equal(result.sum_int, expected)
     plain = np.sum([inputs[u] for u in contributors], axis=0)
     assert np.all(np.abs(result.sum - plain) <= error_bound(config, len(contributors)) + 1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_config_binding_roundtrips_in_any_cohort_order(data: st.DataObject) -> None:
+    n = data.draw(st.integers(2, 12))
+    cohort = data.draw(st.lists(st.integers(1, 2**64 - 1), min_size=n, max_size=n, unique=True))
+    keys = data.draw(st.lists(st.binary(min_size=32, max_size=32), min_size=n, max_size=n))
+    fields = {"run_id": 1, "round": 2, "threshold": 1.0, "value_bound": 1.0, "vector_length": 3}
+    if len(set(keys)) < n:  # two nodes bound to one key: never a configuration
+        with pytest.raises(ConfigurationError, match="two share one"):
+            make_config(cohort=cohort, identities=keys, **fields)
+        return
+    config = make_config(cohort=cohort, identities=keys, **fields)
+    binding = dict(zip(cohort, keys, strict=True))
+    assert config.cohort == tuple(sorted(cohort))
+    assert all(config.identity_of(u) == binding[u] for u in cohort)
+    data_bytes = config.encode()
+    assert len(data_bytes) == 25 + 40 * n + 29
+    decoded = SecAggConfig.decode(data_bytes)
+    assert decoded == config and decoded.digest() == config.digest()
+    # any other binding of the same cohort is another configuration (another digest)
+    i, j = data.draw(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)))
+    if i != j:
+        swapped = list(keys)
+        swapped[i], swapped[j] = swapped[j], swapped[i]
+        assert make_config(cohort=cohort, identities=swapped, **fields).digest() != config.digest()
 
 
 @settings(max_examples=50, deadline=None)

@@ -21,7 +21,7 @@ from common.secagg.messages import (
     Signed,
     UnmaskRequest,
 )
-from common.secagg.params import PROTOCOL_VERSION, make_config
+from common.secagg.params import IDENTITY_SIZE, PROTOCOL_VERSION, SecAggConfig, make_config
 
 SEED = bytes(range(32))
 
@@ -160,6 +160,7 @@ def test_signing_labels_and_quorum_pinned() -> None:
             run_id=1,
             round=2,
             cohort=list(range(1, n + 1)),
+            identities=[bytes([u]) * 32 for u in range(1, n + 1)],
             threshold=t,
             neighbours=k,
             value_bound=1.0,
@@ -168,10 +169,48 @@ def test_signing_labels_and_quorum_pinned() -> None:
         assert signing.quorum(config) == expected, (n, t, k)
 
 
-def test_signed_messages_and_graph_seed_match_reference() -> None:
-    config = make_config(
-        run_id=1, round=2, cohort=[3, 5, 8], threshold=2, value_bound=1.0, vector_length=4
+def _pinned_config() -> SecAggConfig:
+    """n = 3 (cohort given out of order), node u bound to the key ``bytes([u]) * 32``."""
+    return make_config(
+        run_id=1,
+        round=2,
+        cohort=[8, 3, 5],
+        identities=[bytes([8]) * 32, bytes([3]) * 32, bytes([5]) * 32],
+        threshold=2,
+        value_bound=1.0,
+        vector_length=4,
     )
+
+
+def test_config_layout_pinned_with_identities() -> None:
+    config = _pinned_config()
+    assert (config.cohort, config.neighbours, config.bits) == ((3, 5, 8), 2, 32)
+    assert config.scale == 715827882.0  # floor((2^31 - 1) / 3) / 1.0
+    head = b"fsac\x03" + struct.pack(">QQI", 1, 2, 3)
+    cohort = struct.pack(">3Q", 3, 5, 8)
+    identities = bytes([3]) * 32 + bytes([5]) * 32 + bytes([8]) * 32  # in cohort order
+    tail = struct.pack(">IIIdBd", 2, 2, 4, 1.0, 32, 715827882.0)
+    expected = head + cohort + identities + tail
+    assert config.encode() == expected
+    assert len(expected) == 25 + 3 * (8 + 32) + 29 == 174
+    assert config.digest() == hashlib.sha256(expected).digest()
+    assert config.digest().hex() == (
+        "24d2b654f53fa4280c87ac2bce4203673b3a97e77b244530067ec57f8b4ef90e"
+    )
+    assert SecAggConfig.decode(expected) == config
+    assert IDENTITY_SIZE == signing.IDENTITY_KEY_SIZE == 32
+
+
+def test_identity_claim_layout_pinned() -> None:
+    assert signing.LABEL_IDENTITY == b"fedseal/secagg/v3/identity\x00"
+    assert signing.IDENTITY_CLAIM_SIZE == 32 + 64
+    assert signing.identity_message(7, 9) == (
+        b"fedseal/secagg/v3/identity\x00" + (7).to_bytes(8, "big") + (9).to_bytes(8, "big")
+    )
+
+
+def test_signed_messages_and_graph_seed_match_reference() -> None:
+    config = _pinned_config()
     digest = hashlib.sha256(config.encode()).digest()
     enc, mask, commit = bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32
     assert (

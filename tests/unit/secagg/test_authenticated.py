@@ -5,13 +5,18 @@ through its wire encoding) and plays the coordinator by hand where it
 misbehaves. Each refusal is asserted with its specific error, and each test
 is built so that it fails if the check it names were removed (the comment
 says what would happen then). The split-view tests count the shares the
-coordinator obtains per secret and include a control run with the quorum
-check bypassed, which does recover the victim's input.
+coordinator obtains per secret and include control runs, with the quorum
+check bypassed or the configuration's identity binding ignored, which do
+recover the victim's input.
+
+Every configuration here binds node ``u`` to the fixed identity of site ``u``
+(:func:`_site`) unless a test binds otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import itertools
 import struct
@@ -51,7 +56,6 @@ from common.secagg.messages import (
     ShareKeysReply,
     ShareKeysRequest,
     Signed,
-    UnmaskReply,
     UnmaskRequest,
 )
 from common.secagg.params import SecAggConfig
@@ -64,20 +68,45 @@ from common.secagg.signing import (
     quorum,
     sign,
 )
-from common.secagg.simulate import make_identities, members_of
+from common.secagg.simulate import members_of
 from common.secagg.stages import Stage
 
 RUN, ROUND, D = 11, 4, 8
 COHORT = (1, 2, 3, 4, 5)
 
+_SITES: dict[Any, Ed25519PrivateKey] = {}
+
+
+def _site(name: Any) -> Ed25519PrivateKey:
+    """Site ``name``'s identity key: one fixed roster for every test here (node u is site u).
+
+    Fixed (derived from the name) so that every configuration built by :func:`_config`
+    binds the same key to the same node, as a pinned roster does from round to round.
+    """
+    if name not in _SITES:
+        seed = hashlib.sha256(b"fedseal test site " + repr(name).encode()).digest()
+        _SITES[name] = Ed25519PrivateKey.from_private_bytes(seed)
+    return _SITES[name]
+
+
+def _roster(names: Iterable[Any]) -> dict[Any, Ed25519PrivateKey]:
+    return {name: _site(name) for name in names}
+
 
 def _config(
-    cohort: Sequence[int] = COHORT, *, threshold: int | float = 3, **kw: Any
+    cohort: Sequence[int] = COHORT,
+    *,
+    threshold: int | float = 3,
+    bind: Mapping[int, Any] | None = None,
+    **kw: Any,
 ) -> SecAggConfig:
+    """A configuration binding node ``u`` to site ``bind.get(u, u)``'s identity."""
+    bind = bind or {}
     args: dict[str, Any] = {
         "run_id": RUN,
         "round": ROUND,
         "cohort": list(cohort),
+        "identities": [public_bytes(_site(bind.get(u, u))) for u in cohort],
         "threshold": threshold,
         "value_bound": 1.0,
         "vector_length": D,
@@ -101,7 +130,7 @@ class Round:
         min_verified: int = 2,
     ) -> None:
         self.config = config
-        self.identities = dict(identities or make_identities(config.cohort))
+        self.identities = dict(identities or _roster(config.cohort))
         self.members = members_of(self.identities)
         self.min_verified = min_verified
         self.clients = {
@@ -218,12 +247,97 @@ def _refuses_then_aborts(client: SecAggClient, request: ShareKeysRequest, match:
         )
 
 
+# --- ADVERTISE_KEYS: the configuration's identity binding is checked first ---------------
+
+
+def _counting_key_makers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every key pair or seed the client module makes from here on."""
+    made: list[str] = []
+    real_pair, real_bytes = client_module.generate_key_pair, client_module.secure_bytes
+
+    def pair() -> Any:
+        made.append("key pair")
+        return real_pair()
+
+    def random(size: int) -> bytes:
+        made.append("seed")
+        return real_bytes(size)
+
+    monkeypatch.setattr(client_module, "generate_key_pair", pair)
+    monkeypatch.setattr(client_module, "secure_bytes", random)
+    return made
+
+
+def _refuses_before_making_keys(
+    monkeypatch: pytest.MonkeyPatch, client: SecAggClient, match: str
+) -> None:
+    made = _counting_key_makers(monkeypatch)
+    with pytest.raises(ProtocolError, match=match) as refused:
+        client.advertise_keys(AdvertiseKeysRequest(RUN, ROUND, client.node_id))
+    assert type(refused.value) is ProtocolError
+    assert made == [] and client.stage is Stage.INIT
+    assert client._encryption is None and client._seed is None  # noqa: SLF001
+    with pytest.raises(ProtocolAbort, match="already aborted"):  # and refuses the rest
+        client.advertise_keys(AdvertiseKeysRequest(RUN, ROUND, client.node_id))
+
+
+@pytest.mark.parametrize("other", [2, "x", "stranger"], ids=["cohort-member", "roster", "none"])
+def test_advertise_keys_refuses_config_binding_its_node_to_another_key(
+    monkeypatch: pytest.MonkeyPatch, other: Any
+) -> None:
+    # node 1 bound to site 2 (itself bound to node 2: swap them), to roster member x outside
+    # the cohort, or to a key in no roster; site 1's identity is then unbound or elsewhere
+    bind = {1: 2, 2: 1} if other == 2 else {1: other}
+    config = _config(bind=bind)
+    members = members_of(_roster([*COHORT, "x"]))
+    client = SecAggClient(1, config, _site(1), members)
+    _refuses_before_making_keys(
+        monkeypatch, client, "binds node 1 to another identity than this site's"
+    )
+    # the same site with the honest configuration goes ahead
+    honest = SecAggClient(1, _config(), _site(1), members)
+    assert honest.advertise_keys(AdvertiseKeysRequest(RUN, ROUND, 1)).identity_key == (
+        public_bytes(_site(1))
+    )
+
+
+def test_advertise_keys_refuses_config_binding_another_node_to_a_non_roster_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # node 4 bound to a key the pinned roster does not hold (a sybil the coordinator made)
+    config = _config(bind={4: "sybil", 5: "sybil too"})
+    members = members_of(_roster(COHORT))
+    client = SecAggClient(1, config, _site(1), members)
+    _refuses_before_making_keys(
+        monkeypatch, client, r"binds nodes \[4, 5\] to identities that are not in the roster"
+    )
+    # a roster member outside the cohort may be bound (the roster is larger than a cohort)
+    config = _config(bind={4: "x"})
+    client = SecAggClient(1, config, _site(1), members_of(_roster([*COHORT, "x"])))
+    assert client.advertise_keys(AdvertiseKeysRequest(RUN, ROUND, 1)).node_id == 1
+
+
+def test_check_bound_identities_directly() -> None:
+    members = members_of(_roster(COHORT))
+    config = _config()
+    for u in COHORT:
+        signing.check_bound_identities(config, u, public_bytes(_site(u)), members)
+    with pytest.raises(ProtocolError, match="binds node 3 to another identity"):
+        signing.check_bound_identities(config, 3, public_bytes(_site(2)), members)
+    with pytest.raises(ProtocolError, match="not in the roster"):
+        signing.check_bound_identities(
+            config, 3, public_bytes(_site(3)), members - {public_bytes(_site(5))}
+        )
+    with pytest.raises(ConfigurationError, match="not in the cohort"):
+        signing.check_bound_identities(config, 6, public_bytes(_site(3)), members)
+
+
 # --- SHARE_KEYS: every advertisement is verified against the roster ----------------------
 
 
 def test_client_construction_requires_its_identity_in_the_roster() -> None:
     config = _config()
-    identities = make_identities(config.cohort)
+    identities = _roster(config.cohort)
     members = members_of(identities)
     with pytest.raises(ConfigurationError, match="roster"):
         SecAggClient(1, config, Ed25519PrivateKey.generate(), members)
@@ -254,8 +368,19 @@ def test_share_keys_refuses_advertisement_signed_by_non_member() -> None:
     share = r.advertise()
     outsider = Ed25519PrivateKey.generate()  # a valid signature, but not a roster identity
     forged = _signed_ad(r.config, 2, outsider)
-    # without the roster check the signature verifies and the client would share with it
-    _refuses_then_aborts(r.clients[1], _with_ad(share[1], forged), "node 2: .*not in the roster")
+    # the configuration binds node 2 to site 2, so the binding refuses it first; without
+    # it (and the roster check) the signature verifies and the client would share with it
+    _refuses_then_aborts(
+        r.clients[1], _with_ad(share[1], forged), "node 2: .*another identity than the one bound"
+    )
+    # the roster check stands behind the binding: a configuration binding node 2 to the
+    # outsider (which every site refuses at ADVERTISE_KEYS) still does not get it verified
+    sybil_config = _config(bind={2: "outsider"})
+    forged = _signed_ad(sybil_config, 2, _site("outsider"))
+    verified = signing.verify_advertisements(
+        sybil_config, {2: forged.fields()}, members_of(_roster(COHORT))
+    )
+    assert verified.identities == {} and "not in the roster" in verified.rejected[2]
 
 
 def test_share_keys_refuses_bad_signature() -> None:
@@ -277,8 +402,10 @@ def test_share_keys_refuses_bad_signature() -> None:
         {"threshold": 4},  # another t
         {"round": ROUND + 1},
         {"vector_length": D + 1},
+        {"bind": {5: "x"}},  # another binding (node 5 to roster member x)
+        {"bind": {4: 5, 5: 4}},  # the same keys, two nodes' swapped
     ],
-    ids=["cohort", "threshold", "round", "vector-length"],
+    ids=["cohort", "threshold", "round", "vector-length", "identity", "swapped-identities"],
 )
 def test_share_keys_refuses_valid_signature_over_another_configuration(
     other: dict[str, Any],
@@ -307,17 +434,48 @@ def test_share_keys_refuses_valid_signature_over_another_configuration(
     _refuses_then_aborts(r.clients[1], _with_ad(share[1], replayed), "node 2: .*does not verify")
 
 
-def test_share_keys_refuses_two_node_ids_with_one_identity() -> None:
+def test_share_keys_refuses_advertisement_signed_by_another_roster_member() -> None:
     r = Round(_config())
     share = r.advertise()
-    # roster member 3 (colluding) signs a second advertisement, for node 2 (a sybil)
+    # roster member 3 (colluding) signs a second advertisement, for node 2 (a sybil): the
+    # signature verifies under a roster key, but the configuration binds node 2 to site 2
     sybil = _signed_ad(r.config, 2, r.identities[3])
     request = _with_ad(share[1], sybil)
     verified = signing.verify_advertisements(
         r.config, {a.node_id: a.fields() for a in request.advertisements}, r.members
     )
-    assert set(verified.rejected) == {2, 3}  # each signature alone verifies; both are refused
-    _refuses_then_aborts(r.clients[1], request, r"node 2: one identity advertised for several")
+    assert signing.verifies(
+        sybil.identity_key, advertisement_message(r.config, 2, *sybil.fields()[:3]), sybil.signature
+    )
+    assert set(verified.rejected) == {2}  # node 3's own advertisement stays valid
+    assert "another identity than the one bound" in verified.rejected[2]
+    _refuses_then_aborts(
+        r.clients[1], request, "node 2: advertisement signed by another identity than the one bound"
+    )
+    # a roster member outside the cohort, signing for a cohort node, is refused alike
+    outside = _signed_ad(r.config, 4, _site("x"))
+    members = members_of(_roster([*COHORT, "x"]))
+    verified = signing.verify_advertisements(r.config, {4: outside.fields()}, members)
+    assert "another identity than the one bound" in verified.rejected[4]
+
+
+def test_verify_advertisements_one_identity_for_two_nodes_both_refused() -> None:
+    """Defence in depth: the one-site-one-vote check behind the binding.
+
+    :func:`make_config` refuses a configuration binding one key to two nodes, so this
+    check is reachable only with a configuration built around it (the dataclass itself
+    does not validate); it still refuses both node ids.
+    """
+    config = _config()
+    shared = public_bytes(_site(3))
+    unchecked = dataclasses.replace(
+        config, identities=tuple(shared if u in (2, 3) else config.identity_of(u) for u in COHORT)
+    )
+    entries = {u: _signed_ad(unchecked, u, _site(3)).fields() for u in (2, 3)}
+    verified = signing.verify_advertisements(unchecked, entries, members_of(_roster(COHORT)))
+    assert verified.identities == {}
+    assert all("one identity advertised for several" in why for why in verified.rejected.values())
+    assert set(verified.rejected) == {2, 3}
 
 
 def test_share_keys_refuses_own_advertisement_altered() -> None:
@@ -334,6 +492,29 @@ def test_share_keys_refuses_own_advertisement_altered() -> None:
     )
     assert verified.rejected == {}
     _refuses_then_aborts(r.clients[1], request, "altered this site's own key advertisement")
+
+
+def test_share_keys_refuses_a_request_without_its_own_advertisement() -> None:
+    r = Round(_config())
+    share = r.advertise()
+    others = tuple(a for a in share[1].advertisements if a.node_id != 1)
+    # the message layer refuses such a request at construction and decoding ...
+    with pytest.raises(ProtocolError, match="does not include the message's own node 1"):
+        dataclasses.replace(share[1], advertisements=others)
+    data = bytearray(ShareKeysRequest(RUN, ROUND, 2, others).encode())
+    data[22:30] = (1).to_bytes(8, "big")  # the header's node id: now addressed to node 1
+    with pytest.raises(ProtocolError, match="does not include the message's own node 1"):
+        ShareKeysRequest.decode(bytes(data), r.config)
+    # ... and the client on its own, for a request object built around those checks: the
+    # other four advertisements all verify and node 1 would have 3 = t neighbours, but
+    # without its own advertisement it cannot know that the view holds its keys
+    short = dataclasses.replace(share[1])
+    object.__setattr__(short, "advertisements", others)
+    with pytest.raises(ProtocolError, match="left out this site's own key advertisement"):
+        r.clients[1].share_keys(short)
+    assert r.clients[1].stage is Stage.ADVERTISE_KEYS and r.clients[1].graph_seed is None
+    with pytest.raises(ProtocolAbort, match="already aborted"):
+        r.clients[1].share_keys(share[1])
 
 
 def test_share_keys_fewer_than_min_verified_members_aborts() -> None:
@@ -358,9 +539,9 @@ def test_share_keys_fewer_than_min_verified_members_aborts() -> None:
 @pytest.mark.parametrize(
     ("case", "out", "reason"),
     [
-        ("outsider", {6}, "not in the roster"),
+        ("outsider", {6}, "another identity than the one bound to the node"),
         ("bad-signature", {6}, "does not verify"),
-        ("sybil", {5, 6}, "one identity advertised for several nodes"),
+        ("sybil", {6}, "another identity than the one bound to the node"),
         ("collision", {5, 6}, "advertised a public key that another site advertised too"),
     ],
 )
@@ -429,7 +610,7 @@ def test_key_substitution_victim_refuses_and_never_emits_a_ciphertext(resign: bo
     r = Round(_config())
     victim = 1
     request, _ = _substitute_keys(r, victim, resign=resign)
-    reason = "not in the roster" if resign else "does not verify"
+    reason = "another identity than the one bound" if resign else "does not verify"
     _refuses_then_aborts(r.clients[victim], request, f"node 2: .*{reason}")
     # the other sites got the honest view and go on; the victim's secrets never left it
     # even the honest request is refused now: the victim's secrets never leave it this round
@@ -515,11 +696,12 @@ def test_graph_seed_cannot_be_chosen_by_the_coordinator() -> None:
     for function in (make_config, SecAggServer.__init__, SecAggClient.__init__):
         params = inspect.signature(function).parameters
         assert not any("seed" in p or "graph" in p for p in params), function
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="graph_seed"):
         make_config(  # type: ignore[call-arg]
             run_id=1,
             round=1,
             cohort=[1, 2, 3],
+            identities=[public_bytes(_site(u)) for u in (1, 2, 3)],
             threshold=2,
             value_bound=1.0,
             vector_length=1,
@@ -530,7 +712,7 @@ def test_graph_seed_cannot_be_chosen_by_the_coordinator() -> None:
         assert not any(name.endswith("seed") or "graph" in name for name in fields), message
     # the encoded configuration has no room for one: its size is the documented layout
     config = _config(range(1, 21), threshold=0.6)
-    assert len(config.encode()) == (4 + 1 + 8 + 8 + 4) + 8 * 20 + (4 + 4 + 4 + 8 + 1 + 8)
+    assert len(config.encode()) == (4 + 1 + 8 + 8 + 4) + (8 + 32) * 20 + (4 + 4 + 4 + 8 + 1 + 8)
 
 
 # --- the consistency round ----------------------------------------------------------------
@@ -886,50 +1068,158 @@ def test_split_view_attack_control_without_quorum_recovers_the_victims_input(
     assert np.array_equal(_unmask_victim(r, got["seed"], got["key"]), quantised)
 
 
-# Known gap (see the report): node ids are not bound to identities. Two colluding roster
-# members that are *not* in the cohort can sign advertisements for cohort node ids, so the
-# coordinator gives two groups of honest sites two different views (different graph seeds)
+# --- split views with colluders outside the cohort: closed by the identity binding ---------
+#
+# The previous engineer's finding (it was an xfail(strict) here): without the binding, two
+# colluding roster members that are *not* in the cohort sign advertisements for cohort node
+# ids, and the coordinator gives two groups of honest sites two views (two graph seeds)
 # in which the colluders stand in for different honest sites. Each view then holds its own
-# quorum, and no honest site signs twice. The quorum-intersection argument in
-# common/secagg/signing.py counts node ids, not identities, across views.
+# quorum, and no honest site signs twice. The configuration now binds every node id to
+# one roster identity and every advertisement signs it, which closes it (see the docstring
+# of the test below). The control runs the same script with the binding checks off.
+
+OUTSIDERS = ("x", "y")  # the two colluders: roster members, not invited to the round
+VIEW_A = {1: 1, 2: 2, 3: 3, 4: "xA", 5: "yA"}  # the victim 1 and node 2: x, y as nodes 4, 5
+VIEW_C = {1: 1, 2: "xC", 3: 3, 4: 4, 5: 5}  # nodes 3, 4, 5: x as node 2
+IN_VIEW_A = frozenset({1, 2, "xA", "yA"})  # who is shown view A (everyone else: view C)
+OUTSIDE_SETS: dict[Any, tuple[int, ...]] = {
+    **dict.fromkeys((1, 2, "xA", "yA"), U3_SURVIVED),
+    **dict.fromkeys((3, 4, 5, "xC"), U3_DROPPED),
+}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="v3 does not bind node ids to roster identities: colluders outside the cohort "
-    "can stand in for honest node ids in a second view (common/secagg/signing.py "
-    "verify_advertisements, common/secagg/client.py _share_keys)",
-)
-def test_split_view_attack_with_colluders_outside_the_cohort() -> None:
-    config = _config(threshold=3, neighbours=4)
-    identities: dict[Any, Ed25519PrivateKey] = make_identities([*COHORT, "x", "y"])
-    members = members_of(identities)
-    honest = {u: SecAggClient(u, config, identities[u], members) for u in COHORT}
-    # the colluders' state machines are the coordinator's: x and y as nodes 4, 5 in view A,
-    # x as node 2 in view C
+def _verify_without_binding(
+    config: SecAggConfig,
+    entries: Mapping[int, tuple[bytes, bytes, bytes, bytes, bytes]],
+    members: frozenset[bytes] | None,
+) -> signing.Verified:
+    """:func:`signing.verify_advertisements` as it was before the binding (for the control).
+
+    Everything but the check that the identity is the one the configuration binds to the
+    node: cohort node, roster member, signature over this configuration, one node per
+    identity.
+    """
+    identities: dict[int, bytes] = {}
+    rejected: dict[int, str] = {}
+    for node, (enc, mask, commitment, identity, signature) in entries.items():
+        message = advertisement_message(config, node, enc, mask, commitment)
+        if not config.contains(node):
+            rejected[node] = "advertisement for a node outside the cohort"
+        elif members is not None and identity not in members:
+            rejected[node] = "advertisement signed by an identity that is not in the roster"
+        elif not signing.verifies(identity, message, signature):
+            rejected[node] = "advertisement signature does not verify"
+        else:
+            identities[node] = identity
+    for identity in set(identities.values()):
+        nodes = [n for n, i in identities.items() if i == identity]
+        if len(nodes) > 1:
+            for node in nodes:
+                del identities[node]
+                rejected[node] = "one identity advertised for several nodes"
+    return signing.Verified(identities, rejected)
+
+
+def _without_binding(patch: pytest.MonkeyPatch) -> None:
+    """Switch off both binding checks of the client (what a colluder's machine skips)."""
+    patch.setattr(client_module, "check_bound_identities", lambda *args: None)
+    patch.setattr(client_module, "verify_advertisements", _verify_without_binding)
+
+
+@dataclasses.dataclass
+class OutsideAttack:
+    """The split-view script's outcome (parties: honest node ids, colluder state names)."""
+
+    config: SecAggConfig
+    parties: dict[Any, SecAggClient]
+    ads: dict[Any, Advertisement]
+    masked: dict[Any, CollectMaskedReply]
+    revealed: dict[str, dict[Any, int]]  # "seed"/"key" -> holder -> share of the victim's
+    refused: dict[Any, str]  # party -> why it stopped
+
+    def honest_refusals(self) -> dict[int, str]:
+        return {p: why for p, why in self.refused.items() if p in COHORT}
+
+    def recovered(self) -> dict[str, bytes]:
+        """The victim's secrets reconstructable from ``t`` shares, checked against its ad."""
+        t, found = self.config.threshold, {}
+        victim = self.ads[VICTIM]
+        for name, held in self.revealed.items():
+            if len(held) < t:
+                continue
+            shares = [Share(self.parties[p].node_id, v) for p, v in held.items()]  # index = id
+            secret = combine_shares(shares, threshold=t)
+            if name == "seed":
+                assert opens(victim.commitment, secret, run_id=RUN, round=ROUND, node_id=VICTIM)
+            else:
+                assert key_pair_from_private_bytes(secret).public_bytes == victim.mask_key
+            found[name] = secret
+        return found
+
+    def victim_input(self, seed: bytes, mask_key: bytes) -> np.ndarray:
+        """The victim's quantised input: its masked vector with every mask removed."""
+        masked = self.masked[VICTIM].masked.copy()
+        pair = key_pair_from_private_bytes(mask_key)
+        masks = [(self_mask_seed(seed, self.config, VICTIM), -1)]
+        for node, party in VIEW_A.items():  # the victim masked with every other party it saw
+            if node != VICTIM:
+                pair_seed = pairwise_mask_seed(
+                    pair, self.ads[party].mask_key, self.config, VICTIM, node
+                )
+                masks.append((pair_seed, -1 if VICTIM < node else 1))
+        add_masks_inplace(masked, masks, self.config.bits)
+        return masked
+
+
+def _victim_update() -> np.ndarray:
+    return seeded_generator(2024).uniform(-1.0, 1.0, D)
+
+
+def _outside_colluders_attack(monkeypatch: pytest.MonkeyPatch) -> OutsideAttack:
+    """The coordinator's script: views A and C over one configuration, x and y colluding.
+
+    Honest sites run the real client (whatever checks the caller left in place); the
+    colluders' state machines are the coordinator's and run with every binding check off
+    (they sign for whatever node id the coordinator assigns).
+    """
+    config = _config(threshold=3, neighbours=4)  # n = 5, k = 4, t = 3, quorum 4
+    members = members_of(_roster([*COHORT, *OUTSIDERS]))
+    honest = {u: SecAggClient(u, config, _site(u), members) for u in COHORT}
     fake = {
-        "xA": SecAggClient(4, config, identities["x"], members),
-        "yA": SecAggClient(5, config, identities["y"], members),
-        "xC": SecAggClient(2, config, identities["x"], members),
+        "xA": SecAggClient(4, config, _site("x"), members),
+        "yA": SecAggClient(5, config, _site("y"), members),
+        "xC": SecAggClient(2, config, _site("x"), members),
     }
     parties: dict[Any, SecAggClient] = {**honest, **fake}
-    view_a = {1: 1, 2: 2, 3: 3, 4: "xA", 5: "yA"}  # the victim 1 and node 2
-    view_c = {1: 1, 2: "xC", 3: 3, 4: 4, 5: 5}  # nodes 3, 4, 5
-    view_of = {p: view_a if p in (1, 2, "xA", "yA") else view_c for p in parties}
-    ads = {
-        p: c.advertise_keys(AdvertiseKeysRequest(RUN, ROUND, c.node_id)).advertisement()
-        for p, c in parties.items()
-    }
+    view_of = {p: VIEW_A if p in IN_VIEW_A else VIEW_C for p in parties}
     refused: dict[Any, str] = {}
+
+    def step(p: Any, act: Any) -> Any:
+        """``act()`` for party ``p``; a refusal is recorded (None); a colluder checks nothing."""
+        try:
+            if p in fake:
+                with monkeypatch.context() as colluding:
+                    _without_binding(colluding)
+                    return act()
+            return act()
+        except ProtocolError as exc:
+            refused[p] = f"{type(exc).__name__}: {exc}"
+            return None
+
+    ads: dict[Any, Advertisement] = {}
+    for p, c in parties.items():
+        reply = step(p, lambda c=c: c.advertise_keys(AdvertiseKeysRequest(RUN, ROUND, c.node_id)))
+        if reply is not None:
+            ads[p] = reply.advertisement()
     shares: dict[Any, ShareKeysReply] = {}
     for p, c in parties.items():
         view = view_of[p]
+        if p in refused or any(view[n] not in ads for n in COHORT):
+            continue
         request = ShareKeysRequest(RUN, ROUND, c.node_id, tuple(ads[view[n]] for n in COHORT))
-        try:
-            shares[p] = c.share_keys(_wire(request, config))
-        except ProtocolError as exc:
-            refused[p] = str(exc)
+        reply = step(p, lambda c=c, request=request: c.share_keys(_wire(request, config)))
+        if reply is not None:
+            shares[p] = reply
     masked: dict[Any, CollectMaskedReply] = {}
     for p in shares:
         c = parties[p]
@@ -943,37 +1233,40 @@ def test_split_view_attack_with_colluders_outside_the_cohort() -> None:
         request = CollectMaskedRequest(
             RUN, ROUND, c.node_id, tuple(sorted(incoming, key=lambda x: x.node_id))
         )
-        try:
-            masked[p] = c.collect_masked(_wire(request, config), np.zeros(D), seeded_generator(0))
-        except ProtocolError as exc:
-            refused[p] = str(exc)
-    sets = {1: U3_SURVIVED, 2: U3_SURVIVED, "xA": U3_SURVIVED, "yA": U3_SURVIVED}
-    sets.update({3: U3_DROPPED, 4: U3_DROPPED, 5: U3_DROPPED, "xC": U3_DROPPED})
+        update = _victim_update() if p == VICTIM else np.zeros(D)
+        reply = step(
+            p,
+            lambda c=c, request=request, update=update: c.collect_masked(
+                _wire(request, config), update, seeded_generator(VICTIM)
+            ),
+        )
+        if reply is not None:
+            masked[p] = reply
     signed: dict[Any, ConsistencyReply] = {}
     for p in masked:
         c = parties[p]
-        try:
-            signed[p] = c.consistency(ConsistencyRequest(RUN, ROUND, c.node_id, sets[p]))
-        except ProtocolError as exc:
-            refused[p] = str(exc)
+        request = ConsistencyRequest(RUN, ROUND, c.node_id, OUTSIDE_SETS[p])
+        reply = step(p, lambda c=c, request=request: c.consistency(request))
+        if reply is not None:
+            signed[p] = reply
     revealed: dict[str, dict[Any, int]] = {"seed": {}, "key": {}}
-    for p in ("xA", "yA"):
-        if p in masked:  # the colluders' shares of the victim are the coordinator's
-            key_share, seed_share = fake[p]._held.get(VICTIM, (None, None))  # noqa: SLF001
-            if key_share is not None:
-                revealed["seed"][p], revealed["key"][p] = seed_share, key_share
-    for p in (2, 3):
+    for p in ("xA", "yA"):  # the colluders' shares of the victim are the coordinator's
+        if p in masked and VICTIM in fake[p]._held:  # noqa: SLF001
+            revealed["key"][p], revealed["seed"][p] = fake[p]._held[VICTIM]  # noqa: SLF001
+    for p in (2, 3):  # the honest holders the coordinator asks to unmask, one per view
         if p not in signed:
             continue
         quorum_of = sorted(
-            (Signed(parties[s].node_id, signed[s].signature) for s in signed if sets[s] == sets[p]),
+            (
+                Signed(parties[s].node_id, signed[s].signature)
+                for s in signed
+                if OUTSIDE_SETS[s] == OUTSIDE_SETS[p]
+            ),
             key=lambda s: s.node_id,
         )
-        request = UnmaskRequest(RUN, ROUND, p, sets[p], tuple(quorum_of))
-        try:
-            reply: UnmaskReply = honest[p].unmask(_wire(request, config))
-        except ProtocolError as exc:
-            refused[p] = str(exc)
+        request = UnmaskRequest(RUN, ROUND, p, OUTSIDE_SETS[p], tuple(quorum_of))
+        reply = step(p, lambda p=p, request=request: honest[p].unmask(_wire(request, config)))
+        if reply is None:
             continue
         for share in reply.seed_shares:
             if share.owner == VICTIM:
@@ -981,19 +1274,115 @@ def test_split_view_attack_with_colluders_outside_the_cohort() -> None:
         for share in reply.key_shares:
             if share.owner == VICTIM:
                 revealed["key"][p] = share.value
-    t = config.threshold
-    both = len(revealed["seed"]) >= t and len(revealed["key"]) >= t
-    if both:  # show it is a real break, not a miscount: the victim's secrets reconstruct
-        index = {1: 1, 2: 2, 3: 3, "xA": 4, "yA": 5}
-        seed = combine_shares(
-            [Share(index[p], v) for p, v in revealed["seed"].items()], threshold=t
+    return OutsideAttack(config, parties, ads, masked, revealed, refused)
+
+
+def test_split_view_attack_with_colluders_outside_the_cohort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defended: every honest site refuses the views before any of its secrets leaves it.
+
+    The attack needs, in view A, node ids 4 and 5 to count for x and y, and in view C node
+    id 2 to count for x, while the real nodes 4, 5 (view C) and 2 (view A) count too, all
+    over *one* configuration: honest node 3 is in both views (it holds a share of the
+    victim's secrets and must sign "the victim dropped"), and it accepts only
+    advertisements signed over the configuration it holds. The configuration now names,
+    for each node id, the one roster identity that may speak for it, and every
+    advertisement signs its digest; so in a configuration that binds node 4 to site 4,
+    x's advertisement for node 4 is refused by every honest site that is shown it, and a
+    configuration that binds node 4 to x is refused by the real node 4 (it checks its own
+    binding before it makes keys). Node ids and identities are then one-to-one across all
+    views of one configuration, which is what the quorum-intersection argument in
+    :mod:`common.secagg.signing` counts: two quorums over ``U3`` and ``U3'`` share ``t``
+    node ids, hence ``t`` distinct identities, one of them honest, and it signs once.
+    """
+    attack = _outside_colluders_attack(monkeypatch)
+    refusals = attack.honest_refusals()
+    assert set(refusals) == set(COHORT)  # nobody honest gets past SHARE_KEYS
+    for node in (VICTIM, 2):  # shown x, y as nodes 4 and 5
+        assert refusals[node] == (
+            "ProtocolError: node 4: advertisement signed by another identity than the one "
+            "bound to the node"
         )
-        key = combine_shares([Share(index[p], v) for p, v in revealed["key"].items()], threshold=t)
-        assert not (
-            opens(ads[1].commitment, seed, run_id=RUN, round=ROUND, node_id=VICTIM)
-            and key_pair_from_private_bytes(key).public_bytes == ads[1].mask_key
-        ), f"the coordinator holds both secrets of node {VICTIM} (refused: {refused})"
-    assert not both
+    for node in (3, 4, 5):  # shown x as node 2
+        assert refusals[node] == (
+            "ProtocolError: node 2: advertisement signed by another identity than the one "
+            "bound to the node"
+        )
+    for node in COHORT:
+        assert attack.parties[node].stage is Stage.ADVERTISE_KEYS
+        assert attack.parties[node].neighbours == frozenset()
+    # the victim refused before it encrypted a share: the coordinator holds none of them
+    assert attack.revealed == {"seed": {}, "key": {}}
+    assert not set(attack.masked) & set(COHORT)
+    assert attack.recovered() == {}
+
+
+def test_split_view_with_colluders_outside_the_cohort_per_view_configurations_refused() -> None:
+    """The coordinator cannot move the stand-ins into the configuration either.
+
+    View A would need a configuration binding nodes 4, 5 to x, y; view C one binding node
+    2 to x. The real nodes bound to a colluder refuse such a configuration at
+    ADVERTISE_KEYS, before they make any key; and the honest node 3 that the attack needs
+    in both views holds one configuration, so the other view's advertisements (signed over
+    the other digest) do not verify for it, nor its advertisement for the other view.
+    """
+    members = members_of(_roster([*COHORT, *OUTSIDERS]))
+    config = _config(threshold=3, neighbours=4)
+    config_a = _config(threshold=3, neighbours=4, bind={4: "x", 5: "y"})
+    config_c = _config(threshold=3, neighbours=4, bind={2: "x"})
+    assert len({config.digest(), config_a.digest(), config_c.digest()}) == 3
+    for node, view in ((4, config_a), (5, config_a), (2, config_c)):
+        client = SecAggClient(node, view, _site(node), members)
+        with pytest.raises(ProtocolError, match=f"binds node {node} to another identity"):
+            client.advertise_keys(AdvertiseKeysRequest(RUN, ROUND, node))
+        assert client.stage is Stage.INIT  # no key made
+        with pytest.raises(ProtocolAbort, match="already aborted"):
+            client.advertise_keys(AdvertiseKeysRequest(RUN, ROUND, node))
+    # the victim in view A (config_a) and node 3 in view C (config_c): each refuses the other
+    victim = SecAggClient(VICTIM, config_a, _site(VICTIM), members)
+    third = SecAggClient(3, config_c, _site(3), members)
+    victim_ad = victim.advertise_keys(AdvertiseKeysRequest(RUN, ROUND, VICTIM)).advertisement()
+    third_ad = third.advertise_keys(AdvertiseKeysRequest(RUN, ROUND, 3)).advertisement()
+    view_a = {VICTIM: victim_ad, 3: third_ad}
+    for u in (2, 4, 5):
+        view_a[u] = _signed_ad(config_a, u, _site({4: "x", 5: "y"}.get(u, u)))
+    request = ShareKeysRequest(RUN, ROUND, VICTIM, tuple(view_a[u] for u in COHORT))
+    with pytest.raises(ProtocolError, match="node 3: advertisement signature does not verify"):
+        victim.share_keys(_wire(request, config_a))
+    view_c = {VICTIM: victim_ad, 3: third_ad}
+    for u in (2, 4, 5):
+        view_c[u] = _signed_ad(config_c, u, _site({2: "x"}.get(u, u)))
+    request = ShareKeysRequest(RUN, ROUND, 3, tuple(view_c[u] for u in COHORT))
+    with pytest.raises(ProtocolError, match="node 1: advertisement signature does not verify"):
+        third.share_keys(_wire(request, config_c))
+
+
+def test_split_view_with_colluders_outside_the_cohort_control_without_the_binding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Control: the same script with the binding check off recovers the victim's input.
+
+    Only the honest sites' advertisement check loses its binding test
+    (:func:`_verify_without_binding`: advertisements accepted from any distinct roster
+    member, as before the fix; the configuration still binds every honest node to itself,
+    so their own check at ADVERTISE_KEYS passes either way). Then every honest site
+    accepts its view, each view holds its own quorum of 4 signatures, node 2 reveals the
+    victim's seed share and node 3 its mask-key share, and with x's and y's shares the
+    coordinator holds t = 3 of each: both secrets, hence the victim's input.
+    """
+    monkeypatch.setattr(client_module, "verify_advertisements", _verify_without_binding)
+    attack = _outside_colluders_attack(monkeypatch)
+    assert attack.honest_refusals() == {}
+    assert set(attack.revealed["seed"]) == {2, "xA", "yA"}
+    assert set(attack.revealed["key"]) == {3, "xA", "yA"}
+    got = attack.recovered()
+    assert set(got) == {"seed", "key"}
+    quantised = quantize(_victim_update(), attack.config, seeded_generator(VICTIM))
+    assert np.array_equal(attack.victim_input(got["seed"], got["key"]), quantised)
+    # the victim itself only signed its view's survivor set: it revealed nothing, yet lost
+    # its input
+    assert attack.parties[VICTIM].stage is Stage.CONSISTENCY
 
 
 # --- sealed state at every stage ----------------------------------------------------------
