@@ -62,6 +62,7 @@ from common.records import (
     vector_to_record,
 )
 from common.rng import secure_bytes
+from common.roster import Roster
 from common.secagg import AggregateResult, SecAggConfig, SecAggServer, make_config
 from common.secagg.messages import (
     AdvertiseKeysReply,
@@ -116,11 +117,14 @@ class SecAggAggregator:
         run_number: int,
         vector_length: int,
         judge: Judge | None = None,
+        *,
+        roster: Roster | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_number = run_number
         self.vector_length = vector_length
         self.judge = judge
+        self.roster = roster  # the federation roster the sites' identities are checked against
         self._prepared: dict[int, PreparedRound] = {}
 
     @property
