@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from client.state import ROSTER_FILE, ROSTER_VERSION_FILE, replace_file, site_lock
 from common.errors import ConfigurationError, IntegrityError
-from common.roster import Roster, load_roster
+from common.roster import Roster, key_fingerprint, load_roster
 
 if TYPE_CHECKING:
     from client.site_policy import SiteSetup
@@ -207,18 +207,22 @@ class InstalledRoster:
         )
 
 
-def install_site_roster(source: Path, state_dir: Path, policy: SitePolicy) -> InstalledRoster:
+def install_site_roster(
+    source: Path, state_dir: Path, policy: SitePolicy, identity: bytes | None = None
+) -> InstalledRoster:
     """Verify the roster under the site policy's pin and put it in force for the SuperNode.
 
     The copy in ``state_dir`` (``roster.json``, read-only) freezes what was
     checked; its digest goes into the node config (``roster-hash``) and the
     ClientApp refuses a copy whose digest moved. The version is checked and
-    recorded (:func:`accept_roster_version`).
+    recorded (:func:`accept_roster_version`). With ``identity`` (the site's
+    public identity key) the roster must list it, or nothing is installed.
 
     Raises
     ------
     ConfigurationError
-        The file is missing or malformed, or the policy pins nothing.
+        The file is missing or malformed, the policy pins nothing, or the
+        roster does not list ``identity``.
     IntegrityError
         The roster is not signed by the pinned authority, is not the pinned
         digest, or is older than the one this site accepted before.
@@ -228,6 +232,11 @@ def install_site_roster(source: Path, state_dir: Path, policy: SitePolicy) -> In
         raise _no_pin()
     chosen = Path(source).resolve()
     roster = load_roster(chosen, authority_key=pin.authority_key, digest=pin.digest)
+    if identity is not None and roster.member_by_identity(identity) is None:
+        raise ConfigurationError(
+            f"this site's identity key {key_fingerprint(identity)} is not in roster {chosen}; "
+            "ask the roster authority to add it (`fedseal-client identity show` prints it)"
+        )
     accept_roster_version(state_dir, roster)
     target = state_dir / ROSTER_FILE
     replace_file(target, roster.to_json().encode("utf-8"), mode=0o444)
