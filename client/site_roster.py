@@ -89,6 +89,12 @@ def verify_roster(roster: Roster, pin: RosterPin) -> None:
     roster.verify(pin.authority_key if pin.authority_key is not None else roster.authority_key)
 
 
+@functools.lru_cache(maxsize=16)
+def _verify_once(roster: Roster, pin: RosterPin) -> None:
+    """:func:`verify_roster`, once per process for an equal (roster, pin): a failure is not cached."""
+    verify_roster(roster, pin)
+
+
 def accept_roster_version(directory: Path, roster: Roster) -> None:
     """Record ``roster`` as accepted unless it is older than (or differs at) the newest accepted.
 
@@ -276,7 +282,7 @@ def configured_roster(
             )
     elif setup is not None and setup.roster is not None:
         roster = setup.roster
-        verify_roster(roster, pin)
+        _verify_once(roster, pin)
     else:
         return None
     accept_roster_version(directory, roster)

@@ -390,12 +390,12 @@ def _deployment(
 def _print_roster(server_settings: ServerSettings) -> None:
     """Check the roster now (intact, naming this server's key) and print the one in force."""
     from server.app import load_run_roster
-    from server.record import KeyPaths
-    from server.record.keys import load_public_key
+    from server.record import load_signing_key
 
     if server_settings.roster_path is None or server_settings.key_dir is None:
         return
-    public = load_public_key(KeyPaths.in_dir(server_settings.key_dir).public_key)
+    # A missing key is the usual one line naming `fedseal-server keys DIR` (never made here).
+    public = load_signing_key(server_settings.key_dir).public_key()
     loaded = load_run_roster(server_settings.roster_path, public)
     out.print(f"{loaded.summary()} ({server_settings.roster_path})", highlight=False)
 
