@@ -19,20 +19,23 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message
 
+from client.identity import load_site_identity
 from client.instructions import InstructionCheck, InstructionRefused, check_instruction
 from client.ledger import SiteLedger
 from client.privacy import SiteDpPlan, make_private, plan_site_dp, validate_model
 from client.site import SiteData, load_site_data
 from client.site_policy import SiteSetup, site_policy
+from client.site_roster import site_roster
 from client.state import LEDGER_FILE, WITNESS_FILE, site_dir
 from client.training import TrainStats, make_loader, secret_seed, select_device, train_local
 from client.witness import HeadRefused, witness_head
 from common.audit.seal import SignedHead
 from common.config import RunConfig
 from common.energy import EnergyConfig, make_meter
-from common.errors import ConfigurationError
+from common.errors import ConfigurationError, IntegrityError
 from common.records import (
     KEY_APP_HASH,
     KEY_AUDIT_HEAD,
@@ -45,6 +48,7 @@ from common.records import (
     state_dict_to_vector,
     vector_to_state_dict,
 )
+from common.roster import Roster
 from common.task import TaskSpec, task_for
 from policies import SitePolicy
 
@@ -122,6 +126,38 @@ class SiteContext:
     def policy(self) -> SitePolicy | None:
         """This site's policy, or None when it has none."""
         return site_policy(self.context.node_config, self.setup.policies)
+
+    def identity(self) -> Ed25519PrivateKey:
+        """This site's Ed25519 identity key, from its private state directory (:mod:`client.identity`).
+
+        Raises
+        ------
+        ConfigurationError
+            The site has none (``fedseal-client identity init``) or the key
+            file is refused (not private, wrong size).
+        """
+        return load_site_identity(self.directory)
+
+    def roster(self) -> Roster:
+        """The federation roster in force at this site, verified under the site's own pin.
+
+        Deployed sites: the copy ``fedseal-client start --roster`` installed
+        (its digest pinned in the node config); simulated sites: the
+        :class:`~client.site_policy.SiteSetup`'s. Verified under the policy's
+        ``trust.roster_authority``/``trust.roster_digest`` (simulations: the
+        setup's authority when the policy pins none), and never older than
+        the newest this site accepted (:mod:`client.site_roster`).
+
+        Raises
+        ------
+        ConfigurationError
+            With a one-line reason: no roster in force, nothing pins it, it
+            is unreadable, or it fails verification (signature, digest, version).
+        """
+        try:
+            return site_roster(self.context.node_config, self.setup, self.policy(), self.directory)
+        except IntegrityError as exc:
+            raise ConfigurationError(f"the site's roster is refused: {exc}") from None
 
 
 class Trainer(Protocol):

@@ -115,7 +115,7 @@ def handle_audit_head(
 
 
 def make_client_app(
-    site_root: Path | None = None,
+    site_root: SiteSetup | Path | None = None,
     site_policies: SitePolicies | None = None,
     trainer: Trainer = compute_update,
 ) -> ClientApp:
@@ -123,16 +123,23 @@ def make_client_app(
 
     Parameters
     ----------
-    site_root : Path or None
-        Where simulated sites keep their state directories; deployed sites
-        configure theirs through their node config.
+    site_root : SiteSetup, Path or None
+        Where simulated sites keep their state directories (a whole
+        :class:`~client.site_policy.SiteSetup`, e.g. with the simulated
+        federation's roster, :func:`simulations.federation.prepare_federation`);
+        deployed sites configure theirs through their node config.
     site_policies : SitePolicies or None
         The simulated sites' policies; deployed sites name their policy file
         in their node config.
     trainer : Trainer
         A site's training for one round (default :func:`client.agent.compute_update`).
     """
-    setup = SiteSetup(site_root, site_policies)
+    if isinstance(site_root, SiteSetup):
+        if site_policies is not None:
+            raise TypeError("give the site policies inside the SiteSetup")
+        setup = site_root
+    else:
+        setup = SiteSetup(site_root, site_policies)
     client_app = ClientApp()
     mods = train_mods(setup)
     train = train_step(setup, trainer)

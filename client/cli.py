@@ -30,6 +30,17 @@ from policies.cli import policy_app  # noqa: E402
 
 app.add_typer(ledger_app, name="ledger", help="This site's privacy ledger.")
 app.add_typer(policy_app, name="policy", help="Check policy files.")
+identity_app = typer.Typer(
+    help="This site's Ed25519 identity key (its public half goes into the federation roster).",
+    no_args_is_help=True,
+)
+app.add_typer(identity_app, name="identity")
+SiteStateDir = Annotated[
+    Path,
+    typer.Option(
+        help="The site agent's state directory (as for `start`); the key is in its site/ folder."
+    ),
+]
 # flower-supernode's exit code when the SuperLink does not know its public key.
 SUPERNODE_AUTH_REFUSED = 305
 
@@ -47,6 +58,34 @@ def keys_cmd(
 
     priv, pub = make_node_key(path, force=force)
     out.print(f"private key {priv} (0600, stays here); public key {pub} (give to the coordinator)")
+
+
+@identity_app.command("init")
+@one_line_errors
+def identity_init_cmd(state_dir: SiteStateDir = Path(".fedseal-site")) -> None:
+    """Make this site's identity key (0600, never replaced); print the public key for the roster."""
+    from client.identity import create_site_identity
+
+    _, site_state = _site_state(state_dir)
+    public = create_site_identity(site_state)
+    typer.echo(
+        f"site identity key created in {site_state} (0600, never leaves this site)", err=True
+    )
+    typer.echo("give the roster authority this public key (`roster add --identity-key`):", err=True)
+    typer.echo(public.hex())
+
+
+@identity_app.command("show")
+@one_line_errors
+def identity_show_cmd(state_dir: SiteStateDir = Path(".fedseal-site")) -> None:
+    """Print this site's identity public key (64 hex digits; its fingerprint on stderr)."""
+    from client.identity import identity_public_bytes, load_site_identity
+    from common.roster import key_fingerprint
+
+    _, site_state = _site_state(state_dir)
+    public = identity_public_bytes(load_site_identity(site_state))
+    typer.echo(public.hex())
+    typer.echo(f"fingerprint {key_fingerprint(public)}", err=True)
 
 
 @app.command("start")
@@ -87,14 +126,24 @@ def start_cmd(
             "every instruction must be signed by it."
         ),
     ] = None,
+    roster: Annotated[
+        Path | None,
+        typer.Option(
+            help="The federation roster (from the roster authority): verified under the "
+            "policy's trust.roster_authority (or trust.roster_digest), never older than the "
+            "one installed before; it must list this site's identity key."
+        ),
+    ] = None,
 ) -> None:
     """Start a Flower SuperNode whose fedseal ClientApp trains on --data.
 
     The site's policy (--policy, else the shipped default) is validated and put
     in force before anything connects; one line names it and its hash. With a
-    pinned coordinator key (--server-key, or trust.server_key in the policy)
-    the site refuses every instruction not signed by it. Runs until stopped
-    (Ctrl-C). TLS is on unless --insecure is given.
+    pinned coordinator key (--server-key, or trust.server_key in the policy, or
+    the coordinator key the verified --roster names) the site refuses every
+    instruction not signed by it. With --roster, the roster is verified and put
+    in force likewise (one line names federation, version and digest). Runs
+    until stopped (Ctrl-C). TLS is on unless --insecure is given.
     """
     apply_safe_flower_env()
     from client.site_policy import install_site_policy
@@ -114,13 +163,11 @@ def start_cmd(
         raise ConfigurationError(f"site data file not found: {data}")
     if auth_key is not None and not auth_key.is_file():
         raise ConfigurationError(f"node key not found: {auth_key}")
-    from client.state import private_dir
-
-    state_dir = private_dir(state_dir.resolve())  # 0700; refused if shared or another user's
-    site_state = private_dir(state_dir / "site")
+    state_dir, site_state = _site_state(state_dir)
     # A broken policy fails here (every problem listed, as `policy check`), before any connection.
     installed = install_site_policy(policy, site_state)
     typer.echo(installed.summary())
+    roster_config = _roster_config(roster, site_state, installed.path)
     check_port_free("127.0.0.1", port)
     check_reachable(superlink)
     node_config = node_config_text(
@@ -130,6 +177,7 @@ def start_cmd(
             "state-dir": str(site_state),
             "policy-path": str(installed.path),
             "policy-hash": installed.hash,
+            **roster_config,
             **_trust_config(installed.path, server_key),
         }
     )
@@ -190,6 +238,42 @@ def start_cmd(
                 "the SuperLink refused this site: its public key is not registered with the coordinator"
             )
         raise FedsealError(f"the SuperNode exited with code {code}")
+
+
+def _site_state(state_dir: Path) -> tuple[Path, Path]:
+    """The SuperNode's state dir and the site's private state inside it (``site/``), both 0700."""
+    from client.state import private_dir
+
+    top = private_dir(state_dir.resolve())  # 0700; refused if shared or another user's
+    return top, private_dir(top / "site")
+
+
+def _roster_config(roster: Path | None, site_state: Path, policy_path: Path) -> dict[str, str]:
+    """Put ``roster`` in force (verified, version checked) and name it in the node config.
+
+    The site's identity key must be in the roster: a site that is not a
+    member (or whose key was swapped) would fail every protocol-v3 round.
+    """
+    if roster is None:
+        return {}
+    from client.identity import identity_public_bytes, load_site_identity
+    from client.site_roster import (
+        NODE_CONFIG_ROSTER_HASH,
+        NODE_CONFIG_ROSTER_PATH,
+        install_site_roster,
+    )
+    from policies import load_site_policy
+
+    if not roster.is_file():
+        raise ConfigurationError(f"roster not found: {roster}")
+    identity = identity_public_bytes(load_site_identity(site_state))
+    installed = install_site_roster(roster, site_state, load_site_policy(policy_path), identity)
+    member = installed.roster.member_by_identity(identity)
+    typer.echo(f"{installed.summary()}; this site is {member.name if member else '?'!r}")
+    return {
+        NODE_CONFIG_ROSTER_PATH: str(installed.path),
+        NODE_CONFIG_ROSTER_HASH: installed.roster.digest().hex(),
+    }
 
 
 def _trust_config(policy: Path, server_key: Path | None) -> dict[str, str]:

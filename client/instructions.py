@@ -2,8 +2,10 @@
 
 A site pins its coordinator's audit-signing public key in its policy
 (``trust.server_key``) or its node config (``server-key``, which
-``fedseal-client start --server-key`` writes); when both name a key they
-must agree. With a pinned key, :func:`check_instruction` accepts a message
+``fedseal-client start --server-key`` writes), or takes the coordinator key
+its verified roster names (:mod:`client.site_roster`); when several name a
+key they must agree. A roster that is configured but fails its checks
+refuses every instruction. With a pinned key, :func:`check_instruction` accepts a message
 only if
 
 1. it carries a well-formed signature record naming the pinned key
@@ -49,6 +51,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message
 
 from client.site_policy import SiteSetup, site_policy
+from client.site_roster import configured_roster
 from client.state import SEQUENCE_FILE, replace_file, site_dir, site_lock
 from common.audit.instruction import (
     InstructionHeader,
@@ -56,9 +59,10 @@ from common.audit.instruction import (
     key_fingerprint,
     verify_instruction,
 )
-from common.errors import ConfigurationError, DataError, ProtocolError
+from common.errors import ConfigurationError, DataError, IntegrityError, ProtocolError
 from common.record_digest import content_digest, read_signature
 from common.records import KEY_CONFIG, KEY_RUN_ID
+from common.roster import Roster
 from policies import SitePolicy
 from policies.models import canonical_server_key
 
@@ -115,14 +119,20 @@ _checked: weakref.WeakKeyDictionary[Message, InstructionCheck | InstructionRefus
 _checked_lock = threading.Lock()
 
 
-def pinned_server_key(node_config: Mapping[str, Any], policy: SitePolicy | None) -> bytes | None:
+def pinned_server_key(
+    node_config: Mapping[str, Any], policy: SitePolicy | None, roster: Roster | None = None
+) -> bytes | None:
     """The coordinator key this site pins (raw 32 bytes), or ``None``.
+
+    The policy's ``trust.server_key``, else the node config's ``server-key``,
+    else the coordinator key named by the site's verified ``roster``
+    (:mod:`client.site_roster`); every one of them that is set must agree.
 
     Raises
     ------
     ConfigurationError
-        The node config's ``server-key`` is not a key, or it and the
-        policy's ``trust.server_key`` name different keys.
+        The node config's ``server-key`` is not a key, or two of the three
+        name different keys.
     """
     from_policy = policy.trust.server_key_bytes if policy is not None else None
     raw = node_config.get(NODE_CONFIG_SERVER_KEY)
@@ -135,7 +145,14 @@ def pinned_server_key(node_config: Mapping[str, Any], policy: SitePolicy | None)
         raise ConfigurationError(
             "the site policy's trust.server_key and the node config's server-key differ"
         )
-    return from_policy if from_policy is not None else from_node
+    pinned = from_policy if from_policy is not None else from_node
+    from_roster = roster.coordinator_key if roster is not None else None
+    if pinned is not None and from_roster is not None and pinned != from_roster:
+        raise ConfigurationError(
+            "the roster's coordinator key is not the server key the site pins "
+            "(trust.server_key / server-key)"
+        )
+    return pinned if pinned is not None else from_roster
 
 
 def check_instruction(msg: Message, context: Context, setup: SiteSetup) -> InstructionCheck:
@@ -163,10 +180,17 @@ def check_instruction(msg: Message, context: Context, setup: SiteSetup) -> Instr
 
 
 def _check(msg: Message, context: Context, setup: SiteSetup) -> InstructionCheck:
+    directory = site_dir(context.node_config, context.node_id, setup.root)
     try:
-        trusted = pinned_server_key(
-            context.node_config, site_policy(context.node_config, setup.policies)
-        )
+        policy = site_policy(context.node_config, setup.policies)
+    except ConfigurationError as exc:
+        raise InstructionRefused(f"the pinned server key is misconfigured ({exc})") from None
+    try:
+        roster = configured_roster(context.node_config, setup, policy, directory)
+    except (ConfigurationError, IntegrityError) as exc:
+        raise InstructionRefused(f"the site's roster is refused ({exc})") from None
+    try:
+        trusted = pinned_server_key(context.node_config, policy, roster)
     except ConfigurationError as exc:
         raise InstructionRefused(f"the pinned server key is misconfigured ({exc})") from None
     try:
@@ -204,7 +228,6 @@ def _check(msg: Message, context: Context, setup: SiteSetup) -> InstructionCheck
             f"instruction signature does not verify with the trusted server key {short}... "
             "(altered after signing, or not signed by that key)"
         )
-    directory = site_dir(context.node_config, context.node_id, setup.root)
     previous = advance_sequence(directory, signature.key_id, run_id, signature.seq)
     return InstructionCheck(trusted, signature, message, previous)
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord
 
-from client.state import POLICY_FILE
+from client.state import POLICY_FILE, replace_file
 from common.config import RunConfig
 from common.errors import ConfigurationError
+from common.roster import Roster
 from policies import (
     Decision,
     SitePolicies,
@@ -45,10 +44,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class SiteSetup:
     """What a ClientApp knows beyond Flower's context: where simulated sites keep
-    state, and the simulated sites' policies (deployments use node config)."""
+    state, the simulated sites' policies, and their federation's roster with the
+    roster authority they pin where their policy pins none (deployments use node
+    config: ``policy-path``, ``roster-path``; :mod:`client.site_roster`)."""
 
     root: Path | None = None
     policies: SitePolicies | None = None
+    roster: Roster | None = None
+    roster_authority: bytes | None = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,15 +153,7 @@ def install_site_policy(source: Path | None, state_dir: Path) -> InstalledPolicy
     digest = policy_hash(policy)
     state_dir.mkdir(parents=True, exist_ok=True)
     target = state_dir / POLICY_FILE
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".policy-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(chosen.read_bytes())
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_file(target, chosen.read_bytes(), mode=0o444)
     if policy_hash(load_site_policy(target)) != digest:
         raise ConfigurationError(f"site policy {chosen} changed while it was being put in force")
     return InstalledPolicy(chosen, target, digest, source is None)

@@ -1,5 +1,6 @@
 """Where a site keeps its own state: ledger, witnessed audit heads, the state-sealing key,
-and (deployed sites) the copy of the site policy in force.
+the site's identity key (:mod:`client.identity`), and (deployed sites) the copies of the
+site policy and the roster in force.
 
 Resolution of the site's state directory, first match wins:
 
@@ -47,6 +48,9 @@ WITNESS_INDEX_FILE = "witnessed-heads.index.json"
 SEQUENCE_FILE = "instruction-seq.json"
 LOCK_FILE = "site.lock"
 POLICY_FILE = "policy.toml"  # the site policy `fedseal-client start` put in force
+IDENTITY_FILE = "identity.key"  # the site's Ed25519 identity key (client.identity)
+ROSTER_FILE = "roster.json"  # the roster `fedseal-client start --roster` put in force
+ROSTER_VERSION_FILE = "roster-version.json"  # the newest roster version this site accepted
 KEY_BYTES = 32
 PRIVATE_DIR_MODE = 0o700
 
@@ -141,18 +145,47 @@ def site_dir(node_config: Mapping[str, Any], node_id: int, site_root: Path | Non
     return private_dir(path)
 
 
-def _read_key(path: Path) -> bytes:
-    """The bytes of an existing key file, refused unless it is this user's private regular file."""
+def read_private_file(path: Path, what: str, limit: int) -> bytes:
+    """Up to ``limit`` bytes of an existing file, refused unless it is this user's private regular file.
+
+    Used for the site's secret files (``state.key``, ``identity.key``): a
+    file that is a link, another user's, or readable by group or others may
+    have been planted, or copied by someone else.
+
+    Raises
+    ------
+    ConfigurationError
+        The file cannot be opened, is not a regular file, or is not private.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
-        raise ConfigurationError(f"cannot read state key {path}: {exc.strerror}") from None
+        raise ConfigurationError(f"cannot read {what} {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as fh:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise ConfigurationError(f"state key {path} is not a regular file")
-        _refuse_shared(path, info, "state key", f"it may have been planted; remove {path}")
-        return fh.read(KEY_BYTES + 1)
+            raise ConfigurationError(f"{what} {path} is not a regular file")
+        _refuse_shared(path, info, what, f"it may have been planted; remove {path}")
+        return fh.read(limit)
+
+
+def create_private_file(path: Path, data: bytes) -> bool:
+    """Write ``data`` to a new file ``path`` (mode 0600, never a link); False if it exists.
+
+    The file is created exclusively (``O_EXCL``), so an existing file is
+    never overwritten, and synced before this returns.
+    """
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600
+        )
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
 
 
 def state_key(directory: Path) -> bytes:
@@ -168,23 +201,15 @@ def state_key(directory: Path) -> bytes:
         If the existing key file is refused, or is not 32 bytes.
     """
     path = directory / STATE_KEY_FILE
-    try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600
-        )
-    except FileExistsError:
-        for _ in range(50):  # another process may be writing it right now
-            key = _read_key(path)
-            if len(key) == KEY_BYTES:
-                return key
-            time.sleep(0.05)
-        raise ConfigurationError(f"{path} is corrupt: expected {KEY_BYTES} bytes") from None
     key = secure_bytes(KEY_BYTES)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return key
+    if create_private_file(path, key):
+        return key
+    for _ in range(50):  # another process may be writing it right now
+        key = read_private_file(path, "state key", KEY_BYTES + 1)
+        if len(key) == KEY_BYTES:
+            return key
+        time.sleep(0.05)
+    raise ConfigurationError(f"{path} is corrupt: expected {KEY_BYTES} bytes")
 
 
 @contextlib.contextmanager
@@ -203,10 +228,12 @@ def site_lock(directory: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def replace_file(path: Path, data: bytes) -> None:
+def replace_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Write ``path`` crash-safely: a synced temporary file renamed over it, then the directory synced.
 
-    After a crash the file holds either its old or its new content, never a mix.
+    After a crash the file holds either its old or its new content, never a
+    mix. ``mode`` (e.g. 0o444 for a frozen copy) is set before the rename;
+    otherwise the file is 0600.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -214,6 +241,8 @@ def replace_file(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -108,6 +108,9 @@ def summarize(policy: Policy) -> str:
             f"min cohort {r.min_cohort_size}",
             f"max {r.max_local_epochs} local epochs",
             "server key pinned" if t.server_key is not None else "no server key pinned",
+            "roster authority pinned"
+            if t.roster_authority is not None or t.roster_digest is not None
+            else "no roster authority pinned",
         ]
         kind = "site"
     return f"OK: {kind} policy {policy.name!r} (sha256 {digest}...): " + "; ".join(parts)

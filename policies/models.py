@@ -56,17 +56,29 @@ def canonical_app_hash(value: str) -> str:
         ``value`` is not 64 hexadecimal digits (an optional ``sha256:``
         prefix is accepted).
     """
-    text = value.strip().lower()
-    if text.startswith("sha256:"):
-        text = text[len("sha256:") :]
-    if not _SHA256_HEX.fullmatch(text):
-        raise ConfigurationError("an app hash is 64 hexadecimal digits (SHA-256)")
-    return text
+    try:
+        return canonical_sha256(value)
+    except ConfigurationError:
+        raise ConfigurationError("an app hash is 64 hexadecimal digits (SHA-256)") from None
 
 
 def canonical_server_key(value: str) -> str:
     """An Ed25519 public key as 64 lowercase hex digits (see :mod:`policies.keys`)."""
     return parse_ed25519_public_key(value).hex()
+
+
+def canonical_sha256(value: str) -> str:
+    """A SHA-256 digest as 64 lowercase hex digits (an optional ``sha256:`` prefix is accepted).
+
+    Raises
+    ------
+    ConfigurationError
+        ``value`` is not 64 hexadecimal digits.
+    """
+    text = value.strip().lower().removeprefix("sha256:")
+    if not _SHA256_HEX.fullmatch(text):
+        raise ConfigurationError("a SHA-256 digest is 64 hexadecimal digits")
+    return text
 
 
 # ====================================================================== server
@@ -276,12 +288,21 @@ class TrustRules:
     an instruction is refused unless it carries that key's signature over
     its type, run, round, destination, sequence number and every record
     (:mod:`common.audit.instruction`), unaltered, fresh and in order, and
-    audit heads not signed by it are not witnessed. ``allowed_app_hashes``: the
-    SHA-256 hashes of the Flower apps (FABs) the site runs; empty allows any.
+    audit heads not signed by it are not witnessed. Without ``server_key``, the
+    coordinator key named by the site's verified roster is the pin.
+    ``allowed_app_hashes``: the SHA-256 hashes of the Flower apps (FABs) the
+    site runs; empty allows any.
+
+    ``roster_authority``: the Ed25519 public key of the roster authority
+    (:mod:`common.roster`); the site uses a roster only if that key signed
+    it. ``roster_digest``: the SHA-256 of the one roster the site accepts
+    (its signed bytes); when both are set, both must hold.
     """
 
     server_key: str | None = string(None, normalize=canonical_server_key, optional=True)
     allowed_app_hashes: tuple[str, ...] = string_list(normalize=canonical_app_hash)
+    roster_authority: str | None = string(None, normalize=canonical_server_key, optional=True)
+    roster_digest: str | None = string(None, normalize=canonical_sha256, optional=True)
 
     def __post_init__(self) -> None:
         raise_problems(self)
@@ -290,6 +311,16 @@ class TrustRules:
     def server_key_bytes(self) -> bytes | None:
         """The trusted server key as raw 32 bytes, or ``None``."""
         return None if self.server_key is None else bytes.fromhex(self.server_key)
+
+    @property
+    def roster_authority_bytes(self) -> bytes | None:
+        """The pinned roster authority as raw 32 bytes, or ``None``."""
+        return None if self.roster_authority is None else bytes.fromhex(self.roster_authority)
+
+    @property
+    def roster_digest_bytes(self) -> bytes | None:
+        """The pinned roster digest as raw 32 bytes, or ``None``."""
+        return None if self.roster_digest is None else bytes.fromhex(self.roster_digest)
 
 
 @dataclass(frozen=True, slots=True)

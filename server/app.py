@@ -19,14 +19,22 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import SERVER_ONLY_PREFIX, RunConfig
-from common.errors import ConfigurationError
+from common.errors import ConfigurationError, IntegrityError
+from common.roster import Roster, key_fingerprint, load_roster
 from policies import ServerPolicy, load_server_policy, policy_hash
 from server.book import RunBook, default_db_url
 from server.policy_gate import PolicyGate
 from server.record import SqlRecord, signing_key_for
 from server.results import RoundObserver
 from server.rounds import FederatedRun
-from server.run_settings import DeploymentSettings, check_resume, recorded_settings
+from server.run_settings import (
+    DeploymentSettings,
+    RosterInForce,
+    check_resume,
+    check_roster_resume,
+    recorded_roster,
+    recorded_settings,
+)
 
 # Coordinator-only run_config keys (never sent to sites).
 KEY_OUT_DIR = SERVER_ONLY_PREFIX + "out-dir"
@@ -35,6 +43,7 @@ KEY_KEY_DIR = SERVER_ONLY_PREFIX + "key-dir"
 KEY_RESUME = SERVER_ONLY_PREFIX + "resume-run"
 KEY_POLICY = SERVER_ONLY_PREFIX + "policy"
 KEY_DEPLOYMENT = SERVER_ONLY_PREFIX + "deployment"
+KEY_ROSTER = SERVER_ONLY_PREFIX + "roster"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +52,8 @@ class ServerSettings:
 
     ``deployment`` is what ``fedseal-server start``/``resume`` launched the
     SuperLink with (:mod:`server.run_settings`); simulations have none.
+    ``roster_path`` is the federation roster (:mod:`common.roster`) the run
+    is held to (:func:`load_run_roster`).
     """
 
     db_url: str | None = None
@@ -51,11 +62,14 @@ class ServerSettings:
     resume_run_id: str | None = None
     policy_path: Path | None = None
     deployment: DeploymentSettings | None = None
+    roster_path: Path | None = None
 
     def to_flower(self) -> dict[str, str]:
         out = {}
         if self.policy_path:
             out[KEY_POLICY] = str(self.policy_path)
+        if self.roster_path:
+            out[KEY_ROSTER] = str(self.roster_path)
         if self.deployment is not None:
             out[KEY_DEPLOYMENT] = self.deployment.to_json()
         if self.db_url:
@@ -75,10 +89,11 @@ class ServerSettings:
             return value if isinstance(value, str) and value else None
 
         key_dir, out_dir, policy = text(KEY_KEY_DIR), text(KEY_OUT_DIR), text(KEY_POLICY)
-        deployment = text(KEY_DEPLOYMENT)
+        deployment, roster = text(KEY_DEPLOYMENT), text(KEY_ROSTER)
         return cls(
             deployment=DeploymentSettings.from_json(deployment) if deployment else None,
             policy_path=Path(policy) if policy else None,
+            roster_path=Path(roster) if roster else None,
             db_url=text(KEY_DB_URL),
             key_dir=Path(key_dir) if key_dir else None,
             out_dir=Path(out_dir) if out_dir else None,
@@ -86,12 +101,41 @@ class ServerSettings:
         )
 
 
+def load_run_roster(path: Path, audit_key: Ed25519PublicKey) -> Roster:
+    """The federation roster a coordinator runs under: intact, and naming its own key.
+
+    The coordinator pins no roster authority (the roster protects the sites
+    against it, not the other way round): it checks that the file is a
+    well-formed roster whose signature verifies under the authority it names,
+    and, when the roster names a coordinator key, that this is the audit key
+    the server signs with (otherwise every pinned site would refuse every
+    instruction).
+
+    Raises
+    ------
+    ConfigurationError
+        Unreadable, malformed, badly signed, or naming another coordinator key.
+    """
+    try:
+        roster = load_roster(path, authority_key=None)
+    except IntegrityError as exc:
+        raise ConfigurationError(str(exc)) from None
+    own = audit_key.public_bytes_raw()
+    if roster.coordinator_key is not None and roster.coordinator_key != own:
+        raise ConfigurationError(
+            f"roster {path} names coordinator key {key_fingerprint(roster.coordinator_key)}, "
+            f"but this server signs with {key_fingerprint(own)}; re-sign the roster with "
+            "--coordinator-key AUDIT.pub (or give this server its key)"
+        )
+    return roster
+
+
 def open_run(
     cfg: RunConfig | None,
     settings: ServerSettings,
     run_config: Mapping[str, object],
     policy: ServerPolicy | None = None,
-) -> tuple[RunConfig, RunBook]:
+) -> tuple[RunConfig, RunBook, Roster | None]:
     """Open the record and the signing key; for a resume, the run's own configuration.
 
     A deployed run (``settings.deployment``) gets its settings completed with
@@ -115,18 +159,26 @@ def open_run(
         key_dir = settings.key_dir or _default_key_dir(db_url)
         key = signing_key_for(record, key_dir)
         deployed = _deployed_settings(settings, policy, key.public_key())
+        path = settings.roster_path
+        roster = load_run_roster(path, key.public_key()) if path is not None else None
+        in_force = RosterInForce.of(roster, path) if roster is not None else None
+        summary = in_force.to_payload() if in_force is not None else None
         if settings.resume_run_id:
             run_id = settings.resume_run_id
             info = record.get_run(run_id)
             if info.status == "finished":
                 raise ConfigurationError(f"run {run_id} already finished; nothing to resume")
-            recorded = recorded_settings(record.events(run_id))
+            events = record.events(run_id)
+            recorded = recorded_settings(events)
             if recorded is not None or deployed is not None:
                 check_resume(run_id, recorded, deployed)
+            check_roster_resume(run_id, recorded_roster(events), in_force)
             run_cfg = RunConfig.from_record(info.config)
-            return run_cfg, RunBook(record, key, run_id, _payload(deployed))
+            book = RunBook(record, key, run_id, _payload(deployed), roster=summary)
+            return run_cfg, book, roster
         run_cfg = cfg if cfg is not None else RunConfig.from_flower(run_config)
-        return run_cfg, RunBook(record, key, uuid.uuid4().hex[:12], _payload(deployed))
+        book = RunBook(record, key, uuid.uuid4().hex[:12], _payload(deployed), roster=summary)
+        return run_cfg, book, roster
     except BaseException:
         record.close()
         raise
@@ -179,7 +231,7 @@ def make_server_app(
         chosen = settings if settings is not None else ServerSettings.from_flower(run_config)
         # A broken policy file fails here, before anything is recorded (PolicyFileError names it).
         policy = load_server_policy(chosen.policy_path) if chosen.policy_path else None
-        run_cfg, book = open_run(cfg, chosen, run_config, policy)
+        run_cfg, book, roster = open_run(cfg, chosen, run_config, policy)
         try:
             FederatedRun(
                 run_cfg,
@@ -189,6 +241,7 @@ def make_server_app(
                 book,
                 resume=chosen.resume_run_id is not None,
                 gate=PolicyGate(policy, book) if policy is not None else None,
+                roster=roster,
             ).execute()
         finally:
             book.record.close()

@@ -86,12 +86,15 @@ class RunBook:
         signing_key: Ed25519PrivateKey,
         run_id: str,
         settings: Mapping[str, Any] | None = None,
+        roster: Mapping[str, Any] | None = None,
     ) -> None:
         self.record = record
         self.key = signing_key
         self.run_id = run_id
         # A deployed run's settings (server.run_settings), recorded with its start or resume.
         self.settings = dict(settings) if settings is not None else None
+        # The roster in force (server.run_settings.RosterInForce), recorded likewise.
+        self.roster = dict(roster) if roster is not None else None
         self._nodes: set[int] = set()
         self.head: SignedHead | None = record.latest_seal()
 
@@ -112,6 +115,8 @@ class RunBook:
     def _record_settings(self, *, resumed: bool) -> None:
         if self.settings is not None:
             self.event("run_settings", {**self.settings, "resumed": resumed})
+        if self.roster is not None:
+            self.event("roster", {**self.roster, "resumed": resumed})
 
     def resume_point(self, vector_length: int) -> ResumePoint:
         """Reopen the run (audited, sealed) and read back where it stands.

@@ -23,7 +23,7 @@ from server.run_options import COORDINATOR_OPTIONS, with_run_options
 if TYPE_CHECKING:
     from server.app import ServerSettings
     from server.deploy import LinkSettings
-    from server.run_settings import DeploymentSettings
+    from server.run_settings import DeploymentSettings, RosterInForce
 
 app = typer.Typer(
     name="fedseal-server",
@@ -44,10 +44,16 @@ ResultDir = Annotated[Path | None, typer.Option("--out", help="Write result.json
 # Sub-commands that live with their subject.
 from policies.cli import policy_app  # noqa: E402
 from server.cli_record import audit_app, keys_cmd, models_app  # noqa: E402
+from server.cli_roster import roster_app  # noqa: E402
 
 app.add_typer(audit_app, name="audit", help="Verify or export the tamper-evident audit log.")
 app.add_typer(models_app, name="models", help="The model registry: list, show, export, tag.")
 app.add_typer(policy_app, name="policy", help="Check policy files.")
+app.add_typer(
+    roster_app,
+    name="roster",
+    help="The federation roster: site identities, signed by its authority.",
+)
 app.command("keys", help="Create the coordinator's Ed25519 audit-signing key pair.")(keys_cmd)
 
 
@@ -104,6 +110,13 @@ def start_cmd(
             help="Directory of allowed site public keys (*.pub); enables node authentication."
         ),
     ] = None,
+    roster: Annotated[
+        Path | None,
+        typer.Option(
+            help="The federation roster (`fedseal-server roster sign`); it must verify and name "
+            "this server's audit key, if it names one. Recorded with the run's start."
+        ),
+    ] = None,
     *,
     run_config: RunConfig,
 ) -> None:
@@ -135,14 +148,17 @@ def start_cmd(
         auth_keys=_write_allow_list(deployment, state),
     )
     result_dir = (out_dir or state_dir / "runs").resolve()
+    key_dir = (keys or settings.state_dir / "keys").resolve()
     server_settings = ServerSettings(
         db_url=_db_url(db, settings.state_dir),
-        key_dir=(keys or settings.state_dir / "keys").resolve(),
+        key_dir=key_dir,
         out_dir=result_dir,
         policy_path=policy.resolve() if policy is not None else None,
         deployment=deployment,
+        roster_path=roster.resolve() if roster is not None else None,
     )
     out.print(f"run settings: {deployment.describe()}", soft_wrap=True, highlight=False)
+    _print_roster(server_settings)
     code = serve(settings, run_config, server_settings)
     result = result_dir / "result.json"
     if code != 0 or not result.is_file():
@@ -211,6 +227,12 @@ def resume_cmd(
             "Default: the keys recorded at the run's start."
         ),
     ] = None,
+    roster: Annotated[
+        Path | None,
+        typer.Option(
+            help="The federation roster; must be the run's (same digest). Default: the recorded path."
+        ),
+    ] = None,
     out_dir: ResultDir = None,
 ) -> None:
     """Continue a run after the coordinator crashed: from its last model version, with its
@@ -229,6 +251,7 @@ def resume_cmd(
     from server.record.keys import load_public_key
     from server.run_settings import (
         differences,
+        recorded_roster,
         recorded_settings,
         require_recorded,
         signing_key_fingerprint,
@@ -240,7 +263,9 @@ def resume_cmd(
     db_url = _db_url(db, state)
     with SqlRecord(db_url, create=False) as record:
         info = record.get_run(run_id)
-        recorded = recorded_settings(record.events(run_id))
+        events = record.events(run_id)
+        recorded = recorded_settings(events)
+        recorded_run_roster = recorded_roster(events)
     if info.status == "finished":
         raise ConfigurationError(f"run {run_id} already finished; nothing to resume")
     recorded = require_recorded(run_id, recorded)
@@ -248,6 +273,9 @@ def resume_cmd(
     if policy is None and recorded.policy_path is not None:
         if Path(recorded.policy_path).is_file():
             policy = Path(recorded.policy_path)
+    if roster is None and recorded_run_roster is not None and recorded_run_roster.path:
+        if Path(recorded_run_roster.path).is_file():
+            roster = Path(recorded_run_roster.path)
     key_dir = (keys or state / "keys").resolve()
     public = KeyPaths.in_dir(key_dir).public_key
     problems = []
@@ -267,6 +295,8 @@ def resume_cmd(
     problems += differences(recorded, offered)
     if problems:
         raise ConfigurationError(f"cannot resume run {run_id}: " + "; ".join(problems))
+    roster_path = roster.resolve() if roster is not None else None
+    _check_roster_resume(run_id, recorded_run_roster, roster_path, key_dir)
     settings = LinkSettings(
         host=host,
         port=port,
@@ -283,12 +313,14 @@ def resume_cmd(
         resume_run_id=run_id,
         policy_path=policy.resolve() if policy is not None else None,
         deployment=offered,
+        roster_path=roster_path,
     )
     out.print(
         f"resuming run {run_id} with its recorded settings: {offered.describe()}",
         soft_wrap=True,
         highlight=False,
     )
+    _print_roster(server_settings)
     code = serve(settings, cfg, server_settings)
     # `flwr run` may exit 0 when the ServerApp failed: the record says whether the run ended.
     with SqlRecord(db_url, create=False) as record:
@@ -356,6 +388,35 @@ def _deployment(
         policy_path=str(policy.resolve()) if policy is not None else None,
         policy_sha256=policy_sha,
     )
+
+
+def _print_roster(server_settings: ServerSettings) -> None:
+    """Check the roster now (intact, naming this server's key) and print the one in force."""
+    from server.app import load_run_roster
+    from server.record import load_signing_key
+
+    if server_settings.roster_path is None or server_settings.key_dir is None:
+        return
+    # A missing key is the usual one line naming `fedseal-server keys DIR` (never made here).
+    public = load_signing_key(server_settings.key_dir).public_key()
+    loaded = load_run_roster(server_settings.roster_path, public)
+    out.print(f"{loaded.summary()} ({server_settings.roster_path})", highlight=False)
+
+
+def _check_roster_resume(
+    run_id: str, recorded: RosterInForce | None, path: Path | None, key_dir: Path
+) -> None:
+    """Refuse, before anything starts, a resume under another roster than the run's (or none)."""
+    from server.app import load_run_roster
+    from server.record import KeyPaths
+    from server.record.keys import load_public_key
+    from server.run_settings import RosterInForce, check_roster_resume
+
+    offered = None
+    if path is not None:
+        public = load_public_key(KeyPaths.in_dir(key_dir).public_key)
+        offered = RosterInForce.of(load_run_roster(path, public), path)
+    check_roster_resume(run_id, recorded, offered)
 
 
 def _write_allow_list(deployment: DeploymentSettings, state_dir: Path) -> tuple[Path, ...]:

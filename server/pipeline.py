@@ -8,16 +8,12 @@ under central DP); :class:`server.privacy.CentralDP` around either when
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from common.config import RunConfig
+from common.roster import Roster
 from server.aggregation.base import Aggregator
 from server.aggregation.plain import PlainAggregator
 from server.aggregation.secure import Judge, SecAggAggregator
 from server.privacy import CentralDP
-
-if TYPE_CHECKING:
-    from common.roster import Roster
 
 
 def aggregator_for(
@@ -25,16 +21,17 @@ def aggregator_for(
     run_id: str,
     vector_length: int,
     judge: Judge | None = None,
+    *,
     roster: Roster | None = None,
 ) -> Aggregator:
     """The aggregator of a run (``run_id`` hex, as the protocol's run number).
 
-    ``roster`` (the federation's, public) lets the secure aggregator filter
-    advertisements that no roster member signed before the sites see them.
+    ``roster`` is the federation roster the run is held to (the secure
+    aggregator checks the sites' signed key advertisements against it).
     """
     inner: Aggregator
     if cfg.secagg:
-        inner = SecAggAggregator(cfg, int(run_id, 16), vector_length, judge, roster)
+        inner = SecAggAggregator(cfg, int(run_id, 16), vector_length, judge, roster=roster)
     else:
         inner = PlainAggregator(vector_length, cfg.clip_norm if cfg.central_dp else None)
     return CentralDP(inner, cfg) if cfg.central_dp else inner

@@ -40,6 +40,7 @@ from common.audit.instruction import InstructionSigner
 from common.config import RunConfig
 from common.errors import FedsealError, ProtocolAbort
 from common.records import ModelSpec, state_dict_to_vector
+from common.roster import Roster
 from common.secagg import SecAggConfig
 from common.task import task_for
 from server.aggregation.base import Aggregator, RoundEvent, RoundInput, require_contributors
@@ -79,6 +80,7 @@ class FederatedRun:
         resume: bool = False,
         gate: PolicyGate | None = None,
         aggregator: Aggregator | None = None,
+        roster: Roster | None = None,
     ) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
@@ -110,7 +112,11 @@ class FederatedRun:
             InstructionSigner(book.key) if book is not None else None,
         )
         self.aggregator = aggregator or aggregator_for(
-            cfg, self.run_id, self.spec.size, self._judge_secagg if gate is not None else None
+            cfg,
+            self.run_id,
+            self.spec.size,
+            self._judge_secagg if gate is not None else None,
+            roster=roster,
         )
         self.privacy = self.aggregator if isinstance(self.aggregator, CentralDP) else None
 

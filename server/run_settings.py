@@ -41,10 +41,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.errors import ConfigurationError
 from common.pki import CertPaths
+from common.roster import Roster
 from policies.keys import canonical_node_key
 
 __all__ = [
+    "ROSTER_EVENT",
     "RUN_SETTINGS_EVENT",
+    "RosterInForce",
+    "check_roster_resume",
+    "recorded_roster",
     "DeploymentSettings",
     "NodeKey",
     "cert_fingerprint",
@@ -59,6 +64,7 @@ __all__ = [
 ]
 
 RUN_SETTINGS_EVENT = "run_settings"
+ROSTER_EVENT = "roster"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -372,3 +378,112 @@ def check_resume(
         )
     if found := differences(recorded, offered):
         raise ConfigurationError(f"cannot resume run {run_id}: " + "; ".join(found))
+
+
+@dataclass(frozen=True, slots=True)
+class RosterInForce:
+    """The federation roster a run is held to: recorded at start (``roster`` event), checked on resume.
+
+    Attributes
+    ----------
+    federation : str
+        The roster's federation.
+    version : int
+        The roster's version.
+    sha256 : str
+        Its digest (:meth:`common.roster.Roster.digest`, hex).
+    members : int
+        How many sites it lists.
+    path : str or None
+        The file it was read from (a resume without ``--roster`` reuses it).
+    """
+
+    federation: str
+    version: int
+    sha256: str
+    members: int
+    path: str | None = None
+
+    @classmethod
+    def of(cls, roster: Roster, path: Path | None) -> RosterInForce:
+        """The summary of a :class:`common.roster.Roster` read from ``path``."""
+        return cls(
+            roster.federation,
+            roster.version,
+            roster.digest().hex(),
+            len(roster.members),
+            str(path) if path is not None else None,
+        )
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "federation": self.federation,
+            "version": self.version,
+            "sha256": self.sha256,
+            "members": self.members,
+            "path": self.path,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> RosterInForce:
+        """Parse :meth:`to_payload`'s output; ConfigurationError naming a malformed field."""
+        federation, version, sha = (
+            payload.get("federation"),
+            payload.get("version"),
+            payload.get("sha256"),
+        )
+        members, path = payload.get("members"), payload.get("path")
+        if not isinstance(federation, str) or not isinstance(sha, str):
+            raise ConfigurationError("recorded roster: federation and sha256 must be text")
+        for name, value in (("version", version), ("members", members)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigurationError(f"recorded roster: {name} must be an integer")
+        if path is not None and not isinstance(path, str):
+            raise ConfigurationError("recorded roster: path must be text")
+        return cls(federation, int(version), sha, int(members), path)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        return (
+            f"roster of federation {self.federation!r} version {self.version} "
+            f"({self.members} members, sha256 {_short(self.sha256)}...)"
+        )
+
+
+def recorded_roster(events: Iterable[Any]) -> RosterInForce | None:
+    """The roster the run was started with: its first ``roster`` event, if any."""
+    for event in events:
+        if event.kind == ROSTER_EVENT:
+            return RosterInForce.from_payload(event.payload())
+    return None
+
+
+def check_roster_resume(
+    run_id: str, recorded: RosterInForce | None, offered: RosterInForce | None
+) -> None:
+    """Refuse a resume that would not run under the roster the run started with.
+
+    Stops a relaunch under another roster (one that adds a member the sites'
+    authority never signed for this run, or drops one) or under none.
+
+    Raises
+    ------
+    ConfigurationError
+        One line naming the difference.
+    """
+    if recorded is None and offered is None:
+        return
+    if recorded is None:
+        raise ConfigurationError(
+            f"cannot resume run {run_id}: it started without a roster, this launch has "
+            f"{offered.describe() if offered else 'one'}"
+        )
+    if offered is None:
+        raise ConfigurationError(
+            f"cannot resume run {run_id}: it started under the {recorded.describe()} "
+            f"from {recorded.path}; none is given here (give --roster FILE)"
+        )
+    if offered.sha256 != recorded.sha256:
+        raise ConfigurationError(
+            f"cannot resume run {run_id}: the {offered.describe()} is not the run's "
+            f"{recorded.describe()}"
+        )

@@ -109,7 +109,10 @@ def run_simulation(
     None): the central record ``record.db`` with its model artifacts, the
     server's audit key in ``keys/`` (made up front for a fresh directory,
     :func:`prepare_signing_key`), each site's state (ledger, witnessed
-    heads) in ``sites/site-<i>/``, and ``result.json``. The ServerApp runs in
+    heads, identity key) in ``sites/site-<i>/``, the federation's roster
+    authority and signed roster in ``federation/``
+    (:func:`simulations.federation.prepare_federation`; it names the audit
+    key, which every simulated site therefore pins), and ``result.json``. The ServerApp runs in
     a thread of this process and the ClientApps in Ray actors; Ray is shut
     down before returning, also on error. ``faults`` silences sites at a
     secure-aggregation stage (:mod:`simulations.faults`).
@@ -119,18 +122,28 @@ def run_simulation(
 
     from client.app import make_client_app
     from server.app import ServerSettings, make_server_app
+    from server.record import KeyPaths
+    from server.record.keys import load_public_key
+    from simulations.federation import prepare_federation
 
     if out_dir is None:
         out_dir = Path(tempfile.mkdtemp(prefix="fedseal-sim-"))
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     key_dir = prepare_signing_key(out_dir, resume=resume_run_id is not None)
+    federation = prepare_federation(
+        out_dir / "sites",
+        cfg.num_sites,
+        coordinator_key=load_public_key(KeyPaths.in_dir(key_dir).public_key).public_bytes_raw(),
+        directory=out_dir / "federation",
+    )
     settings = ServerSettings(
         db_url=f"sqlite:///{out_dir / 'record.db'}",
         key_dir=key_dir,
         out_dir=out_dir,
         resume_run_id=resume_run_id,
         policy_path=server_policy.resolve() if server_policy is not None else None,
+        roster_path=federation.path,
     )
 
     collector = _Collector(observer)
@@ -157,7 +170,7 @@ def run_simulation(
                 if faults is not None
                 else None,
             ),
-            client_app=make_client_app(out_dir / "sites", site_policies),
+            client_app=make_client_app(federation.site_setup(site_policies)),
             num_supernodes=cfg.num_sites,
             backend_config=backend_config,  # type: ignore[arg-type]
         )

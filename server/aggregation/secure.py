@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
@@ -66,6 +66,7 @@ from common.records import (
     record_to_bytes,
     vector_to_record,
 )
+from common.roster import Roster
 from common.secagg import AggregateResult, SecAggConfig, SecAggServer, make_config
 from common.secagg.messages import (
     AdvertiseKeysReply,
@@ -80,9 +81,6 @@ from server.aggregation.base import Aggregate, RoundEvent, RoundInput
 from server.aggregation.exchange import Exchange
 from server.aggregation.replies import SiteFacts, masked_metrics, site_outcome
 from server.results import SiteOutcome
-
-if TYPE_CHECKING:
-    from common.roster import Roster
 
 # judge(first round of a setup, its resolved configuration) -> (audit events, denials)
 Judge = Callable[[int, SecAggConfig], tuple[list[RoundEvent], list[Any]]]
@@ -125,13 +123,14 @@ class SecAggAggregator:
         run_number: int,
         vector_length: int,
         judge: Judge | None = None,
+        *,
         roster: Roster | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_number = run_number
         self.vector_length = vector_length
         self.judge = judge
-        self.roster = roster
+        self.roster = roster  # the federation roster the sites' identities are checked against
         self._prepared: dict[int, PreparedRound] = {}
         self._identities: dict[int, bytes] = {}  # node id -> the identity it proved, this run
 

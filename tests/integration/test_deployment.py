@@ -2,7 +2,10 @@
 
 The sites' own policies are in force (``fedseal-client start --policy``), and a
 coordinator killed mid-run is resumed with the node authentication, allow-list,
-server policy and signing key it was started with.
+server policy, signing key and roster it was started with. Every site has an
+identity key (``fedseal-client identity init``) and the federation a roster made
+with ``fedseal-server roster init/add/sign`` (as a user would, by subprocess); the
+sites pin the roster authority in their policies and start with ``--roster``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,33 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 def _make_audit_key(state_dir: Path) -> None:
     """The coordinator's signing key where `start` looks by default (it is never made implicitly)."""
     subprocess.run([str(BIN / "fedseal-server"), "keys", str(state_dir / "keys")], check=True, capture_output=True)
+
+
+def _cli(*argv: str) -> str:
+    """Run a fedseal command line (``fedseal-server ...``/``fedseal-client ...``); its stdout."""
+    proc = subprocess.run([str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _make_roster(root: Path, audit_pub: Path, sites: dict[str, tuple[Path, Path]]) -> tuple[Path, str]:
+    """Each site's identity (``identity init`` in its state dir), then the signed roster.
+
+    ``sites`` maps a site's name to (its ``--state-dir``, its node-auth ``.pub``). Returns the
+    roster file and the authority's public key (hex), which the sites pin.
+    """
+    roster, authority = root / "roster.json", root / "authority" / "roster-authority.key"
+    authority.parent.mkdir()
+    out = _cli("fedseal-server", "roster", "init", "--authority-key", str(authority), "--federation", "loopback",
+               "--roster", str(roster))
+    (pinned,) = re.findall(r'roster_authority = "([0-9a-f]{64})"', out)
+    for name, (state_dir, node_pub) in sites.items():
+        identity = _cli("fedseal-client", "identity", "init", "--state-dir", str(state_dir)).strip()
+        _cli("fedseal-server", "roster", "add", "--roster", str(roster), "--name", name, "--identity-key", identity,
+             "--node-auth-key", str(node_pub))
+    _cli("fedseal-server", "roster", "sign", "--roster", str(roster), "--authority-key", str(authority),
+         "--coordinator-key", str(audit_pub))
+    return roster, pinned
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -146,6 +176,8 @@ class Federation:
     keys: Path  # the audit-signing key directory
     allowed: Path  # the allow-listed site public keys (*.pub)
     server_key_hex: str  # what the sites pin (trust.server_key)
+    roster: Path  # the signed roster (sites 0-2, coordinator key = the audit key)
+    authority_hex: str  # what the sites pin (trust.roster_authority)
     procs: list[subprocess.Popen[bytes]]
 
     def site_key(self, i: int) -> Path:
@@ -164,7 +196,7 @@ class Federation:
             f'min_cohort_size = {values["min_cohort_size"]}\n'
             f'min_secagg_threshold = {values["min_secagg_threshold"]}\n'
             f'min_secagg_neighbours = {values["min_secagg_neighbours"]}\n'
-            f'[trust]\nserver_key = "{self.server_key_hex}"\n'
+            f'[trust]\nserver_key = "{self.server_key_hex}"\nroster_authority = "{self.authority_hex}"\n'
         )
         path = self.root / f"{file or f'site{i}'}-policy.toml"
         path.write_text(text)
@@ -174,7 +206,8 @@ class Federation:
         proc = _start(
             [str(BIN / "fedseal-server"), "start", "--certs", str(self.certs), "--host", "127.0.0.1",
              "--port", str(port), "--state-dir", str(self.root / "srv"), "--keys", str(self.keys),
-             "--out", str(self.root / "out"), "--auth-keys", str(self.allowed), *args],
+             "--out", str(self.root / "out"), "--auth-keys", str(self.allowed), "--roster", str(self.roster),
+             *args],
             self.root / "server.log",
         )
         self.procs.append(proc)
@@ -186,7 +219,7 @@ class Federation:
         argv = [str(BIN / "fedseal-client"), "start", "--data", str(self.root / f"site{i}.csv"),
                 "--superlink", f"127.0.0.1:{port}", "--ca", str(self.certs / "ca.crt"),
                 "--port", str(_free_port()), "--state-dir", str(self.root / f"site{i}"),
-                "--policy", str(policy)]
+                "--policy", str(policy), "--roster", str(self.roster)]
         if key is not None:
             argv += ["--auth-key", str(key)]
         proc = _start(argv, self.root / f"site{i}.log")
@@ -225,7 +258,9 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         _, pub = make_node_key(tmp_path / f"site{i}.key")
         (allowed / f"site{i}.pub").write_bytes(pub.read_bytes())
         _write_site_csv(tmp_path / f"site{i}.csv", i)
-    fed = Federation(tmp_path, certs, keys, allowed, raw.hex(), [])
+    sites = {f"site-{i}": (tmp_path / f"site{i}", allowed / f"site{i}.pub") for i in range(3)}
+    roster, authority = _make_roster(tmp_path, keys / "audit.pub", sites)
+    fed = Federation(tmp_path, certs, keys, allowed, raw.hex(), roster, authority, [])
     try:
         yield fed
     finally:
@@ -264,10 +299,12 @@ def test_deployment_three_sites_own_policies_one_refuses_the_run_completes(
     assert len(eps) == 4 and all(e is not None and 0 < e <= 8.0 for e in eps)  # DP-SGD ran
     assert doc["rounds"][-1]["accuracy"] > 0.5
 
-    # Each site printed the policy in force (its own file, by hash) before connecting.
+    # Each site printed the policy and the roster in force (its own file, by hash) before connecting.
     for i in range(3):
         site_log = (tmp_path / f"site{i}.log").read_text()
         assert f"site policy in force: {tmp_path / f'site{i}-policy.toml'}, sha256 " in site_log
+        assert "roster in force: federation 'loopback', version 1, 3 members" in site_log
+        assert f"this site is 'site-{i}'" in site_log
     # The refusing site's own policy decided, and the coordinator's audit log names it.
     node = _node_id(tmp_path / f"site{refusing}.log")
     with SqlRecord(f"sqlite:///{tmp_path / 'srv' / 'record.db'}", create=False) as record:
@@ -283,6 +320,8 @@ def test_deployment_three_sites_own_policies_one_refuses_the_run_completes(
     (settings,) = [e.payload() for e in events if e.kind == "run_settings"]
     assert settings["tls"] and settings["node_auth"] and len(settings["auth_keys"]) == 3
     assert settings["signing_key_sha256"] and not settings["resumed"]
+    (roster,) = [e.payload() for e in events if e.kind == "roster"]
+    assert roster["federation"] == "loopback" and roster["version"] == 1 and roster["members"] == 3
 
 
 @pytest.mark.slow  # 2-3 minutes on two cores (every SecAgg+ stage is a new ClientApp process)
@@ -319,7 +358,7 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
         done_before = len(record.list_versions(run.run_id))
     assert 1 <= done_before < rounds
 
-    # No --auth-keys, no --policy: the allow-list and the policy path come from the record.
+    # No --auth-keys, no --policy, no --roster: the allow-list and the paths come from the record.
     resumed = _start(
         [str(BIN / "fedseal-server"), "resume", run.run_id, "--certs", str(federation.certs),
          "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(tmp_path / "srv"),
@@ -352,20 +391,19 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
     for field in ("tls", "ca_cert_sha256", "server_cert_sha256", "node_auth", "auth_keys",
                   "policy_sha256", "signing_key_sha256"):
         assert resume_settings[field] == start_settings[field], field
+    start_roster, resume_roster = [e.payload() for e in events if e.kind == "roster"]
+    assert resume_roster["resumed"] and resume_roster["sha256"] == start_roster["sha256"]
     # Only allow-listed sites ever trained: the keyless SuperNode never got a node id in.
     trained = {str(s["node_id"]) for r in doc["rounds"] for s in r["sites"]}
     assert trained == {_node_id(tmp_path / f"site{i}.log") for i in range(2)}
 
 
 def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) -> None:
-    """SecAgg+ and DP-SGD over TLS and node authentication, every instruction signed and checked."""
-    # Two sites are below the shipped default policy's cohort and threshold floors: a site
-    # that accepts two-site secure rounds says so in its own policy.
-    site_policy = tmp_path / "two-site-policy.toml"
-    site_policy.write_text(
-        'kind = "site"\n[rounds]\nmin_cohort_size = 2\nmin_secagg_threshold = 1\n'
-        "min_secagg_neighbours = 1\n"
-    )
+    """SecAgg+ and DP-SGD over TLS and node authentication, every instruction signed and checked.
+
+    The sites pin no coordinator key themselves: their policy pins the roster authority,
+    and the verified roster names the coordinator's key, which every instruction must carry.
+    """
     certs = tmp_path / "certs"
     subprocess.run([str(BIN / "fedseal-server"), "certs", str(certs)], check=True, capture_output=True)
     assert oct((certs / "server.key").stat().st_mode & 0o777) == "0o600"
@@ -377,6 +415,17 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
     # the coordinator's audit key, made beforehand so that the sites can pin it
     audit_keys = tmp_path / "audit-keys"
     subprocess.run([str(BIN / "fedseal-server"), "keys", str(audit_keys)], check=True, capture_output=True)
+    roster, authority = _make_roster(
+        tmp_path, audit_keys / "audit.pub",
+        {f"site-{i}": (tmp_path / f"site{i}", keys / f"site{i}.pub") for i in range(2)},
+    )
+    # Two sites are below the shipped default policy's cohort and threshold floors: a site
+    # that accepts two-site secure rounds says so in its own policy.
+    site_policy = tmp_path / "two-site-policy.toml"
+    site_policy.write_text(
+        'kind = "site"\n[rounds]\nmin_cohort_size = 2\nmin_secagg_threshold = 1\n'
+        f'min_secagg_neighbours = 1\n[trust]\nroster_authority = "{authority}"\n'
+    )
     port = _free_port()
     out = tmp_path / "out"
     procs: list[subprocess.Popen[bytes]] = []
@@ -385,7 +434,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
             [str(BIN / "fedseal-server"), "start", "--certs", str(certs), "--host", "127.0.0.1",
              "--port", str(port), "--rounds", "2", "--min-sites", "2", "--round-timeout", "150",
              "--state-dir", str(tmp_path / "srv"), "--out", str(out), "--auth-keys", str(keys),
-             "--keys", str(audit_keys), "--dp", "--secagg"],
+             "--keys", str(audit_keys), "--roster", str(roster), "--dp", "--secagg"],
             tmp_path / "server.log",
         )
         procs.append(server)
@@ -401,7 +450,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
                     [str(BIN / "fedseal-client"), "start", "--data", str(tmp_path / f"site{i}.csv"),
                      "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
                      "--port", str(_free_port()), "--state-dir", str(tmp_path / f"site{i}"),
-                     "--auth-key", str(keys / f"site{i}"), "--server-key", str(audit_keys / "audit.pub"),
+                     "--auth-key", str(keys / f"site{i}"), "--roster", str(roster),
                      "--policy", str(site_policy)],
                     tmp_path / f"site{i}.log",
                 )
@@ -432,8 +481,8 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
             capture_output=True, text=True, timeout=60,
         )
         assert verify.returncode == 0 and verify.stdout.startswith("OK:"), verify.stdout + verify.stderr
-        # every message (each in a fresh ClientApp process) was verified under the pinned key,
-        # and the final signed head reached both sites after the run ended
+        # every message (each in a fresh ClientApp process) was verified under the key the
+        # roster names, and the final signed head reached both sites after the run ended
         from client.witness import read_heads
 
         seq_files = [tmp_path / f"site{i}" / "site" / "instruction-seq.json" for i in range(2)]

@@ -92,7 +92,7 @@ class Spy:
         if settings.resume_run_id and self.play:
             chosen = ServerSettings.from_flower(settings.to_flower())
             policy = load_server_policy(chosen.policy_path) if chosen.policy_path else None
-            _, book = open_run(None, chosen, {}, policy)
+            _, book, _ = open_run(None, chosen, {}, policy)
             try:
                 book.resume()
                 book.finish()
@@ -122,7 +122,7 @@ def _started(c: Coordinator, spy: Spy, *extra: str) -> str:
     # What the ServerApp receives: the run_config keys of the generated app.
     chosen = ServerSettings.from_flower(settings.to_flower())
     policy = load_server_policy(chosen.policy_path) if chosen.policy_path else None
-    run_cfg, book = open_run(cfg, chosen, {}, policy)
+    run_cfg, book, _ = open_run(cfg, chosen, {}, policy)
     try:
         book.start(asdict(run_cfg), policy_hash(policy) if policy is not None else None)
     finally:
@@ -331,7 +331,7 @@ def test_insecure_run_resumes_only_with_insecure_given_again(
     link, cfg, settings = spy.calls.pop()
     assert "--insecure" in SuperLink(link).argv() and not link.auth_keys, result.output
     coordinator.state.mkdir(parents=True, exist_ok=True)  # the SuperLink would have made it
-    run_cfg, book = open_run(cfg, ServerSettings.from_flower(settings.to_flower()), {}, None)
+    run_cfg, book, _ = open_run(cfg, ServerSettings.from_flower(settings.to_flower()), {}, None)
     book.start(asdict(run_cfg), None)
     book.record.close()
     upgraded = _resume(coordinator, book.run_id, "--certs", str(coordinator.certs), "--keys",
@@ -450,3 +450,84 @@ def test_registration_failure_other_than_already_registered_is_an_error(tmp_path
     fake = FakeFlwr([(1, "connection refused")], [])
     with pytest.raises(FedsealError, match="flwr supernode register"):
         _link(tmp_path, fake)._register_keys()
+
+
+# ---------------------------------------------------------------- the federation roster
+
+
+def _roster_file(c: Coordinator, version: int = 1, name: str = "roster.json", *,
+                 coordinator_key: bytes | None = None) -> Path:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from common.roster import RosterMember, sign_roster
+
+    authority = Ed25519PrivateKey.from_private_bytes(b"\x31" * 32)
+    members = [RosterMember(f"site-{i}", Ed25519PrivateKey.from_private_bytes(bytes([0x60 + i]) * 32)
+                            .public_key().public_bytes_raw()) for i in range(version + 1)]
+    own = load_public_key(c.keys / "audit.pub").public_bytes_raw()
+    roster = sign_roster(federation="unit", version=version, members=members, authority=authority,
+                         coordinator_key=coordinator_key or own)
+    path = c.root / name
+    path.write_text(roster.to_json())
+    return path
+
+
+def test_start_with_a_roster_records_it_and_resume_restores_it(coordinator: Coordinator, spy: Spy) -> None:
+    roster = _roster_file(coordinator)
+    run_id = _started(coordinator, spy, "--roster", str(roster))
+    result = _resume(coordinator, run_id, "--certs", str(coordinator.certs), "--keys", str(coordinator.keys))
+    assert result.exit_code == 0, result.output
+    assert "roster of federation 'unit', version 1, 2 members" in result.stdout
+    (_, _, settings), = spy.calls
+    assert settings.roster_path == roster.resolve()  # the recorded path, without --roster
+    start, again = (e.payload() for e in _events(coordinator, run_id) if e.kind == "roster")
+    assert start["version"] == 1 and start["members"] == 2 and start["path"] == str(roster.resolve())
+    assert again["resumed"] and {**again, "resumed": False} == start
+
+
+@pytest.mark.parametrize("change", ["other-roster", "roster-gone", "roster-added"])
+def test_resume_under_another_roster_or_none_refused(coordinator: Coordinator, spy: Spy, change: str) -> None:
+    first = _roster_file(coordinator)
+    run_id = _started(coordinator, spy, *(() if change == "roster-added" else ("--roster", str(first))))
+    args = ["--certs", str(coordinator.certs), "--keys", str(coordinator.keys)]
+    if change == "other-roster":
+        result = _resume(coordinator, run_id, *args, "--roster", str(_roster_file(coordinator, 2, "v2.json")))
+        _one_line_refusal(result, "version 2", "is not the run's", "version 1")
+    elif change == "roster-gone":
+        first.unlink()
+        _one_line_refusal(_resume(coordinator, run_id, *args), "started under the roster", "give --roster FILE")
+    else:
+        _one_line_refusal(_resume(coordinator, run_id, *args, "--roster", str(first)), "started without a roster")
+    assert spy.calls == []
+
+
+def test_server_app_refuses_a_resume_under_another_roster(coordinator: Coordinator, spy: Spy) -> None:
+    run_id = _started(coordinator, spy, "--roster", str(_roster_file(coordinator)))
+    chosen = ServerSettings(db_url=f"sqlite:///{coordinator.db}", key_dir=coordinator.keys,
+                            resume_run_id=run_id, roster_path=_roster_file(coordinator, 2, "v2.json"))
+    with pytest.raises(ConfigurationError, match="cannot resume run .* is not the run's"):
+        open_run(None, dataclasses.replace(chosen, deployment=_recorded(coordinator, run_id)), {},
+                 load_server_policy(coordinator.policy))
+
+
+def _recorded(c: Coordinator, run_id: str) -> DeploymentSettings:
+    found = recorded_settings(_events(c, run_id))
+    assert found is not None
+    return dataclasses.replace(found, resumed=True)
+
+
+def test_start_refuses_a_roster_naming_another_coordinator_key_or_tampered(coordinator: Coordinator, spy: Spy) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    stranger = Ed25519PrivateKey.from_private_bytes(b"\x41" * 32).public_key().public_bytes_raw()
+    other = _roster_file(coordinator, coordinator_key=stranger, name="other.json")
+    base = ["start", "--certs", str(coordinator.certs), "--keys", str(coordinator.keys), *coordinator.common()]
+    result = _invoke(*base, "--roster", str(other))
+    assert result.exit_code == 2 and "names coordinator key" in result.stderr, result.output
+    tampered = coordinator.root / "tampered.json"
+    doc = json.loads(_roster_file(coordinator).read_text())
+    doc["members"].pop()
+    tampered.write_text(json.dumps(doc))
+    result = _invoke(*base, "--roster", str(tampered))
+    assert result.exit_code == 2 and "signature does not verify" in result.stderr, result.output
+    assert spy.calls == []
