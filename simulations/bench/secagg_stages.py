@@ -14,7 +14,8 @@ sites spend, which a 2-core Simulation Engine runs two at a time), the
 pickle time of requests and replies, and the server's work on the replies.
 What is *not* in these figures is the Simulation Engine's scheduling: Flower
 polls for new instructions and for replies every 0.1 s, which a real round
-pays once per exchange (a plain round has one exchange, a secure round four).
+pays once per exchange (a plain round has one exchange; a secure round five, three
+after a setup; plus, once per site and run, the identity query).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from common.records import (
 from simulations.bench.secagg import echo_config
 
 SERVER_NODE_ID = 1
+RUN_ID = "0123456789ab"
 
 
 @dataclass(slots=True)
@@ -116,7 +118,7 @@ class Loopback:
 
     # The Exchange seam (server.aggregation.exchange): the aggregators talk to this loopback.
     def instruction(self, server_round: int, **extra: Any) -> RecordDict:
-        ids = {KEY_RUN_ID: "0123456789ab", KEY_APP_HASH: "bench"}
+        ids = {KEY_RUN_ID: RUN_ID, KEY_APP_HASH: "bench"}
         return RecordDict({KEY_CONFIG: config_to_record(self.cfg, server_round, **ids, **extra)})
 
     def send(
@@ -148,13 +150,19 @@ def time_round_stages(
     """One round in process; returns (total seconds, per-exchange timings)."""
     from client.app import make_client_app
     from server.aggregation import PlainAggregator, RoundInput, SecAggAggregator
+    from simulations.federation import prepare_federation
 
     cfg = echo_config(clients, params, 1, secagg=secagg)
     global_vector = np.zeros(params, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="fedseal-bench-") as root:
-        loop = Loopback(make_client_app(Path(root)), _contexts(cfg), cfg)
+        federation = prepare_federation(Path(root), cfg.num_sites, coordinator_key=None)
+        loop = Loopback(make_client_app(federation.site_setup()), _contexts(cfg), cfg)
         cohort = sorted(loop.contexts)
-        aggregator = SecAggAggregator(cfg, 1, params) if secagg else PlainAggregator(params)
+        aggregator = (
+            SecAggAggregator(cfg, int(RUN_ID, 16), params, roster=federation.roster)
+            if secagg
+            else PlainAggregator(params)
+        )
         start = time.perf_counter()
         loop.start()
         agg = aggregator.aggregate(RoundInput(server_round, cohort, global_vector), loop)

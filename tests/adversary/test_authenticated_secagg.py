@@ -30,6 +30,7 @@ from fake_grid import FIRST_NODE_ID, FakeGrid, Fault, server_identity
 from flwr.app import Message
 
 import common.secagg.client as secagg_client
+import common.secagg.server as secagg_server
 from client.app import make_client_app
 from common.config import RunConfig
 from common.crypto import aead
@@ -44,7 +45,7 @@ from common.records import (
     record_to_bundle,
     record_to_bytes,
 )
-from common.secagg import SecAggConfig
+from common.secagg import SecAggConfig, make_config
 from common.secagg.client import share_associated_data, share_encryption_key
 from common.secagg.messages import (
     Advertisement,
@@ -53,7 +54,7 @@ from common.secagg.messages import (
     Signed,
     UnmaskRequest,
 )
-from common.secagg.signing import advertisement_message, public_bytes
+from common.secagg.signing import Verified, advertisement_message, public_bytes
 from policies import load_site_policies
 from server.book import RunBook
 from server.record import SqlRecord
@@ -246,59 +247,94 @@ def run_and(tmp_path: Path, coordinator: Coordinator) -> tuple[RoundResult | Non
 
 
 # ------------------------------------------------------------------ sybil
-def _insert_sybil(coordinator: Coordinator, sybil: int, key: Ed25519PrivateKey) -> Callable[[Message], None]:
-    """A site silent at the keys stage is 'advertised' by the coordinator under its own identity."""
+SYBIL = FIRST_NODE_ID + 99  # a node id no site holds
+
+
+def _sybil_config(config: SecAggConfig, key: Ed25519PrivateKey) -> SecAggConfig:
+    """The round's configuration with one more member: the sybil, bound to the coordinator's key."""
+    return make_config(
+        run_id=config.run_id, round=config.round, cohort=[*config.cohort, SYBIL],
+        identities=[*config.identities, public_bytes(key)], threshold=config.threshold + 1,
+        neighbours=config.size, value_bound=config.value_bound,
+        vector_length=config.vector_length, bits=config.bits,
+    )  # fmt: skip
+
+
+def _insert_sybil(coordinator: Coordinator, key: Ed25519PrivateKey) -> Callable[[Message], None]:
+    """The coordinator invents a member: it is in the configuration every site is sent, and
+    the coordinator advertises for it at the shares stage (signed with its own key)."""
 
     def rewrite(msg: Message) -> None:
-        if msg.metadata.message_type != SHARES:
-            return
-        requests = []
-        for request, _ in _share_request(msg, coordinator):
-            config = coordinator.configs[request.round]
-            enc, mask = generate_key_pair().public_bytes, generate_key_pair().public_bytes
-            commitment = bytes(32)
-            signature = key.sign(advertisement_message(config, sybil, enc, mask, commitment))
-            fake = Advertisement(sybil, enc, mask, commitment, public_bytes(key), signature)
-            ads = tuple(sorted([*request.advertisements, fake], key=lambda a: a.node_id))
-            requests.append(ShareKeysRequest(request.run_id, request.round, request.node_id, ads))
-        _set_share_requests(msg, requests)
+        md = msg.metadata
+        if md.message_type == "train.secagg_keys":
+            raws = record_to_bundle(msg.content[KEY_SECAGG_CONFIG], 8, CAP)
+            forged = [_sybil_config(SecAggConfig.decode(raw), key) for raw in raws]
+            for config in forged:
+                coordinator.configs[config.round] = config
+            msg.content[KEY_SECAGG_CONFIG] = bundle_to_record([c.encode() for c in forged])
+        elif md.message_type == SHARES:
+            requests = []
+            for request, _ in _share_request(msg, coordinator):
+                config = coordinator.configs[request.round]
+                enc, mask = generate_key_pair().public_bytes, generate_key_pair().public_bytes
+                commitment = bytes(32)
+                signature = key.sign(advertisement_message(config, SYBIL, enc, mask, commitment))
+                fake = Advertisement(SYBIL, enc, mask, commitment, public_bytes(key), signature)
+                ads = tuple(sorted([*request.advertisements, fake], key=lambda a: a.node_id))
+                requests.append(
+                    ShareKeysRequest(request.run_id, request.round, request.node_id, ads)
+                )
+            _set_share_requests(msg, requests)
 
     return rewrite
 
 
-def test_sybil_node_signed_by_the_coordinator_is_refused_by_every_site(tmp_path: Path) -> None:
-    sybil = node(5)  # invited, silent at keys: the coordinator speaks for it
-    coordinator = Coordinator()
-    coordinator.rewrite = _insert_sybil(coordinator, sybil, Ed25519PrivateKey.generate())
-    run, _, record, _ = federation_run(
-        tmp_path, 6, coordinator, faults=[Fault(sybil, "train.secagg_keys")]
-    )
-    assert outcome(run) is None  # no site shares a key with a member the roster does not know
-    assert "not in the roster" in audit_reasons(record)
+class _SybilAware(Coordinator):
+    """Keeps the forged configurations (the honest ones arrive first, then are rewritten)."""
+
+    def __call__(self, grid: FakeGrid, msg: Message) -> None:
+        if self.rewrite is not None:
+            self.rewrite(msg)
 
 
-def test_sybil_control_without_the_roster_check_the_sites_share_with_it(
+def test_sybil_member_bound_to_the_coordinators_key_is_refused_by_every_site(
+    tmp_path: Path,
+) -> None:
+    coordinator = _SybilAware()
+    coordinator.rewrite = _insert_sybil(coordinator, Ed25519PrivateKey.generate())
+    run, grid, record, _ = federation_run(tmp_path, 6, coordinator)
+    assert outcome(run) is None  # no site makes a key for a round with a member it cannot know
+    assert "identities that are not in the roster" in audit_reasons(record)
+    keys = next(e for e in grid.history if "train.secagg_keys" in e.message_types.values())
+    assert all(r.has_error() for r in keys.replies.values())
+
+
+def test_sybil_control_without_the_roster_checks_the_sites_share_with_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = secagg_client.verify_advertisements
+    monkeypatch.setattr(secagg_client, "check_bound_identities", lambda *args: None)
     monkeypatch.setattr(
         secagg_client, "verify_advertisements", lambda c, e, m: real(c, e, None)
     )
-    sybil = node(5)
-    coordinator = Coordinator()
-    coordinator.rewrite = _insert_sybil(coordinator, sybil, Ed25519PrivateKey.generate())
-    run, grid, _, _ = federation_run(
-        tmp_path, 6, coordinator, faults=[Fault(sybil, "train.secagg_keys")]
+    # the coordinator's own relay takes the advertisements signed over its forged configuration
+    monkeypatch.setattr(
+        secagg_server,
+        "verify_advertisements",
+        lambda c, e, m: Verified({n: f[3] for n, f in e.items()}, {}),
     )
+    coordinator = _SybilAware()
+    coordinator.rewrite = _insert_sybil(coordinator, Ed25519PrivateKey.generate())
+    run, grid, _, _ = federation_run(tmp_path, 6, coordinator)
     outcome(run)
     exchange = next(e for e in grid.history if SHARES in e.message_types.values())
     sent_to_sybil = 0
-    for n, reply in exchange.replies.items():
+    for reply in exchange.replies.values():
         if reply.has_error():
             continue
         (raw,) = record_to_bundle(reply.content[KEY_SECAGG_MSG], 8, CAP)
         shares = ShareKeysReply.decode(raw, coordinator.configs[1])
-        sent_to_sybil += any(c.node_id == sybil for c in shares.ciphertexts)
+        sent_to_sybil += any(c.node_id == SYBIL for c in shares.ciphertexts)
     assert sent_to_sybil > 0
 
 

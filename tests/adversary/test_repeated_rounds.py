@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fake_grid import FIRST_NODE_ID, FakeGrid, server_identity
+from federation import federated_setup
 from flwr.app import Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from pinned_sites import pinned_policies
@@ -101,7 +102,7 @@ def sites(tmp_path: Path, num_sites: int = 2, trainer: Counted | None = None) ->
     policies = pinned_policies(tmp_path / "site-policies", KEY)
     counted = trainer if trainer is not None else Counted()
     root = tmp_path / "sites"
-    app = make_client_app(root, policies, trainer=counted)
+    app = make_client_app(federated_setup(root, num_sites, policies), trainer=counted)
     return Sites(FakeGrid(app, num_sites), counted, root)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fake_grid import FIRST_NODE_ID, FakeGrid, server_identity
+from federation import federated_setup
 
 from client.app import make_client_app
 from common.config import RunConfig
@@ -50,7 +51,9 @@ def run_with_floors(tmp_path: Path, floors: str, **cfg_changes: object) -> tuple
     )  # fmt: skip
     base.update(cfg_changes)
     cfg = RunConfig(**base)  # type: ignore[arg-type]
-    app = make_client_app(tmp_path / "sites", load_site_policies(policy_dir))
+    app = make_client_app(
+        federated_setup(tmp_path / "sites", cfg.num_sites, load_site_policies(policy_dir))
+    )
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
     book = RunBook(record, Ed25519PrivateKey.generate(), "00000000beef")
     results = FederatedRun(cfg, FakeGrid(app, cfg.num_sites), book=book).execute()

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fake_grid import FIRST_NODE_ID, FakeGrid, server_identity
+from federation import federated_setup
 from flwr.app import Array, Message
 from pinned_sites import pinned_policies
 
@@ -102,7 +103,7 @@ class Sites:
 def sites(tmp_path: Path, num_sites: int = 2) -> Sites:
     trainer = Trainer()
     root = tmp_path / "sites"
-    app = make_client_app(root, pinned(tmp_path), trainer=trainer)
+    app = make_client_app(federated_setup(root, num_sites, pinned(tmp_path)), trainer=trainer)
     holder = Sites(FakeGrid(app, num_sites), trainer, root)
 
     def on_deliver(_: FakeGrid, msg: Message) -> None:

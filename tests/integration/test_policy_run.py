@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fake_grid import FIRST_NODE_ID, FakeGrid, server_identity
+from federation import federated_setup
 
 from client.app import make_client_app
 from common.config import RunConfig
@@ -46,7 +47,9 @@ def _run(tmp_path: Path, cfg: RunConfig, *, server_policy: str | None = None, si
         (tmp_path / "server.toml").write_text(server_policy)
         gate = PolicyGate(load_server_policy(tmp_path / "server.toml"), book)
     policies = load_site_policies(site_dir) if site_dir is not None else None
-    grid = FakeGrid(make_client_app(tmp_path / "sites", policies), cfg.num_sites)
+    grid = FakeGrid(
+        make_client_app(federated_setup(tmp_path / "sites", cfg.num_sites, policies)), cfg.num_sites
+    )
     return FederatedRun(cfg, grid, book=book, gate=gate), record
 
 

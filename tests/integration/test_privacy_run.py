@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from fake_grid import FIRST_NODE_ID, FakeGrid, server_identity
+from federation import federated_setup
 from opacus.accountants import RDPAccountant
 
 from client.app import make_client_app
@@ -44,7 +45,7 @@ def test_exhausted_site_refuses_and_run_completes_with_others(tmp_path: Path, se
     # 4 sites: with secure aggregation each survivor keeps t=2 of its k=3 neighbours.
     cfg = _cfg(secagg=secagg, num_sites=4)
     _exhaust(tmp_path, cfg, 0)
-    run = FederatedRun(cfg, FakeGrid(make_client_app(tmp_path), cfg.num_sites))
+    run = FederatedRun(cfg, FakeGrid(make_client_app(federated_setup(tmp_path, cfg.num_sites)), cfg.num_sites))
     results = run.execute()
     assert len(results) == 2
     for r in results:
@@ -61,7 +62,7 @@ def test_exhausted_site_refuses_and_run_completes_with_others(tmp_path: Path, se
 
 def test_reported_epsilon_equals_independent_accountant_on_ledger_history(tmp_path: Path) -> None:
     cfg = _cfg()
-    run = FederatedRun(cfg, FakeGrid(make_client_app(tmp_path), cfg.num_sites))
+    run = FederatedRun(cfg, FakeGrid(make_client_app(federated_setup(tmp_path, cfg.num_sites)), cfg.num_sites))
     last = run.execute()[-1]
     for partition in range(cfg.num_sites):
         site = next(s for s in last.sites if s.node_id == FIRST_NODE_ID + partition)
@@ -82,7 +83,7 @@ def test_reported_epsilon_equals_independent_accountant_on_ledger_history(tmp_pa
 
 def test_central_dp_client_epsilon_reported_and_grows(tmp_path: Path) -> None:
     cfg = _cfg(dp=False, central_dp=True, noise_multiplier=1.5, clip_norm=1.0, rounds=3)
-    results = FederatedRun(cfg, FakeGrid(make_client_app(tmp_path), cfg.num_sites)).execute()
+    results = FederatedRun(cfg, FakeGrid(make_client_app(federated_setup(tmp_path, cfg.num_sites)), cfg.num_sites)).execute()
     eps = [r.client_level_epsilon for r in results]
     assert all(e is not None and e > 0 for e in eps)
     assert eps[0] < eps[1] < eps[2]

@@ -33,11 +33,13 @@ from fake_grid import (
     server_identity,
     swap_payload,
 )
+from federation import federated_setup
 from flwr.app import ConfigRecord, Message, RecordDict
 
 import client.secure as client_secure
 from client.agent import LocalUpdate
 from client.app import make_client_app
+from client.identity import load_site_identity
 from client.secure import STATE_RECORD
 from client.state import site_dir, state_key
 from common.config import RunConfig
@@ -113,7 +115,9 @@ def distinct_updates(monkeypatch: pytest.MonkeyPatch) -> None:
 def federation(
     cfg: RunConfig, site_root: Path, **grid_options: Any
 ) -> tuple[FederatedRun, FakeGrid]:
-    grid = FakeGrid(make_client_app(site_root), cfg.num_sites, **grid_options)
+    grid = FakeGrid(
+        make_client_app(federated_setup(site_root, cfg.num_sites)), cfg.num_sites, **grid_options
+    )
     return FederatedRun(cfg, grid), grid
 
 
@@ -428,7 +432,9 @@ def test_secure_round_tampered_unmask_share_removes_only_that_site(
     culprit = node(2)
     aggregates: list[Aggregate] = []
     fault = Fault(culprit, "secagg_unmask", flip_payload_byte(offset))
-    grid = FakeGrid(make_client_app(tmp_path), cfg.num_sites, faults=[fault])
+    grid = FakeGrid(
+        make_client_app(federated_setup(tmp_path, cfg.num_sites)), cfg.num_sites, faults=[fault]
+    )
     run = FederatedRun(cfg, grid)
     secure = aggregator_for(cfg, run.run_id, run.spec.size)
 
@@ -530,13 +536,17 @@ def test_sealed_state_from_another_node_fails_to_open(
     # directly: the victim's blob opens under the victim's key and id only
     record = captured["record"]
     config = SecAggConfig.decode(record["config.1"])
-    victim_key = state_key(site_dir(grid.contexts[victim].node_config, victim, tmp_path))
-    thief_key = state_key(site_dir(grid.contexts[thief].node_config, thief, tmp_path))
-    SecAggClient.open(record["sealed.1"], victim_key, victim, config)
+    victim_dir = site_dir(grid.contexts[victim].node_config, victim, tmp_path)
+    thief_dir = site_dir(grid.contexts[thief].node_config, thief, tmp_path)
+    victim_key, thief_key = state_key(victim_dir), state_key(thief_dir)
+    members = frozenset(config.identities)
+    as_victim = (load_site_identity(victim_dir), members)
+    as_thief = (load_site_identity(thief_dir), members)
+    SecAggClient.open(record["sealed.1"], victim_key, victim, config, *as_victim)
     with pytest.raises(IntegrityError):
-        SecAggClient.open(record["sealed.1"], thief_key, thief, config)
+        SecAggClient.open(record["sealed.1"], thief_key, thief, config, *as_thief)
     with pytest.raises(IntegrityError):
-        SecAggClient.open(record["sealed.1"], thief_key, victim, config)
+        SecAggClient.open(record["sealed.1"], thief_key, victim, config, *as_victim)
 
 
 @pytest.mark.parametrize("setup_rounds", [1, 2])
@@ -571,7 +581,8 @@ def test_sealed_state_from_previous_round_fails_to_open(
 def silenced_federation(
     cfg: RunConfig, site_root: Path, plan: FaultPlan
 ) -> tuple[FederatedRun, SilencingGrid]:
-    grid = SilencingGrid(FakeGrid(make_client_app(site_root), cfg.num_sites), plan)
+    app = make_client_app(federated_setup(site_root, cfg.num_sites))
+    grid = SilencingGrid(FakeGrid(app, cfg.num_sites), plan)
     return FederatedRun(cfg, grid), grid
 
 

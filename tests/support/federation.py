@@ -24,7 +24,7 @@ from common.roster import Roster
 from policies import SitePolicies
 from simulations.federation import Federation, prepare_federation
 
-__all__ = ["FIRST_NODE_ID", "federated_grid", "federation"]
+__all__ = ["FIRST_NODE_ID", "federated_grid", "federated_setup", "federation"]
 
 
 def federation(root: Path, num_sites: int, *, coordinator_key: bytes | None = None) -> Federation:
@@ -53,3 +53,10 @@ def federated_grid(
     if edit_roster is not None:
         setup = dataclasses.replace(setup, roster=edit_roster(fed))
     return FakeGrid(make_client_app(setup, trainer=trainer), num_sites, **grid), fed
+
+
+def federated_setup(
+    root: Path, num_sites: int, policies: SitePolicies | None = None
+) -> SiteSetup:
+    """The :class:`SiteSetup` of ``num_sites`` federated sites under ``root`` (for ``make_client_app``)."""
+    return federation(root, num_sites).site_setup(policies)

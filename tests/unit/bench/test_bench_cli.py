@@ -150,6 +150,7 @@ def test_stage_breakdown_runs_the_real_handlers_and_reports_each_exchange() -> N
 
     report = bench_stages(3, 64)
     assert [s["action"].split(".")[-1] for s in report["secure"]] == [
+        "secagg_identity",
         "secagg_keys",
         "secagg_shares",
         "secagg_masked",

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_grid import FIRST_NODE_ID, FakeGrid, server_identity
+from federation import federated_setup
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from client.agent import LocalUpdate, SiteContext
@@ -301,7 +302,7 @@ def test_masked_stage_trains_once_through_the_train_path_and_masks_the_clipped_u
 
     trainer = Recording()
     grid = FakeGrid(
-        make_client_app(tmp_path, trainer=trainer),
+        make_client_app(federated_setup(tmp_path, cfg.num_sites), trainer=trainer),
         cfg.num_sites,
         on_deliver=lambda g, m: stage_seen.append(m.metadata.message_type),
     )
@@ -309,7 +310,7 @@ def test_masked_stage_trains_once_through_the_train_path_and_masks_the_clipped_u
     before = run.global_vector.astype(np.float64)
     (result,) = run.execute()
     assert result.participants == 4
-    # keys, shares and unmask never train; the masked stage trains once per site
+    # keys, shares, consistency and unmask never train; the masked stage trains once per site
     assert sorted(trainer.calls) == [(p, 1) for p in range(4)]
     assert trained_at == [MASKED_STAGE] * 4
     masked = next(e for e in grid.history if set(e.message_types.values()) == {MASKED_STAGE})
@@ -332,7 +333,8 @@ def test_masked_stage_budget_refusal_from_the_train_path_drops_that_round_only(
     cfg = vector_cfg(5, secagg=True, rounds=2)  # one setup prepares both rounds
     refuser = 2
     trainer = FakeTrainer(refuse={(refuser, 2)})
-    grid = FakeGrid(make_client_app(tmp_path, trainer=trainer), cfg.num_sites)
+    app = make_client_app(federated_setup(tmp_path, cfg.num_sites), trainer=trainer)
+    grid = FakeGrid(app, cfg.num_sites)
     first, second = FederatedRun(cfg, grid).execute()
     assert first.participants == 5 and second.participants == 4
     refused = {s.node_id: s for s in second.sites if s.refused}
