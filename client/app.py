@@ -38,11 +38,11 @@ from client.mods.instruction import instruction_mod
 from client.mods.participation import participation_mod
 from client.mods.release import release_mod
 from client.mods.secagg import secagg_mod
+from client.secure import handle_identity
 from client.site_policy import SiteSetup
 from client.training import select_device
 from common.evaluation import evaluate
 from common.records import AUDIT_HEAD_ACTION, KEY_ARRAYS, KEY_METRICS
-from client.secure import handle_identity
 from common.secagg.stages import IDENTITY_ACTION, WIRE_STAGES
 from policies import SitePolicies
 

@@ -60,7 +60,7 @@ from common.audit.instruction import (
     verify_instruction,
 )
 from common.errors import ConfigurationError, DataError, IntegrityError, ProtocolError
-from common.record_digest import content_digest, read_signature
+from common.record_digest import RECEIVED, content_digest, read_signature
 from common.records import KEY_CONFIG, KEY_RUN_ID
 from common.roster import Roster
 from policies import SitePolicy
@@ -220,7 +220,7 @@ def _check(msg: Message, context: Context, setup: SiteSetup) -> InstructionCheck
         header = InstructionHeader(
             md.message_type, run_id, md.group_id, md.dst_node_id, signature.seq, signature.key_id
         )
-        message = header.message(content_digest(msg.content))
+        message = header.message(content_digest(msg.content, RECEIVED))
     except DataError as exc:
         raise InstructionRefused(f"instruction cannot be verified ({exc})") from None
     if not verify_instruction(trusted, message, signature.signature):

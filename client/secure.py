@@ -67,7 +67,6 @@ from common.records import (
 )
 from common.rng import secure_generator
 from common.secagg import SecAggClient, SecAggConfig
-from common.secagg.signing import identity_message, public_bytes, sign
 from common.secagg.messages import (
     AdvertiseKeysRequest,
     CollectMaskedRequest,
@@ -76,6 +75,7 @@ from common.secagg.messages import (
     UnmaskRequest,
     peek_round,
 )
+from common.secagg.signing import identity_message, public_bytes, sign
 
 STATE_RECORD = "fedseal.secagg"
 
@@ -100,7 +100,10 @@ def _load(context: Context, server_round: int) -> tuple[SecAggConfig, bytes]:
     record = context.state.config_records.get(STATE_RECORD)
     if record is None or server_round not in _rounds(record):
         raise ProtocolError(f"no secure-aggregation state for round {server_round} on this site")
-    config_bytes, sealed = record.get(f"config.{server_round}"), record.get(f"sealed.{server_round}")
+    config_bytes, sealed = (
+        record.get(f"config.{server_round}"),
+        record.get(f"sealed.{server_round}"),
+    )
     if not isinstance(config_bytes, bytes) or not isinstance(sealed, bytes):
         raise ProtocolError("secure-aggregation state is malformed")
     return SecAggConfig.decode(config_bytes), sealed

@@ -169,11 +169,11 @@ def read_private_file(path: Path, what: str, limit: int) -> bytes:
         return fh.read(limit)
 
 
-def create_private_file(path: Path, data: bytes) -> bool:
+def create_private_file(path: Path, data: bytes, *, sync: bool = True) -> bool:
     """Write ``data`` to a new file ``path`` (mode 0600, never a link); False if it exists.
 
     The file is created exclusively (``O_EXCL``), so an existing file is
-    never overwritten, and synced before this returns.
+    never overwritten, and (unless ``sync`` is False) synced before this returns.
     """
     try:
         fd = os.open(
@@ -184,7 +184,8 @@ def create_private_file(path: Path, data: bytes) -> bool:
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
-        os.fsync(fh.fileno())
+        if sync:
+            os.fsync(fh.fileno())
     return True
 
 

@@ -128,6 +128,28 @@ def _array_digest(record: ArrayRecord) -> bytes:
     return h.digest()
 
 
+class ReceivedDigests(dict[int, tuple[object, bytes]]):
+    """A site's cache of the digests of the records it received (the model: megabytes).
+
+    A site hashes one instruction's records up to three times (the signature
+    check in the instruction mod, again when the handler reads it, and the
+    release log's request digest); this keeps the last few. Sound because an
+    entry holds the record object itself (its id cannot be reused while
+    cached) and a site never modifies a record it received.
+    """
+
+    LIMIT = 16
+
+    def __setitem__(self, key: int, value: tuple[object, bytes]) -> None:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        super().__setitem__(key, value)
+
+
+RECEIVED = ReceivedDigests()
+"""The process's :class:`ReceivedDigests` (site side only)."""
+
+
 def record_digest(record: object, cache: DigestCache | None = None) -> tuple[bytes, bytes]:
     """``(kind, digest)`` of one Flower record (see the module docstring).
 
@@ -174,7 +196,9 @@ def content_digest(content: RecordDict, cache: DigestCache | None = None) -> byt
     return h.digest()
 
 
-def request_digest(message_type: str, content: RecordDict) -> bytes:
+def request_digest(
+    message_type: str, content: RecordDict, cache: DigestCache | None = None
+) -> bytes:
     """SHA-256 naming what a train instruction asks of a site, whoever signed it and when.
 
     A site releases at most one reply per (dataset, run, round)
@@ -219,7 +243,7 @@ def request_digest(message_type: str, content: RecordDict) -> bytes:
         )
     h = hashlib.sha256(REQUEST_DOMAIN)
     h.update(_bytes32(message_type.encode("utf-8")))
-    h.update(content_digest(stable))
+    h.update(content_digest(stable, cache))
     return h.digest()
 
 

@@ -244,7 +244,10 @@ def bundle_to_record(items: Sequence[bytes | Sequence[bytes | memoryview]]) -> A
     if not items:
         raise DataError("a bundle needs at least one payload")
     return ArrayRecord(
-        {name: _payload_array(item) for name, item in zip(bundle_names(len(items)), items, strict=True)}
+        {
+            name: _payload_array(item)
+            for name, item in zip(bundle_names(len(items)), items, strict=True)
+        }
     )
 
 

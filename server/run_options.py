@@ -227,9 +227,7 @@ SHARED_OPTIONS: tuple[RunOption, ...] = (
         "--secagg-threshold",
         help="SecAgg+ threshold: fraction of neighbours in (0.5, 1], or a count > 1.",
     ),
-    _option(
-        "secagg_setup_rounds", "--secagg-setup-rounds", help=_SECAGG_SETUP_ROUNDS_HELP, min=1
-    ),
+    _option("secagg_setup_rounds", "--secagg-setup-rounds", help=_SECAGG_SETUP_ROUNDS_HELP, min=1),
 )
 
 # Virtual sites split one embedded dataset; sites in a deployment bring their own files.
@@ -319,7 +317,9 @@ def with_run_options(
         clash = {o.field for o in ordered} & set(names)
         if clash:
             raise TypeError(f"{command.__name__} already has parameters {sorted(clash)}")
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()]
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
+        ]
         at = names.index(RUN_CONFIG_PARAMETER)
         parameters = [*own[:at], *(o.parameter() for o in ordered), *own[at + 1 :]]
 

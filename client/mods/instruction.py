@@ -22,8 +22,7 @@ from client.mods import MASKED_STAGE, train_message_type
 from client.site_policy import SiteSetup, decisions_record, site_policy
 from client.steps import refusal
 from common.records import AUDIT_HEAD_ACTION
-from common.secagg.stages import IDENTITY_ACTION
-from common.secagg.stages import Stage
+from common.secagg.stages import IDENTITY_ACTION, Stage
 from policies import Decision
 
 AUDIT_HEAD_MESSAGE = f"{MessageType.QUERY}.{AUDIT_HEAD_ACTION}"

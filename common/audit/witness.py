@@ -232,7 +232,10 @@ def parse_witness_entries(
                 raise DataError('expected {"head": hex}')
             run_id = obj.get("run")
             entries.append(
-                (SignedHead.decode(bytes.fromhex(text)), run_id if isinstance(run_id, str) else None)
+                (
+                    SignedHead.decode(bytes.fromhex(text)),
+                    run_id if isinstance(run_id, str) else None,
+                )
             )
         except (ValueError, KeyError) as exc:
             raise DataError(f"{source}:{line_no}: unreadable witnessed head ({exc})") from None

@@ -112,9 +112,7 @@ _Request = TypeVar(
     ConsistencyRequest,
     UnmaskRequest,
 )
-_Reply = TypeVar(
-    "_Reply", ShareKeysReply, CollectMaskedReply, ConsistencyReply, UnmaskReply, None
-)
+_Reply = TypeVar("_Reply", ShareKeysReply, CollectMaskedReply, ConsistencyReply, UnmaskReply, None)
 _STATE_HEAD = struct.Struct(">BBBB")
 _STATE_MEMBER = struct.Struct(f">Q{IDENTITY_KEY_SIZE}s")
 _STATE_PEER = struct.Struct(f">Q{KEY_SIZE}s{KEY_SIZE}s")
@@ -569,7 +567,9 @@ class SecAggClient:
         members = set(self._survivors)
         for signed in request.signatures:
             if signed.node_id not in members:
-                raise ProtocolError(f"consistency signature from node {signed.node_id}, not a survivor")
+                raise ProtocolError(
+                    f"consistency signature from node {signed.node_id}, not a survivor"
+                )
             if not verifies(self._identities[signed.node_id], message, signed.signature):
                 raise ProtocolError(
                     f"consistency signature of node {signed.node_id} does not verify"

@@ -29,9 +29,7 @@ def neighbour_graph(config: SecAggConfig, seed: bytes) -> dict[int, frozenset[in
     if k == n - 1:
         everyone = frozenset(cohort)
         return {node: everyone - {node} for node in cohort}
-    key = derive_round_key(
-        seed, LABEL_NEIGHBOUR_GRAPH, run_id=config.run_id, round=config.round
-    )
+    key = derive_round_key(seed, LABEL_NEIGHBOUR_GRAPH, run_id=config.run_id, round=config.round)
     order = np.argsort(expand_seed(key, n, 64), kind="stable")
     ring = [cohort[int(i)] for i in order]
     graph: dict[int, frozenset[int]] = {}

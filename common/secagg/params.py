@@ -281,7 +281,9 @@ def resolve_threshold(
         if neighbours is None:
             return threshold, _normalise_degree(max(default_neighbours(n), threshold), n)
         return threshold, neighbours
-    raise ConfigurationError(f"threshold must be a float fraction or an int count, got {threshold!r}")
+    raise ConfigurationError(
+        f"threshold must be a float fraction or an int count, got {threshold!r}"
+    )
 
 
 def make_config(

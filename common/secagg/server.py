@@ -414,9 +414,7 @@ class SecAggServer:
             for u in self._survivors
         }
 
-    def receive_consistency(
-        self, replies: Sequence[ConsistencyReply]
-    ) -> dict[int, UnmaskRequest]:
+    def receive_consistency(self, replies: Sequence[ConsistencyReply]) -> dict[int, UnmaskRequest]:
         """Check the survivors' signatures over ``U3``; hand a quorum of them to every signer.
 
         A signature that does not verify takes only its sender out of the

@@ -107,7 +107,14 @@ def advertisement_message(
 ) -> bytes:
     """What a site signs at ADVERTISE_KEYS (fixed sizes after the label)."""
     return b"".join(
-        (LABEL_ADVERTISEMENT, config.digest(), _U64.pack(node_id), encryption_key, mask_key, commitment)
+        (
+            LABEL_ADVERTISEMENT,
+            config.digest(),
+            _U64.pack(node_id),
+            encryption_key,
+            mask_key,
+            commitment,
+        )
     )
 
 
@@ -202,7 +209,9 @@ def check_bound_identities(
         raise ProtocolError(
             f"the configuration binds node {node_id} to another identity than this site's"
         )
-    strangers = [n for n, key in zip(config.cohort, config.identities, strict=True) if key not in members]
+    strangers = [
+        n for n, key in zip(config.cohort, config.identities, strict=True) if key not in members
+    ]
     if strangers:
         raise ProtocolError(
             f"the configuration binds nodes {strangers[:5]} to identities that are not in the roster"
@@ -244,7 +253,9 @@ def verify_advertisements(
         if not config.contains(node):
             rejected[node] = "advertisement for a node outside the cohort"
         elif identity != config.identity_of(node):
-            rejected[node] = "advertisement signed by another identity than the one bound to the node"
+            rejected[node] = (
+                "advertisement signed by another identity than the one bound to the node"
+            )
         elif members is not None and identity not in members:
             rejected[node] = "advertisement signed by an identity that is not in the roster"
         elif not verifies(

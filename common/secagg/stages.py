@@ -34,7 +34,6 @@ class Stage(enum.IntEnum):
     CONSISTENCY = 5
     """Survivors sign the survivor set (protocol v3); between COLLECT_MASKED and UNMASK."""
 
-
     @property
     def label(self) -> str:
         """The stage's short name (``keys``, ``shares``, ``masked``, ``consistency``, ``unmask``)."""

@@ -131,7 +131,9 @@ def outcome(run: FederatedRun) -> RoundResult | None:
 def audit_reasons(record: SqlRecord) -> str:
     """Everything the coordinator's audit log says about secure-aggregation outcomes."""
     return "\n".join(
-        str(e.payload()) for e in record.events() if e.kind.startswith("secagg") or "refused" in e.kind
+        str(e.payload())
+        for e in record.events()
+        if e.kind.startswith("secagg") or "refused" in e.kind
     )
 
 
@@ -171,7 +173,9 @@ def _substitute_keys(
                         ad.identity_key, ad.signature,
                     )  # fmt: skip
                 ads.append(ad)
-            requests.append(ShareKeysRequest(request.run_id, request.round, request.node_id, tuple(ads)))
+            requests.append(
+                ShareKeysRequest(request.run_id, request.round, request.node_id, tuple(ads))
+            )
         _set_share_requests(msg, requests)
 
     return rewrite
@@ -189,21 +193,29 @@ def _recover_seed(
         return None
     (raw,) = record_to_bundle(reply.content[KEY_SECAGG_MSG], 8, CAP)
     sent = ShareKeysReply.decode(raw, config)
-    keys_exchange = next(e for e in grid.history if e.message_types.get(victim) == "train.secagg_keys")
+    keys_exchange = next(
+        e for e in grid.history if e.message_types.get(victim) == "train.secagg_keys"
+    )
     (ad_raw,) = record_to_bundle(keys_exchange.replies[victim].content[KEY_SECAGG_MSG], 8, CAP)
     from common.secagg.messages import AdvertiseKeysReply
 
     advert = AdvertiseKeysReply.decode(ad_raw, config)
     shares = []
     for c in sent.ciphertexts:
-        key = share_encryption_key(made[c.node_id], advert.encryption_key, config, victim, c.node_id)
+        key = share_encryption_key(
+            made[c.node_id], advert.encryption_key, config, victim, c.node_id
+        )
         plain = aead.decrypt(key, c.data, share_associated_data(config, victim, c.node_id))
         shares.append(Share(config.share_index(c.node_id), decode_value(plain[VALUE_SIZE:])))
 
     def seed_opens(seed: bytes) -> bool:
-        return opens(advert.commitment, seed, run_id=config.run_id, round=config.round, node_id=victim)
+        return opens(
+            advert.commitment, seed, run_id=config.run_id, round=config.round, node_id=victim
+        )
 
-    found = reconstruct_verified(shares, threshold=config.threshold, verify=seed_opens, max_attempts=64)
+    found = reconstruct_verified(
+        shares, threshold=config.threshold, verify=seed_opens, max_attempts=64
+    )
     return found.secret
 
 
@@ -241,7 +253,9 @@ def test_key_substitution_control_recovers_the_victims_seed_without_the_check(
     assert _recover_seed(grid, coordinator, victim, made) is not None
 
 
-def run_and(tmp_path: Path, coordinator: Coordinator) -> tuple[RoundResult | None, FakeGrid, SqlRecord, Federation]:
+def run_and(
+    tmp_path: Path, coordinator: Coordinator
+) -> tuple[RoundResult | None, FakeGrid, SqlRecord, Federation]:
     run, grid, record, fed = federation_run(tmp_path, 5, coordinator)
     return outcome(run), grid, record, fed
 
@@ -314,9 +328,7 @@ def test_sybil_control_without_the_roster_checks_the_sites_share_with_it(
 ) -> None:
     real = secagg_client.verify_advertisements
     monkeypatch.setattr(secagg_client, "check_bound_identities", lambda *args: None)
-    monkeypatch.setattr(
-        secagg_client, "verify_advertisements", lambda c, e, m: real(c, e, None)
-    )
+    monkeypatch.setattr(secagg_client, "verify_advertisements", lambda c, e, m: real(c, e, None))
     # the coordinator's own relay takes the advertisements signed over its forged configuration
     monkeypatch.setattr(
         secagg_server,
@@ -339,7 +351,9 @@ def test_sybil_control_without_the_roster_checks_the_sites_share_with_it(
 
 
 # ------------------------------------------------------------------ consistency
-def _edit_unmask(victim: int, edit: Callable[[UnmaskRequest], UnmaskRequest], coordinator: Coordinator) -> Callable[[Message], None]:
+def _edit_unmask(
+    victim: int, edit: Callable[[UnmaskRequest], UnmaskRequest], coordinator: Coordinator
+) -> Callable[[Message], None]:
     def rewrite(msg: Message) -> None:
         md = msg.metadata
         if md.message_type != UNMASK or md.dst_node_id != victim:
@@ -362,7 +376,9 @@ def test_unmask_with_another_survivor_set_than_the_signed_one_is_refused(tmp_pat
 
     def other_view(request: UnmaskRequest) -> UnmaskRequest:
         survivors = tuple(n for n in request.survivors if n != claimed_dropped)
-        return UnmaskRequest(request.run_id, request.round, request.node_id, survivors, request.signatures)
+        return UnmaskRequest(
+            request.run_id, request.round, request.node_id, survivors, request.signatures
+        )
 
     coordinator.rewrite = _edit_unmask(victim, other_view, coordinator)
     run, grid, record, _ = federation_run(tmp_path, 6, coordinator)
@@ -379,7 +395,9 @@ def test_unmask_without_a_quorum_of_signatures_is_refused_and_control(
 
     def cut(request: UnmaskRequest) -> UnmaskRequest:
         kept: tuple[Signed, ...] = request.signatures[:2]  # the quorum of 6 sites, t = 3, is 5
-        return UnmaskRequest(request.run_id, request.round, request.node_id, request.survivors, kept)
+        return UnmaskRequest(
+            request.run_id, request.round, request.node_id, request.survivors, kept
+        )
 
     coordinator.rewrite = _edit_unmask(victim, cut, coordinator)
     run, grid, record, _ = federation_run(tmp_path / "on", 6, coordinator)
@@ -418,4 +436,3 @@ def test_cohort_floor_counts_verified_members_not_the_invited_cohort(tmp_path: P
     assert "fewer than this site's minimum 6" in audit_reasons(record)
     exchange = next(e for e in grid.history if SHARES in e.message_types.values())
     assert all(r.has_error() for r in exchange.replies.values())
-

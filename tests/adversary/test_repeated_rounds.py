@@ -11,7 +11,6 @@ Each test names the attack; each fails with its defence (``client.release``) swi
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +259,7 @@ def test_secure_round_redone_under_a_new_setup_refused_at_the_masked_stage(tmp_p
     assert all("its masked input was already released" in r for r in refused.values()), refused
     with s.ledger() as ledger:
         (release,) = ledger.releases()
-    assert (release.kind, release.refused, release.sealed_reply) == ("secure", 1, None)
+    assert (release.kind, release.refused, release.sealed_sha256) == ("secure", 1, None)
 
 
 # ------------------------------------------------------------------ (d) the cache tampered with
@@ -269,14 +268,10 @@ def test_release_cache_tampered_on_disk_refused_never_retrained(tmp_path: Path) 
     ex = coordinator(s, echo_cfg())
     content = train_request(ex)
     release_bytes(ask(ex, content))
-    db = s.root / "site-0" / LEDGER_FILE
-    with sqlite3.connect(db) as conn:
-        (rowid, blob) = conn.execute("SELECT id, sealed_reply FROM site_release").fetchone()
-        flipped = bytearray(blob)
-        flipped[len(flipped) // 2] ^= 0x01
-        conn.execute(
-            "UPDATE site_release SET sealed_reply = ? WHERE id = ?", (bytes(flipped), rowid)
-        )
+    (stored,) = (s.root / "site-0" / "releases").glob("*.sealed")
+    flipped = bytearray(stored.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01
+    stored.write_bytes(bytes(flipped))
     reason = refusal_reason(ask(ex, content))
     assert reason is not None and "stored release fails authentication" in reason
     assert s.trainer.calls == [(NODE, 1)]

@@ -87,7 +87,9 @@ def cfg() -> RunConfig:
 
 
 def train_round(grid: FakeGrid, signer: Ed25519PrivateKey = KEY) -> dict[int, Message]:
-    ex = GridExchange(grid, cfg(), "0000feed0002", "code-hash", lambda: None, InstructionSigner(signer))
+    ex = GridExchange(
+        grid, cfg(), "0000feed0002", "code-hash", lambda: None, InstructionSigner(signer)
+    )
     content = ex.instruction(1, **{KEY_COHORT_SIZE: len(NODES)})
     content[KEY_ARRAYS] = vector_to_record(np.zeros(D, dtype=np.float32))
     return ex.send({n: (content, "train") for n in NODES}, 1)
@@ -98,8 +100,14 @@ def sites(
 ) -> tuple[FakeGrid, Federation, Trainer]:
     """Two sites of a federation naming KEY as coordinator; ``edit(fed)`` gives the roster handed out."""
     trainer = Trainer()
-    grid, fed = federated_grid(tmp_path / "sites", 2, policies=policies(tmp_path), coordinator_key=RAW,
-                               trainer=trainer, edit_roster=edit)
+    grid, fed = federated_grid(
+        tmp_path / "sites",
+        2,
+        policies=policies(tmp_path),
+        coordinator_key=RAW,
+        trainer=trainer,
+        edit_roster=edit,
+    )
     return grid, fed, trainer
 
 
@@ -126,8 +134,13 @@ def with_swapped_identity(fed: Federation) -> Roster:
 def resigned_by_coordinator(fed: Federation) -> Roster:
     """The sybil roster, signed by the coordinator's own key as if it were the authority."""
     r = with_sybil(fed)
-    return sign_roster(federation=r.federation, version=r.version + 1, coordinator_key=RAW,
-                       members=r.members, authority=KEY)
+    return sign_roster(
+        federation=r.federation,
+        version=r.version + 1,
+        coordinator_key=RAW,
+        members=r.members,
+        authority=KEY,
+    )
 
 
 def test_honest_roster_accepted_and_its_coordinator_key_pins_instructions(tmp_path: Path) -> None:
@@ -155,13 +168,19 @@ def test_roster_resigned_by_the_coordinators_own_key_refused(tmp_path: Path) -> 
     assert trainer.calls == []
 
 
-def test_instruction_signed_by_another_key_than_the_rosters_coordinator_refused(tmp_path: Path) -> None:
+def test_instruction_signed_by_another_key_than_the_rosters_coordinator_refused(
+    tmp_path: Path,
+) -> None:
     """No trust.server_key in the policy: the roster's coordinator key is the pin."""
     grid, _, trainer = sites(tmp_path)
     replies = train_round(grid, signer=OTHER)
     for node in NODES:
         reason = refusal_reason(replies[node])
-        assert reason is not None and "trust.server_key" in reason and "not by the trusted server key" in reason
+        assert (
+            reason is not None
+            and "trust.server_key" in reason
+            and "not by the trusted server key" in reason
+        )
     assert trainer.calls == []
 
 
@@ -170,8 +189,13 @@ def test_older_roster_replayed_after_a_newer_one_refused(tmp_path: Path) -> None
     """The authority signed v2 (site 1 removed); the coordinator hands back the valid v1."""
     grid, fed, trainer = sites(tmp_path)
     v1 = fed.roster
-    v2 = sign_roster(federation=v1.federation, version=v1.version + 1, coordinator_key=RAW,
-                     members=v1.members[:1], authority=fed.authority_key)
+    v2 = sign_roster(
+        federation=v1.federation,
+        version=v1.version + 1,
+        coordinator_key=RAW,
+        members=v1.members[:1],
+        authority=fed.authority_key,
+    )
     # site 0 installs v2 (deployment path: `fedseal-client start --roster`) ...
     policy = SitePolicy(trust=TrustRules(roster_authority=fed.authority_public.hex()))
     state = private_dir(tmp_path / "sites" / "site-0")

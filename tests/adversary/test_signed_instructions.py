@@ -57,6 +57,7 @@ RECORD = "record-of-this-run"
 OLD_RECORD = "record-of-long-ago"
 NODE, PEER = FIRST_NODE_ID, FIRST_NODE_ID + 1
 
+
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
     with server_identity():
@@ -136,7 +137,9 @@ def coordinator(
     )
 
 
-def train_round(ex: GridExchange, server_round: int = 1, nodes: tuple[int, ...] = (NODE, PEER)) -> dict[int, Message]:
+def train_round(
+    ex: GridExchange, server_round: int = 1, nodes: tuple[int, ...] = (NODE, PEER)
+) -> dict[int, Message]:
     content = ex.instruction(server_round, **{KEY_COHORT_SIZE: len(nodes)})
     content[KEY_ARRAYS] = vector_to_record(np.zeros(D, dtype=np.float32))
     return ex.send({n: (content, "train") for n in nodes}, server_round)
@@ -164,7 +167,10 @@ def test_unsigned_instruction_refused_even_with_a_valid_old_head_attached(tmp_pa
     assert s.trainer.calls == [] and s.heads(NODE) == []
     # the same instruction signed is taken
     replies = train_round(coordinator(s))
-    assert refusal_reason(replies[NODE]) is None and sorted(s.trainer.calls) == [(NODE, 1), (PEER, 1)]
+    assert refusal_reason(replies[NODE]) is None and sorted(s.trainer.calls) == [
+        (NODE, 1),
+        (PEER, 1),
+    ]
 
 
 def test_signature_record_stripped_on_the_way_refused(tmp_path: Path) -> None:
@@ -249,7 +255,9 @@ def test_altered_instruction_refusal_reaches_the_coordinators_audit_log(tmp_path
     events = record.events(RUN_ID)
     refusals = [e.payload() for e in events if e.kind == "site_refused"]
     assert [p["node_id"] for p in refusals] == [str(NODE)] * 2
-    assert all("trust.server_key" in p["reason"] and "does not verify" in p["reason"] for p in refusals)
+    assert all(
+        "trust.server_key" in p["reason"] and "does not verify" in p["reason"] for p in refusals
+    )
     denied = [
         d for e in events if e.kind == "site_policy_decisions" and e.payload()["node_id"] == str(NODE)
         for d in e.payload()["decisions"]
@@ -258,7 +266,9 @@ def test_altered_instruction_refusal_reaches_the_coordinators_audit_log(tmp_path
     record.close()
 
 
-@pytest.mark.parametrize("stage", ["secagg_keys", "secagg_shares", "secagg_masked", "secagg_unmask"])
+@pytest.mark.parametrize(
+    "stage", ["secagg_keys", "secagg_shares", "secagg_masked", "secagg_unmask"]
+)
 def test_altered_secure_stage_instruction_refused(tmp_path: Path, stage: str) -> None:
     """Keys and masked stages answer with a refusal; shares and unmask, which cannot be
     declined, with a site error naming the check. The other sites finish the round."""
@@ -270,10 +280,16 @@ def test_altered_secure_stage_instruction_refused(tmp_path: Path, stage: str) ->
 
     s.tamper = only(NODE, edit)
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
-    (result,) = FederatedRun(cfg(4, secagg=True), s.grid, book=RunBook(record, KEY, RUN_ID)).execute()
+    (result,) = FederatedRun(
+        cfg(4, secagg=True), s.grid, book=RunBook(record, KEY, RUN_ID)
+    ).execute()
     record.close()
     site = next(o for o in result.sites if o.node_id == NODE)
-    assert site.reason is not None and "trust.server_key" in site.reason and "does not verify" in site.reason
+    assert (
+        site.reason is not None
+        and "trust.server_key" in site.reason
+        and "does not verify" in site.reason
+    )
     if stage != "secagg_unmask":  # after unmask, its masked input is already in the sum
         assert not site.accepted and result.participants == 3
 
@@ -324,14 +340,18 @@ def test_instruction_signed_with_another_key_refused(tmp_path: Path) -> None:
     assert s.trainer.calls == []
 
 
-def test_instruction_signed_with_another_key_claiming_the_trusted_one_refused(tmp_path: Path) -> None:
+def test_instruction_signed_with_another_key_claiming_the_trusted_one_refused(
+    tmp_path: Path,
+) -> None:
     s = sites(tmp_path)
     trusted_id = InstructionSigner(KEY).key_id
 
     def claim(msg: Message) -> None:  # re-label the other key's signature with the trusted key id
         sig = read_signature(msg.content)
         assert sig is not None
-        relabelled = signed_copy(msg.content, InstructionSignature(sig.seq, trusted_id, sig.signature))
+        relabelled = signed_copy(
+            msg.content, InstructionSignature(sig.seq, trusted_id, sig.signature)
+        )
         msg.content[KEY_INSTRUCTION_SIGNATURE] = relabelled[KEY_INSTRUCTION_SIGNATURE]
 
     s.tamper = claim
@@ -366,7 +386,12 @@ def test_old_head_of_another_record_signed_in_mid_run_not_witnessed(tmp_path: Pa
 def test_old_head_older_than_one_witnessed_for_its_record_not_witnessed(tmp_path: Path) -> None:
     """A new run's first instruction carries a validly signed head older than one the site holds."""
     s = sites(tmp_path)
-    assert refusal_reason(train_round(coordinator(s, [head_of(50, OLD_RECORD)], run_id="run-old"))[NODE]) is None
+    assert (
+        refusal_reason(
+            train_round(coordinator(s, [head_of(50, OLD_RECORD)], run_id="run-old"))[NODE]
+        )
+        is None
+    )
     reply = train_round(coordinator(s, [head_of(40, OLD_RECORD)]))[NODE]
     reason = refusal_reason(reply)
     assert reason is not None and "older than seq 50" in reason
@@ -388,7 +413,9 @@ def test_honest_run_with_pinned_key_completes_and_every_site_holds_the_final_hea
 ) -> None:
     s = sites(tmp_path, num_sites=3)
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
-    results = FederatedRun(cfg(3, rounds=2, secagg=secagg), s.grid, book=RunBook(record, KEY, RUN_ID)).execute()
+    results = FederatedRun(
+        cfg(3, rounds=2, secagg=secagg), s.grid, book=RunBook(record, KEY, RUN_ID)
+    ).execute()
     assert [r.participants for r in results] == [3, 3]
     final = record.latest_seal()
     events = record.events()
@@ -401,7 +428,9 @@ def test_honest_run_with_pinned_key_completes_and_every_site_holds_the_final_hea
         d for e in record.events(RUN_ID) if e.kind == "site_policy_decisions"
         for d in e.payload()["decisions"] if d["rule"] == "trust.server_key"
     ]  # fmt: skip
-    assert decisions and all(d["allowed"] and "signed by the trusted server key" in d["reason"] for d in decisions)
+    assert decisions and all(
+        d["allowed"] and "signed by the trusted server key" in d["reason"] for d in decisions
+    )
     record.close()
 
 

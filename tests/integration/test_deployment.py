@@ -56,17 +56,25 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 def _make_audit_key(state_dir: Path) -> None:
     """The coordinator's signing key where `start` looks by default (it is never made implicitly)."""
-    subprocess.run([str(BIN / "fedseal-server"), "keys", str(state_dir / "keys")], check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "fedseal-server"), "keys", str(state_dir / "keys")],
+        check=True,
+        capture_output=True,
+    )
 
 
 def _cli(*argv: str) -> str:
     """Run a fedseal command line (``fedseal-server ...``/``fedseal-client ...``); its stdout."""
-    proc = subprocess.run([str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
 
-def _make_roster(root: Path, audit_pub: Path, sites: dict[str, tuple[Path, Path]]) -> tuple[Path, str]:
+def _make_roster(
+    root: Path, audit_pub: Path, sites: dict[str, tuple[Path, Path]]
+) -> tuple[Path, str]:
     """Each site's identity (``identity init`` in its state dir), then the signed roster.
 
     ``sites`` maps a site's name to (its ``--state-dir``, its node-auth ``.pub``). Returns the
@@ -74,15 +82,44 @@ def _make_roster(root: Path, audit_pub: Path, sites: dict[str, tuple[Path, Path]
     """
     roster, authority = root / "roster.json", root / "authority" / "roster-authority.key"
     authority.parent.mkdir()
-    out = _cli("fedseal-server", "roster", "init", "--authority-key", str(authority), "--federation", "loopback",
-               "--roster", str(roster))
+    out = _cli(
+        "fedseal-server",
+        "roster",
+        "init",
+        "--authority-key",
+        str(authority),
+        "--federation",
+        "loopback",
+        "--roster",
+        str(roster),
+    )
     (pinned,) = re.findall(r'roster_authority = "([0-9a-f]{64})"', out)
     for name, (state_dir, node_pub) in sites.items():
         identity = _cli("fedseal-client", "identity", "init", "--state-dir", str(state_dir)).strip()
-        _cli("fedseal-server", "roster", "add", "--roster", str(roster), "--name", name, "--identity-key", identity,
-             "--node-auth-key", str(node_pub))
-    _cli("fedseal-server", "roster", "sign", "--roster", str(roster), "--authority-key", str(authority),
-         "--coordinator-key", str(audit_pub))
+        _cli(
+            "fedseal-server",
+            "roster",
+            "add",
+            "--roster",
+            str(roster),
+            "--name",
+            name,
+            "--identity-key",
+            identity,
+            "--node-auth-key",
+            str(node_pub),
+        )
+    _cli(
+        "fedseal-server",
+        "roster",
+        "sign",
+        "--roster",
+        str(roster),
+        "--authority-key",
+        str(authority),
+        "--coordinator-key",
+        str(audit_pub),
+    )
     return roster, pinned
 
 
@@ -186,16 +223,21 @@ class Federation:
 
     def site_policy(self, i: int, file: str | None = None, **rules: object) -> Path:
         """Site ``i``'s own policy file: the server key pinned, ``rules`` over the defaults."""
-        values: dict[str, object] = {"require_dp": True, "require_secure_aggregation": True,
-                                     "min_cohort_size": 3, "min_secagg_threshold": 2,
-                                     "min_secagg_neighbours": 2, **rules}
+        values: dict[str, object] = {
+            "require_dp": True,
+            "require_secure_aggregation": True,
+            "min_cohort_size": 3,
+            "min_secagg_threshold": 2,
+            "min_secagg_neighbours": 2,
+            **rules,
+        }
         text = (
             f'kind = "site"\nname = "site {i}"\n[privacy]\nrequire_dp = {str(values["require_dp"]).lower()}\n'
             f"epsilon_budget = 8.0\n[rounds]\n"
-            f'require_secure_aggregation = {str(values["require_secure_aggregation"]).lower()}\n'
-            f'min_cohort_size = {values["min_cohort_size"]}\n'
-            f'min_secagg_threshold = {values["min_secagg_threshold"]}\n'
-            f'min_secagg_neighbours = {values["min_secagg_neighbours"]}\n'
+            f"require_secure_aggregation = {str(values['require_secure_aggregation']).lower()}\n"
+            f"min_cohort_size = {values['min_cohort_size']}\n"
+            f"min_secagg_threshold = {values['min_secagg_threshold']}\n"
+            f"min_secagg_neighbours = {values['min_secagg_neighbours']}\n"
             f'[trust]\nserver_key = "{self.server_key_hex}"\nroster_authority = "{self.authority_hex}"\n'
         )
         path = self.root / f"{file or f'site{i}'}-policy.toml"
@@ -204,10 +246,27 @@ class Federation:
 
     def server(self, port: int, *args: str) -> subprocess.Popen[bytes]:
         proc = _start(
-            [str(BIN / "fedseal-server"), "start", "--certs", str(self.certs), "--host", "127.0.0.1",
-             "--port", str(port), "--state-dir", str(self.root / "srv"), "--keys", str(self.keys),
-             "--out", str(self.root / "out"), "--auth-keys", str(self.allowed), "--roster", str(self.roster),
-             *args],
+            [
+                str(BIN / "fedseal-server"),
+                "start",
+                "--certs",
+                str(self.certs),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--state-dir",
+                str(self.root / "srv"),
+                "--keys",
+                str(self.keys),
+                "--out",
+                str(self.root / "out"),
+                "--auth-keys",
+                str(self.allowed),
+                "--roster",
+                str(self.roster),
+                *args,
+            ],
             self.root / "server.log",
         )
         self.procs.append(proc)
@@ -215,11 +274,27 @@ class Federation:
         _wait_for(self.root / "server.log", "SuperLink listening", proc, 90)
         return proc
 
-    def site(self, i: int, port: int, policy: Path, *, key: Path | None = None) -> subprocess.Popen[bytes]:
-        argv = [str(BIN / "fedseal-client"), "start", "--data", str(self.root / f"site{i}.csv"),
-                "--superlink", f"127.0.0.1:{port}", "--ca", str(self.certs / "ca.crt"),
-                "--port", str(_free_port()), "--state-dir", str(self.root / f"site{i}"),
-                "--policy", str(policy), "--roster", str(self.roster)]
+    def site(
+        self, i: int, port: int, policy: Path, *, key: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        argv = [
+            str(BIN / "fedseal-client"),
+            "start",
+            "--data",
+            str(self.root / f"site{i}.csv"),
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--ca",
+            str(self.certs / "ca.crt"),
+            "--port",
+            str(_free_port()),
+            "--state-dir",
+            str(self.root / f"site{i}"),
+            "--policy",
+            str(policy),
+            "--roster",
+            str(self.roster),
+        ]
         if key is not None:
             argv += ["--auth-key", str(key)]
         proc = _start(argv, self.root / f"site{i}.log")
@@ -228,12 +303,25 @@ class Federation:
 
     def intruder(self, port: int, name: str, *, key: Path | None) -> tuple[int, str]:
         """A SuperNode outside the allow-list (``key`` unknown, or none): exit code, output."""
-        policy = self.site_policy(9, name, require_dp=False, require_secure_aggregation=False,
-                                  min_cohort_size=2)
-        argv = [str(BIN / "fedseal-client"), "start", "--data", str(self.root / "site0.csv"),
-                "--superlink", f"127.0.0.1:{port}", "--ca", str(self.certs / "ca.crt"),
-                "--port", str(_free_port()), "--state-dir", str(self.root / name),
-                "--policy", str(policy)]
+        policy = self.site_policy(
+            9, name, require_dp=False, require_secure_aggregation=False, min_cohort_size=2
+        )
+        argv = [
+            str(BIN / "fedseal-client"),
+            "start",
+            "--data",
+            str(self.root / "site0.csv"),
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--ca",
+            str(self.certs / "ca.crt"),
+            "--port",
+            str(_free_port()),
+            "--state-dir",
+            str(self.root / name),
+            "--policy",
+            str(policy),
+        ]
         if key is not None:
             argv += ["--auth-key", str(key)]
         log = self.root / f"{name}.log"
@@ -246,7 +334,9 @@ class Federation:
 @pytest.fixture()
 def federation(tmp_path: Path) -> Iterator[Federation]:
     certs, keys, allowed = tmp_path / "certs", tmp_path / "keys", tmp_path / "allowed"
-    subprocess.run([str(BIN / "fedseal-server"), "certs", str(certs)], check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "fedseal-server"), "certs", str(certs)], check=True, capture_output=True
+    )
     assert oct((certs / "server.key").stat().st_mode & 0o777) == "0o600"
     # The keys are made in-process (what `fedseal-server keys` / `fedseal-client keys` call).
     create_keypair(keys)
@@ -279,8 +369,9 @@ def test_deployment_three_sites_own_policies_one_refuses_the_run_completes(
     every round (the coordinator's settings do not decide for it).
     """
     port = _free_port()
-    server = federation.server(port, "--rounds", "2", "--min-sites", "2", "--round-timeout", "150",
-                               "--dp", "--no-secagg")
+    server = federation.server(
+        port, "--rounds", "2", "--min-sites", "2", "--round-timeout", "150", "--dp", "--no-secagg"
+    )
     refusing = 2
     for i in range(3):
         policy = federation.site_policy(i, require_secure_aggregation=i == refusing)
@@ -313,7 +404,9 @@ def test_deployment_three_sites_own_policies_one_refuses_the_run_completes(
         assert record.verify(load_public_key(federation.keys / "audit.pub")).ok
     refused = [e.payload() for e in events if e.kind == "site_refused"]
     assert {r["node_id"] for r in refused} == {node}
-    assert len(refused) == 2 and all("rounds.require_secure_aggregation" in r["reason"] for r in refused)
+    assert len(refused) == 2 and all(
+        "rounds.require_secure_aggregation" in r["reason"] for r in refused
+    )
     decisions = [e.payload() for e in events if e.kind == "site_policy_decisions"]
     assert node in {d["node_id"] for d in decisions}
     # The start's deployment settings are sealed in the run's history.
@@ -338,11 +431,27 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
         'kind = "server"\nname = "resume test"\n[secure_aggregation]\nrequired = true\nmin_threshold = 1\n'
     )
     rounds = 2
-    server = federation.server(port, "--rounds", str(rounds), "--min-sites", "2", "--round-timeout", "120",
-                               "--no-dp", "--secagg", "--policy", str(server_policy))
+    server = federation.server(
+        port,
+        "--rounds",
+        str(rounds),
+        "--min-sites",
+        "2",
+        "--round-timeout",
+        "120",
+        "--no-dp",
+        "--secagg",
+        "--policy",
+        str(server_policy),
+    )
     # two sites: t = k = 1, below the default secure-aggregation floors, which these sites lower
-    secure = {"require_dp": False, "require_secure_aggregation": True, "min_cohort_size": 2,
-              "min_secagg_threshold": 1, "min_secagg_neighbours": 1}
+    secure = {
+        "require_dp": False,
+        "require_secure_aggregation": True,
+        "min_cohort_size": 2,
+        "min_secagg_threshold": 1,
+        "min_secagg_neighbours": 1,
+    }
     for i in range(2):
         federation.site(i, port, federation.site_policy(i, **secure), key=federation.site_key(i))
     db = tmp_path / "srv" / "record.db"
@@ -360,9 +469,23 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
 
     # No --auth-keys, no --policy, no --roster: the allow-list and the paths come from the record.
     resumed = _start(
-        [str(BIN / "fedseal-server"), "resume", run.run_id, "--certs", str(federation.certs),
-         "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(tmp_path / "srv"),
-         "--keys", str(federation.keys), "--out", str(tmp_path / "out2")],
+        [
+            str(BIN / "fedseal-server"),
+            "resume",
+            run.run_id,
+            "--certs",
+            str(federation.certs),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "srv"),
+            "--keys",
+            str(federation.keys),
+            "--out",
+            str(tmp_path / "out2"),
+        ],
         tmp_path / "resume.log",
     )
     federation.procs.append(resumed)
@@ -388,8 +511,15 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
     # The settings it resumed with are sealed right after `run_resumed`, equal to the start's.
     start_settings, resume_settings = [e.payload() for e in events if e.kind == "run_settings"]
     assert kinds[after] == "run_settings" and resume_settings["resumed"]
-    for field in ("tls", "ca_cert_sha256", "server_cert_sha256", "node_auth", "auth_keys",
-                  "policy_sha256", "signing_key_sha256"):
+    for field in (
+        "tls",
+        "ca_cert_sha256",
+        "server_cert_sha256",
+        "node_auth",
+        "auth_keys",
+        "policy_sha256",
+        "signing_key_sha256",
+    ):
         assert resume_settings[field] == start_settings[field], field
     start_roster, resume_roster = [e.payload() for e in events if e.kind == "roster"]
     assert resume_roster["resumed"] and resume_roster["sha256"] == start_roster["sha256"]
@@ -405,18 +535,25 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
     and the verified roster names the coordinator's key, which every instruction must carry.
     """
     certs = tmp_path / "certs"
-    subprocess.run([str(BIN / "fedseal-server"), "certs", str(certs)], check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "fedseal-server"), "certs", str(certs)], check=True, capture_output=True
+    )
     assert oct((certs / "server.key").stat().st_mode & 0o777) == "0o600"
     keys, stranger = tmp_path / "allowed", tmp_path / "stranger"
     for stem in (keys / "site0", keys / "site1", stranger / "site9"):
-        subprocess.run([str(BIN / "fedseal-client"), "keys", str(stem)], check=True, capture_output=True)
+        subprocess.run(
+            [str(BIN / "fedseal-client"), "keys", str(stem)], check=True, capture_output=True
+        )
     for i in range(2):
         _write_site_csv(tmp_path / f"site{i}.csv", i)
     # the coordinator's audit key, made beforehand so that the sites can pin it
     audit_keys = tmp_path / "audit-keys"
-    subprocess.run([str(BIN / "fedseal-server"), "keys", str(audit_keys)], check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "fedseal-server"), "keys", str(audit_keys)], check=True, capture_output=True
+    )
     roster, authority = _make_roster(
-        tmp_path, audit_keys / "audit.pub",
+        tmp_path,
+        audit_keys / "audit.pub",
         {f"site-{i}": (tmp_path / f"site{i}", keys / f"site{i}.pub") for i in range(2)},
     )
     # Two sites are below the shipped default policy's cohort and threshold floors: a site
@@ -431,10 +568,34 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
     procs: list[subprocess.Popen[bytes]] = []
     try:
         server = _start(
-            [str(BIN / "fedseal-server"), "start", "--certs", str(certs), "--host", "127.0.0.1",
-             "--port", str(port), "--rounds", "2", "--min-sites", "2", "--round-timeout", "150",
-             "--state-dir", str(tmp_path / "srv"), "--out", str(out), "--auth-keys", str(keys),
-             "--keys", str(audit_keys), "--roster", str(roster), "--dp", "--secagg"],
+            [
+                str(BIN / "fedseal-server"),
+                "start",
+                "--certs",
+                str(certs),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--rounds",
+                "2",
+                "--min-sites",
+                "2",
+                "--round-timeout",
+                "150",
+                "--state-dir",
+                str(tmp_path / "srv"),
+                "--out",
+                str(out),
+                "--auth-keys",
+                str(keys),
+                "--keys",
+                str(audit_keys),
+                "--roster",
+                str(roster),
+                "--dp",
+                "--secagg",
+            ],
             tmp_path / "server.log",
         )
         procs.append(server)
@@ -447,21 +608,50 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         for i in range(2):
             procs.append(
                 _start(
-                    [str(BIN / "fedseal-client"), "start", "--data", str(tmp_path / f"site{i}.csv"),
-                     "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
-                     "--port", str(_free_port()), "--state-dir", str(tmp_path / f"site{i}"),
-                     "--auth-key", str(keys / f"site{i}"), "--roster", str(roster),
-                     "--policy", str(site_policy)],
+                    [
+                        str(BIN / "fedseal-client"),
+                        "start",
+                        "--data",
+                        str(tmp_path / f"site{i}.csv"),
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--ca",
+                        str(certs / "ca.crt"),
+                        "--port",
+                        str(_free_port()),
+                        "--state-dir",
+                        str(tmp_path / f"site{i}"),
+                        "--auth-key",
+                        str(keys / f"site{i}"),
+                        "--roster",
+                        str(roster),
+                        "--policy",
+                        str(site_policy),
+                    ],
                     tmp_path / f"site{i}.log",
                 )
             )
         # A site whose key the coordinator never allow-listed is refused.
         intruder = subprocess.run(
-            [str(BIN / "fedseal-client"), "start", "--data", str(tmp_path / "site0.csv"),
-             "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
-             "--port", str(_free_port()), "--state-dir", str(tmp_path / "site9"),
-             "--auth-key", str(stranger / "site9")],
-            capture_output=True, text=True, timeout=120,
+            [
+                str(BIN / "fedseal-client"),
+                "start",
+                "--data",
+                str(tmp_path / "site0.csv"),
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--ca",
+                str(certs / "ca.crt"),
+                "--port",
+                str(_free_port()),
+                "--state-dir",
+                str(tmp_path / "site9"),
+                "--auth-key",
+                str(stranger / "site9"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert intruder.returncode == 1
         assert "not registered" in intruder.stderr, intruder.stderr[-2000:]
@@ -476,11 +666,22 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         assert all(e is not None and 0 < e <= 8.0 for e in eps)  # DP-SGD ran at both sites
         assert doc["rounds"][-1]["accuracy"] > 0.5
         verify = subprocess.run(
-            [str(BIN / "fedseal-server"), "audit", "verify", "--db", str(tmp_path / "srv" / "record.db"),
-             "--public-key", str(audit_keys / "audit.pub")],
-            capture_output=True, text=True, timeout=60,
+            [
+                str(BIN / "fedseal-server"),
+                "audit",
+                "verify",
+                "--db",
+                str(tmp_path / "srv" / "record.db"),
+                "--public-key",
+                str(audit_keys / "audit.pub"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
-        assert verify.returncode == 0 and verify.stdout.startswith("OK:"), verify.stdout + verify.stderr
+        assert verify.returncode == 0 and verify.stdout.startswith("OK:"), (
+            verify.stdout + verify.stderr
+        )
         # every message (each in a fresh ClientApp process) was verified under the key the
         # roster names, and the final signed head reached both sites after the run ended
         from client.witness import read_heads
@@ -502,25 +703,49 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
 def test_server_start_missing_certs_one_clear_line(tmp_path: Path) -> None:
     _make_audit_key(tmp_path / "srv")
     proc = subprocess.run(
-        [str(BIN / "fedseal-server"), "start", "--certs", str(tmp_path / "none"), "--port", str(_free_port()),
-         "--state-dir", str(tmp_path / "srv")],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(BIN / "fedseal-server"),
+            "start",
+            "--certs",
+            str(tmp_path / "none"),
+            "--port",
+            str(_free_port()),
+            "--state-dir",
+            str(tmp_path / "srv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "missing TLS files" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_server_start_port_in_use_one_clear_line(tmp_path: Path) -> None:
-    subprocess.run([str(BIN / "fedseal-server"), "certs", str(tmp_path / "c")], check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "fedseal-server"), "certs", str(tmp_path / "c")], check=True, capture_output=True
+    )
     _make_audit_key(tmp_path / "srv")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         proc = subprocess.run(
-            [str(BIN / "fedseal-server"), "start", "--certs", str(tmp_path / "c"), "--host", "127.0.0.1",
-             "--port", str(port), "--state-dir", str(tmp_path / "srv")],
-            capture_output=True, text=True, timeout=60,
+            [
+                str(BIN / "fedseal-server"),
+                "start",
+                "--certs",
+                str(tmp_path / "c"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--state-dir",
+                str(tmp_path / "srv"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert proc.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
@@ -528,9 +753,18 @@ def test_server_start_port_in_use_one_clear_line(tmp_path: Path) -> None:
 
 def test_server_start_without_audit_key_one_clear_line_and_no_key_made(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [str(BIN / "fedseal-server"), "start", "--insecure", "--port", str(_free_port()),
-         "--state-dir", str(tmp_path / "srv")],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(BIN / "fedseal-server"),
+            "start",
+            "--insecure",
+            "--port",
+            str(_free_port()),
+            "--state-dir",
+            str(tmp_path / "srv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert f"fedseal-server keys {tmp_path / 'srv' / 'keys'}" in proc.stderr, proc.stderr
@@ -541,9 +775,22 @@ def test_client_start_unreachable_superlink_one_clear_line(tmp_path: Path) -> No
     data = tmp_path / "d.csv"
     data.write_text("a,label\n1,0\n")
     proc = subprocess.run(
-        [str(BIN / "fedseal-client"), "start", "--data", str(data), "--superlink", f"127.0.0.1:{_free_port()}",
-         "--insecure", "--port", str(_free_port()), "--state-dir", str(tmp_path / "s")],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(BIN / "fedseal-client"),
+            "start",
+            "--data",
+            str(data),
+            "--superlink",
+            f"127.0.0.1:{_free_port()}",
+            "--insecure",
+            "--port",
+            str(_free_port()),
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 1
     assert "cannot reach the SuperLink" in proc.stderr and "Traceback" not in proc.stderr
@@ -552,6 +799,8 @@ def test_client_start_unreachable_superlink_one_clear_line(tmp_path: Path) -> No
 def test_server_start_without_tls_choice_refused(tmp_path: Path) -> None:
     proc = subprocess.run(
         [str(BIN / "fedseal-server"), "start", "--state-dir", str(tmp_path / "srv")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2 and "--insecure" in proc.stderr

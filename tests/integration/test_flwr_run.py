@@ -56,10 +56,21 @@ def test_flwr_run_local_simulation_completes(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     try:
         proc = subprocess.run(
-            [str(bin_dir / "flwr"), "run", ".", "--stream",
-             "--run-config", "rounds=2",
-             "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+            [
+                str(bin_dir / "flwr"),
+                "run",
+                ".",
+                "--stream",
+                "--run-config",
+                "rounds=2",
+                "--federation-config",
+                "num-supernodes=3 client-resources-num-cpus=1",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     finally:
         _kill_local_superlink(flwr_home)
@@ -68,9 +79,18 @@ def test_flwr_run_local_simulation_completes(tmp_path: Path) -> None:
     assert "round 2: accuracy=" in output, output[-3000:]
     assert "participants=3/3" in output
     verify = subprocess.run(
-        [str(bin_dir / "fedseal-server"), "audit", "verify",
-         "--db", str(flwr_home / "fedseal" / "record.db"), "--public-key", str(keys / "audit.pub")],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(bin_dir / "fedseal-server"),
+            "audit",
+            "verify",
+            "--db",
+            str(flwr_home / "fedseal" / "record.db"),
+            "--public-key",
+            str(keys / "audit.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert verify.returncode == 0 and verify.stdout.startswith("OK:"), verify.stdout + verify.stderr
     sites = sorted((flwr_home / "fedseal-sites").iterdir())

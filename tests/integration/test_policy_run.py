@@ -38,7 +38,13 @@ min_cohort_size = 3
 """
 
 
-def _run(tmp_path: Path, cfg: RunConfig, *, server_policy: str | None = None, site_dir: Path | None = None):
+def _run(
+    tmp_path: Path,
+    cfg: RunConfig,
+    *,
+    server_policy: str | None = None,
+    site_dir: Path | None = None,
+):
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
     create_keypair(tmp_path / "keys")  # made on purpose, as `fedseal-server keys` does
     book = RunBook(record, load_signing_key(tmp_path / "keys"), "0000abcd0001")
@@ -55,16 +61,32 @@ def _run(tmp_path: Path, cfg: RunConfig, *, server_policy: str | None = None, si
 
 def _cfg(**changes: object) -> RunConfig:
     return RunConfig(
-        num_sites=4, rounds=3, min_sites=2, dp=True, site_epsilon=8.0, accountant="rdp",
-        local_epochs=1, batch_size=32, secagg=True,
+        num_sites=4,
+        rounds=3,
+        min_sites=2,
+        dp=True,
+        site_epsilon=8.0,
+        accountant="rdp",
+        local_epochs=1,
+        batch_size=32,
+        secagg=True,
     ).replace(**changes)
 
 
 def _verify(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [str(BIN / "fedseal-server"), "audit", "verify", "--db", str(tmp_path / "record.db"),
-         "--public-key", str(tmp_path / "keys" / "audit.pub")],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(BIN / "fedseal-server"),
+            "audit",
+            "verify",
+            "--db",
+            str(tmp_path / "record.db"),
+            "--public-key",
+            str(tmp_path / "keys" / "audit.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0 and proc.stdout.startswith("OK:"), proc.stdout + proc.stderr
 
@@ -73,12 +95,18 @@ def test_site_with_small_budget_refuses_from_the_round_it_would_exceed(tmp_path:
     sites = tmp_path / "site-policies"
     sites.mkdir()
     (sites / "default.toml").write_text(SITE_DEFAULT)
-    (sites / "site-0.toml").write_text(SITE_DEFAULT.replace("epsilon_budget = 8.0", "epsilon_budget = 7.0"))
+    (sites / "site-0.toml").write_text(
+        SITE_DEFAULT.replace("epsilon_budget = 8.0", "epsilon_budget = 7.0")
+    )
     run, record = _run(tmp_path, _cfg(), site_dir=sites)
     results = run.execute()
     first = FIRST_NODE_ID
     refused_rounds = [r.round for r in results for s in r.sites if s.node_id == first and s.refused]
-    assert refused_rounds and refused_rounds == list(range(refused_rounds[0], 4)) and refused_rounds[0] > 1
+    assert (
+        refused_rounds
+        and refused_rounds == list(range(refused_rounds[0], 4))
+        and refused_rounds[0] > 1
+    )
     for r in results:
         assert r.participants == (3 if r.round in refused_rounds else 4)
         eps0 = [s.record_level_epsilon for s in r.sites if s.node_id == first and s.accepted]
@@ -95,7 +123,9 @@ def test_site_policy_forbids_cohort_size_others_carry_on(tmp_path: Path) -> None
     sites = tmp_path / "site-policies"
     sites.mkdir()
     (sites / "default.toml").write_text(SITE_DEFAULT)
-    (sites / "site-2.toml").write_text(SITE_DEFAULT.replace("min_cohort_size = 3", "min_cohort_size = 10"))
+    (sites / "site-2.toml").write_text(
+        SITE_DEFAULT.replace("min_cohort_size = 3", "min_cohort_size = 10")
+    )
     run, record = _run(tmp_path, _cfg(rounds=1), site_dir=sites)
     (result,) = run.execute()
     by_node = {s.node_id: s for s in result.sites}
@@ -134,9 +164,20 @@ def test_release_gate_refuses_then_force_overrides_and_records(tmp_path: Path) -
     run.execute()
     record.close()
     (tmp_path / "gate.toml").write_text('kind = "server"\n[release]\nmax_client_epsilon = 1.0\n')
-    args = [str(BIN / "fedseal-server"), "models", "export", "1", "--db", str(tmp_path / "record.db"),
-            "--out", str(tmp_path / "model.bin"), "--policy", str(tmp_path / "gate.toml"),
-            "--keys", str(tmp_path / "keys")]
+    args = [
+        str(BIN / "fedseal-server"),
+        "models",
+        "export",
+        "1",
+        "--db",
+        str(tmp_path / "record.db"),
+        "--out",
+        str(tmp_path / "model.bin"),
+        "--policy",
+        str(tmp_path / "gate.toml"),
+        "--keys",
+        str(tmp_path / "keys"),
+    ]
     denied = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert denied.returncode == 1 and "release.max_client_epsilon" in denied.stderr
     assert not (tmp_path / "model.bin").exists()
@@ -153,8 +194,12 @@ def test_site_allowed_app_hashes_admit_only_the_listed_coordinator_code(tmp_path
 
     sites = tmp_path / "site-policies"
     sites.mkdir()
-    (sites / "default.toml").write_text(SITE_DEFAULT + f'[trust]\nallowed_app_hashes = ["{code_hash()}"]\n')
-    (sites / "site-1.toml").write_text(SITE_DEFAULT + f'[trust]\nallowed_app_hashes = ["{"0" * 64}"]\n')
+    (sites / "default.toml").write_text(
+        SITE_DEFAULT + f'[trust]\nallowed_app_hashes = ["{code_hash()}"]\n'
+    )
+    (sites / "site-1.toml").write_text(
+        SITE_DEFAULT + f'[trust]\nallowed_app_hashes = ["{"0" * 64}"]\n'
+    )
     run, record = _run(tmp_path, _cfg(rounds=1), site_dir=sites)
     (result,) = run.execute()
     by_node = {s.node_id: s for s in result.sites}

@@ -26,8 +26,15 @@ def _identity() -> Iterator[None]:
 
 def _cfg(**changes: object) -> RunConfig:
     base = RunConfig(
-        num_sites=3, rounds=2, min_sites=2, dp=True, site_epsilon=4.0, accountant="rdp",
-        local_epochs=1, batch_size=32, secagg=False,
+        num_sites=3,
+        rounds=2,
+        min_sites=2,
+        dp=True,
+        site_epsilon=4.0,
+        accountant="rdp",
+        local_epochs=1,
+        batch_size=32,
+        secagg=False,
     )
     return base.replace(**changes)
 
@@ -37,7 +44,15 @@ def _exhaust(site_root: Path, cfg: RunConfig, partition: int) -> None:
     dataset_id = f"{cfg.dataset}-seed{cfg.seed}-{cfg.partition}-p{partition}of{cfg.num_sites}"
     private_dir(site_root / f"site-{partition}")  # as the site makes it: 0700
     with SiteLedger(site_root / f"site-{partition}" / LEDGER_FILE) as ledger:
-        ledger.reserve(dataset_id, "earlier-run", 1, PrivacyEvent(0.8, 0.5, 40), cfg.site_delta, cfg.accountant, 1e9)
+        ledger.reserve(
+            dataset_id,
+            "earlier-run",
+            1,
+            PrivacyEvent(0.8, 0.5, 40),
+            cfg.site_delta,
+            cfg.accountant,
+            1e9,
+        )
 
 
 @pytest.mark.parametrize("secagg", [False, True])
@@ -45,7 +60,9 @@ def test_exhausted_site_refuses_and_run_completes_with_others(tmp_path: Path, se
     # 4 sites: with secure aggregation each survivor keeps t=2 of its k=3 neighbours.
     cfg = _cfg(secagg=secagg, num_sites=4)
     _exhaust(tmp_path, cfg, 0)
-    run = FederatedRun(cfg, FakeGrid(make_client_app(federated_setup(tmp_path, cfg.num_sites)), cfg.num_sites))
+    run = FederatedRun(
+        cfg, FakeGrid(make_client_app(federated_setup(tmp_path, cfg.num_sites)), cfg.num_sites)
+    )
     results = run.execute()
     assert len(results) == 2
     for r in results:
@@ -62,7 +79,9 @@ def test_exhausted_site_refuses_and_run_completes_with_others(tmp_path: Path, se
 
 def test_reported_epsilon_equals_independent_accountant_on_ledger_history(tmp_path: Path) -> None:
     cfg = _cfg()
-    run = FederatedRun(cfg, FakeGrid(make_client_app(federated_setup(tmp_path, cfg.num_sites)), cfg.num_sites))
+    run = FederatedRun(
+        cfg, FakeGrid(make_client_app(federated_setup(tmp_path, cfg.num_sites)), cfg.num_sites)
+    )
     last = run.execute()[-1]
     for partition in range(cfg.num_sites):
         site = next(s for s in last.sites if s.node_id == FIRST_NODE_ID + partition)
@@ -83,7 +102,9 @@ def test_reported_epsilon_equals_independent_accountant_on_ledger_history(tmp_pa
 
 def test_central_dp_client_epsilon_reported_and_grows(tmp_path: Path) -> None:
     cfg = _cfg(dp=False, central_dp=True, noise_multiplier=1.5, clip_norm=1.0, rounds=3)
-    results = FederatedRun(cfg, FakeGrid(make_client_app(federated_setup(tmp_path, cfg.num_sites)), cfg.num_sites)).execute()
+    results = FederatedRun(
+        cfg, FakeGrid(make_client_app(federated_setup(tmp_path, cfg.num_sites)), cfg.num_sites)
+    ).execute()
     eps = [r.client_level_epsilon for r in results]
     assert all(e is not None and e > 0 for e in eps)
     assert eps[0] < eps[1] < eps[2]

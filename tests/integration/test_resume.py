@@ -28,9 +28,24 @@ def _versions(db: Path) -> int:
 
 def test_killed_simulation_resumes_without_counting_twice(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    base = [sys.executable, "-m", "simulations.cli", "run", "--clients", "3", "--rounds", str(ROUNDS),
-            "--dp", "--site-epsilon", "8", "--out", str(out)]
-    proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "run",
+        "--clients",
+        "3",
+        "--rounds",
+        str(ROUNDS),
+        "--dp",
+        "--site-epsilon",
+        "8",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 240
         while _versions(out / "record.db") < 2:
@@ -62,7 +77,9 @@ def test_killed_simulation_resumes_without_counting_twice(tmp_path: Path) -> Non
     with SqlRecord(f"sqlite:///{out / 'record.db'}", create=False) as record:
         versions = record.list_versions(run.run_id)
         assert [v.round for v in versions] == succeeded  # no round twice
-        failed = [e.payload()["round"] for e in record.events(run.run_id) if e.kind == "round_failed"]
+        failed = [
+            e.payload()["round"] for e in record.events(run.run_id) if e.kind == "round_failed"
+        ]
         assert failed == doc["failed_rounds"]
         kinds = [e.kind for e in record.events(run.run_id)]
         assert "run_resumed" in kinds and kinds[-1] == "run_finished"
@@ -80,8 +97,17 @@ def test_killed_simulation_resumes_without_counting_twice(tmp_path: Path) -> Non
         assert charged <= set(rounds) <= {(run.run_id, r) for r in range(1, ROUNDS + 1)}, site.name
         assert len(rounds) == len(set(rounds)) and len(released) == len(set(released)), site.name
     verify = subprocess.run(
-        [str(Path(sys.executable).parent / "fedseal-server"), "audit", "verify", "--db", str(out / "record.db"),
-         "--public-key", str(out / "keys" / "audit.pub")],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(Path(sys.executable).parent / "fedseal-server"),
+            "audit",
+            "verify",
+            "--db",
+            str(out / "record.db"),
+            "--public-key",
+            str(out / "keys" / "audit.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert verify.returncode == 0 and verify.stdout.startswith("OK:"), verify.stdout + verify.stderr

@@ -109,7 +109,9 @@ def distinct_updates(monkeypatch: pytest.MonkeyPatch) -> None:
         partition = int(site.context.node_config["partition-id"])
         return LocalUpdate(node_update(partition), partition + 1, {"train-seconds": 0.0})
 
-    monkeypatch.setitem(globals(), "make_client_app", partial(make_client_app, trainer=fake_trainer))
+    monkeypatch.setitem(
+        globals(), "make_client_app", partial(make_client_app, trainer=fake_trainer)
+    )
 
 
 def federation(
@@ -627,7 +629,9 @@ def test_one_setup_prepares_every_round_each_round_exact(
     held: list[list[int]] = []
 
     def spy(grid: FakeGrid, msg: Message) -> None:
-        if msg.metadata.message_type == "train.secagg_masked" and msg.metadata.dst_node_id == node(0):
+        if msg.metadata.message_type == "train.secagg_masked" and msg.metadata.dst_node_id == node(
+            0
+        ):
             held.append(list(_state(grid, node(0))["rounds"]))
 
     run, grid = federation(cfg, tmp_path, on_deliver=spy)

@@ -21,8 +21,17 @@ def _initial_accuracy(cfg: RunConfig) -> float:
 
 def test_simulation_three_sites_two_rounds_accuracy_improves(tmp_path):
     cmd = [
-        sys.executable, "-m", "simulations.cli", "run",
-        "--clients", "3", "--rounds", "2", "--json", "--out", str(tmp_path),
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "run",
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--json",
+        "--out",
+        str(tmp_path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]

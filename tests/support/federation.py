@@ -55,8 +55,6 @@ def federated_grid(
     return FakeGrid(make_client_app(setup, trainer=trainer), num_sites, **grid), fed
 
 
-def federated_setup(
-    root: Path, num_sites: int, policies: SitePolicies | None = None
-) -> SiteSetup:
+def federated_setup(root: Path, num_sites: int, policies: SitePolicies | None = None) -> SiteSetup:
     """The :class:`SiteSetup` of ``num_sites`` federated sites under ``root`` (for ``make_client_app``)."""
     return federation(root, num_sites).site_setup(policies)

@@ -104,7 +104,9 @@ def test_parse_refuses_truncated_or_padded_messages(cut: int) -> None:
     with pytest.raises(DataError):
         InstructionHeader.parse_message(message + b"\x00")
     with pytest.raises(DataError):
-        InstructionHeader.parse_message(b"fedseal/audit-head/v1\x00" + message[len(INSTRUCTION_DOMAIN) :])
+        InstructionHeader.parse_message(
+            b"fedseal/audit-head/v1\x00" + message[len(INSTRUCTION_DOMAIN) :]
+        )
 
 
 def test_signature_record_fields_round_trip_and_are_checked() -> None:

@@ -30,11 +30,21 @@ def _policy(tmp_path: Path, pin: bool = True) -> Path:
 
 
 def _roster(tmp_path: Path, identity: bytes | None, version: int = 1) -> Path:
-    members = [RosterMember("other", Ed25519PrivateKey.from_private_bytes(b"\x52" * 32).public_key().public_bytes_raw())]
+    members = [
+        RosterMember(
+            "other",
+            Ed25519PrivateKey.from_private_bytes(b"\x52" * 32).public_key().public_bytes_raw(),
+        )
+    ]
     if identity is not None:
         members.append(RosterMember("this-site", identity))
-    roster = sign_roster(federation="demo", version=version, coordinator_key=None, members=members,
-                         authority=AUTHORITY)
+    roster = sign_roster(
+        federation="demo",
+        version=version,
+        coordinator_key=None,
+        members=members,
+        authority=AUTHORITY,
+    )
     path = tmp_path / f"roster-v{version}-{len(members)}.json"
     path.write_text(roster.to_json())
     return path

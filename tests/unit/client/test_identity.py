@@ -29,7 +29,9 @@ def test_existing_identity_never_overwritten(tmp_path: Path) -> None:
 
 
 def test_missing_identity_names_the_command(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="no site identity key in .*fedseal-client identity init"):
+    with pytest.raises(
+        ConfigurationError, match="no site identity key in .*fedseal-client identity init"
+    ):
         load_site_identity(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir(mode=0o700)
     with pytest.raises(ConfigurationError, match="fedseal-client identity init"):

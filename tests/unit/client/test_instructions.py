@@ -65,7 +65,9 @@ def _head(seq: int, record: str = "rec", key: Ed25519PrivateKey = KEY, h: str = 
     return sign_head(key, record, seq, h * 64, "t").encode()
 
 
-def test_witness_verifies_under_the_pinned_key_and_stores_nothing_that_fails(tmp_path: Path) -> None:
+def test_witness_verifies_under_the_pinned_key_and_stores_nothing_that_fails(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / WITNESS_FILE
     with pytest.raises(HeadRefused, match="not signed by the trusted server key"):
         witness_head(path, _head(3, key=OTHER), run_id="r", trusted_key=RAW)
@@ -120,7 +122,9 @@ def test_client_start_pins_the_key_and_policy_in_node_config(tmp_path: Path) -> 
     policy.write_text(f'kind = "site"\n[trust]\nserver_key = "{RAW.hex()}"\n')
     assert _trust_config(policy, pub) == {"server-key": RAW.hex()}
     assert _trust_config(policy, None) == {}  # the policy's own pin travels in the policy copy
-    policy.write_text(f'kind = "site"\n[trust]\nserver_key = "{OTHER.public_key().public_bytes_raw().hex()}"\n')
+    policy.write_text(
+        f'kind = "site"\n[trust]\nserver_key = "{OTHER.public_key().public_bytes_raw().hex()}"\n'
+    )
     with pytest.raises(ConfigurationError, match="differ"):
         _trust_config(policy, pub)
     with pytest.raises(ConfigurationError, match="not found"):

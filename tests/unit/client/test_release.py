@@ -7,7 +7,7 @@ over a real ClientApp are in ``tests/adversary/test_repeated_rounds.py``.
 
 from __future__ import annotations
 
-import sqlite3
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,7 +60,7 @@ def test_store_release_round_trip_links_the_ledger_entry(ledger: SiteLedger) -> 
     entry_id = ledger.reserve("digits", "run-a", 1, PrivacyEvent(1.0, 1.0, 1), 1e-5, "rdp", 1e6)
     claim = ledger.claim_release("digits", "run-a", 1, "plain", DIGEST)
     stored = ledger.store_release(claim.entry.id, b"sealed bytes")
-    assert (stored.state, stored.sealed_reply, stored.ledger_entry_id) == (
+    assert (stored.state, ledger.sealed_reply(stored), stored.ledger_entry_id) == (
         RELEASED, b"sealed bytes", entry_id,
     )  # fmt: skip
     ledger.count_answer(stored.id, resent=True)
@@ -68,7 +68,7 @@ def test_store_release_round_trip_links_the_ledger_entry(ledger: SiteLedger) -> 
     ledger.count_answer(stored.id, resent=False)
     (row,) = ledger.releases("digits")
     assert (row.resent, row.refused, row.request_digest) == (2, 1, DIGEST)
-    assert row.to_json()["sealed_reply_bytes"] == len(b"sealed bytes")
+    assert row.to_json()["sealed_sha256"] == hashlib.sha256(b"sealed bytes").hexdigest()
     with pytest.raises(RecordError, match="not reserved"):
         ledger.store_release(stored.id, b"again")  # a release is stored once
     with pytest.raises(RecordError, match="not reserved"):
@@ -190,14 +190,17 @@ def test_release_cache_is_encrypted_at_rest(tmp_path: Path) -> None:
     release_once(s, msg, lambda: produce(msg))
     with SiteLedger(s.directory / LEDGER_FILE) as led:
         (row,) = led.releases()
-    assert row.sealed_reply is not None and UPDATE.tobytes() not in row.sealed_reply
+        sealed = led.sealed_reply(row)
+    assert sealed is not None and UPDATE.tobytes() not in sealed
     assert row.request_digest == request_digest("train", msg.content).hex()
-    for path in s.directory.glob(f"{LEDGER_FILE}*"):  # the file and any journal
+    stored = [*s.directory.glob(f"{LEDGER_FILE}*"), *(s.directory / "releases").iterdir()]
+    assert any(p.suffix == ".sealed" for p in stored)
+    for path in stored:  # the database, any journal, the sealed file
         raw = path.read_bytes()
         assert UPDATE.tobytes() not in raw and UPDATE[:8].tobytes() not in raw, path.name
-    with sqlite3.connect(s.directory / LEDGER_FILE) as db:
-        (blob,) = db.execute("SELECT sealed_reply FROM site_release").fetchone()
-    assert bytes(blob) == row.sealed_reply
+    (release_file,) = (s.directory / "releases").glob("*.sealed")
+    assert release_file.read_bytes() == sealed
+    assert oct(release_file.stat().st_mode & 0o777) == "0o600"
 
 
 def test_request_digest_ignores_signature_and_head_not_the_config() -> None:

@@ -34,8 +34,19 @@ def _closed_port() -> int:
 def _start(tmp_path: Path, *extra: str) -> Any:
     data = tmp_path / "d.csv"
     data.write_text("a,label\n1,0\n")
-    args = ["start", "--data", str(data), "--superlink", f"127.0.0.1:{_closed_port()}",
-            "--insecure", "--port", str(_closed_port()), "--state-dir", str(tmp_path / "s"), *extra]
+    args = [
+        "start",
+        "--data",
+        str(data),
+        "--superlink",
+        f"127.0.0.1:{_closed_port()}",
+        "--insecure",
+        "--port",
+        str(_closed_port()),
+        "--state-dir",
+        str(tmp_path / "s"),
+        *extra,
+    ]
     return CliRunner().invoke(client_app, args)
 
 
@@ -94,14 +105,19 @@ def test_start_names_the_policy_in_force_before_connecting(tmp_path: Path) -> No
 def test_start_without_policy_names_the_shipped_default(tmp_path: Path) -> None:
     result = _start(tmp_path)
     assert result.exit_code == 1
-    assert f"site policy in force: {default_site_policy_path().resolve()} (the shipped default" in result.stdout
+    assert (
+        f"site policy in force: {default_site_policy_path().resolve()} (the shipped default"
+        in result.stdout
+    )
 
 
 def test_start_with_a_broken_policy_fails_like_policy_check_before_any_connection(
     tmp_path: Path,
 ) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('kind = "site"\n[privacy]\nepsilon_budget = -1\n[rounds]\nmin_cohort_size = true\n')
+    bad.write_text(
+        'kind = "site"\n[privacy]\nepsilon_budget = -1\n[rounds]\nmin_cohort_size = true\n'
+    )
     result = _start(tmp_path, "--policy", str(bad))
     assert result.exit_code == 2
     assert f"{bad}: privacy.epsilon_budget: out of range" in result.stderr

@@ -30,19 +30,33 @@ AUTHORITY_RAW = AUTHORITY.public_key().public_bytes_raw()
 OTHER = Ed25519PrivateKey.from_private_bytes(b"\x12" * 32)
 COORDINATOR = Ed25519PrivateKey.from_private_bytes(b"\x13" * 32).public_key().public_bytes_raw()
 MEMBERS = [
-    RosterMember(f"site-{i}", Ed25519PrivateKey.from_private_bytes(bytes([0x50 + i]) * 32).public_key().public_bytes_raw())
+    RosterMember(
+        f"site-{i}",
+        Ed25519PrivateKey.from_private_bytes(bytes([0x50 + i]) * 32)
+        .public_key()
+        .public_bytes_raw(),
+    )
     for i in range(2)
 ]
 
 
 def signed(version: int = 1, authority: Ed25519PrivateKey = AUTHORITY, **changes: object) -> Roster:
-    args: dict[str, object] = dict(federation="demo", version=version, coordinator_key=COORDINATOR,
-                                   members=MEMBERS, authority=authority)
+    args: dict[str, object] = dict(
+        federation="demo",
+        version=version,
+        coordinator_key=COORDINATOR,
+        members=MEMBERS,
+        authority=authority,
+    )
     args.update(changes)
     return sign_roster(**args)  # type: ignore[arg-type]
 
 
-def pinning(authority: bytes | None = AUTHORITY_RAW, digest: bytes | None = None, server_key: bytes | None = None) -> SitePolicy:
+def pinning(
+    authority: bytes | None = AUTHORITY_RAW,
+    digest: bytes | None = None,
+    server_key: bytes | None = None,
+) -> SitePolicy:
     return SitePolicy(trust=TrustRules(
         roster_authority=authority.hex() if authority else None,
         roster_digest=digest.hex() if digest else None,
@@ -54,25 +68,36 @@ def test_policy_pins_parse_and_reject_broken_values(tmp_path: Path) -> None:
     from policies.loading import PolicyFileError
 
     path = tmp_path / "p.toml"
-    path.write_text(f'kind = "site"\n[trust]\nroster_authority = "{AUTHORITY_RAW.hex().upper()}"\n'
-                    f'roster_digest = "sha256:{"AB" * 32}"\n')
+    path.write_text(
+        f'kind = "site"\n[trust]\nroster_authority = "{AUTHORITY_RAW.hex().upper()}"\n'
+        f'roster_digest = "sha256:{"AB" * 32}"\n'
+    )
     trust = load_site_policy(path).trust
-    assert trust.roster_authority_bytes == AUTHORITY_RAW and trust.roster_digest_bytes == b"\xab" * 32
-    for bad, field in (('roster_authority = "00"', "trust.roster_authority"),
-                       ('roster_digest = "xyz"', "trust.roster_digest"),
-                       ("roster_authority = 5", "trust.roster_authority")):
+    assert (
+        trust.roster_authority_bytes == AUTHORITY_RAW and trust.roster_digest_bytes == b"\xab" * 32
+    )
+    for bad, field in (
+        ('roster_authority = "00"', "trust.roster_authority"),
+        ('roster_digest = "xyz"', "trust.roster_digest"),
+        ("roster_authority = 5", "trust.roster_authority"),
+    ):
         path.write_text(f'kind = "site"\n[trust]\n{bad}\n')
         with pytest.raises(PolicyFileError, match=f"{path}: {field}"):
             load_site_policy(path)
 
 
-def test_install_verifies_under_the_pin_copies_read_only_and_records_the_version(tmp_path: Path) -> None:
+def test_install_verifies_under_the_pin_copies_read_only_and_records_the_version(
+    tmp_path: Path,
+) -> None:
     state = private_dir(tmp_path / "state")
     source = tmp_path / "roster.json"
     source.write_text(signed().to_json())
     installed = install_site_roster(source, state, pinning())
     assert installed.path == state / ROSTER_FILE and installed.path.stat().st_mode & 0o777 == 0o444
-    assert "version 1" in installed.summary() and installed.roster.digest().hex() in installed.summary()
+    assert (
+        "version 1" in installed.summary()
+        and installed.roster.digest().hex() in installed.summary()
+    )
     doc = json.loads((state / ROSTER_VERSION_FILE).read_text())
     assert doc["federations"]["demo"]["version"] == 1
 
@@ -120,16 +145,22 @@ def test_deployed_roster_whose_copy_changed_refused(tmp_path: Path) -> None:
     source = tmp_path / "roster.json"
     source.write_text(signed().to_json())
     installed = install_site_roster(source, state, pinning())
-    node = {NODE_CONFIG_ROSTER_PATH: str(installed.path),
-            NODE_CONFIG_ROSTER_HASH: installed.roster.digest().hex()}
+    node = {
+        NODE_CONFIG_ROSTER_PATH: str(installed.path),
+        NODE_CONFIG_ROSTER_HASH: installed.roster.digest().hex(),
+    }
     assert configured_roster(node, None, pinning(), state) == installed.roster
     installed.path.chmod(0o644)
-    installed.path.write_text(signed(version=2).to_json())  # validly signed, but not the one put in force
+    installed.path.write_text(
+        signed(version=2).to_json()
+    )  # validly signed, but not the one put in force
     with pytest.raises(IntegrityError, match="not the one `fedseal-client start` put in force"):
         configured_roster(node, None, pinning(), state)
 
 
-def test_simulated_roster_verified_under_the_setup_authority_unless_the_policy_pins(tmp_path: Path) -> None:
+def test_simulated_roster_verified_under_the_setup_authority_unless_the_policy_pins(
+    tmp_path: Path,
+) -> None:
     state = private_dir(tmp_path / "state")
     setup = SiteSetup(tmp_path, None, signed(), AUTHORITY_RAW)
     assert configured_roster({}, setup, None, state) == setup.roster

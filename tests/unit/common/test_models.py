@@ -15,7 +15,10 @@ def test_build_model_forward_shape_and_opacus_compatible(name, shape):
 
 def test_build_model_same_seed_same_weights():
     a, b = build_model("mlp", (8,), 2, seed=5), build_model("mlp", (8,), 2, seed=5)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 @pytest.mark.parametrize(

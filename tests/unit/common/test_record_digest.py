@@ -60,7 +60,9 @@ def _changed(edit: str) -> RecordDict:
         arr = c.array_records["arrays"]["vector"]
         data = bytearray(arr.data)
         data[-1] ^= 1
-        c.array_records["arrays"]["vector"] = Array(arr.dtype, tuple(arr.shape), arr.stype, bytes(data))
+        c.array_records["arrays"]["vector"] = Array(
+            arr.dtype, tuple(arr.shape), arr.stype, bytes(data)
+        )
     elif edit == "array-dtype":
         arr = c.array_records["arrays"]["vector"]
         c.array_records["arrays"]["vector"] = Array("int32", tuple(arr.shape), arr.stype, arr.data)
@@ -115,7 +117,9 @@ def test_shared_records_are_hashed_once_with_a_cache(monkeypatch: pytest.MonkeyP
     model = vector_to_record(np.zeros(1000, dtype=np.float32))
     cache: rd.DigestCache = {}
     digests = {
-        rd.content_digest(RecordDict({"arrays": model, "secagg-msg": bytes_to_record(bytes([n]))}), cache)
+        rd.content_digest(
+            RecordDict({"arrays": model, "secagg-msg": bytes_to_record(bytes([n]))}), cache
+        )
         for n in range(5)
     }
     assert len(digests) == 5 and len(calls) == 5 + 1  # one per payload, the model once

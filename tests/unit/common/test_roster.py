@@ -30,14 +30,18 @@ COORDINATOR = Ed25519PrivateKey.from_private_bytes(b"\x03" * 32).public_key().pu
 
 
 def ident(i: int) -> bytes:
-    return Ed25519PrivateKey.from_private_bytes(bytes([0x40 + i]) * 32).public_key().public_bytes_raw()
+    return (
+        Ed25519PrivateKey.from_private_bytes(bytes([0x40 + i]) * 32).public_key().public_bytes_raw()
+    )
 
 
 def auth_key(seed: int) -> str:
     key = ec.derive_private_key(seed, ec.SECP384R1())
-    return key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    ).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
 
 
 def members(n: int = 3) -> list[RosterMember]:
@@ -152,10 +156,16 @@ def test_load_roster_under_pinned_authority_or_digest(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
-        (lambda: [RosterMember("a", ident(1)), RosterMember("a", ident(2))], "duplicate member name"),
+        (
+            lambda: [RosterMember("a", ident(1)), RosterMember("a", ident(2))],
+            "duplicate member name",
+        ),
         (lambda: [RosterMember("a", ident(1)), RosterMember("b", ident(1))], "identity key"),
         (
-            lambda: [RosterMember("a", ident(1), auth_key(5)), RosterMember("b", ident(2), auth_key(5))],
+            lambda: [
+                RosterMember("a", ident(1), auth_key(5)),
+                RosterMember("b", ident(2), auth_key(5)),
+            ],
             "node-auth key is already",
         ),
     ],
@@ -194,7 +204,9 @@ def test_malformed_files_refused_with_one_line_naming_the_file(tmp_path: Path) -
         "bool version": json.dumps({**good, "version": True}),
         "upper-case hex": json.dumps({**good, "authority_key": good["authority_key"].upper()}),
         "short signature": json.dumps({**good, "signature": good["signature"][:-2]}),
-        "duplicate json key": roster().to_json().replace('"version": 2', '"version": 2, "version": 3'),
+        "duplicate json key": roster()
+        .to_json()
+        .replace('"version": 2', '"version": 2, "version": 3'),
         "draft": RosterDraft("demo").to_json(),
     }
     for what, text in cases.items():
@@ -215,8 +227,10 @@ def test_oversized_and_non_utf8_files_refused(tmp_path: Path) -> None:
 
 
 def test_draft_edit_and_sign_bumps_the_version(tmp_path: Path) -> None:
-    draft = RosterDraft("demo").with_member(RosterMember("b", ident(2))).with_member(
-        RosterMember("a", ident(1))
+    draft = (
+        RosterDraft("demo")
+        .with_member(RosterMember("b", ident(2)))
+        .with_member(RosterMember("a", ident(1)))
     )
     path = _write(tmp_path, draft.to_json())
     assert load_roster_draft(path) == draft

@@ -357,7 +357,9 @@ def test_check_round_request_signed_by_trusted_key_allowed() -> None:
         GOOD_REQUEST, signed_payload=payload, signature=key.sign(payload), last_sequence=6
     )
     decision = _by_rule(check_round_request(policy, request), "trust.server_key")
-    assert decision.allowed and "sequence 7" in decision.reason and "every record" in decision.reason
+    assert (
+        decision.allowed and "sequence 7" in decision.reason and "every record" in decision.reason
+    )
 
 
 @pytest.mark.parametrize(

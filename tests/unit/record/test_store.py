@@ -402,7 +402,11 @@ def test_fail_round_closes_it_failed_with_its_reason_and_never_reopens(record: S
     assert (info.status, info.metrics) == ("failed", {"failed": True})
     event = record.events()[-1]
     assert event.kind == "round_failed"
-    assert event.payload() == {"round": 1, "reason": "round 1: too few updates", "metrics": {"failed": True}}
+    assert event.payload() == {
+        "round": 1,
+        "reason": "round 1: too few updates",
+        "metrics": {"failed": True},
+    }
     with pytest.raises(RecordError, match="already failed"):
         record.start_round(run, 1, [1])
     with pytest.raises(RecordError, match="not open"):

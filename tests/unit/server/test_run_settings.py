@@ -59,8 +59,16 @@ class Coordinator:
         return self.state / "record.db"
 
     def common(self) -> list[str]:
-        return ["--state-dir", str(self.state), "--db", str(self.db), "--host", "127.0.0.1",
-                "--port", "9"]
+        return [
+            "--state-dir",
+            str(self.state),
+            "--db",
+            str(self.db),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "9",
+        ]
 
 
 @pytest.fixture()
@@ -114,8 +122,21 @@ def _invoke(*args: str) -> Any:
 
 def _started(c: Coordinator, spy: Spy, *extra: str) -> str:
     """``fedseal-server start`` as the command line and then the ServerApp run it: the run id."""
-    result = _invoke("start", "--certs", str(c.certs), "--keys", str(c.keys), "--auth-keys",
-                     str(c.allowed), "--policy", str(c.policy), "--rounds", "2", *c.common(), *extra)
+    result = _invoke(
+        "start",
+        "--certs",
+        str(c.certs),
+        "--keys",
+        str(c.keys),
+        "--auth-keys",
+        str(c.allowed),
+        "--policy",
+        str(c.policy),
+        "--rounds",
+        "2",
+        *c.common(),
+        *extra,
+    )
     assert spy.calls, result.output  # the spy returned 0 without a result.json: start then errs
     link, cfg, settings = spy.calls.pop()
     assert "--enable-supernode-auth" in SuperLink(link).argv() and link.fresh_state
@@ -167,9 +188,15 @@ def test_node_key_fingerprint_is_openssh_sha256_whatever_the_key_form(tmp_path: 
 def test_settings_round_trip_json_and_audit_payload(coordinator: Coordinator) -> None:
     keys = tuple(sorted(node_key(p.read_bytes()) for p in coordinator.allowed.glob("*.pub")))
     settings = DeploymentSettings(
-        tls=True, ca_cert_sha256="a" * 64, server_cert_sha256="b" * 64, node_auth=True,
-        auth_keys_dir=str(coordinator.allowed), auth_keys=keys, policy_path="/p.toml",
-        policy_sha256="c" * 64, signing_key_sha256="d" * 64,
+        tls=True,
+        ca_cert_sha256="a" * 64,
+        server_cert_sha256="b" * 64,
+        node_auth=True,
+        auth_keys_dir=str(coordinator.allowed),
+        auth_keys=keys,
+        policy_path="/p.toml",
+        policy_sha256="c" * 64,
+        signing_key_sha256="d" * 64,
     )
     assert DeploymentSettings.from_json(settings.to_json()) == settings
     assert DeploymentSettings.from_payload(settings.to_payload()) == settings
@@ -186,8 +213,14 @@ def test_recorded_key_whose_fingerprint_was_swapped_is_refused(coordinator: Coor
 
 def test_differences_name_each_changed_setting() -> None:
     start = DeploymentSettings(
-        tls=True, ca_cert_sha256="a" * 64, server_cert_sha256="b" * 64, node_auth=True,
-        auth_keys=(), policy_path="/p.toml", policy_sha256="c" * 64, signing_key_sha256="d" * 64,
+        tls=True,
+        ca_cert_sha256="a" * 64,
+        server_cert_sha256="b" * 64,
+        node_auth=True,
+        auth_keys=(),
+        policy_path="/p.toml",
+        policy_sha256="c" * 64,
+        signing_key_sha256="d" * 64,
     )
     insecure = DeploymentSettings(tls=False)
     found = " | ".join(differences(start, insecure))
@@ -230,10 +263,11 @@ def test_resume_relaunches_with_the_recorded_allow_list_policy_tls_and_key(
     coordinator: Coordinator, spy: Spy
 ) -> None:
     run_id = _started(coordinator, spy)
-    result = _resume(coordinator, run_id, "--certs", str(coordinator.certs), "--keys",
-                     str(coordinator.keys))
+    result = _resume(
+        coordinator, run_id, "--certs", str(coordinator.certs), "--keys", str(coordinator.keys)
+    )
     assert result.exit_code == 0, result.output
-    (link, _, settings), = spy.calls
+    ((link, _, settings),) = spy.calls
     argv = SuperLink(link).argv()
     assert "--enable-supernode-auth" in argv and "--insecure" not in argv
     assert not link.fresh_state  # the crashed SuperLink's state: the sites reconnect by themselves
@@ -252,9 +286,18 @@ def test_resume_with_the_same_auth_keys_directory_given_again(
     run_id = _started(coordinator, spy)
     copy = coordinator.root / "allowed-again"
     shutil.copytree(coordinator.allowed, copy)
-    result = _resume(coordinator, run_id, "--certs", str(coordinator.certs), "--keys",
-                     str(coordinator.keys), "--auth-keys", str(copy), "--policy",
-                     str(coordinator.policy))
+    result = _resume(
+        coordinator,
+        run_id,
+        "--certs",
+        str(coordinator.certs),
+        "--keys",
+        str(coordinator.keys),
+        "--auth-keys",
+        str(copy),
+        "--policy",
+        str(coordinator.policy),
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -303,7 +346,10 @@ def _no_public_key(c: Coordinator) -> list[str]:
     ("arguments", "needles"),
     [
         (lambda c: ["--insecure", "--keys", str(c.keys)], ["TLS: the run started with TLS"]),
-        (lambda c: ["--insecure"], ["TLS: the run started with TLS", "audit signing key:", "not found"]),
+        (
+            lambda c: ["--insecure"],
+            ["TLS: the run started with TLS", "audit signing key:", "not found"],
+        ),
         (_other_ca, ["CA certificate: sha256", "server certificate: sha256"]),
         (_without_one_key, ["node keys: the run's SHA256:", "missing"]),
         (_with_a_stranger, ["not in the run's allow-list"]),
@@ -312,8 +358,17 @@ def _no_public_key(c: Coordinator) -> list[str]:
         (_other_signing_key, ["audit signing key: sha256", "is not the run's"]),
         (_no_public_key, ["audit signing key:", "not found"]),
     ],
-    ids=["insecure", "insecure-no-key", "other-ca", "key-missing", "key-added", "other-policy", "policy-gone",
-         "other-signing-key", "no-public-key"],
+    ids=[
+        "insecure",
+        "insecure-no-key",
+        "other-ca",
+        "key-missing",
+        "key-added",
+        "other-policy",
+        "policy-gone",
+        "other-signing-key",
+        "no-public-key",
+    ],
 )
 def test_resume_refuses_what_differs_from_the_start_in_one_line(
     coordinator: Coordinator, spy: Spy, arguments: Any, needles: list[str]
@@ -334,8 +389,9 @@ def test_insecure_run_resumes_only_with_insecure_given_again(
     run_cfg, book, _ = open_run(cfg, ServerSettings.from_flower(settings.to_flower()), {}, None)
     book.start(asdict(run_cfg), None)
     book.record.close()
-    upgraded = _resume(coordinator, book.run_id, "--certs", str(coordinator.certs), "--keys",
-                       str(coordinator.keys))
+    upgraded = _resume(
+        coordinator, book.run_id, "--certs", str(coordinator.certs), "--keys", str(coordinator.keys)
+    )
     _one_line_refusal(upgraded, "TLS: the run started with --insecure")
     again = _resume(coordinator, book.run_id, "--insecure", "--keys", str(coordinator.keys))
     assert again.exit_code == 0, again.output
@@ -362,12 +418,14 @@ def test_server_app_refuses_a_resume_signed_under_another_key(
     run_id = _started(coordinator, spy)
     spy.play = False  # keep the run interrupted: only what the app would be handed matters
     _resume(coordinator, run_id, "--certs", str(coordinator.certs), "--keys", str(coordinator.keys))
-    (_, _, settings), = spy.calls
+    ((_, _, settings),) = spy.calls
     create_keypair(coordinator.root / "other-keys")
     chosen = ServerSettings.from_flower(
         dataclasses.replace(settings, key_dir=coordinator.root / "other-keys").to_flower()
     )
-    with pytest.raises(ConfigurationError, match="audit signing key: sha256|not the record.s key in force"):
+    with pytest.raises(
+        ConfigurationError, match="audit signing key: sha256|not the record.s key in force"
+    ):
         open_run(None, chosen, {}, load_server_policy(coordinator.policy))
 
 
@@ -375,8 +433,9 @@ def test_server_app_refuses_a_deployed_run_resumed_without_settings(
     coordinator: Coordinator, spy: Spy
 ) -> None:
     run_id = _started(coordinator, spy)
-    bare = ServerSettings(db_url=f"sqlite:///{coordinator.db}", key_dir=coordinator.keys,
-                          resume_run_id=run_id)  # e.g. `flwr run` against a SuperLink of one's own
+    bare = ServerSettings(
+        db_url=f"sqlite:///{coordinator.db}", key_dir=coordinator.keys, resume_run_id=run_id
+    )  # e.g. `flwr run` against a SuperLink of one's own
     with pytest.raises(ConfigurationError, match="states no deployment settings"):
         open_run(None, bare, {}, None)
 
@@ -385,8 +444,12 @@ def test_resumed_server_app_records_its_settings_after_run_resumed(
     coordinator: Coordinator, spy: Spy
 ) -> None:
     run_id = _started(coordinator, spy)
-    assert _resume(coordinator, run_id, "--certs", str(coordinator.certs), "--keys",
-                   str(coordinator.keys)).exit_code == 0
+    assert (
+        _resume(
+            coordinator, run_id, "--certs", str(coordinator.certs), "--keys", str(coordinator.keys)
+        ).exit_code
+        == 0
+    )
     events = _events(coordinator, run_id)
     kinds = [e.kind for e in events]
     assert kinds[-3:] == ["run_resumed", RUN_SETTINGS_EVENT, "run_finished"]
@@ -402,8 +465,9 @@ def test_resume_that_does_not_end_the_run_is_an_error(
     monkeypatch.setattr(server_cli, "serve", spy)
     run_id = _started(coordinator, spy)
     monkeypatch.setattr(server_cli, "serve", lambda *_: 0)  # `flwr run` exits 0, the app failed
-    result = _resume(coordinator, run_id, "--certs", str(coordinator.certs), "--keys",
-                     str(coordinator.keys))
+    result = _resume(
+        coordinator, run_id, "--certs", str(coordinator.certs), "--keys", str(coordinator.keys)
+    )
     assert result.exit_code == 1 and "the resumed run did not complete" in result.stderr
 
 
@@ -421,7 +485,9 @@ class FakeFlwr:
         if args[:2] == ["supernode", "register"]:
             code, text = self.register.pop(0)
             return subprocess.CompletedProcess(args, code, text, "")
-        return subprocess.CompletedProcess(args, 0, json.dumps({"success": True, "nodes": self.nodes}), "")
+        return subprocess.CompletedProcess(
+            args, 0, json.dumps({"success": True, "nodes": self.nodes}), ""
+        )
 
 
 def _link(tmp_path: Path, fake: FakeFlwr, keys: int = 2) -> SuperLink:
@@ -432,15 +498,21 @@ def _link(tmp_path: Path, fake: FakeFlwr, keys: int = 2) -> SuperLink:
 
 
 def test_registration_accepts_keys_the_reopened_state_already_holds(tmp_path: Path) -> None:
-    fake = FakeFlwr([(1, "[code: 23] Public key already in use."), (0, "registered")],
-                    [{"status": "online"}, {"status": "registered"}, {"status": "unregistered"}])
+    fake = FakeFlwr(
+        [(1, "[code: 23] Public key already in use."), (0, "registered")],
+        [{"status": "online"}, {"status": "registered"}, {"status": "unregistered"}],
+    )
     _link(tmp_path, fake)._register_keys()
 
 
 def test_registration_refuses_a_state_with_a_node_beyond_the_allow_list(tmp_path: Path) -> None:
-    fake = FakeFlwr([(1, "Public key already in use."), (1, "Public key already in use.")],
-                    [{"status": "online"}, {"status": "offline"}, {"status": "online"}])
-    with pytest.raises(ConfigurationError, match="holds 3 registered SuperNodes but the run allow-lists 2"):
+    fake = FakeFlwr(
+        [(1, "Public key already in use."), (1, "Public key already in use.")],
+        [{"status": "online"}, {"status": "offline"}, {"status": "online"}],
+    )
+    with pytest.raises(
+        ConfigurationError, match="holds 3 registered SuperNodes but the run allow-lists 2"
+    ):
         _link(tmp_path, fake)._register_keys()
 
 
@@ -455,59 +527,102 @@ def test_registration_failure_other_than_already_registered_is_an_error(tmp_path
 # ---------------------------------------------------------------- the federation roster
 
 
-def _roster_file(c: Coordinator, version: int = 1, name: str = "roster.json", *,
-                 coordinator_key: bytes | None = None) -> Path:
+def _roster_file(
+    c: Coordinator,
+    version: int = 1,
+    name: str = "roster.json",
+    *,
+    coordinator_key: bytes | None = None,
+) -> Path:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from common.roster import RosterMember, sign_roster
 
     authority = Ed25519PrivateKey.from_private_bytes(b"\x31" * 32)
-    members = [RosterMember(f"site-{i}", Ed25519PrivateKey.from_private_bytes(bytes([0x60 + i]) * 32)
-                            .public_key().public_bytes_raw()) for i in range(version + 1)]
+    members = [
+        RosterMember(
+            f"site-{i}",
+            Ed25519PrivateKey.from_private_bytes(bytes([0x60 + i]) * 32)
+            .public_key()
+            .public_bytes_raw(),
+        )
+        for i in range(version + 1)
+    ]
     own = load_public_key(c.keys / "audit.pub").public_bytes_raw()
-    roster = sign_roster(federation="unit", version=version, members=members, authority=authority,
-                         coordinator_key=coordinator_key or own)
+    roster = sign_roster(
+        federation="unit",
+        version=version,
+        members=members,
+        authority=authority,
+        coordinator_key=coordinator_key or own,
+    )
     path = c.root / name
     path.write_text(roster.to_json())
     return path
 
 
-def test_start_with_a_roster_records_it_and_resume_restores_it(coordinator: Coordinator, spy: Spy) -> None:
+def test_start_with_a_roster_records_it_and_resume_restores_it(
+    coordinator: Coordinator, spy: Spy
+) -> None:
     roster = _roster_file(coordinator)
     run_id = _started(coordinator, spy, "--roster", str(roster))
-    result = _resume(coordinator, run_id, "--certs", str(coordinator.certs), "--keys", str(coordinator.keys))
+    result = _resume(
+        coordinator, run_id, "--certs", str(coordinator.certs), "--keys", str(coordinator.keys)
+    )
     assert result.exit_code == 0, result.output
     assert "roster of federation 'unit', version 1, 2 members" in result.stdout
-    (_, _, settings), = spy.calls
+    ((_, _, settings),) = spy.calls
     assert settings.roster_path == roster.resolve()  # the recorded path, without --roster
     start, again = (e.payload() for e in _events(coordinator, run_id) if e.kind == "roster")
-    assert start["version"] == 1 and start["members"] == 2 and start["path"] == str(roster.resolve())
+    assert (
+        start["version"] == 1 and start["members"] == 2 and start["path"] == str(roster.resolve())
+    )
     assert again["resumed"] and {**again, "resumed": False} == start
 
 
 @pytest.mark.parametrize("change", ["other-roster", "roster-gone", "roster-added"])
-def test_resume_under_another_roster_or_none_refused(coordinator: Coordinator, spy: Spy, change: str) -> None:
+def test_resume_under_another_roster_or_none_refused(
+    coordinator: Coordinator, spy: Spy, change: str
+) -> None:
     first = _roster_file(coordinator)
-    run_id = _started(coordinator, spy, *(() if change == "roster-added" else ("--roster", str(first))))
+    run_id = _started(
+        coordinator, spy, *(() if change == "roster-added" else ("--roster", str(first)))
+    )
     args = ["--certs", str(coordinator.certs), "--keys", str(coordinator.keys)]
     if change == "other-roster":
-        result = _resume(coordinator, run_id, *args, "--roster", str(_roster_file(coordinator, 2, "v2.json")))
+        result = _resume(
+            coordinator, run_id, *args, "--roster", str(_roster_file(coordinator, 2, "v2.json"))
+        )
         _one_line_refusal(result, "version 2", "is not the run's", "version 1")
     elif change == "roster-gone":
         first.unlink()
-        _one_line_refusal(_resume(coordinator, run_id, *args), "started under the roster", "give --roster FILE")
+        _one_line_refusal(
+            _resume(coordinator, run_id, *args), "started under the roster", "give --roster FILE"
+        )
     else:
-        _one_line_refusal(_resume(coordinator, run_id, *args, "--roster", str(first)), "started without a roster")
+        _one_line_refusal(
+            _resume(coordinator, run_id, *args, "--roster", str(first)), "started without a roster"
+        )
     assert spy.calls == []
 
 
-def test_server_app_refuses_a_resume_under_another_roster(coordinator: Coordinator, spy: Spy) -> None:
+def test_server_app_refuses_a_resume_under_another_roster(
+    coordinator: Coordinator, spy: Spy
+) -> None:
     run_id = _started(coordinator, spy, "--roster", str(_roster_file(coordinator)))
-    chosen = ServerSettings(db_url=f"sqlite:///{coordinator.db}", key_dir=coordinator.keys,
-                            resume_run_id=run_id, roster_path=_roster_file(coordinator, 2, "v2.json"))
+    chosen = ServerSettings(
+        db_url=f"sqlite:///{coordinator.db}",
+        key_dir=coordinator.keys,
+        resume_run_id=run_id,
+        roster_path=_roster_file(coordinator, 2, "v2.json"),
+    )
     with pytest.raises(ConfigurationError, match="cannot resume run .* is not the run's"):
-        open_run(None, dataclasses.replace(chosen, deployment=_recorded(coordinator, run_id)), {},
-                 load_server_policy(coordinator.policy))
+        open_run(
+            None,
+            dataclasses.replace(chosen, deployment=_recorded(coordinator, run_id)),
+            {},
+            load_server_policy(coordinator.policy),
+        )
 
 
 def _recorded(c: Coordinator, run_id: str) -> DeploymentSettings:
@@ -516,12 +631,21 @@ def _recorded(c: Coordinator, run_id: str) -> DeploymentSettings:
     return dataclasses.replace(found, resumed=True)
 
 
-def test_start_refuses_a_roster_naming_another_coordinator_key_or_tampered(coordinator: Coordinator, spy: Spy) -> None:
+def test_start_refuses_a_roster_naming_another_coordinator_key_or_tampered(
+    coordinator: Coordinator, spy: Spy
+) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     stranger = Ed25519PrivateKey.from_private_bytes(b"\x41" * 32).public_key().public_bytes_raw()
     other = _roster_file(coordinator, coordinator_key=stranger, name="other.json")
-    base = ["start", "--certs", str(coordinator.certs), "--keys", str(coordinator.keys), *coordinator.common()]
+    base = [
+        "start",
+        "--certs",
+        str(coordinator.certs),
+        "--keys",
+        str(coordinator.keys),
+        *coordinator.common(),
+    ]
     result = _invoke(*base, "--roster", str(other))
     assert result.exit_code == 2 and "names coordinator key" in result.stderr, result.output
     tampered = coordinator.root / "tampered.json"

@@ -41,7 +41,9 @@ def head_at(seq: int) -> SignedHead:
 
 def test_every_message_is_signed_with_its_own_sequence_and_verifies() -> None:
     head = [head_at(3)]
-    exchange = GridExchange(FakeGrid(ClientApp(), 3), cfg(), RUN_ID, "hash", lambda: head[0], SIGNER)
+    exchange = GridExchange(
+        FakeGrid(ClientApp(), 3), cfg(), RUN_ID, "hash", lambda: head[0], SIGNER
+    )
     content = exchange.instruction(2)
     content[KEY_ARRAYS] = vector_to_record(np.zeros(4, dtype=np.float32))
     nodes = [FIRST_NODE_ID + i for i in range(3)]
@@ -53,8 +55,12 @@ def test_every_message_is_signed_with_its_own_sequence_and_verifies() -> None:
         sig = rd.read_signature(msg.content)
         assert sig is not None and sig.key_id == SIGNER.key_id
         md = msg.metadata
-        hdr = InstructionHeader(md.message_type, RUN_ID, md.group_id, md.dst_node_id, sig.seq, sig.key_id)
-        assert verify_instruction(SIGNER.public_key, hdr.message(rd.content_digest(msg.content)), sig.signature)
+        hdr = InstructionHeader(
+            md.message_type, RUN_ID, md.group_id, md.dst_node_id, sig.seq, sig.key_id
+        )
+        assert verify_instruction(
+            SIGNER.public_key, hdr.message(rd.content_digest(msg.content)), sig.signature
+        )
         assert msg.content[KEY_ARRAYS] is content[KEY_ARRAYS]  # the model is shared, not copied
         seqs.append(sig.seq)
     assert seqs == sorted(set(seqs)) and seqs[0] == 3 << 32 and seqs[3] == 4 << 32
