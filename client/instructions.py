@@ -261,7 +261,10 @@ def advance_sequence(directory: Path, key_id: bytes, run_id: str, seq: int) -> i
             )
         last_by_run[name] = seq
         doc = {"v": SEQUENCE_VERSION, "last": last_by_run}
-        replace_file(path, json.dumps(doc, sort_keys=True).encode("utf-8"))
+        # Unsynced (written whole, renamed): every message writes it, and a power cut that
+        # brings back an older seq lets through only instructions the durable release log
+        # and the sealed round state refuse anyway (nothing is released twice).
+        replace_file(path, json.dumps(doc, sort_keys=True).encode("utf-8"), sync=False)
     return last
 
 

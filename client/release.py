@@ -24,7 +24,9 @@ The rule, decided by :func:`release_once` for both paths (plain rounds in
   a plain reply sealed with AEAD (:mod:`common.crypto.aead`) under a key
   derived from the site's state key (:func:`client.state.state_key`), bound
   to the dataset, run, round and request digest; a masked input as a row
-  (dataset, run, round, secure-aggregation config digest), never cached;
+  (dataset, run, round, secure-aggregation config digest), never cached:
+  its durable claim is its record (a later masked request is refused
+  whether or not the first one's input left);
 * a later *plain* request with the same request digest
   (:func:`common.record_digest.request_digest`: everything but the
   signature, sequence number and audit head) gets the very same bytes
@@ -120,8 +122,10 @@ def release_once(
         if reply.has_error() or is_refusal(reply):
             ledger.abandon_release(claim.entry.id)
             return reply
-        sealed = _seal(site, claim.entry, request, reply.content) if kind == PLAIN else None
-        ledger.store_release(claim.entry.id, sealed)
+        if kind == PLAIN:
+            ledger.store_release(claim.entry.id, _seal(site, claim.entry, request, reply.content))
+        # A masked input is never sent again, so its durable claim is its whole record: a
+        # later request finds it and is refused (``_again``), whether or not the input left.
     return reply
 
 
@@ -135,15 +139,15 @@ def _again(
 ) -> tuple[RecordDict | None, str]:
     """A later request for a released round: (the stored reply to send again, "") or (None, why not)."""
     where = f"round {earlier.round} of run {earlier.run_id!r}"
-    if earlier.state != RELEASED:
-        return None, (
-            f"{where}: an earlier request was cut off before its release was stored; "
-            "the site never trains a round twice"
-        )
     if earlier.kind == SECURE and kind == SECURE:
         if earlier.setup_digest != setup_hex:
             return None, f"{where} already released under another secure-aggregation setup"
         return None, f"{where}: its masked input was already released"
+    if earlier.state != RELEASED and earlier.kind == PLAIN:
+        return None, (
+            f"{where}: an earlier request was cut off before its release was stored; "
+            "the site never trains a round twice"
+        )
     if earlier.kind != kind:
         how = "under secure aggregation" if earlier.kind == SECURE else "in a plain round"
         return None, f"{where} already released {how}"

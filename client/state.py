@@ -229,19 +229,24 @@ def site_lock(directory: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def replace_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
+def replace_file(
+    path: Path, data: bytes, *, mode: int | None = None, sync: bool = True
+) -> None:
     """Write ``path`` crash-safely: a synced temporary file renamed over it, then the directory synced.
 
     After a crash the file holds either its old or its new content, never a
     mix. ``mode`` (e.g. 0o444 for a frozen copy) is set before the rename;
-    otherwise the file is 0600.
+    otherwise the file is 0600. ``sync=False`` skips both syncs: still whole
+    after a process crash, but a power cut may bring back the old content
+    (for state that only hardens a check another durable record already makes).
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -249,6 +254,8 @@ def replace_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if not sync:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
