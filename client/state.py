@@ -229,9 +229,7 @@ def site_lock(directory: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def replace_file(
-    path: Path, data: bytes, *, mode: int | None = None, sync: bool = True
-) -> None:
+def replace_file(path: Path, data: bytes, *, mode: int | None = None, sync: bool = True) -> None:
     """Write ``path`` crash-safely: a synced temporary file renamed over it, then the directory synced.
 
     After a crash the file holds either its old or its new content, never a
