@@ -12,10 +12,10 @@ does not verify takes only that site out of the round, named in
 Guarantee: if every client follows the protocol, :meth:`SecAggServer.receive_unmask`
 returns exactly ``sum_{u in U3} q_u (mod 2^b)``, the sum of the quantised
 inputs of the clients whose masked vectors arrived (``U3``), lifted to signed
-integers and dequantised (error bound in :mod:`common.secagg.quantize`). It
-learns nothing else about individual inputs under the client module's
-assumptions (honest-but-curious server, at most ``t - 1`` colluding clients;
-Bell et al. CCS 2020 Thm. 3.6, Bonawitz et al. CCS 2017 Thm. 6.3).
+integers and dequantised (error bound in :mod:`common.secagg.quantize`). What
+a server, honest or not, can learn is bounded by the *clients'* checks
+(:mod:`common.secagg.client`, :mod:`common.secagg.signing`: at most ``t - 1``
+colluding clients); this state machine is the honest server's side.
 
 Dropout handling: a node with fewer than ``t`` live neighbours is excluded
 before it shares or masks (its neighbours then never mask with it); after

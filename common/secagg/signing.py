@@ -205,6 +205,8 @@ def check_bound_identities(
         If the configuration binds this site's node id to another key, or
         binds any node to a key outside the roster (a sybil).
     """
+    if len(set(config.identities)) != len(config.identities):
+        raise ProtocolError("the configuration binds one identity to several nodes")
     if config.identity_of(node_id) != own:
         raise ProtocolError(
             f"the configuration binds node {node_id} to another identity than this site's"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.errors import DataError, ProtocolError
+from common.errors import ConfigurationError, DataError, ProtocolError
 from common.secagg.client import SecAggClient
 from common.secagg.messages import (
     AdvertiseKeysReply,
@@ -52,6 +52,8 @@ def federated_config(
 ) -> tuple[SecAggConfig, dict[int, Ed25519PrivateKey]]:
     """A configuration (``make_config(**fields)``, without ``identities``) binding a fresh
     identity to each cohort node, and those identities (an in-memory round's roster)."""
+    if "cohort" not in fields:
+        raise ConfigurationError("federated_config needs the cohort")
     keys = make_identities(list(fields["cohort"]))
     config = make_config(identities=[public_bytes(keys[u]) for u in fields["cohort"]], **fields)
     return config, keys
@@ -92,8 +94,10 @@ def run_round(
     wire : bool
         Encode and decode every message (default) or pass objects directly.
     identities : Mapping[int, Ed25519PrivateKey]
-        Each node's identity key, the ones ``config`` binds (their public keys
-        form the roster both sides check; :func:`federated_config` makes both).
+        Each node's identity key (their public keys form the roster both
+        sides check; :func:`federated_config` makes keys and a configuration
+        that binds them). Keys other than the ones ``config`` binds run the
+        sites into their own refusal (ProtocolError), as in a real round.
 
     Raises
     ------
