@@ -35,7 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.state import ROSTER_FILE, ROSTER_VERSION_FILE, replace_file, site_lock
+from client.state import (
+    ROSTER_FILE,
+    ROSTER_VERSION_FILE,
+    read_private_file,
+    replace_file,
+    site_lock,
+)
 from common.errors import ConfigurationError, IntegrityError
 from common.roster import Roster, key_fingerprint, load_roster
 
@@ -43,6 +49,11 @@ if TYPE_CHECKING:
     from client.site_policy import SiteSetup
     from policies import SitePolicy
 
+LOCAL_ROSTER_FILE = "local-roster.json"
+LOCAL_PIN_FILE = "local-roster.pin"
+"""A local simulation's roster and the authority key its site pins, both in the site's
+private state directory (written by ``fedseal-sim federation`` for Flower's own
+``flwr run`` simulations, whose sites get no node config or setup to carry them)."""
 NODE_CONFIG_ROSTER_PATH = "roster-path"
 NODE_CONFIG_ROSTER_HASH = "roster-hash"
 VERSION_FILE_FORMAT = 1
@@ -283,10 +294,39 @@ def configured_roster(
     elif setup is not None and setup.roster is not None:
         roster = setup.roster
         _verify_once(roster, pin)
+    elif (directory / LOCAL_PIN_FILE).is_file():
+        if not pin:  # the site's policy pins nothing: the pin its own state directory holds
+            pin = RosterPin(_local_pin(directory))
+        roster = load_pinned_roster(directory / LOCAL_ROSTER_FILE, pin)
     else:
         return None
     accept_roster_version(directory, roster)
     return roster
+
+
+def _local_pin(directory: Path) -> bytes:
+    """The authority key of a local simulation's roster, from the site's private state dir."""
+    raw = read_private_file(directory / LOCAL_PIN_FILE, "local roster pin", 200)
+    try:
+        key = bytes.fromhex(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ConfigurationError(f"{directory / LOCAL_PIN_FILE} is not a hex key") from None
+    if len(key) != 32:
+        raise ConfigurationError(f"{directory / LOCAL_PIN_FILE} is not a 32-byte key")
+    return key
+
+
+def install_local_roster(directory: Path, roster: Roster, authority_key: bytes) -> None:
+    """Put ``roster`` in force at a local simulation's site, pinned to ``authority_key``.
+
+    Both files are private to the site's user (its state directory is the
+    trust anchor of a site anyway: ledger, state key, identity). Only for
+    sites on the machine that makes the federation (``fedseal-sim
+    federation``); a deployed site pins its authority in its policy.
+    """
+    verify_roster(roster, RosterPin(authority_key))
+    replace_file(directory / LOCAL_ROSTER_FILE, roster.to_json().encode("utf-8"))
+    replace_file(directory / LOCAL_PIN_FILE, authority_key.hex().encode("ascii") + b"\n")
 
 
 def site_roster(

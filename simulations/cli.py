@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.config import RunConfig
-from common.errors import FedsealError
+from common.errors import ConfigurationError, FedsealError
 from common.secagg.stages import STAGE_LABELS
 from policies.cli_errors import one_line_errors
 from server.results import RoundResult
@@ -194,6 +194,61 @@ def run_cmd(
         )
     Console().print(table)
     Console().print(f"run directory: {out} (record.db, result.json); report: {report_html}")
+
+
+@app.command("federation")
+@one_line_errors
+def federation_cmd(
+    sites: Annotated[
+        int, typer.Option("--sites", min=1, help="Simulated sites (Flower's num-supernodes).")
+    ] = 4,
+    flwr_home: Annotated[
+        Path | None,
+        typer.Option(
+            "--flwr-home",
+            help="Flower's home (default: $FLWR_HOME): sites' state in fedseal-sites/, "
+            "the roster and its authority in fedseal/federation/.",
+        ),
+    ] = None,
+) -> None:
+    """Make the federation of a local `flwr run` simulation: site identities and a roster.
+
+    Run once after `fedseal-server keys $FLWR_HOME/fedseal/keys` and before
+    `flwr run .`: each simulated site (`site-<i>`) gets an identity key in its
+    private state directory, a roster authority (kept in
+    `fedseal/federation/`) signs a roster naming them and the coordinator's
+    audit key, and every site's state directory pins that authority. Secure
+    aggregation needs it: a site without a roster cannot authenticate its
+    neighbours and takes no part. (`fedseal-sim run` makes its own federation.)
+    """
+    import os
+
+    from client.site_roster import install_local_roster
+    from common.audit.seal import load_public_key_pem
+    from simulations.federation import prepare_federation
+
+    home = flwr_home or (Path(os.environ["FLWR_HOME"]) if os.environ.get("FLWR_HOME") else None)
+    if home is None:
+        raise ConfigurationError("set FLWR_HOME or --flwr-home: where `flwr run` keeps its state")
+    audit_pub = home / "fedseal" / "keys" / "audit.pub"
+    if not audit_pub.is_file():
+        raise ConfigurationError(
+            f"no audit key at {audit_pub}: run `fedseal-server keys {audit_pub.parent}` first"
+        )
+    coordinator = load_public_key_pem(audit_pub.read_bytes()).public_bytes_raw()
+    fed = prepare_federation(
+        home / "fedseal-sites",
+        sites,
+        coordinator_key=coordinator,
+        directory=home / "fedseal" / "federation",
+        federation="local",
+    )
+    for i in range(sites):
+        install_local_roster(fed.site_directory(i), fed.roster, fed.authority_public)
+    err.print(
+        f"federation 'local': {sites} sites, roster version {fed.roster.version} "
+        f"(sha256 {fed.roster.digest().hex()[:16]}...), pinned in each site's state directory"
+    )
 
 
 def _accuracy_cell(r: dict[str, Any]) -> str:

@@ -54,6 +54,12 @@ def test_flwr_run_local_simulation_completes(tmp_path: Path) -> None:
     keys = flwr_home / "fedseal" / "keys"  # where the ServerApp looks beside its default record
     made = subprocess.run([str(bin_dir / "fedseal-server"), "keys", str(keys)], capture_output=True)
     assert made.returncode == 0, made.stderr
+    # the local federation: site identities and a roster (secure aggregation needs one)
+    made = subprocess.run(
+        [str(bin_dir / "fedseal-sim"), "federation", "--sites", "3"], capture_output=True, env=env
+    )
+    assert made.returncode == 0, made.stderr
+    assert b"federation 'local': 3 sites" in made.stderr
     try:
         proc = subprocess.run(
             [

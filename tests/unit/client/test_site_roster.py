@@ -182,3 +182,34 @@ def test_roster_coordinator_key_is_the_pin_unless_the_policy_names_one() -> None
         pinned_server_key({}, pinning(server_key=AUTHORITY_RAW), r)
     with pytest.raises(ConfigurationError, match="roster's coordinator key"):
         pinned_server_key({"server-key": AUTHORITY_RAW.hex()}, None, r)
+
+
+# ------------------------------------------------------------------ a local `flwr run` federation
+def test_local_roster_in_the_state_dir_is_in_force_under_its_own_pin(tmp_path: Path) -> None:
+    from client.site_roster import LOCAL_PIN_FILE, configured_roster, install_local_roster
+
+    state = private_dir(tmp_path / "site-0")
+    assert configured_roster({}, None, None, state) is None  # nothing installed: no roster
+    roster = signed()
+    install_local_roster(state, roster, AUTHORITY.public_key().public_bytes_raw())
+    assert configured_roster({}, None, None, state) == roster
+    # a roster the pinned authority did not sign is refused, even in the site's own directory
+    forged = signed(authority=Ed25519PrivateKey.generate())
+    (state / "local-roster.json").write_text(forged.to_json())
+    with pytest.raises(IntegrityError):
+        configured_roster({}, None, None, state)
+    # a pin file others can read (planted) is refused
+    (state / LOCAL_PIN_FILE).chmod(0o644)
+    with pytest.raises(ConfigurationError):
+        configured_roster({}, None, None, state)
+
+
+def test_install_local_roster_refuses_a_roster_its_pin_does_not_sign(tmp_path: Path) -> None:
+    from client.site_roster import install_local_roster
+
+    state = private_dir(tmp_path / "site-0")
+    with pytest.raises(IntegrityError):
+        install_local_roster(
+            state, signed(), Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        )
+    assert not (state / "local-roster.json").exists()
