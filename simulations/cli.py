@@ -124,11 +124,23 @@ def run_cmd(
         console=err,
         transient=json_out,
     )
+
+    def fail(message: str, code: int) -> typer.Exit:
+        """Report a failure on one line (and, with --json, as the one JSON object on stdout)."""
+        err.print(
+            f"[red]{'error' if code == 2 else 'run failed'}:[/red] {message}", highlight=False
+        )
+        if json_out:
+            sys.stdout.write(json.dumps({"error": message, "exit_code": code}) + "\n")
+            sys.stdout.flush()
+        return typer.Exit(code)
+
     if resume and out is None:
-        err.print("[red]error:[/red] --resume needs --out, the directory of the run's record")
-        raise typer.Exit(2)
+        raise fail("--resume needs --out, the directory of the run's record", 2)
     if out is None:
         out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if (problem := _unwritable(out)) is not None:  # found before the run, not after it
+        raise fail(problem, 2)
     from policies import PolicyFileError, load_server_policy, load_site_policies
 
     try:
@@ -138,7 +150,7 @@ def run_cmd(
     except PolicyFileError as exc:
         for v in exc.violations:
             err.print(str(v), highlight=False)
-        raise typer.Exit(2) from None
+        raise fail(f"{len(exc.violations)} problem(s) in a policy file", 2) from None
     try:
         with progress, stdout_to_stderr():
             run_id, results = run_simulation(
@@ -153,12 +165,9 @@ def run_cmd(
                 faults=faults,
             )
     except FedsealError as exc:
-        err.print(f"[red]run failed:[/red] {exc}")
-        raise typer.Exit(1) from None
+        raise fail(str(exc), 1) from None
     except RuntimeError as exc:  # Flower wraps ServerApp failures
-        cause = exc.__cause__ or exc
-        err.print(f"[red]run failed:[/red] {cause}")
-        raise typer.Exit(1) from None
+        raise fail(str(exc.__cause__ or exc), 1) from None
 
     doc = json.loads((out / "result.json").read_text())
     report_html = _write_report(out, run_id)
@@ -249,6 +258,19 @@ def federation_cmd(
         f"federation 'local': {sites} sites, roster version {fed.roster.version} "
         f"(sha256 {fed.roster.digest().hex()[:16]}...), pinned in each site's state directory"
     )
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why the run directory ``out`` cannot hold a run (None: it can), checked by writing."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return f"run directory {out} is not writable: {exc.strerror or exc}"
+    return None
 
 
 def _accuracy_cell(r: dict[str, Any]) -> str:
