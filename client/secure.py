@@ -357,11 +357,7 @@ def handle_consistency(
     request = ConsistencyRequest.decode(
         record_to_bytes(msg.content[KEY_SECAGG_MSG], max_secagg_request_bytes(config.size)), config
     )
-    try:
-        reply = client.consistency(request)
-    except Exception:
-        _drop(context, site.server_round)  # a refused round's secrets go at once
-        raise
+    reply = client.consistency(request)  # a refusal raises: the node state stays as it was
     _save(context, config, client, key)
     return _reply(msg, reply.encode())
 

@@ -42,7 +42,8 @@ from client.state import (
     replace_file,
     site_lock,
 )
-from common.errors import ConfigurationError, IntegrityError
+from common.audit.seal import public_key_from_hex
+from common.errors import ConfigurationError, DataError, IntegrityError
 from common.roster import Roster, key_fingerprint, load_roster
 
 if TYPE_CHECKING:
@@ -308,12 +309,9 @@ def _local_pin(directory: Path) -> bytes:
     """The authority key of a local simulation's roster, from the site's private state dir."""
     raw = read_private_file(directory / LOCAL_PIN_FILE, "local roster pin", 200)
     try:
-        key = bytes.fromhex(raw.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ConfigurationError(f"{directory / LOCAL_PIN_FILE} is not a hex key") from None
-    if len(key) != 32:
-        raise ConfigurationError(f"{directory / LOCAL_PIN_FILE} is not a 32-byte key")
-    return key
+        return public_key_from_hex(raw.decode("ascii").strip()).public_bytes_raw()
+    except (UnicodeDecodeError, DataError, ValueError) as exc:
+        raise ConfigurationError(f"{directory / LOCAL_PIN_FILE}: {exc}") from None
 
 
 def install_local_roster(directory: Path, roster: Roster, authority_key: bytes) -> None:

@@ -381,8 +381,7 @@ class SecAggServer:
         config = self._config
         try:
             survivors = frozenset(received)
-            needed = max(config.threshold, quorum(config))
-            if len(survivors) < needed:
+            if len(survivors) < quorum(config):  # the quorum is never below t
                 raise ProtocolAbort(
                     f"secure aggregation aborted at COLLECT_MASKED: {len(survivors)} masked "
                     f"inputs, fewer than the threshold {config.threshold} or the consistency "

@@ -28,11 +28,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fake_grid import FIRST_NODE_ID, FakeGrid, Fault, server_identity
 from flwr.app import Message
+from pinned_sites import echo_cfg
 
 import common.secagg.client as secagg_client
 import common.secagg.server as secagg_server
 from client.app import make_client_app
-from common.config import RunConfig
 from common.crypto import aead
 from common.crypto.commitment import opens
 from common.crypto.keys import KeyPair, generate_key_pair
@@ -78,13 +78,6 @@ def node(partition: int) -> int:
     return FIRST_NODE_ID + partition
 
 
-def cfg(num_sites: int) -> RunConfig:
-    return RunConfig(
-        dataset="custom", model="vector", workload="echo", num_features=D, num_classes=2,
-        num_sites=num_sites, rounds=1, device="cpu", clip_norm=1.0, min_sites=2,
-    )  # fmt: skip
-
-
 class Coordinator:
     """A malicious coordinator's relay: remembers each round's configuration, rewrites messages."""
 
@@ -116,7 +109,7 @@ def federation_run(
     grid = FakeGrid(app, num_sites, on_deliver=coordinator, faults=faults or [])
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
     book = RunBook(record, Ed25519PrivateKey.generate(), "00000000beef")
-    run = FederatedRun(cfg(num_sites), grid, book=book)
+    run = FederatedRun(echo_cfg(num_sites, num_features=D, secagg=True), grid, book=book)
     return run, grid, record, fed
 
 

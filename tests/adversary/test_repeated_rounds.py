@@ -23,7 +23,7 @@ from fake_grid import FIRST_NODE_ID, FakeGrid, server_identity
 from federation import federated_setup
 from flwr.app import Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
-from pinned_sites import pinned_policies
+from pinned_sites import echo_cfg, pinned_policies
 
 from client.agent import LocalUpdate, SiteContext, Trainer, compute_update
 from client.app import make_client_app
@@ -61,15 +61,6 @@ NODE, PEER = FIRST_NODE_ID, FIRST_NODE_ID + 1
 def _identity() -> Iterator[None]:
     with server_identity():
         yield
-
-
-def echo_cfg(num_sites: int = 2, **changes: object) -> RunConfig:
-    base: dict[str, object] = dict(
-        dataset="custom", model="vector", workload="echo", num_features=D, num_classes=2,
-        num_sites=num_sites, rounds=1, min_sites=2, device="cpu", secagg=False, clip_norm=1.0,
-    )  # fmt: skip
-    base.update(changes)
-    return RunConfig(**base)  # type: ignore[arg-type]
 
 
 @dataclass

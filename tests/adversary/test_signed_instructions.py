@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fake_grid import FIRST_NODE_ID, FakeGrid, server_identity
 from federation import federated_setup
 from flwr.app import Array, Message
-from pinned_sites import pinned_policies
+from pinned_sites import echo_cfg, pinned_policies
 
 from client.agent import LocalUpdate, SiteContext
 from client.app import make_client_app
@@ -30,7 +30,6 @@ from client.witness import read_heads
 from common.audit.instruction import InstructionSignature, InstructionSigner
 from common.audit.seal import SignedHead, sign_head
 from common.audit.witness import check_witness
-from common.config import RunConfig
 from common.record_digest import read_signature, signed_copy
 from common.records import (
     KEY_ARRAYS,
@@ -62,15 +61,6 @@ NODE, PEER = FIRST_NODE_ID, FIRST_NODE_ID + 1
 def _identity() -> Iterator[None]:
     with server_identity():
         yield
-
-
-def cfg(num_sites: int = 2, **changes: object) -> RunConfig:
-    base: dict[str, object] = dict(
-        dataset="custom", model="vector", workload="echo", num_features=D, num_classes=2,
-        num_sites=num_sites, rounds=1, min_sites=2, device="cpu", secagg=False, clip_norm=1.0,
-    )  # fmt: skip
-    base.update(changes)
-    return RunConfig(**base)  # type: ignore[arg-type]
 
 
 def pinned(tmp_path: Path) -> SitePolicies:
@@ -129,7 +119,7 @@ def coordinator(
     carried = heads if heads is not None else [head_of(3)]
     return GridExchange(
         s.grid,
-        cfg(len(s.grid.contexts)),
+        echo_cfg(len(s.grid.contexts)),
         run_id,
         "code-hash",
         lambda: carried[-1],
@@ -249,7 +239,7 @@ def test_altered_instruction_refusal_reaches_the_coordinators_audit_log(tmp_path
     s = sites(tmp_path, num_sites=3)
     s.tamper = only(NODE, _flip_array_byte)
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
-    run = FederatedRun(cfg(3, rounds=2), s.grid, book=RunBook(record, KEY, RUN_ID))
+    run = FederatedRun(echo_cfg(3, rounds=2), s.grid, book=RunBook(record, KEY, RUN_ID))
     results = run.execute()
     assert [r.participants for r in results] == [2, 2]
     events = record.events(RUN_ID)
@@ -281,7 +271,7 @@ def test_altered_secure_stage_instruction_refused(tmp_path: Path, stage: str) ->
     s.tamper = only(NODE, edit)
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
     (result,) = FederatedRun(
-        cfg(4, secagg=True), s.grid, book=RunBook(record, KEY, RUN_ID)
+        echo_cfg(4, secagg=True), s.grid, book=RunBook(record, KEY, RUN_ID)
     ).execute()
     record.close()
     site = next(o for o in result.sites if o.node_id == NODE)
@@ -414,7 +404,7 @@ def test_honest_run_with_pinned_key_completes_and_every_site_holds_the_final_hea
     s = sites(tmp_path, num_sites=3)
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
     results = FederatedRun(
-        cfg(3, rounds=2, secagg=secagg), s.grid, book=RunBook(record, KEY, RUN_ID)
+        echo_cfg(3, rounds=2, secagg=secagg), s.grid, book=RunBook(record, KEY, RUN_ID)
     ).execute()
     assert [r.participants for r in results] == [3, 3]
     final = record.latest_seal()
@@ -446,10 +436,12 @@ def test_resumed_run_is_accepted_by_pinned_sites_after_a_coordinator_crash(tmp_p
     s.tamper = crash
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
     with pytest.raises(RuntimeError, match="killed"):
-        FederatedRun(cfg(rounds=3), s.grid, book=RunBook(record, KEY, RUN_ID)).execute()
+        FederatedRun(echo_cfg(rounds=3), s.grid, book=RunBook(record, KEY, RUN_ID)).execute()
     assert (NODE, 2) in s.trainer.calls
     s.tamper = None
-    resumed = FederatedRun(cfg(rounds=3), s.grid, book=RunBook(record, KEY, RUN_ID), resume=True)
+    resumed = FederatedRun(
+        echo_cfg(rounds=3), s.grid, book=RunBook(record, KEY, RUN_ID), resume=True
+    )
     results = resumed.execute()
     assert [(r.round, r.participants) for r in results] == [(1, 2), (2, 2), (3, 2)]
     # round 2 redone from the record: NODE answers with its stored release, without training

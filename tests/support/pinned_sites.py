@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common.config import RunConfig
 from policies import SitePolicies, load_site_policies
 
 PINNED_SITE_POLICY = """kind = "site"
@@ -30,3 +31,14 @@ def pinned_policies(folder: Path, key: Ed25519PrivateKey) -> SitePolicies:
     raw = key.public_key().public_bytes_raw()
     (folder / "default.toml").write_text(PINNED_SITE_POLICY.format(key=raw.hex()))
     return load_site_policies(folder)
+
+
+def echo_cfg(num_sites: int = 2, *, num_features: int = 16, **changes: object) -> RunConfig:
+    """A plain echo run over the ``vector`` model (``num_features`` coordinates), CPU only."""
+    base: dict[str, object] = dict(
+        dataset="custom", model="vector", workload="echo", num_features=num_features,
+        num_classes=2, num_sites=num_sites, rounds=1, min_sites=2, device="cpu", secagg=False,
+        clip_norm=1.0,
+    )  # fmt: skip
+    base.update(changes)
+    return RunConfig(**base)  # type: ignore[arg-type]
