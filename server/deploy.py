@@ -27,6 +27,7 @@ from common.processes import (
     check_port_free,
     flower_env,
     flower_executable,
+    run_group,
     start_group,
     stop_group,
     wait_for_port,
@@ -248,12 +249,11 @@ class SuperLink:
         self, args: list[str], *, check: bool = False, stream: bool = False
     ) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this SuperLink."""
-        proc = subprocess.run(
+        # Under a supervisor like the SuperLink: never left running if this process dies.
+        proc = run_group(
             [flower_executable("flwr"), *args],
-            env=flower_env(self.settings.flwr_home),
-            text=True,
-            capture_output=not stream,
-            check=False,
+            flower_env(self.settings.flwr_home),
+            capture=not stream,
         )
         if check and proc.returncode != 0:
             detail = (proc.stdout or "") + (proc.stderr or "")
