@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.errors import ConfigurationError, FedsealError
-from common.pki import CertPaths
+from common.pki import CertPaths, check_server_tls
 from common.processes import (
     check_port_free,
     flower_env,
@@ -163,6 +163,8 @@ class SuperLink:
                 + ", ".join(str(p) for p in missing)
                 + " (create them with `fedseal-server certs DIR`, or pass --insecure explicitly)"
             )
+        if s.certs is not None:
+            check_server_tls(s.certs)  # expired, another CA's, or a key of another certificate
         if s.auth_keys and s.certs is None:
             raise ConfigurationError("node authentication needs TLS; drop --insecure")
         for key in s.auth_keys:
