@@ -68,20 +68,6 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """FedsealError with one clear line if nothing accepts TCP connections at ``host:port``."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigurationError(f"SuperLink address must be HOST:PORT, got {address!r}")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise FedsealError(
-            f"cannot reach the SuperLink at {address}: {exc.strerror or exc}"
-        ) from None
-
-
 def wait_for_port(
     host: str, port: int, proc: subprocess.Popen[bytes], timeout_s: float, what: str
 ) -> None:
@@ -121,6 +107,7 @@ def start_group(
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - lives as long as the child
     supervised = [
         sys.executable,
+        "-P",  # never this directory's own `common`: the installed fedseal's supervisor
         "-m",
         "common.supervisor",
         "--parent",
