@@ -8,8 +8,8 @@ The command stays until one of:
   SIGTERM, given :data:`STOP_GRACE_S`, then SIGKILLed; exit 0;
 * the run ended (:mod:`client.run_end`; polled every :data:`MARKER_POLL_S`),
   unless ``keep_running``: the site's acknowledgement of the final audit head
-  is let out first (bounded by :data:`ACK_WAIT_S`), then the SuperNode is
-  stopped; exit 0 with one line naming the run;
+  is let reach the coordinator first (:func:`_await_ack`, bounded), then the
+  SuperNode is stopped; exit 0 with one line naming the run;
 * the SuperNode exits by itself: a failure is explained in one line from
   Flower's exit code and error code (:func:`explain_exit`).
 """
@@ -34,6 +34,10 @@ STOP_GRACE_S = 0.8
 POLL_S = 0.1
 MARKER_POLL_S = 0.5
 ACK_WAIT_S = 10.0
+# The ServerApp polls for replies every 3 s (flwr's http_grid.send_and_receive), and the
+# SuperLink answers "node unavailable" instead of a stored reply once its node is
+# deactivated: after the acknowledgement left, the SuperNode stays this long.
+ACK_PULL_S = 5.0
 TAIL_LINES = 200
 
 # flower-supernode's own exit codes (flwr.supercore.exit.ExitCode), printed as "Exit Code: N"
@@ -46,6 +50,9 @@ FLEET_NODE_ACTIVATION_FAILED = 2004  # "No SuperNode found with the given public
 # what flower-supernode logs as a message comes in, and once its reply left
 # (start_client_internal: _pull_and_store_message, _push_messages)
 MESSAGE_RECEIVING = "Receiving: "
+# the final head's message type (query.<common.records.AUDIT_HEAD_ACTION>), written out:
+# common.records imports torch, which this module keeps out of the command line's start
+AUDIT_HEAD_MESSAGE = "query.audit_head message"
 REPLY_SENT = ("Sent successfully", "Ignoring reply message", "Failed to send message")
 
 
@@ -94,6 +101,8 @@ class _Output:
         default_factory=lambda: collections.deque(maxlen=TAIL_LINES)
     )
     reply_pending: bool = False  # a message came in and its reply has not left yet
+    head_ack_sent: bool = False  # the reply to the final audit head left
+    receiving: str = ""  # the message type last received
 
     def follow(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.stdout is None:
@@ -103,8 +112,10 @@ class _Output:
             self.tail.append(line)
             if MESSAGE_RECEIVING in line:
                 self.reply_pending = True
+                self.receiving = line
             elif any(text in line for text in REPLY_SENT):
                 self.reply_pending = False
+                self.head_ack_sent = self.head_ack_sent or AUDIT_HEAD_MESSAGE in self.receiving
             sys.stderr.write(line)
             sys.stderr.flush()
 
@@ -169,13 +180,20 @@ def run_supernode(
 
 
 def _await_ack(proc: subprocess.Popen[bytes], output: _Output, stopped: Callable[[], bool]) -> None:
-    """Give the SuperNode time to send the final head's acknowledgement (bounded).
+    """Let the final head's acknowledgement reach the coordinator before stopping (bounded).
 
-    The marker is written before that reply leaves; the coordinator waits for
-    it, so stopping at once would hold the coordinator up for its whole timeout.
+    The marker is written before that reply leaves, and the coordinator only
+    counts it if it pulls it while this node is still connected: wait for the
+    reply to leave (at most :data:`ACK_WAIT_S`), then, once it left,
+    :data:`ACK_PULL_S`.
     """
     deadline = time.monotonic() + ACK_WAIT_S
     while output.reply_pending and time.monotonic() < deadline:
+        if proc.poll() is not None or stopped():
+            return
+        time.sleep(POLL_S)
+    linger = time.monotonic() + (ACK_PULL_S if output.head_ack_sent else 0.0)
+    while time.monotonic() < linger:
         if proc.poll() is not None or stopped():
             return
         time.sleep(POLL_S)

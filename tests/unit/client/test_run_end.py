@@ -19,9 +19,10 @@ from pinned_sites import echo_cfg, pinned_policies
 
 from client.app import make_client_app
 from client.run_end import RUN_FINISHED_FILE, clear_run_finished, finished_run, mark_run_finished
-from client.supernode import explain_exit
+from client.supernode import AUDIT_HEAD_MESSAGE, explain_exit
 from common.audit.instruction import InstructionSigner
 from common.audit.seal import sign_head
+from common.records import AUDIT_HEAD_ACTION
 from server.aggregation.exchange import GridExchange
 
 KEY = Ed25519PrivateKey.from_private_bytes(b"\x31" * 32)  # the coordinator's audit key
@@ -103,3 +104,7 @@ def test_explain_exit_names_other_flower_exit_codes() -> None:
     assert explain_exit(3, "no exit code logged\n", "h:1", None) == (
         "the SuperNode exited with code 3"
     )
+
+
+def test_supernode_watches_for_the_final_heads_message_type() -> None:
+    assert AUDIT_HEAD_MESSAGE == f"query.{AUDIT_HEAD_ACTION} message"
