@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -212,42 +214,41 @@ def start_cmd(
     if auth_key is not None:
         argv += ["--auth-supernode-private-key", str(auth_key.resolve())]
 
-    requested: list[int] = []  # a signal handler only notes the stop; the loops act on it
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: requested.append(signum))
-    reached = wait_for_superlink(
-        superlink,
-        tls,
-        ca,
-        max_retries=max_retries,
-        max_wait_s=max_wait_time,
-        progress=lambda line: typer.echo(line, err=True),
-        stopped=lambda: bool(requested),
-    )
-    if reached:
-        checked = "TLS verified under " + str(ca) if ca is not None else "INSECURE, no TLS"
-        typer.echo(f"SuperLink at {superlink} answers ({checked})")
-        ending = run_supernode(
-            argv,
-            flower_env(state_dir / "flwr"),
-            site_state=site_state,
-            superlink=superlink,
-            auth_key=auth_key,
-            keep_running=keep_running,
+    with _stop_requests() as requested:
+        reached = wait_for_superlink(
+            superlink,
+            tls,
+            ca,
+            max_retries=max_retries,
+            max_wait_s=max_wait_time,
+            progress=lambda line: typer.echo(line, err=True),
             stopped=lambda: bool(requested),
-            started=lambda pid: out.print(
-                f"SuperNode started (pid {pid}), connecting to {superlink}; Ctrl-C to stop"
-            ),
         )
-        if ending.reason == "run-finished":
-            typer.echo(
-                f"run {ending.run_id} ended: SuperNode stopped, site exits "
-                "(start it again for the next run, or use --keep-running)"
+        ending = None
+        if reached:
+            checked = f"TLS verified under {ca}" if ca is not None else "INSECURE, no TLS"
+            typer.echo(f"SuperLink at {superlink} answers ({checked})")
+            ending = run_supernode(
+                argv,
+                flower_env(state_dir / "flwr"),
+                site_state=site_state,
+                superlink=superlink,
+                auth_key=auth_key,
+                keep_running=keep_running,
+                stopped=lambda: bool(requested),
+                started=lambda pid: out.print(
+                    f"SuperNode started (pid {pid}), connecting to {superlink}; Ctrl-C to stop"
+                ),
             )
-            return
-        if ending.reason == "exited":
-            typer.echo("the SuperNode exited")
-            return
+    if ending is not None and ending.reason == "run-finished":
+        typer.echo(
+            f"run {ending.run_id} ended: SuperNode stopped, site exits "
+            "(start it again for the next run, or use --keep-running)"
+        )
+        return
+    if ending is not None and ending.reason == "exited":
+        typer.echo("the SuperNode exited")
+        return
     typer.echo("stopped on request")
     # The SuperNode and everything below it are gone. What is left is the interpreter's
     # teardown of the modules the policy checks imported (torch among them): seconds that
@@ -255,6 +256,25 @@ def start_cmd(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """SIGTERM and SIGINT noted in the yielded list (the loops act on it); handlers restored after.
+
+    A handler only appends: stopping the SuperNode from inside a signal handler
+    could interrupt the very code that starts or waits for it.
+    """
+    requested: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: requested.append(signum))
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _site_state(state_dir: Path) -> tuple[Path, Path]:

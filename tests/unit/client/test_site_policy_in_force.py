@@ -45,6 +45,8 @@ def _start(tmp_path: Path, *extra: str) -> Any:
         str(_closed_port()),
         "--state-dir",
         str(tmp_path / "s"),
+        "--max-retries",  # the default (0) waits for the SuperLink forever
+        "1",
         *extra,
     ]
     return CliRunner().invoke(client_app, args)
