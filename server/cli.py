@@ -139,7 +139,7 @@ def start_cmd(
         )
     if certs is not None and insecure:
         raise typer.BadParameter("--certs and --insecure exclude each other")
-    check_record_db(db)  # an unwritable --db is refused before anything launches
+    check_record_db(db, state_dir=state_dir)  # an unwritable --db: refused before any launch
     state = state_dir.resolve()
     deployment = _deployment(certs, auth_keys, policy)
     settings = LinkSettings(

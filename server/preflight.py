@@ -25,7 +25,9 @@ def sqlite_path(db: str) -> Path | None:
     return Path(rest[1:] if rest.startswith("/") else rest)
 
 
-def check_record_db(db: str | None, *, must_exist: bool = False) -> None:
+def check_record_db(
+    db: str | None, *, state_dir: Path | None = None, must_exist: bool = False
+) -> None:
     """Refuse an SQLite ``--db`` that cannot be written: ConfigurationError, one line.
 
     SQLite writes its journal next to the database file, so the directory
@@ -38,6 +40,9 @@ def check_record_db(db: str | None, *, must_exist: bool = False) -> None:
     ----------
     db : str or None
         The ``--db`` option as given.
+    state_dir : Path or None
+        The launch's state directory: made by the launch itself, so a
+        database directly in it may name it before it exists.
     must_exist : bool
         ``resume``: the run's record must already be there.
     """
@@ -52,6 +57,8 @@ def check_record_db(db: str | None, *, must_exist: bool = False) -> None:
         raise ConfigurationError(f"--db {path} is a directory; give the database file's path")
     if must_exist and not path.exists():
         raise ConfigurationError(f"--db {path} does not exist; give the run's record database")
+    if not parent.exists() and state_dir is not None and parent == state_dir.resolve():
+        parent = next(p for p in parent.parents if p.exists())  # where the launch creates it
     if not parent.is_dir():
         raise ConfigurationError(
             f"--db {path}: directory {parent} does not exist; create it or choose another path"
