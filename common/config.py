@@ -56,6 +56,9 @@ class RunConfig:
     min_sites: int = 2
     sampling: str = "fixed"
     round_timeout_s: float = 600.0
+    # before round 1, wait up to wait_timeout_s for this many sites (0: start at min_sites)
+    wait_sites: int = 0
+    wait_timeout_s: float = 600.0
     # a failed round ends the round, not the run: the run aborts after this many in a row
     max_failed_rounds: int = 3
     # local training
@@ -157,6 +160,8 @@ class RunConfig:
         _positive_float("alpha", self.alpha)
         _positive_float("learning_rate", self.learning_rate)
         _positive_float("round_timeout_s", self.round_timeout_s)
+        _non_negative_int("wait_sites", self.wait_sites)
+        _positive_float("wait_timeout_s", self.wait_timeout_s)
         if not (0.0 < self.test_fraction < 1.0):
             raise ConfigurationError(
                 f"test_fraction must lie in (0, 1), got {self.test_fraction!r}"

@@ -175,6 +175,18 @@ SHARED_OPTIONS: tuple[RunOption, ...] = (
     ),
     _option("round_timeout_s", "--round-timeout", help="Seconds to wait for sites per round."),
     _option(
+        "wait_sites",
+        "--wait-sites",
+        help="Before round 1, wait for this many connected sites (0: every member of "
+        "`start --roster`, else start once --min-sites are connected); after --wait-timeout "
+        "the run starts with those connected.",
+    ),
+    _option(
+        "wait_timeout_s",
+        "--wait-timeout",
+        help="Seconds to wait for --wait-sites before round 1.",
+    ),
+    _option(
         "max_failed_rounds",
         "--max-failed-rounds",
         help="Consecutive failed rounds (model kept, failure recorded) after which the run aborts.",

@@ -265,6 +265,7 @@ class Federation:
                 str(self.allowed),
                 "--roster",
                 str(self.roster),
+                "--allow-no-dropout",  # two- and three-site secure runs tolerate no dropout
                 *args,
             ],
             self.root / "server.log",
@@ -443,6 +444,8 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
         "--secagg",
         "--policy",
         str(server_policy),
+        "--wait-sites",
+        "2",  # two of the roster's three members take part
     )
     # two sites: t = k = 1, below the default secure-aggregation floors, which these sites lower
     secure = {
@@ -595,6 +598,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
                 str(roster),
                 "--dp",
                 "--secagg",
+                "--allow-no-dropout",
             ],
             tmp_path / "server.log",
         )
