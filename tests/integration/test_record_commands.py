@@ -271,6 +271,18 @@ def test_sim_run_on_a_recorded_directory_without_its_key_refuses_up_front(
     _verify(run)
 
 
+def test_sim_run_on_a_recorded_directory_with_its_key_appends_a_sealed_run(run: Run) -> None:
+    (events, seals), keys = _log(run.db), _key_files(run.tmp)
+    proc = _sim(run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["run_id"] != run.run_id
+    after_events, after_seals = _log(run.db)
+    assert after_events[: len(events)] == events and after_seals[: len(seals)] == seals
+    assert len(after_events) > len(events) and len(after_seals) > len(seals)
+    assert _key_files(run.tmp) == keys  # the directory's key, not a new one
+    _verify(run)
+
+
 # ------------------------------------------------------------- read-only commands
 
 
