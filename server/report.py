@@ -116,7 +116,15 @@ def _empty(ax: Axes, text: str) -> None:
 
 
 def _metric_axes(
-    ax: Axes, rounds: list[RoundInfo], key: str, label: str, color: str, *, released: bool
+    ax: Axes,
+    rounds: list[RoundInfo],
+    key: str,
+    label: str,
+    color: str,
+    *,
+    released: bool,
+    marker: str = "o",
+    linestyle: str = "-",
 ) -> bool:
     """Plot one recorded metric per round, NaN (a gap) where a round has none; whether any was.
 
@@ -130,7 +138,16 @@ def _metric_axes(
     ]
     if all(math.isnan(y) for y in ys):
         return False
-    ax.plot([r.round for r in rounds], ys, marker="o", label=label, color=color)
+    ax.plot(
+        [r.round for r in rounds],
+        ys,
+        marker=marker,
+        markersize=9 if marker != "o" else 6,
+        markerfacecolor="none" if marker != "o" else color,
+        linestyle=linestyle,
+        label=label,
+        color=color,
+    )
     return True
 
 
@@ -149,7 +166,16 @@ def _metrics_figure(rounds: list[RoundInfo]) -> Figure:
     _mark_rounds(ax_loss, rounds)
     _finish_axes(ax_loss, "Loss of the global model", "cross-entropy loss (nats)", rounds)
 
-    sampled = _metric_axes(ax_sites, rounds, "sampled", "sampled", "tab:gray", released=False)
+    sampled = _metric_axes(
+        ax_sites,
+        rounds,
+        "sampled",
+        "sampled",
+        "tab:gray",
+        released=False,
+        marker="s",
+        linestyle="--",
+    )
     accepted = _metric_axes(
         ax_sites, rounds, "participants", "accepted (participants)", "tab:green", released=False
     )
