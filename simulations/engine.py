@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.env import apply_safe_flower_env
+from common.errors import RecordError
 from policies import SitePolicies
 from server.results import RoundObserver, RoundResult
 from simulations.faults import FaultPlan, SilencingGrid
@@ -93,7 +94,11 @@ def prepare_signing_key(out_dir: Path, *, resume: bool) -> Path:
     if (out_dir / "record.db").exists():
         # The record's key in force, checked before anything in the directory is rewritten
         # (the federation's roster names this key): a wrong key is refused here, not later.
-        with SqlRecord(f"sqlite:///{(out_dir / 'record.db').resolve()}", create=False) as record:
+        try:
+            record = SqlRecord(f"sqlite:///{(out_dir / 'record.db').resolve()}", create=False)
+        except RecordError:
+            return key_dir  # no record in it yet (the run makes one), or the ServerApp will say
+        with record:
             signing_key_for(record, key_dir)
     return key_dir
 
