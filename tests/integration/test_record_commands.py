@@ -161,6 +161,7 @@ APPENDING: dict[str, Callable[[Run], list[str]]] = {
     # a new run on this record (refused before any SuperLink starts)
     "start": lambda r: [
         "start",
+        "--no-secagg",  # a two-site secure run is refused for its cohort before the key check
         "--insecure",
         "--port",
         "1",
