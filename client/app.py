@@ -109,8 +109,15 @@ def handle_evaluate(
 def handle_audit_head(
     msg: Message, context: Context, site_root: SiteSetup | Path | None = None
 ) -> Message:
-    """The run's final head: verified and witnessed (:meth:`SiteContext.of`), then an empty ack."""
-    SiteContext.of(msg, context, site_root)
+    """The run's final head: verified and witnessed (:meth:`SiteContext.of`), then an empty ack.
+
+    Witnessed, it marks the run finished in the site's state directory
+    (:mod:`client.run_end`): ``fedseal-client start`` then stops the site.
+    """
+    site = SiteContext.of(msg, context, site_root)
+    from client.run_end import mark_run_finished
+
+    mark_run_finished(site.directory, site.run_id)
     return Message(content=RecordDict(), reply_to=msg)
 
 

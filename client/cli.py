@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import collections
+import os
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -41,8 +39,6 @@ SiteStateDir = Annotated[
         help="The site agent's state directory (as for `start`); the key is in its site/ folder."
     ),
 ]
-# flower-supernode's exit code when the SuperLink does not know its public key.
-SUPERNODE_AUTH_REFUSED = 305
 
 
 @app.command("keys")
@@ -111,7 +107,25 @@ def start_cmd(
     state_dir: Annotated[Path, typer.Option(help="SuperNode state and logs.")] = Path(
         ".fedseal-site"
     ),
-    max_retries: Annotated[int, typer.Option(help="Reconnection attempts (0 = forever).")] = 0,
+    max_retries: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Connection retries, waiting for the SuperLink at start and when it is lost "
+            "(0 = forever).",
+        ),
+    ] = 0,
+    max_wait_time: Annotated[
+        float,
+        typer.Option(min=0.0, help="Give up connecting after this many seconds (0 = no limit)."),
+    ] = 0.0,
+    keep_running: Annotated[
+        bool,
+        typer.Option(
+            "--keep-running",
+            help="Stay connected for further runs (default: exit 0 when the run ends).",
+        ),
+    ] = False,
     policy: Annotated[
         Path | None,
         typer.Option(
@@ -142,23 +156,24 @@ def start_cmd(
     pinned coordinator key (--server-key, or trust.server_key in the policy, or
     the coordinator key the verified --roster names) the site refuses every
     instruction not signed by it. With --roster, the roster is verified and put
-    in force likewise (one line names federation, version and digest). Runs
-    until stopped (Ctrl-C). TLS is on unless --insecure is given.
+    in force likewise (one line names federation, version and digest).
+
+    TLS is on unless --insecure is given: one TLS handshake under --ca (chain
+    and host name checked) comes first, and a failure is one line naming its
+    cause. A SuperLink that is not up yet is waited for (--max-retries,
+    --max-wait-time). The site exits 0 when its run ends (after the run's
+    final audit head is witnessed) unless --keep-running is given, and on
+    SIGTERM or Ctrl-C (its SuperNode is stopped within about a second).
     """
     apply_safe_flower_env()
+    from client.link_probe import load_ca, wait_for_superlink
     from client.site_policy import install_site_policy
-    from common.processes import (
-        check_port_free,
-        check_reachable,
-        flower_env,
-        flower_executable,
-        stop_group,
-    )
+    from client.supernode import run_supernode
+    from common.processes import check_port_free, flower_env, flower_executable
 
     if ca is None and not insecure:
         raise typer.BadParameter("give --ca (the coordinator's ca.crt) or --insecure explicitly")
-    if ca is not None and not ca.is_file():
-        raise ConfigurationError(f"CA certificate not found: {ca}")
+    tls = load_ca(ca) if ca is not None else None  # an unreadable CA: one line, at once
     if not data.is_file():
         raise ConfigurationError(f"site data file not found: {data}")
     if auth_key is not None and not auth_key.is_file():
@@ -169,7 +184,6 @@ def start_cmd(
     typer.echo(installed.summary())
     roster_config = _roster_config(roster, site_state, installed.path)
     check_port_free("127.0.0.1", port)
-    check_reachable(superlink)
     node_config = node_config_text(
         {
             "data-path": str(data.resolve()),
@@ -192,52 +206,55 @@ def start_cmd(
     ]
     if max_retries:
         argv += ["--max-retries", str(max_retries)]
+    if max_wait_time:
+        argv += ["--max-wait-time", str(max_wait_time)]
     argv += ["--insecure"] if ca is None else ["--root-certificates", str(ca.resolve())]
     if auth_key is not None:
         argv += ["--auth-supernode-private-key", str(auth_key.resolve())]
-    proc = subprocess.Popen(
-        argv,
-        env=flower_env(state_dir / "flwr"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+
+    requested: list[int] = []  # a signal handler only notes the stop; the loops act on it
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: requested.append(signum))
+    reached = wait_for_superlink(
+        superlink,
+        tls,
+        ca,
+        max_retries=max_retries,
+        max_wait_s=max_wait_time,
+        progress=lambda line: typer.echo(line, err=True),
+        stopped=lambda: bool(requested),
     )
-    out.print(f"SuperNode started (pid {proc.pid}), connecting to {superlink}; Ctrl-C to stop")
-
-    def _stop(signum: int, frame: object) -> None:
-        stop_group(proc)
-        raise typer.Exit(0)
-
-    signal.signal(signal.SIGTERM, _stop)
-    tail: collections.deque[str] = collections.deque(maxlen=200)
-
-    def _echo() -> None:
-        # Flower's output goes to our stderr and a short tail is kept to explain failures.
-        if proc.stdout is None:
-            return
-        for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace")
-            tail.append(line)
-            sys.stderr.write(line)
-            sys.stderr.flush()
-
-    reader = threading.Thread(target=_echo, daemon=True)
-    reader.start()
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        stop_group(proc)
-        raise typer.Exit(0) from None
-    stop_group(proc)  # the SuperNode's own children (superexec) hold the pipe open
-    reader.join(timeout=5)
-    if code != 0:
-        from common.errors import FedsealError
-
-        if f"Exit Code: {SUPERNODE_AUTH_REFUSED}" in "".join(tail):
-            raise FedsealError(
-                "the SuperLink refused this site: its public key is not registered with the coordinator"
+    if reached:
+        checked = "TLS verified under " + str(ca) if ca is not None else "INSECURE, no TLS"
+        typer.echo(f"SuperLink at {superlink} answers ({checked})")
+        ending = run_supernode(
+            argv,
+            flower_env(state_dir / "flwr"),
+            site_state=site_state,
+            superlink=superlink,
+            auth_key=auth_key,
+            keep_running=keep_running,
+            stopped=lambda: bool(requested),
+            started=lambda pid: out.print(
+                f"SuperNode started (pid {pid}), connecting to {superlink}; Ctrl-C to stop"
+            ),
+        )
+        if ending.reason == "run-finished":
+            typer.echo(
+                f"run {ending.run_id} ended: SuperNode stopped, site exits "
+                "(start it again for the next run, or use --keep-running)"
             )
-        raise FedsealError(f"the SuperNode exited with code {code}")
+            return
+        if ending.reason == "exited":
+            typer.echo("the SuperNode exited")
+            return
+    typer.echo("stopped on request")
+    # The SuperNode and everything below it are gone. What is left is the interpreter's
+    # teardown of the modules the policy checks imported (torch among them): seconds that
+    # hold nothing, while a requested stop is due within 2 s.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _site_state(state_dir: Path) -> tuple[Path, Path]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -171,3 +172,66 @@ def make_node_key(path_stem: Path, *, force: bool = False) -> tuple[Path, Path]:
         + b"\n"
     )
     return priv, pub
+
+
+def _load_cert(path: Path, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        raise ConfigurationError(
+            f"{what} {path} is not a PEM certificate; remake it with `fedseal-server certs DIR`"
+        ) from None
+
+
+def _check_validity(cert: x509.Certificate, path: Path, what: str, now: dt.datetime) -> None:
+    if now < cert.not_valid_before_utc:
+        raise ConfigurationError(
+            f"{what} {path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+            "(check this machine's clock, or remake it with `fedseal-server certs DIR --force`)"
+        )
+    if now > cert.not_valid_after_utc:
+        raise ConfigurationError(
+            f"{what} {path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            "remake it with `fedseal-server certs DIR --force` and give the sites the new ca.crt"
+        )
+
+
+def check_server_tls(paths: CertPaths, now: dt.datetime | None = None) -> None:
+    """Refuse TLS material the sites could not accept, one line naming the file and the fix.
+
+    Checked: the CA and server certificates parse and are valid now; the
+    server certificate is signed by that CA (a certificate from another
+    ``certs`` run would fail every site's handshake); the server key is the
+    private half of the certificate's public key (else the SuperLink could not
+    complete any handshake).
+
+    Raises
+    ------
+    ConfigurationError
+        The first problem found.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    ca = _load_cert(paths.ca_cert, "CA certificate")
+    server = _load_cert(paths.server_cert, "server certificate")
+    _check_validity(ca, paths.ca_cert, "CA certificate", now)
+    _check_validity(server, paths.server_cert, "server certificate", now)
+    try:
+        server.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigurationError(
+            f"server certificate {paths.server_cert} is not signed by the CA {paths.ca_cert}; "
+            "use the ca.crt/server.crt pair of one `fedseal-server certs` run"
+        ) from None
+    try:
+        key = serialization.load_pem_private_key(paths.server_key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        raise ConfigurationError(
+            f"server key {paths.server_key} is not an unencrypted PEM private key"
+        ) from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, public) != server.public_key().public_bytes(der, public):
+        raise ConfigurationError(
+            f"server key {paths.server_key} does not match the certificate {paths.server_cert}; "
+            "use the server.key made with it"
+        )

@@ -1,13 +1,15 @@
 """Starting and stopping Flower's own processes (SuperLink, SuperNode, flwr CLI).
 
 fedseal never implements a transport: it launches Flower's executables from
-the same environment, each in its own process group so that it and every
-child it spawns (superexec, serverapp, clientapp processes) can be stopped
-together.
+the same environment, each under a small supervisor (:mod:`common.supervisor`)
+leading its own process group, so that it and every child it spawns
+(superexec, serverapp, clientapp processes) are stopped together: on request,
+and when the fedseal command that started them dies, even by SIGKILL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,9 +18,12 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from common.env import SAFE_FLOWER_ENV
 from common.errors import ConfigurationError, FedsealError
+
+DEFAULT_GRACE_S = 5.0
 
 
 def flower_executable(name: str) -> str:
@@ -63,20 +68,6 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """FedsealError with one clear line if nothing accepts TCP connections at ``host:port``."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigurationError(f"SuperLink address must be HOST:PORT, got {address!r}")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise FedsealError(
-            f"cannot reach the SuperLink at {address}: {exc.strerror or exc}"
-        ) from None
-
-
 def wait_for_port(
     host: str, port: int, proc: subprocess.Popen[bytes], timeout_s: float, what: str
 ) -> None:
@@ -94,16 +85,48 @@ def wait_for_port(
 
 
 def start_group(
-    argv: Sequence[str], env: Mapping[str, str], log_path: Path | None = None
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path | None = None,
+    *,
+    capture: bool = False,
+    split_stderr: bool = False,
+    grace_s: float = DEFAULT_GRACE_S,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a new process group, output to ``log_path`` (or inherited)."""
+    """Start ``argv`` under a supervisor (:mod:`common.supervisor`) leading a new session.
+
+    The supervisor stops ``argv`` and every process below it when this process
+    dies (even by SIGKILL), when it is sent SIGTERM (:func:`stop_group`), or
+    when ``argv`` exits; stopping is SIGTERM, ``grace_s`` seconds, SIGKILL.
+    The returned process is the supervisor: its exit code is ``argv``'s.
+
+    Output goes to ``log_path`` (appended), to a pipe (``capture``: stdout and
+    stderr merged on ``proc.stdout``, or apart with ``split_stderr``) or is
+    inherited.
+    """
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - lives as long as the child
+    supervised = [
+        sys.executable,
+        "-P",  # never this directory's own `common`: the installed fedseal's supervisor
+        "-m",
+        "common.supervisor",
+        "--parent",
+        str(os.getpid()),
+        "--grace",
+        str(grace_s),
+        "--",
+        *argv,
+    ]
+    stdout: int | IO[bytes] | None = subprocess.PIPE if capture else out
+    stderr: int | None = subprocess.STDOUT if (out or capture) else None
+    if capture and split_stderr:
+        stderr = subprocess.PIPE
     try:
         return subprocess.Popen(
-            list(argv),
+            supervised,
             env=dict(env),
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
+            stdout=stdout,
+            stderr=stderr,
             start_new_session=True,
         )
     finally:
@@ -111,23 +134,48 @@ def start_group(
             out.close()
 
 
+def run_group(
+    argv: Sequence[str], env: Mapping[str, str], *, capture: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to its end under a supervisor (:func:`start_group`); never left behind.
+
+    With ``capture``, stdout and stderr are returned; otherwise they are
+    inherited (e.g. ``flwr run --stream``).
+    Whatever interrupts the wait (Ctrl-C, SIGTERM turned into SystemExit)
+    stops the process group before it propagates.
+    """
+    proc = start_group(argv, env, capture=capture, split_stderr=True)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        stop_group(proc)
+        raise
+    return subprocess.CompletedProcess(list(argv), proc.returncode, _text(out), _text(err))
+
+
+def _text(data: bytes | None) -> str:
+    return data.decode("utf-8", "replace") if data is not None else ""
+
+
 def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    """SIGTERM the process group of ``proc``, then SIGKILL whatever is left."""
-    if proc.poll() is None or _group_alive(proc.pid):
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                continue
-            if not _group_alive(proc.pid):
-                break
-            time.sleep(0.5)
-            if not _group_alive(proc.pid):
-                break
+    """Stop a group started by :func:`start_group`; SIGKILL it if not gone in ``timeout_s``.
+
+    The supervisor is sent SIGTERM (it stops its tree with its own grace
+    period); should it not have exited within ``timeout_s``, the whole group
+    is killed.
+    """
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    if _group_alive(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout_s)
 
 
 def _group_alive(pgid: int) -> bool:

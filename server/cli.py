@@ -140,6 +140,7 @@ def start_cmd(
     apply_safe_flower_env()
     from server.app import ServerSettings
     from server.deploy import LinkSettings
+    from server.preflight import check_record_db
 
     if certs is None and not insecure:
         raise typer.BadParameter(
@@ -147,6 +148,7 @@ def start_cmd(
         )
     if certs is not None and insecure:
         raise typer.BadParameter("--certs and --insecure exclude each other")
+    check_record_db(db)  # an unwritable --db is refused before anything launches
     state = state_dir.resolve()
     deployment = _deployment(certs, auth_keys, policy)
     settings = LinkSettings(
@@ -344,6 +346,7 @@ def resume_cmd(
     apply_safe_flower_env()
     from server.app import ServerSettings
     from server.deploy import LinkSettings
+    from server.preflight import check_record_db
     from server.record import KeyPaths, SqlRecord
     from server.record.keys import load_public_key
     from server.run_settings import (
@@ -356,6 +359,7 @@ def resume_cmd(
 
     if (certs is None) == (not insecure):
         raise typer.BadParameter("give exactly one of --certs DIR or --insecure")
+    check_record_db(db, must_exist=True)  # before the record is opened or anything launches
     state = state_dir.resolve()
     db_url = _db_url(db, state)
     with SqlRecord(db_url, create=False) as record:

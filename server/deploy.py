@@ -22,11 +22,12 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.errors import ConfigurationError, FedsealError
-from common.pki import CertPaths
+from common.pki import CertPaths, check_server_tls
 from common.processes import (
     check_port_free,
     flower_env,
     flower_executable,
+    run_group,
     start_group,
     stop_group,
     wait_for_port,
@@ -162,6 +163,8 @@ class SuperLink:
                 + ", ".join(str(p) for p in missing)
                 + " (create them with `fedseal-server certs DIR`, or pass --insecure explicitly)"
             )
+        if s.certs is not None:
+            check_server_tls(s.certs)  # expired, another CA's, or a key of another certificate
         if s.auth_keys and s.certs is None:
             raise ConfigurationError("node authentication needs TLS; drop --insecure")
         for key in s.auth_keys:
@@ -248,12 +251,11 @@ class SuperLink:
         self, args: list[str], *, check: bool = False, stream: bool = False
     ) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this SuperLink."""
-        proc = subprocess.run(
+        # Under a supervisor like the SuperLink: never left running if this process dies.
+        proc = run_group(
             [flower_executable("flwr"), *args],
-            env=flower_env(self.settings.flwr_home),
-            text=True,
-            capture_output=not stream,
-            check=False,
+            flower_env(self.settings.flwr_home),
+            capture=not stream,
         )
         if check and proc.returncode != 0:
             detail = (proc.stdout or "") + (proc.stderr or "")

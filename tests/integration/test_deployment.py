@@ -791,6 +791,8 @@ def test_client_start_unreachable_superlink_one_clear_line(tmp_path: Path) -> No
             str(_free_port()),
             "--state-dir",
             str(tmp_path / "s"),
+            "--max-retries",  # the default (0) waits for the SuperLink forever
+            "1",
         ],
         capture_output=True,
         text=True,
