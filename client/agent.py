@@ -121,7 +121,8 @@ class SiteContext:
         return site
 
     def data(self) -> SiteData:
-        return load_site_data(self.cfg, self.task, self.context.node_config)
+        """This site's data; a data file is parsed once into its state directory's cache."""
+        return load_site_data(self.cfg, self.task, self.context.node_config, self.directory)
 
     def policy(self) -> SitePolicy | None:
         """This site's policy, or None when it has none."""
@@ -302,8 +303,7 @@ def _train(
     if not cfg.dp:
         model.to(device)
         loader = make_loader(
-            data.x_train,
-            data.y_train,
+            data.train,
             cfg.batch_size,
             shuffle=True,
             seed=cfg.seed * 100_003 + site.server_round,
@@ -336,7 +336,7 @@ def _train(
         # Plain SGD: momentum (or Adam) carries each step's noise into the next ones.
         optimizer = torch.optim.SGD(base.parameters(), lr=cfg.dp_learning_rate)
         batch = dp_batch_size(cfg, len(data.y_train))
-        loader = make_loader(data.x_train, data.y_train, batch, shuffle=False, seed=None)
+        loader = make_loader(data.train, batch, shuffle=False, seed=None)
         noise = torch.Generator(device=device).manual_seed(secret_seed())
         private_model, private_opt, private_loader, handle = make_private(
             base,
