@@ -25,7 +25,13 @@ from flwr.app import Context, Message
 from client.identity import load_site_identity
 from client.instructions import InstructionCheck, InstructionRefused, check_instruction
 from client.ledger import SiteLedger
-from client.privacy import SiteDpPlan, make_private, plan_site_dp, validate_model
+from client.privacy import (
+    SiteDpPlan,
+    dp_expected_batch_size,
+    make_private,
+    plan_site_dp,
+    validate_model,
+)
 from client.site import SiteData, load_site_data
 from client.site_policy import SiteSetup, site_policy
 from client.site_roster import site_roster
@@ -196,8 +202,8 @@ def load_global(site: SiteContext, arrays: object) -> tuple[torch.nn.Module, Mod
 
 
 def dp_batch_size(cfg: RunConfig, dataset_size: int) -> int:
-    """DP-SGD's expected batch size: ``dp_batch_size``, or the whole split when 0."""
-    return min(cfg.dp_batch_size or dataset_size, dataset_size)
+    """DP-SGD's expected batch size (:func:`client.privacy.dp_expected_batch_size`)."""
+    return dp_expected_batch_size(cfg.dp_batch_size, dataset_size)
 
 
 def dp_plan(site: SiteContext, dataset_size: int) -> SiteDpPlan:
