@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.data import Examples
 from common.rng import secure_bytes
@@ -56,6 +57,29 @@ def pass_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, 
     return batch
 
 
+class ShuffledBatches(Sampler[list[int]]):
+    """Batches of a fresh random permutation on every pass, without a Python list of all indices.
+
+    Draws from ``generator`` exactly what ``DataLoader(shuffle=True)``'s
+    ``RandomSampler`` draws (one permutation per pass, plus the one it draws
+    and discards at the end of a pass), so the batches are the same as
+    with the stock sampler; but only one batch of indices is ever a list
+    (the stock sampler holds a list of every index: ~40 MB per million).
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=self.generator)
+        for start in range(0, self.n, self.batch_size):
+            yield order[start : start + self.batch_size].tolist()
+        torch.randperm(self.n, generator=self.generator)  # RandomSampler's end-of-pass draw
+
+
 def make_loader(
     examples: Examples, batch_size: int, *, shuffle: bool, seed: int | None
 ) -> DataLoader[tuple[torch.Tensor, ...]]:
@@ -65,13 +89,15 @@ def make_loader(
     adversary cannot predict which records a step samples.
     """
     generator = torch.Generator().manual_seed(seed if seed is not None else secret_seed())
-    return DataLoader(
-        ExampleDataset(examples),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=pass_batch,
-    )
+    dataset = ExampleDataset(examples)
+    if shuffle:
+        return DataLoader(
+            dataset,
+            batch_sampler=ShuffledBatches(len(dataset), batch_size, generator),
+            generator=generator,
+            collate_fn=pass_batch,
+        )
+    return DataLoader(dataset, batch_size=batch_size, generator=generator, collate_fn=pass_batch)
 
 
 def secret_seed() -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,9 +31,9 @@ BUILTIN_DATASETS = ("digits", "breast_cancer")
 MAX_SITE_FILE_BYTES = 2 * 1024**3
 SITE_FILE_SUFFIXES = (".csv", ".npz")
 # Rows parsed at once (a CSV block as float64: BLOCK_ROWS x columns x 8 bytes).
-BLOCK_ROWS = 32_768
+BLOCK_ROWS = 8_192
 # Rows converted to float32 at once when fitting a scaler or materialising a split.
-CHUNK_ROWS = 65_536
+CHUNK_ROWS = 16_384
 # Narrow dtypes features are stored in when every value is an integer in range, narrowest first.
 COMPACT_INTEGER_DTYPES: tuple[type[np.integer[Any]], ...] = (
     np.uint8,
@@ -265,7 +265,7 @@ def _consume(
         num_features = x.shape[1]
         rows += len(x)
         sink.write(x)
-        labels.append(y)
+        labels.append(y.astype(np.int64))  # a copy: a view would keep the whole block alive
     if rows == 0:
         raise DataError(f"{path}: no data rows")
     if label_low < 0 or label_high >= num_classes:
@@ -273,7 +273,7 @@ def _consume(
             f"{path}: labels must lie in [0, {num_classes}), "
             f"found {int(label_low)}..{int(label_high)}"
         )
-    y_all = np.concatenate(labels).astype(np.int64)
+    y_all = np.concatenate(labels)
     return ParsedSiteFile(rows, num_features, compact_dtype(low, high, integral), y_all)
 
 
@@ -515,14 +515,12 @@ class Examples:
     Each batch is gathered from ``data.x`` (compact, possibly memory-mapped),
     scaled to float32 by ``scaler`` and shaped ``input_shape``; nothing holds
     a float copy of the whole split unless :meth:`features` is asked for.
-    ``y`` holds the rows' labels (int64).
     """
 
     data: Dataset
     index: np.ndarray
     scaler: Standardizer
     input_shape: tuple[int, ...]
-    y: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         if self.index.ndim != 1 or not np.issubdtype(self.index.dtype, np.integer):
@@ -534,16 +532,21 @@ class Examples:
                 f"{self.data.name}: {self.data.num_features} features cannot take "
                 f"the shape {self.input_shape}"
             )
-        object.__setattr__(self, "y", self.data.y[self.index])
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def y(self) -> np.ndarray:
+        """The split's labels (int64, a copy)."""
+        labels: np.ndarray = self.data.y[self.index]
+        return labels
 
     def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The examples at ``positions`` (into this split): float32 inputs and int64 labels."""
         rows = self.index[positions]
         x = self.scaler.transform(np.asarray(self.data.x[rows]))
-        return x.reshape((len(rows), *self.input_shape)), self.y[positions]
+        return x.reshape((len(rows), *self.input_shape)), self.data.y[rows]
 
     def features(self) -> np.ndarray:
         """Every example of the split as float32, shaped (a copy: small splits, evaluation)."""

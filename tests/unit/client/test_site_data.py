@@ -92,9 +92,11 @@ def test_make_loader_batches_identical_to_the_legacy_tensor_loader():
         generator=torch.Generator().manual_seed(42),
     )
     new = make_loader(data.train, 16, shuffle=True, seed=42)
-    pairs = list(zip(legacy, new, strict=True))
-    assert len(pairs) == len(legacy)
-    for (xa, ya), (xb, yb) in pairs:
-        assert xb.dtype == torch.float32 and yb.dtype == torch.int64
-        torch.testing.assert_close(xa, xb, rtol=0, atol=0)
-        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    assert len(new) == len(legacy)
+    for _ in range(3):  # local epochs: each pass a new permutation from the same generator
+        pairs = list(zip(legacy, new, strict=True))
+        assert len(pairs) == len(legacy)
+        for (xa, ya), (xb, yb) in pairs:
+            assert xb.dtype == torch.float32 and yb.dtype == torch.int64
+            torch.testing.assert_close(xa, xb, rtol=0, atol=0)
+            torch.testing.assert_close(ya, yb, rtol=0, atol=0)
