@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from common.data import parse_site_file
+from common.data import load_site_file, parse_site_file
 from common.data_cache import META_FILE, X_FILE, Y_FILE, load_site_file_cached
 from common.errors import DataError
 
@@ -222,3 +223,25 @@ def test_cached_load_unwritable_cache_is_one_line_data_error(tmp_path, cache_roo
             load_site_file_cached(src, cache_root=cache_root, num_classes=10)
     finally:
         cache_root.chmod(0o700)
+
+
+def test_cached_load_not_utf8_is_one_line_data_error(tmp_path, cache_root):
+    src = tmp_path / "site.csv"
+    src.write_bytes(b"a,label\n1,0\n" + b"\xff\xfe,1\n")
+    with pytest.raises(DataError, match="not a UTF-8 text CSV file"):
+        load_site_file_cached(src, cache_root=cache_root, num_classes=2)
+    assert entries(cache_root) == []
+
+
+def test_parse_without_pandas_gives_the_same_arrays(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(20_000, 3)) * 1e3  # decimals: both readers must agree bit for bit
+    src = write_csv(tmp_path / "site.csv", x, rng.integers(0, 2, size=20_000), fmt="%.9g")
+    fast = load_site_file(src, num_classes=2)
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now raises ImportError
+    exact = load_site_file(src, num_classes=2)
+    assert fast.x.dtype == exact.x.dtype == np.float32
+    np.testing.assert_array_equal(fast.x, exact.x)
+    np.testing.assert_array_equal(fast.y, exact.y)
+    reference = np.loadtxt(src, delimiter=",", skiprows=1)[:, :3].astype(np.float32)
+    np.testing.assert_array_equal(exact.x, reference)
