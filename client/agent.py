@@ -25,7 +25,13 @@ from flwr.app import Context, Message
 from client.identity import load_site_identity
 from client.instructions import InstructionCheck, InstructionRefused, check_instruction
 from client.ledger import SiteLedger
-from client.privacy import SiteDpPlan, make_private, plan_site_dp, validate_model
+from client.privacy import (
+    SiteDpPlan,
+    dp_expected_batch_size,
+    make_private,
+    plan_site_dp,
+    validate_model,
+)
 from client.site import SiteData, load_site_data
 from client.site_policy import SiteSetup, site_policy
 from client.site_roster import site_roster
@@ -121,7 +127,8 @@ class SiteContext:
         return site
 
     def data(self) -> SiteData:
-        return load_site_data(self.cfg, self.task, self.context.node_config)
+        """This site's data; a data file is parsed once into its state directory's cache."""
+        return load_site_data(self.cfg, self.task, self.context.node_config, self.directory)
 
     def policy(self) -> SitePolicy | None:
         """This site's policy, or None when it has none."""
@@ -195,8 +202,8 @@ def load_global(site: SiteContext, arrays: object) -> tuple[torch.nn.Module, Mod
 
 
 def dp_batch_size(cfg: RunConfig, dataset_size: int) -> int:
-    """DP-SGD's expected batch size: ``dp_batch_size``, or the whole split when 0."""
-    return min(cfg.dp_batch_size or dataset_size, dataset_size)
+    """DP-SGD's expected batch size (:func:`client.privacy.dp_expected_batch_size`)."""
+    return dp_expected_batch_size(cfg.dp_batch_size, dataset_size)
 
 
 def dp_plan(site: SiteContext, dataset_size: int) -> SiteDpPlan:
@@ -302,8 +309,7 @@ def _train(
     if not cfg.dp:
         model.to(device)
         loader = make_loader(
-            data.x_train,
-            data.y_train,
+            data.train,
             cfg.batch_size,
             shuffle=True,
             seed=cfg.seed * 100_003 + site.server_round,
@@ -336,7 +342,7 @@ def _train(
         # Plain SGD: momentum (or Adam) carries each step's noise into the next ones.
         optimizer = torch.optim.SGD(base.parameters(), lr=cfg.dp_learning_rate)
         batch = dp_batch_size(cfg, len(data.y_train))
-        loader = make_loader(data.x_train, data.y_train, batch, shuffle=False, seed=None)
+        loader = make_loader(data.train, batch, shuffle=False, seed=None)
         noise = torch.Generator(device=device).manual_seed(secret_seed())
         private_model, private_opt, private_loader, handle = make_private(
             base,

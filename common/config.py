@@ -32,6 +32,9 @@ DEVICES = ("auto", "cpu", "cuda")
 RETIRED_FIELDS = ("drop_rate", "drop_stage")
 # run_config keys with this prefix configure the coordinator only (paths, keys).
 SERVER_ONLY_PREFIX = "server-"
+# The largest expected DP-SGD batch dp_batch_size=0 means: full-batch DP-GD up to this
+# many training examples, Poisson batches of about this size above it.
+FULL_BATCH_DP_CAP = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,10 @@ class RunConfig:
     max_grad_norm: float = 1.0
     site_noise_multiplier: float = 0.0  # 0: derived from site_epsilon
     # DP-SGD's own training settings (small sites learn best with full-batch DP-GD)
-    dp_batch_size: int = 0  # 0: the site's whole training split (sampling rate 1)
+    # expected Poisson batch; 0: the site's whole training split (sampling rate 1) up to
+    # FULL_BATCH_DP_CAP examples, above it batches of about FULL_BATCH_DP_CAP
+    # (sampling rate 1 / ceil(n / FULL_BATCH_DP_CAP)), so a step's cost does not grow with n
+    dp_batch_size: int = 0
     dp_local_epochs: int = 1
     dp_learning_rate: float = 4.0
     accountant: str = "prv"

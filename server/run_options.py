@@ -35,7 +35,15 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
-from common.config import ACCOUNTANTS, DATASETS, MODELS, PARTITIONS, SAMPLINGS, RunConfig
+from common.config import (
+    ACCOUNTANTS,
+    DATASETS,
+    FULL_BATCH_DP_CAP,
+    MODELS,
+    PARTITIONS,
+    SAMPLINGS,
+    RunConfig,
+)
 from common.data import BUILTIN_DATASETS
 from policies.cli_errors import one_line_errors
 
@@ -212,7 +220,11 @@ SHARED_OPTIONS: tuple[RunOption, ...] = (
     _option(
         "dp_batch_size",
         "--dp-batch-size",
-        help="DP-SGD expected batch size; 0 = the site's whole training split (DP-GD).",
+        help=(
+            "DP-SGD expected (Poisson) batch size; 0 = the site's whole training split "
+            f"(DP-GD, sampling rate 1) up to {FULL_BATCH_DP_CAP} examples, "
+            f"Poisson batches of about {FULL_BATCH_DP_CAP} above."
+        ),
     ),
     _option("dp_local_epochs", "--dp-local-epochs", help="Local epochs per round under DP-SGD."),
     _option("dp_learning_rate", "--dp-learning-rate", help="Learning rate under DP-SGD."),
