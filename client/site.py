@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from client.state import private_dir
+from client.state import DATA_CACHE_DIR, private_dir
 from common.config import RunConfig
 from common.data import (
     Dataset,
@@ -41,7 +41,6 @@ from common.rng import seeded_generator
 from common.task import TaskSpec
 
 LOCAL_TEST_FRACTION = 0.2
-DATA_CACHE_DIR = "data-cache"  # inside the site's private state directory
 
 
 @dataclass(frozen=True, slots=True, eq=False)
