@@ -19,6 +19,7 @@ document and everything Ray and Flower print is sent to stderr.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -301,6 +302,8 @@ def deploy_cmd(
             f"exchanges/round {_fmt(sample.exchanges, '.0f')}[/dim]"
         )
 
+    # A stopped benchmark still stops the deployments it started (run_bench's clean-up).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         report = run_bench(repeats, rounds, chosen, keep=keep, on_sample=announce)
     except FedsealError as exc:
@@ -309,7 +312,9 @@ def deploy_cmd(
     if json_out:
         _emit_json(report.to_json())
         return
-    Console().print(deploy_table(report.rows(), rounds, repeats, report.loaded))
+    console = Console()
+    console.print(deploy_table(report.rows(), rounds, repeats, report.loaded))
+    console.print(breakdown_table(report))
 
 
 def deploy_table(rows: Sequence[dict[str, Any]], rounds: int, repeats: int, load: str) -> Table:
@@ -340,4 +345,25 @@ def deploy_table(rows: Sequence[dict[str, Any]], rounds: int, repeats: int, load
             _fmt(row["limit"], ".2f"),
             "-" if met is None else ("yes" if met else "no"),
         )
+    return table
+
+
+def breakdown_table(report: Any) -> Table:
+    """Where one exchange's time goes at a site, per variant and message type (medians, s)."""
+    from simulations.bench.deploy import PHASES
+
+    table = Table(
+        title="One exchange at one site, seconds: median over sites and messages, then over runs"
+    )
+    table.add_column("variant")
+    table.add_column("message")
+    for name, _ in PHASES:
+        table.add_column(name, justify="right")
+    for variant in ("flower", "plain", "secure"):
+        for kind, phases in report.breakdown(variant).items():
+            table.add_row(
+                variant,
+                kind,
+                *(_fmt(p.median if (p := phases.get(name)) else None, ".2f") for name, _ in PHASES),
+            )
     return table

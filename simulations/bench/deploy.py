@@ -39,10 +39,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,77 @@ def messages_per_round(site_log: str) -> dict[int, list[str]]:
     return rounds
 
 
+PHASES = (
+    ("wait", "from the site's last reply to its next message (node poll, server, its pull)"),
+    ("pull", "the SuperNode pulling the message and its objects"),
+    ("start", "SuperExec's task poll, the flwr-clientapp process start and Flower's imports"),
+    ("app", "loading the ClientApp, the handler, the reply reaching the SuperNode"),
+    ("push", "the SuperNode pushing the reply"),
+)
+"""The phases of one exchange at one site, from its time-stamped SuperNode log."""
+
+_MARKS = (
+    ("recv", "Receiving: "),
+    ("rcvd", "Received successfully"),
+    ("start", "Start `flwr-clientapp` process"),
+    ("send", "Sending: "),
+    ("sent", "Sent successfully"),
+)
+
+
+def exchange_phases(site_log: str) -> list[tuple[str, dict[str, float]]]:
+    """Per message a site received, in order: its type and the seconds of each of :data:`PHASES`.
+
+    ``site_log`` is one SuperNode's output as :func:`_start` writes it (each
+    line prefixed with its epoch time). A phase whose marks are missing is left out.
+    """
+    events: list[tuple[str, dict[str, float]]] = []
+    for line in site_log.splitlines():
+        stamp, _, text = line.partition(" ")
+        try:
+            t = float(stamp)
+        except ValueError:
+            continue
+        for mark, needle in _MARKS:
+            if needle in text:
+                if mark == "recv":
+                    m = re.search(r"Receiving: (\S+) message", text)
+                    events.append((m.group(1) if m else "?", {"recv": t}))
+                elif events and mark not in events[-1][1]:
+                    events[-1][1][mark] = t
+                break
+    out = []
+    previous_sent: float | None = None
+    for kind, marks in events:
+        phases: dict[str, float] = {}
+        if previous_sent is not None:
+            phases["wait"] = marks["recv"] - previous_sent
+        for name, a, b in (
+            ("pull", "recv", "rcvd"),
+            ("start", "rcvd", "start"),
+            ("app", "start", "send"),
+            ("push", "send", "sent"),
+        ):
+            if a in marks and b in marks:
+                phases[name] = marks[b] - marks[a]
+        previous_sent = marks.get("sent")
+        out.append((kind, phases))
+    return out
+
+
+def exchange_breakdown(site_logs: Sequence[str]) -> dict[str, dict[str, Spread]]:
+    """Per message type, each phase's median (min-max) over every site and message."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for text in site_logs:
+        for kind, phases in exchange_phases(text):
+            for name, seconds in phases.items():
+                values.setdefault(kind, {}).setdefault(name, []).append(seconds)
+    return {
+        kind: {name: s for name, v in per.items() if (s := Spread.of(v)) is not None}
+        for kind, per in sorted(values.items())
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class RunSample:
     """One run of one variant: its round times and, per round, the messages a site got."""
@@ -209,6 +281,7 @@ class RunSample:
     repeat: int
     periods: tuple[float, ...]
     messages: Mapping[int, tuple[str, ...]]  # round -> the message types of one site
+    breakdown: Mapping[str, Mapping[str, Spread]] = field(default_factory=dict)
 
     @property
     def median_s(self) -> float | None:
@@ -237,6 +310,10 @@ class RunSample:
             "median_s": self.median_s,
             "messages": {str(r): list(v) for r, v in sorted(self.messages.items())},
             "exchanges": self.exchanges,
+            "breakdown_s": {
+                kind: {name: spread.to_json() for name, spread in phases.items()}
+                for kind, phases in self.breakdown.items()
+            },
         }
 
 
@@ -268,6 +345,18 @@ class DeployReport:
     def exchanges(self, variant: str) -> float | None:
         values = [e for s in self.runs(variant) if (e := s.exchanges) is not None]
         return float(statistics.median(values)) if values else None
+
+    def breakdown(self, variant: str) -> dict[str, dict[str, Spread]]:
+        """Per message type and phase (:data:`PHASES`): the spread of the runs' medians."""
+        medians: dict[str, dict[str, list[float]]] = {}
+        for sample in self.runs(variant):
+            for kind, phases in sample.breakdown.items():
+                for name, spread in phases.items():
+                    medians.setdefault(kind, {}).setdefault(name, []).append(spread.median)
+        return {
+            kind: {name: s for name, v in per.items() if (s := Spread.of(v)) is not None}
+            for kind, per in medians.items()
+        }
 
     def first_round_s(self, variant: str) -> Spread | None:
         return Spread.of([s.periods[0] for s in self.runs(variant) if s.periods])
@@ -317,6 +406,14 @@ class DeployReport:
             "transport": "insecure (no TLS, no node authentication), loopback",
             "load": self.loaded,
             "variants": [{k: enc(v) for k, v in row.items()} for row in self.rows()],
+            "breakdown_s": {
+                variant: {
+                    kind: {name: enc(spread) for name, spread in phases.items()}
+                    for kind, phases in self.breakdown(variant).items()
+                }
+                for variant in VARIANTS
+                if self.runs(variant)
+            },
             "samples": [s.to_json() for s in self.samples],
         }
 
@@ -444,9 +541,29 @@ def _processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def _start(argv: list[str], env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
-    from common.processes import start_group
+    """Start ``argv`` in its own process group; every output line goes to ``log`` time-stamped.
 
-    return start_group(argv, env, log)
+    Flower prints no times at its default log level; the stamp (epoch seconds,
+    when the line was read) is what :func:`exchange_breakdown` works from.
+    """
+    proc = subprocess.Popen(
+        argv,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def copy() -> None:
+        if proc.stdout is None:
+            return
+        with log.open("a", encoding="utf-8") as fh:
+            for raw in proc.stdout:
+                fh.write(f"{time.time():.3f} {raw.decode('utf-8', 'replace')}")
+                fh.flush()
+
+    threading.Thread(target=copy, daemon=True).start()
+    return proc
 
 
 def _wait(proc: subprocess.Popen[bytes], log: Path, timeout_s: float, what: str) -> None:
@@ -530,7 +647,14 @@ def run_flower(work: Path, rounds: int, vector_size: int, repeat: int) -> RunSam
                 raise FedsealError(f"the Flower run did not finish in time (see {work})")
             time.sleep(0.2)
     ends = [float(line.split()[1]) for line in timing.read_text().splitlines() if line.strip()]
-    return RunSample("flower", repeat, tuple(round_periods(ends)), _site_messages(logs))
+    return _sample("flower", repeat, ends, logs)
+
+
+def _sample(variant: str, repeat: int, ends: Sequence[float], logs: Sequence[Path]) -> RunSample:
+    texts = [log.read_text(errors="replace") for log in logs]
+    return RunSample(
+        variant, repeat, tuple(round_periods(ends)), _site_messages(logs), exchange_breakdown(texts)
+    )
 
 
 def _timing_lines(path: Path) -> int:
@@ -612,8 +736,7 @@ def run_fedseal(work: Path, fed: Federation, rounds: int, secure: bool, repeat: 
     if failed or len(doc["rounds"]) != rounds:
         raise FedsealError(f"the fedseal run did not complete its rounds cleanly: {failed}")
     ends = fedseal_round_ends(server_dir / "record.db")
-    variant = "secure" if secure else "plain"
-    return RunSample(variant, repeat, tuple(round_periods(ends)), _site_messages(logs))
+    return _sample("secure" if secure else "plain", repeat, ends, logs)
 
 
 def _wait_for_text(path: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from simulations.bench.cli import bench_app, deploy_table
+from simulations.bench.cli import bench_app, breakdown_table, deploy_table
 from simulations.bench.deploy import (
     DeployReport,
     RunSample,
+    exchange_breakdown,
+    exchange_phases,
     messages_per_round,
     round_periods,
     steady_median,
@@ -102,6 +104,42 @@ def test_deploy_table_has_one_row_per_variant() -> None:
     table = deploy_table(report.rows(), 3, 1, "load 1.0 on 2 CPUs")
     assert table.row_count == 2
     assert "load 1.0" in str(table.title)
+
+
+STAMPED_LOG = """\
+100.000 INFO :      [RUN 7, ROUND 2]
+100.000 INFO :      Receiving: train.secagg_masked message (ID: a)
+100.250 INFO :      Received successfully
+101.750 INFO :      Start `flwr-clientapp` process
+104.750 INFO :      [RUN 7, ROUND 2]
+104.750 INFO :      Sending: train.secagg_masked message (ID: b)
+105.000 INFO :      Sent successfully
+108.000 INFO :      Receiving: train.secagg_consistency message (ID: c)
+108.500 INFO :      Received successfully
+no stamp on this line
+"""
+
+
+def test_exchange_phases_from_a_time_stamped_supernode_log() -> None:
+    (masked, m), (consistency, c) = exchange_phases(STAMPED_LOG)
+    assert masked == "train.secagg_masked" and consistency == "train.secagg_consistency"
+    assert m == {"pull": 0.25, "start": 1.5, "app": 3.0, "push": 0.25}
+    assert c == {"wait": 3.0, "pull": 0.5}  # no process start, no reply yet
+
+
+def test_exchange_breakdown_takes_medians_over_sites() -> None:
+    other = STAMPED_LOG.replace("104.750", "102.750")
+    found = exchange_breakdown([STAMPED_LOG, other])
+    app = found["train.secagg_masked"]["app"]
+    assert (app.low, app.median, app.high) == (1.0, 2.0, 3.0)
+    report = DeployReport(
+        2,
+        (RunSample("secure", 1, (9.0, 5.0), {}, found),),
+    )
+    assert report.breakdown("secure")["train.secagg_masked"]["app"].median == 2.0
+    assert breakdown_table(report).row_count == 2
+    doc = json.loads(json.dumps(report.to_json()))
+    assert doc["breakdown_s"]["secure"]["train.secagg_masked"]["app"]["median"] == 2.0
 
 
 def test_write_flower_app_is_a_numpy_only_flower_app(tmp_path: Path) -> None:
