@@ -15,28 +15,18 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message
 
 from client.identity import load_site_identity
 from client.instructions import InstructionCheck, InstructionRefused, check_instruction
-from client.ledger import SiteLedger
-from client.privacy import (
-    SiteDpPlan,
-    dp_expected_batch_size,
-    make_private,
-    plan_site_dp,
-    validate_model,
-)
 from client.site import SiteData, load_site_data
 from client.site_policy import SiteSetup, site_policy
 from client.site_roster import site_roster
 from client.state import LEDGER_FILE, WITNESS_FILE, site_dir
-from client.training import TrainStats, make_loader, secret_seed, select_device, train_local
 from client.witness import HeadRefused, witness_head
 from common.audit.seal import SignedHead
 from common.config import RunConfig
@@ -57,6 +47,15 @@ from common.records import (
 from common.roster import Roster
 from common.task import TaskSpec, task_for
 from policies import SitePolicy
+
+if TYPE_CHECKING:
+    # torch, Opacus and SQLAlchemy load only where a site trains (or plans DP-SGD): every
+    # message is a fresh process in the Deployment Engine, and the stages that only do
+    # crypto must not pay for them.
+    import torch
+
+    from client.privacy import SiteDpPlan
+    from client.training import TrainStats
 
 ECHO_UPDATE_VALUE = 1e-3
 
@@ -203,6 +202,8 @@ def load_global(site: SiteContext, arrays: object) -> tuple[torch.nn.Module, Mod
 
 def dp_batch_size(cfg: RunConfig, dataset_size: int) -> int:
     """DP-SGD's expected batch size (:func:`client.privacy.dp_expected_batch_size`)."""
+    from client.privacy import dp_expected_batch_size
+
     return dp_expected_batch_size(cfg.dp_batch_size, dataset_size)
 
 
@@ -233,6 +234,8 @@ def _cached_plan(
     z: float | None,
 ) -> SiteDpPlan:
     """Calibration is a search over accountant evaluations (seconds with PRV): do it once per process."""
+    from client.privacy import plan_site_dp
+
     return plan_site_dp(epsilon, delta, size, batch, epochs, rounds, accountant, z)
 
 
@@ -256,6 +259,8 @@ def compute_update(site: SiteContext, arrays: object) -> LocalUpdate:
     exceed the budget) and confirmed once the update exists; a crash in
     between leaves it reserved, which counts as spent.
     """
+    from client.training import select_device
+
     cfg = site.cfg
     model, spec, global_vec = load_global(site, arrays)
     if cfg.workload == "echo":
@@ -305,6 +310,12 @@ def _train(
     global_vec: np.ndarray,
     device: torch.device,
 ) -> LocalUpdate:
+    import torch
+
+    from client.ledger import SiteLedger
+    from client.privacy import make_private, validate_model
+    from client.training import make_loader, secret_seed, train_local
+
     cfg = site.cfg
     if not cfg.dp:
         model.to(device)

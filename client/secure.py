@@ -43,7 +43,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.agent import SiteContext
-from client.release import release_once
 from client.site_policy import SiteSetup
 from client.state import state_key
 from client.steps import (
@@ -368,6 +367,8 @@ def handle_masked(
         if reason is not None:
             _drop(context, server_round)
             return refusal(msg, reason, decisions)
+    from client.release import release_once  # its ledger (SQLAlchemy): the masked stage only
+
     # one release per round (client.release): a repeat is refused, never trained again
     trained = release_once(site, msg, lambda: train(msg, context), setup=config.digest())
     if is_refusal(trained):
