@@ -15,22 +15,18 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message
 
 from client.identity import load_site_identity
 from client.instructions import InstructionCheck, InstructionRefused, check_instruction
-from client.ledger import SiteLedger
-from client.privacy import SiteDpPlan, make_private, plan_site_dp, validate_model
 from client.site import SiteData, load_site_data
 from client.site_policy import SiteSetup, site_policy
 from client.site_roster import site_roster
 from client.state import LEDGER_FILE, WITNESS_FILE, site_dir
-from client.training import TrainStats, make_loader, secret_seed, select_device, train_local
 from client.witness import HeadRefused, witness_head
 from common.audit.seal import SignedHead
 from common.config import RunConfig
@@ -51,6 +47,15 @@ from common.records import (
 from common.roster import Roster
 from common.task import TaskSpec, task_for
 from policies import SitePolicy
+
+if TYPE_CHECKING:
+    # torch, Opacus and SQLAlchemy load only where a site trains (or plans DP-SGD): every
+    # message is a fresh process in the Deployment Engine, and the stages that only do
+    # crypto must not pay for them.
+    import torch
+
+    from client.privacy import SiteDpPlan
+    from client.training import TrainStats
 
 ECHO_UPDATE_VALUE = 1e-3
 
@@ -121,7 +126,8 @@ class SiteContext:
         return site
 
     def data(self) -> SiteData:
-        return load_site_data(self.cfg, self.task, self.context.node_config)
+        """This site's data; a data file is parsed once into its state directory's cache."""
+        return load_site_data(self.cfg, self.task, self.context.node_config, self.directory)
 
     def policy(self) -> SitePolicy | None:
         """This site's policy, or None when it has none."""
@@ -195,8 +201,10 @@ def load_global(site: SiteContext, arrays: object) -> tuple[torch.nn.Module, Mod
 
 
 def dp_batch_size(cfg: RunConfig, dataset_size: int) -> int:
-    """DP-SGD's expected batch size: ``dp_batch_size``, or the whole split when 0."""
-    return min(cfg.dp_batch_size or dataset_size, dataset_size)
+    """DP-SGD's expected batch size (:func:`client.privacy.dp_expected_batch_size`)."""
+    from client.privacy import dp_expected_batch_size
+
+    return dp_expected_batch_size(cfg.dp_batch_size, dataset_size)
 
 
 def dp_plan(site: SiteContext, dataset_size: int) -> SiteDpPlan:
@@ -226,6 +234,8 @@ def _cached_plan(
     z: float | None,
 ) -> SiteDpPlan:
     """Calibration is a search over accountant evaluations (seconds with PRV): do it once per process."""
+    from client.privacy import plan_site_dp
+
     return plan_site_dp(epsilon, delta, size, batch, epochs, rounds, accountant, z)
 
 
@@ -249,6 +259,8 @@ def compute_update(site: SiteContext, arrays: object) -> LocalUpdate:
     exceed the budget) and confirmed once the update exists; a crash in
     between leaves it reserved, which counts as spent.
     """
+    from client.training import select_device
+
     cfg = site.cfg
     model, spec, global_vec = load_global(site, arrays)
     if cfg.workload == "echo":
@@ -298,12 +310,17 @@ def _train(
     global_vec: np.ndarray,
     device: torch.device,
 ) -> LocalUpdate:
+    import torch
+
+    from client.ledger import SiteLedger
+    from client.privacy import make_private, validate_model
+    from client.training import make_loader, secret_seed, train_local
+
     cfg = site.cfg
     if not cfg.dp:
         model.to(device)
         loader = make_loader(
-            data.x_train,
-            data.y_train,
+            data.train,
             cfg.batch_size,
             shuffle=True,
             seed=cfg.seed * 100_003 + site.server_round,
@@ -336,7 +353,7 @@ def _train(
         # Plain SGD: momentum (or Adam) carries each step's noise into the next ones.
         optimizer = torch.optim.SGD(base.parameters(), lr=cfg.dp_learning_rate)
         batch = dp_batch_size(cfg, len(data.y_train))
-        loader = make_loader(data.x_train, data.y_train, batch, shuffle=False, seed=None)
+        loader = make_loader(data.train, batch, shuffle=False, seed=None)
         noise = torch.Generator(device=device).manual_seed(secret_seed())
         private_model, private_opt, private_loader, handle = make_private(
             base,

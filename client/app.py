@@ -40,8 +40,6 @@ from client.mods.release import release_mod
 from client.mods.secagg import secagg_mod
 from client.secure import handle_identity
 from client.site_policy import SiteSetup
-from client.training import select_device
-from common.evaluation import evaluate
 from common.records import AUDIT_HEAD_ACTION, KEY_ARRAYS, KEY_METRICS
 from common.secagg.stages import IDENTITY_ACTION, WIRE_STAGES
 from policies import SitePolicies
@@ -96,6 +94,9 @@ def train_step(setup: SiteSetup, trainer: Trainer) -> ClientAppCallable:
 def handle_evaluate(
     msg: Message, context: Context, site_root: SiteSetup | Path | None = None
 ) -> Message:
+    from client.training import select_device  # torch: only the handlers that use a model
+    from common.evaluation import evaluate
+
     site = SiteContext.of(msg, context, site_root)
     cfg = site.cfg
     data = site.data()

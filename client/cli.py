@@ -184,6 +184,7 @@ def start_cmd(
     # A broken policy fails here (every problem listed, as `policy check`), before any connection.
     installed = install_site_policy(policy, site_state)
     typer.echo(installed.summary())
+    _check_site_data(data, label_column, site_state)
     roster_config = _roster_config(roster, site_state, installed.path)
     check_port_free("127.0.0.1", port)
     node_config = node_config_text(
@@ -275,6 +276,35 @@ def _stop_requests() -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+#: Labels are checked against the run's classes when a run asks; at start only that they
+#: are non-negative integers (the task is not known yet).
+ANY_LABEL = 2**31
+
+
+def _check_site_data(data: Path, label_column: str, site_state: Path) -> None:
+    """Parse the site's file now, into the cache its ClientApp processes map (one line if bad).
+
+    A malformed file (no label column, non-numeric cells, NaN, ragged rows)
+    is found here, before anything connects, so nothing about it ever
+    reaches the coordinator; the run's own checks (feature count, label
+    range) come at admission. The summary line stays on this terminal.
+    """
+    from client.state import DATA_CACHE_DIR, private_dir
+    from common.data_cache import load_site_file_cached
+
+    dataset = load_site_file_cached(
+        data,
+        cache_root=private_dir(site_state / DATA_CACHE_DIR),
+        num_classes=ANY_LABEL,
+        label_column=label_column,
+    )
+    typer.echo(
+        f"site data: {data} ({len(dataset)} rows, {dataset.num_features} features, "
+        f"labels {int(dataset.y.min())}..{int(dataset.y.max())}; parsed once, cached privately)",
+        err=True,
+    )
 
 
 def _site_state(state_dir: Path) -> tuple[Path, Path]:

@@ -18,6 +18,15 @@ observed. Opacus draws the noise from torch's generator; with
 Without Poisson sampling the accountant's assumption does not hold; the
 handle then refuses to produce an event (:class:`NotSupportedError`) rather
 than report an epsilon that is not proven.
+
+Memory: the expected batch is bounded (:func:`dp_expected_batch_size`:
+``dp_batch_size = 0`` means full batch only up to
+:data:`~common.config.FULL_BATCH_DP_CAP` examples), and each Poisson batch is
+cut into physical batches of at most ``max_physical_batch_size`` whose
+clipped per-sample gradients are summed before the one noised step (Opacus'
+``BatchMemoryManager`` splitting), so per-sample gradients never take more
+than one physical batch of memory. Splitting changes neither the sampled
+records nor the step the accountant sees.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common.config import FULL_BATCH_DP_CAP
 from common.dp.accounting import (
     AccountantName,
     calibrate_noise_multiplier,
@@ -40,9 +50,38 @@ from common.dp.accounting import (
 from common.dp.events import PrivacyEvent, PrivacyLevel
 from common.errors import ConfigurationError, NotSupportedError
 
-__all__ = ["DpSgdHandle", "SiteDpPlan", "make_private", "plan_site_dp", "validate_model"]
+__all__ = [
+    "DpSgdHandle",
+    "SiteDpPlan",
+    "dp_expected_batch_size",
+    "make_private",
+    "plan_site_dp",
+    "validate_model",
+]
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+# Most examples whose per-sample gradients exist at once (a Poisson batch is split into these).
+MAX_PHYSICAL_BATCH_SIZE = 1024
+
+
+def dp_expected_batch_size(dp_batch_size: int, dataset_size: int) -> int:
+    """DP-SGD's expected batch ``b`` for a split of ``dataset_size`` examples.
+
+    ``dp_batch_size > 0`` is taken as given (at most the split); ``0`` means
+    the whole split (sampling rate 1, DP-GD) while it holds at most
+    :data:`~common.config.FULL_BATCH_DP_CAP` examples, and ``b = FULL_BATCH_DP_CAP``
+    above (sampling rate ``1 / ceil(n / b)``, as :func:`plan_site_dp` and
+    Opacus compute it), so a step's cost does not grow with the site's data.
+
+    Raises
+    ------
+    ConfigurationError
+        ``dp_batch_size`` negative or ``dataset_size`` not positive.
+    """
+    if isinstance(dp_batch_size, bool) or not isinstance(dp_batch_size, int) or dp_batch_size < 0:
+        raise ConfigurationError(f"dp_batch_size must be an int >= 0, got {dp_batch_size!r}")
+    n = _positive_int("dataset_size", dataset_size)
+    return min(dp_batch_size or FULL_BATCH_DP_CAP, n)
 
 
 def _unsupported_layers(model: nn.Module) -> list[str]:
@@ -172,6 +211,7 @@ def make_private(
     secure_mode: bool = False,
     noise_generator: torch.Generator | None = None,
     criterion: nn.Module | None = None,
+    max_physical_batch_size: int | None = MAX_PHYSICAL_BATCH_SIZE,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader[Any], DpSgdHandle]:
     """Wrap model, optimizer and loader for DP-SGD with Opacus.
 
@@ -199,6 +239,10 @@ def make_private(
         Seeded generator for reproducible tests; refused with ``secure_mode``.
     criterion : nn.Module, optional
         Loss for ghost clipping (default cross-entropy).
+    max_physical_batch_size : int, optional
+        Split each sampled batch into physical batches of at most this many
+        examples (Opacus' ``BatchMemoryManager``); the optimizer steps, with
+        noise, once per sampled batch. ``None``: no splitting.
 
     Returns
     -------
@@ -230,6 +274,8 @@ def make_private(
         raise ConfigurationError(
             f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
         )
+    if max_physical_batch_size is not None:
+        _positive_int("max_physical_batch_size", max_physical_batch_size)
     problems = _unsupported_layers(model)
     if problems:
         raise ConfigurationError(
@@ -271,6 +317,14 @@ def make_private(
     else:
         private_model, dp_optimizer, loader = wrapped
         dp_criterion = None
+    if max_physical_batch_size is not None:
+        from opacus.utils.batch_memory_manager import wrap_data_loader
+
+        # What BatchMemoryManager's context yields: the same batches, split, with the
+        # optimizer told which physical batch ends a sampled one.
+        loader = wrap_data_loader(
+            data_loader=loader, max_batch_size=max_physical_batch_size, optimizer=dp_optimizer
+        )
     handle = DpSgdHandle(
         engine,
         noise_multiplier=float(noise_multiplier),

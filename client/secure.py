@@ -34,6 +34,7 @@ erased after its unmask stage, its refusal, or the next setup.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,7 +43,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.agent import SiteContext
-from client.release import release_once
 from client.site_policy import SiteSetup
 from client.state import state_key
 from client.steps import (
@@ -53,7 +53,7 @@ from client.steps import (
     with_decisions,
 )
 from common.config import MAX_SECAGG_SETUP_ROUNDS
-from common.errors import ConfigurationError, ProtocolError
+from common.errors import ConfigurationError, DataError, ProtocolError
 from common.records import (
     KEY_METRICS,
     KEY_SECAGG_CONFIG,
@@ -76,6 +76,8 @@ from common.secagg.messages import (
     peek_round,
 )
 from common.secagg.signing import identity_message, public_bytes, sign
+
+log = logging.getLogger("flwr.fedseal.site")
 
 STATE_RECORD = "fedseal.secagg"
 
@@ -202,17 +204,50 @@ def _participation(
 def handle_identity(
     msg: Message, context: Context, site_root: SiteSetup | Path | None = None
 ) -> Message:
-    """The coordinator's identity query: this site's identity key and its signature over
-    (run, node id), so the coordinator can bind the node to the identity in the next
-    configuration. Nothing secret and nothing data-dependent leaves the site; the
-    site trusts the binding only after checking the configuration itself."""
+    """The coordinator's admission query, once per site and run, before any cohort is drawn.
+
+    (:mod:`server.aggregation.admission`.) First the site's own check that its data fits
+    the run's task (:func:`data_misfit`): if not, a refusal in one fixed
+    category, the details logged here only. Then, under secure aggregation,
+    this site's identity key and its signature over (run, node id), so the
+    coordinator can bind the node to the identity in the next configuration;
+    a plain run gets an empty acknowledgement. Nothing secret leaves the
+    site; the site trusts the binding only after checking the configuration
+    itself.
+    """
     site = SiteContext.of(msg, context, site_root)
+    if (reason := data_misfit(site)) is not None:
+        return refusal(msg, reason)
+    if not site.cfg.secagg:
+        return Message(content=RecordDict(), reply_to=msg)
     identity, members, _ = _federation(site)
     own = public_bytes(identity)
     if own not in members:
         raise ConfigurationError("this site's identity is not in the roster it pins")
     signature = sign(identity, identity_message(int(site.run_id, 16), context.node_id))
     return _reply(msg, own + signature)
+
+
+def data_misfit(site: SiteContext) -> str | None:
+    """Why this site's data cannot serve the run's task (a fixed category), or None if it can.
+
+    The full reason (file, counts, line numbers) goes to this site's log
+    only: the category is all the coordinator learns, one bit about the
+    site's file (:mod:`server.aggregation.admission` says why that bit is acceptable).
+    """
+    if site.cfg.workload == "echo":
+        return None  # the benchmarks' echo workload reads no data
+    try:
+        site.data()
+    except (DataError, ConfigurationError) as exc:
+        text = str(exc)
+        log.warning("this site's data does not fit the run's task: %s", text)
+        if "features per example" in text:
+            return "data: the site's feature count differs from the run's task"
+        if "labels must lie" in text:
+            return "data: the site's labels fall outside the run's task's classes"
+        return "data: the site's data file is unusable for this run (see the site's log)"
+    return None
 
 
 def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | None) -> Message:
@@ -332,6 +367,8 @@ def handle_masked(
         if reason is not None:
             _drop(context, server_round)
             return refusal(msg, reason, decisions)
+    from client.release import release_once  # its ledger (SQLAlchemy): the masked stage only
+
     # one release per round (client.release): a repeat is refused, never trained again
     trained = release_once(site, msg, lambda: train(msg, context), setup=config.digest())
     if is_refusal(trained):

@@ -5,6 +5,11 @@ In deployment the SuperNode's node config names the site's data file
 ``partition-id`` of ``num-partitions`` and the site takes that share of the
 embedded dataset's training pool (never the server's held-out part).
 Feature scaling is fitted on the site's own training split only.
+
+A deployed site's file is parsed once into ``<state-dir>/data-cache``
+(:mod:`common.data_cache`) and memory-mapped by every later ClientApp
+process; its features stay in their compact dtype and become float32 one
+batch at a time (:class:`~common.data.Examples`).
 """
 
 from __future__ import annotations
@@ -18,15 +23,18 @@ from typing import Any
 
 import numpy as np
 
+from client.state import DATA_CACHE_DIR, private_dir
 from common.config import RunConfig
 from common.data import (
     Dataset,
+    Examples,
     load_builtin,
     load_site_file,
     scaler_for,
     split_holdout_stratified,
-    split_train_test,
+    split_indices,
 )
+from common.data_cache import file_sha256, load_site_file_cached
 from common.errors import ConfigurationError
 from common.partition import dirichlet_partition, iid_partition
 from common.rng import seeded_generator
@@ -35,15 +43,33 @@ from common.task import TaskSpec
 LOCAL_TEST_FRACTION = 0.2
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SiteData:
-    """A site's preprocessed train/test arrays, shaped for the run's model."""
+    """A site's train and test splits, scaled and shaped for the run's model a batch at a time.
+
+    ``x_train``/``x_test`` materialise a whole split as float32 (evaluation,
+    small sites); training reads :attr:`train` batch by batch instead.
+    """
 
     dataset_id: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+    train: Examples
+    test: Examples
+
+    @property
+    def x_train(self) -> np.ndarray:
+        return self.train.features()
+
+    @property
+    def y_train(self) -> np.ndarray:
+        return self.train.y
+
+    @property
+    def x_test(self) -> np.ndarray:
+        return self.test.features()
+
+    @property
+    def y_test(self) -> np.ndarray:
+        return self.test.y
 
 
 def site_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> Dataset:
@@ -59,10 +85,28 @@ def site_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> Da
     return pool.subset(parts[partition_id])
 
 
-def load_site_data(cfg: RunConfig, task: TaskSpec, node_config: Mapping[str, Any]) -> SiteData:
-    """Resolve, load, split and standardise the data of the site running this ClientApp."""
+def load_site_data(
+    cfg: RunConfig,
+    task: TaskSpec,
+    node_config: Mapping[str, Any],
+    state_dir: Path | None = None,
+) -> SiteData:
+    """Resolve, load, split and standardise the data of the site running this ClientApp.
+
+    With the site's private ``state_dir`` a data file is parsed once per
+    content into ``state_dir/data-cache`` (mode 0700) and mapped from there
+    (:func:`common.data_cache.load_site_file_cached`); without it the file is
+    parsed into memory.
+
+    Raises
+    ------
+    DataError
+        The site's file is missing or fails a check.
+    ConfigurationError
+        The node config names no data, or the data do not fit the run's task.
+    """
     key = tuple(sorted((str(k), str(v)) for k, v in node_config.items()))
-    return _load_cached(cfg, task, key)
+    return _load_cached(cfg, task, key, state_dir)
 
 
 def site_dataset_id(cfg: RunConfig, node_config: Mapping[str, Any]) -> str:
@@ -97,37 +141,55 @@ def _dataset_id_cached(
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(cfg: RunConfig, task: TaskSpec, node_key: tuple[tuple[str, str], ...]) -> SiteData:
+def _load_cached(
+    cfg: RunConfig,
+    task: TaskSpec,
+    node_key: tuple[tuple[str, str], ...],
+    state_dir: Path | None,
+) -> SiteData:
     node_config = dict(node_key)
     dataset_id = site_dataset_id(cfg, node_config)
     if "data-path" in node_config:
-        data = load_site_file(
-            Path(node_config["data-path"]),
-            num_classes=task.num_classes,
-            label_column=node_config.get("label-column", "label"),
-        )
+        path = Path(node_config["data-path"])
+        label_column = node_config.get("label-column", "label")
+        if state_dir is None:
+            data = load_site_file(path, num_classes=task.num_classes, label_column=label_column)
+        else:
+            data = load_site_file_cached(
+                path,
+                cache_root=private_dir(state_dir / DATA_CACHE_DIR),
+                num_classes=task.num_classes,
+                label_column=label_column,
+                content_sha256=_content_sha256(path),
+            )
     else:
         if cfg.dataset == "custom":
             raise ConfigurationError("dataset 'custom' needs a data-path in the node config")
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
         data = site_partition(cfg, pid, n)
+    task.shape_examples(data.x[:1])  # the run's feature count, or ConfigurationError
     # Split with a generator keyed by the dataset id, so reruns give the same split.
     digest = int.from_bytes(hashlib.sha256(dataset_id.encode()).digest()[:8], "big")
-    train, test = split_train_test(data, LOCAL_TEST_FRACTION, seeded_generator(digest))
-    scaler = scaler_for(train, private=cfg.dp)
+    train, test = split_indices(len(data), LOCAL_TEST_FRACTION, seeded_generator(digest))
+    scaler = scaler_for(data, private=cfg.dp, index=train)
     return SiteData(
         dataset_id,
-        task.shape_examples(scaler.transform(train.x)),
-        train.y,
-        task.shape_examples(scaler.transform(test.x)),
-        test.y,
+        Examples(data, train, scaler, task.input_shape),
+        Examples(data, test, scaler, task.input_shape),
     )
 
 
 def _file_id(path: Path) -> str:
     """A stable dataset id for a site file: its name and a hash of its content."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return f"{path.name}-{h.hexdigest()[:16]}"
+    return f"{path.name}-{_content_sha256(path)[:16]}"
+
+
+def _content_sha256(path: Path) -> str:
+    """The file's SHA-256, hashed once per process and version of the file."""
+    info = path.stat()
+    return _sha256_of(str(path), info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return file_sha256(Path(path))

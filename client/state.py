@@ -44,6 +44,7 @@ from common.rng import secure_bytes
 
 STATE_KEY_FILE = "state.key"
 LEDGER_FILE = "ledger.db"
+DATA_CACHE_DIR = "data-cache"  # the site file parsed once (common.data_cache), memory-mapped
 WITNESS_INDEX_FILE = "witnessed-heads.index.json"
 SEQUENCE_FILE = "instruction-seq.json"
 LOCK_FILE = "site.lock"
@@ -56,6 +57,7 @@ PRIVATE_DIR_MODE = 0o700
 
 __all__ = [
     "KEY_BYTES",
+    "DATA_CACHE_DIR",
     "LEDGER_FILE",
     "STATE_KEY_FILE",
     "WITNESS_FILE",

@@ -16,7 +16,6 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from client.agent import SiteContext, Trainer, dp_plan, site_budget
-from client.ledger import SiteLedger
 from client.site_policy import budget_decision, check_round, decisions_record
 from client.state import LEDGER_FILE
 from common.errors import PrivacyBudgetExceeded
@@ -68,6 +67,8 @@ def decide_participation(
     budget_reason = None
     plan = None
     if cfg.dp and cfg.workload != "echo":
+        from client.ledger import SiteLedger  # SQLAlchemy, loaded only with DP on
+
         data = site.data()
         plan = dp_plan(site, len(data.y_train))
         budget, delta = site_budget(site, data.dataset_id)

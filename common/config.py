@@ -32,6 +32,9 @@ DEVICES = ("auto", "cpu", "cuda")
 RETIRED_FIELDS = ("drop_rate", "drop_stage")
 # run_config keys with this prefix configure the coordinator only (paths, keys).
 SERVER_ONLY_PREFIX = "server-"
+# The largest expected DP-SGD batch dp_batch_size=0 means: full-batch DP-GD up to this
+# many training examples, Poisson batches of about this size above it.
+FULL_BATCH_DP_CAP = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,9 @@ class RunConfig:
     min_sites: int = 2
     sampling: str = "fixed"
     round_timeout_s: float = 600.0
+    # before round 1, wait up to wait_timeout_s for this many sites (0: start at min_sites)
+    wait_sites: int = 0
+    wait_timeout_s: float = 600.0
     # a failed round ends the round, not the run: the run aborts after this many in a row
     max_failed_rounds: int = 3
     # local training
@@ -75,7 +81,10 @@ class RunConfig:
     max_grad_norm: float = 1.0
     site_noise_multiplier: float = 0.0  # 0: derived from site_epsilon
     # DP-SGD's own training settings (small sites learn best with full-batch DP-GD)
-    dp_batch_size: int = 0  # 0: the site's whole training split (sampling rate 1)
+    # expected Poisson batch; 0: the site's whole training split (sampling rate 1) up to
+    # FULL_BATCH_DP_CAP examples, above it batches of about FULL_BATCH_DP_CAP
+    # (sampling rate 1 / ceil(n / FULL_BATCH_DP_CAP)), so a step's cost does not grow with n
+    dp_batch_size: int = 0
     dp_local_epochs: int = 1
     dp_learning_rate: float = 4.0
     accountant: str = "prv"
@@ -157,6 +166,8 @@ class RunConfig:
         _positive_float("alpha", self.alpha)
         _positive_float("learning_rate", self.learning_rate)
         _positive_float("round_timeout_s", self.round_timeout_s)
+        _non_negative_int("wait_sites", self.wait_sites)
+        _positive_float("wait_timeout_s", self.wait_timeout_s)
         if not (0.0 < self.test_fraction < 1.0):
             raise ConfigurationError(
                 f"test_fraction must lie in (0, 1), got {self.test_fraction!r}"

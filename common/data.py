@@ -3,14 +3,25 @@
 Preprocessing is always fitted by the party that holds the data, on its own
 training split only (:class:`Standardizer`): a real site never sees pooled
 data, and simulated sites must not either.
+
+Memory: a site's file is parsed a block of rows at a time
+(:func:`parse_site_file`) and its features are kept in the smallest dtype
+that holds every value exactly (:func:`compact_dtype`: integer grey levels
+stay one byte each). Rows become float32 only a batch at a time
+(:class:`Examples`), and the scaler is fitted a chunk at a time, so no
+float copy of a whole large file is ever made. :mod:`common.data_cache`
+keeps the parsed arrays on disk, so later processes map them instead of
+parsing again.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,11 +29,61 @@ from common.errors import DataError
 
 BUILTIN_DATASETS = ("digits", "breast_cancer")
 MAX_SITE_FILE_BYTES = 2 * 1024**3
+SITE_FILE_SUFFIXES = (".csv", ".npz")
+# Rows parsed at once (a CSV block as float64: BLOCK_ROWS x columns x 8 bytes).
+BLOCK_ROWS = 8_192
+# Rows converted to float32 at once when fitting a scaler or materialising a split.
+CHUNK_ROWS = 16_384
+# Narrow dtypes features are stored in when every value is an integer in range, narrowest first.
+COMPACT_INTEGER_DTYPES: tuple[type[np.integer[Any]], ...] = (
+    np.uint8,
+    np.int8,
+    np.uint16,
+    np.int16,
+)
+FEATURE_DTYPES: frozenset[np.dtype[Any]] = frozenset(
+    {np.dtype(np.float32), *(np.dtype(t) for t in COMPACT_INTEGER_DTYPES)}
+)
 
 
-@dataclass(frozen=True, slots=True)
+def compact_dtype(low: float, high: float, integral: bool) -> np.dtype[Any]:
+    """The narrowest feature dtype holding every value in ``[low, high]`` exactly.
+
+    One of :data:`COMPACT_INTEGER_DTYPES` when every value is an integer
+    (``integral``) within its range, else float32 (what every feature is
+    converted to for training anyway).
+    """
+    if integral:
+        for candidate in COMPACT_INTEGER_DTYPES:
+            info = np.iinfo(candidate)
+            if info.min <= low and high <= info.max:
+                return np.dtype(candidate)
+    return np.dtype(np.float32)
+
+
+def label_dtype(high: int) -> np.dtype[Any]:
+    """The narrowest unsigned dtype holding labels ``0..high`` (for storage only)."""
+    for candidate in (np.uint8, np.uint16, np.uint32):
+        if high <= np.iinfo(candidate).max:
+            return np.dtype(candidate)
+    return np.dtype(np.int64)
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether every value of ``x`` is finite, checked a chunk of rows at a time."""
+    if np.issubdtype(x.dtype, np.integer):
+        return True
+    return all(bool(np.isfinite(x[s : s + CHUNK_ROWS]).all()) for s in range(0, len(x), CHUNK_ROWS))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Dataset:
-    """Examples ``x`` (float32, shape ``(n, features)``) and labels ``y`` (int64).
+    """Examples ``x`` (shape ``(n, features)``) and labels ``y`` (int64).
+
+    ``x`` is float32, or one of :data:`COMPACT_INTEGER_DTYPES` when every
+    value is an integer in its range (a site file's grey levels); it may be a
+    read-only memory map (:mod:`common.data_cache`). :class:`Examples` turns
+    rows into scaled float32 a batch at a time.
 
     ``image_shape`` is the ``(C, H, W)`` view of one example when the data are
     images (digits: ``(1, 8, 8)``), else ``None``.
@@ -40,7 +101,9 @@ class Dataset:
             raise DataError(f"{self.name}: x must be (n, features) and y (n,) with equal n")
         if len(self.y) == 0:
             raise DataError(f"{self.name}: the dataset is empty")
-        if not np.all(np.isfinite(self.x)):
+        if self.x.dtype not in FEATURE_DTYPES:
+            raise DataError(f"{self.name}: features must be float32 or a compact integer dtype")
+        if not _all_finite(self.x):
             raise DataError(f"{self.name}: features contain NaN or infinite values")
         if self.y.min() < 0 or self.y.max() >= self.num_classes:
             raise DataError(
@@ -91,19 +154,45 @@ def load_builtin(name: str) -> Dataset:
     )
 
 
-def load_site_file(path: str | Path, *, num_classes: int, label_column: str = "label") -> Dataset:
-    """Load a site's own data from a CSV (header row) or NPZ file.
+# ---------------------------------------------------------------- a site's own file
 
-    CSV: one header row; the column named ``label_column`` holds integer class
-    labels in ``[0, num_classes)``; every other column is a numeric feature.
-    NPZ: arrays ``x`` (n, features) and ``y`` (n,), or feature arrays plus an
-    array named ``label_column``.
+
+class FeatureSink(Protocol):
+    """Where :func:`parse_site_file` puts the feature rows it has checked."""
+
+    def write(self, block: np.ndarray) -> None:
+        """Take the next ``(rows, features)`` float32 rows, in file order."""
+
+    def reset(self) -> None:
+        """Forget every row written so far (the parse starts again from the top)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ParsedSiteFile:
+    """What :func:`parse_site_file` learnt about a file whose rows went to a sink.
+
+    ``feature_dtype`` is the narrowest dtype that holds every feature value
+    exactly (:func:`compact_dtype`); ``labels`` are int64, checked to lie in
+    ``[0, num_classes)``.
+    """
+
+    rows: int
+    num_features: int
+    feature_dtype: np.dtype[Any]
+    labels: np.ndarray
+
+
+class _RestartExact(Exception):
+    """The fast CSV reader met something only the exact reader may judge."""
+
+
+def check_site_path(path: str | Path) -> Path:
+    """``path`` as a :class:`Path` once it names a regular file of a supported type and size.
 
     Raises
     ------
     DataError
-        Missing or unreadable file, missing label column, non-numeric or
-        non-finite values, labels out of range, or no rows.
+        Missing file, larger than :data:`MAX_SITE_FILE_BYTES`, or not ``.csv``/``.npz``.
     """
     p = Path(path)
     if not p.is_file():
@@ -111,64 +200,168 @@ def load_site_file(path: str | Path, *, num_classes: int, label_column: str = "l
     if p.stat().st_size > MAX_SITE_FILE_BYTES:
         raise DataError(f"{p}: larger than {MAX_SITE_FILE_BYTES} bytes")
     suffix = p.suffix.lower()
-    if suffix == ".csv":
-        x, y = _read_csv(p, label_column)
-    elif suffix == ".npz":
-        x, y = _read_npz(p, label_column)
-    else:
+    if suffix not in SITE_FILE_SUFFIXES:
         raise DataError(f"{p}: unsupported file type {suffix!r} (use .csv or .npz)")
-    if len(y) == 0:
-        raise DataError(f"{p}: no data rows")
-    if not np.all(np.isfinite(x)):
-        raise DataError(f"{p}: features contain NaN or infinite values")
-    if not np.all(np.isfinite(y)) or not np.all(np.equal(np.mod(y, 1), 0)):
-        raise DataError(f"{p}: label column {label_column!r} must hold integers")
-    labels = y.astype(np.int64)
-    if labels.min() < 0 or labels.max() >= num_classes:
+    return p
+
+
+def parse_site_file(
+    path: str | Path, *, num_classes: int, label_column: str, sink: FeatureSink
+) -> ParsedSiteFile:
+    """Parse and check a site's CSV (header row) or NPZ file, a block of rows at a time.
+
+    CSV: one header row; the column named ``label_column`` holds integer class
+    labels in ``[0, num_classes)``; every other column is a numeric feature.
+    NPZ: arrays ``x`` (n, features) and ``y`` (n,), or feature arrays plus an
+    array named ``label_column``.
+
+    Feature rows go to ``sink`` as float32 blocks; memory stays bounded by a
+    block (plus one int64 label per row, and for NPZ the arrays themselves).
+    CSV blocks are read by pandas' C reader when it is installed; anything it
+    cannot read exactly like Python's ``float`` (a short or long row, a blank
+    or non-numeric cell, a decoding error) makes the parse start again with
+    the standard ``csv`` reader, whose errors name the line.
+
+    Raises
+    ------
+    DataError
+        Missing or unreadable file, missing label column, non-numeric or
+        non-finite values, labels out of range, or no rows (one line, naming the file).
+    """
+    p = check_site_path(path)
+    if p.suffix.lower() == ".npz":
+        return _consume(p, _npz_blocks(p, label_column), num_classes, label_column, sink)
+    label_at, columns = _csv_header(p, label_column)
+    try:
+        return _consume(p, _fast_csv_blocks(p, label_at, columns), num_classes, label_column, sink)
+    except _RestartExact:
+        sink.reset()
+    return _consume(p, _exact_csv_blocks(p, label_at, columns), num_classes, label_column, sink)
+
+
+def _consume(
+    path: Path,
+    blocks: Iterator[tuple[np.ndarray, np.ndarray]],
+    num_classes: int,
+    label_column: str,
+    sink: FeatureSink,
+) -> ParsedSiteFile:
+    """Check every ``(features, labels)`` block, hand the features on, keep the labels."""
+    rows, num_features = 0, 0
+    low, high, integral = math.inf, -math.inf, True
+    label_low, label_high = math.inf, -math.inf
+    labels: list[np.ndarray] = []
+    for x_block, y_block in blocks:
+        x = np.ascontiguousarray(x_block, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise DataError(f"{path}: features contain NaN or infinite values")
+        y = np.asarray(y_block, dtype=np.float64)
+        if not np.isfinite(y).all() or not np.equal(np.mod(y, 1), 0).all():
+            raise DataError(f"{path}: label column {label_column!r} must hold integers")
+        if x.size:
+            low, high = min(low, float(x.min())), max(high, float(x.max()))
+            integral = integral and bool(np.equal(np.floor(x), x).all())
+        label_low, label_high = min(label_low, float(y.min())), max(label_high, float(y.max()))
+        num_features = x.shape[1]
+        rows += len(x)
+        sink.write(x)
+        labels.append(y.astype(np.int64))  # a copy: a view would keep the whole block alive
+    if rows == 0:
+        raise DataError(f"{path}: no data rows")
+    if label_low < 0 or label_high >= num_classes:
         raise DataError(
-            f"{p}: labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}"
+            f"{path}: labels must lie in [0, {num_classes}), "
+            f"found {int(label_low)}..{int(label_high)}"
         )
-    return Dataset(x.astype(np.float32), labels, num_classes, p.name)
+    y_all = np.concatenate(labels)
+    return ParsedSiteFile(rows, num_features, compact_dtype(low, high, integral), y_all)
 
 
-def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _csv_header(path: Path, label_column: str) -> tuple[int, int]:
+    """The label column's position and the number of columns, from the header row."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), None)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 text CSV file") from exc
+    if header is None:
+        raise DataError(f"{path}: empty file")
+    header = [h.strip() for h in header]
+    if label_column not in header:
+        raise DataError(
+            f"{path}: no label column {label_column!r} (columns: {', '.join(header[:10])})"
+        )
+    if len(header) < 2:
+        raise DataError(f"{path}: needs at least one feature column besides {label_column!r}")
+    return header.index(label_column), len(header)
+
+
+def _split_label(values: np.ndarray, label_at: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.delete(values, label_at, axis=1), values[:, label_at]
+
+
+def _fast_csv_blocks(
+    path: Path, label_at: int, columns: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Blocks read by pandas' C reader; :class:`_RestartExact` on anything it may misread.
+
+    A short row comes back padded with NaN and a blank cell as NaN, so any
+    NaN sends the file to the exact reader (which also rejects ``nan`` cells).
+    """
+    try:
+        import pandas as pd
+    except ImportError:
+        raise _RestartExact from None
+    try:
+        with pd.read_csv(
+            path,
+            skiprows=1,
+            header=None,
+            dtype=np.float64,
+            chunksize=BLOCK_ROWS,
+            encoding="utf-8",
+            engine="c",
+        ) as reader:
+            for frame in reader:
+                values = frame.to_numpy(dtype=np.float64)
+                if values.shape[1] != columns or np.isnan(values).any():
+                    raise _RestartExact
+                yield _split_label(values, label_at)
+    except ValueError:  # pandas' ParserError, EmptyDataError, a bad cell, UnicodeDecodeError
+        raise _RestartExact from None
+
+
+def _exact_csv_blocks(
+    path: Path, label_at: int, columns: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Blocks read by the standard ``csv`` module and ``float``; errors name the line."""
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file")
-            header = [h.strip() for h in header]
-            if label_column not in header:
-                raise DataError(
-                    f"{path}: no label column {label_column!r} (columns: {', '.join(header[:10])})"
-                )
-            label_at = header.index(label_column)
-            rows_x: list[list[float]] = []
-            rows_y: list[float] = []
+            next(reader, None)
+            rows: list[list[float]] = []
             for line_no, row in enumerate(reader, start=2):
                 if not row or all(not c.strip() for c in row):
                     continue
-                if len(row) != len(header):
+                if len(row) != columns:
                     raise DataError(
-                        f"{path}:{line_no}: expected {len(header)} values, found {len(row)}"
+                        f"{path}:{line_no}: expected {columns} values, found {len(row)}"
                     )
                 try:
-                    values = [float(c) for c in row]
+                    rows.append([float(c) for c in row])
                 except ValueError:
                     bad = next(c for c in row if not _is_float(c))
                     raise DataError(f"{path}:{line_no}: non-numeric value {bad!r}") from None
-                rows_y.append(values.pop(label_at))
-                rows_x.append(values)
+                if len(rows) == BLOCK_ROWS:
+                    yield _split_label(np.asarray(rows, dtype=np.float64), label_at)
+                    rows = []
+            if rows:
+                yield _split_label(np.asarray(rows, dtype=np.float64), label_at)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a UTF-8 text CSV file") from exc
-    if len(header) < 2:
-        raise DataError(f"{path}: needs at least one feature column besides {label_column!r}")
-    x = np.asarray(rows_x, dtype=np.float64).reshape(len(rows_x), len(header) - 1)
-    return x, np.asarray(rows_y, dtype=np.float64)
 
 
-def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _npz_blocks(path: Path, label_column: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = list(npz.files)
@@ -183,6 +376,8 @@ def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
             else:
                 raise DataError(f"{path}: no label array {label_column!r} (and no 'x'/'y' pair)")
     except (OSError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"{path}: not a readable NPZ file ({exc})") from exc
     if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
         raise DataError(f"{path}: arrays must be numeric")
@@ -191,7 +386,8 @@ def _read_npz(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     x = x.reshape(len(x), -1)
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{path}: labels must be one value per row ({len(x)} rows)")
-    return x.astype(np.float64), y.astype(np.float64)
+    for start in range(0, len(x), BLOCK_ROWS):
+        yield x[start : start + BLOCK_ROWS], y[start : start + BLOCK_ROWS]
 
 
 def _is_float(text: str) -> bool:
@@ -202,6 +398,46 @@ def _is_float(text: str) -> bool:
     return True
 
 
+class _MemorySink:
+    """Feature blocks kept in memory (a site file loaded without a cache)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] = []
+
+    def write(self, block: np.ndarray) -> None:
+        self.blocks.append(block)
+
+    def reset(self) -> None:
+        self.blocks = []
+
+
+def load_site_file(path: str | Path, *, num_classes: int, label_column: str = "label") -> Dataset:
+    """Load a site's own data from a CSV (header row) or NPZ file, into memory.
+
+    The format and checks are :func:`parse_site_file`'s; features come back in
+    their compact dtype (:func:`compact_dtype`). A site with a state
+    directory uses :func:`common.data_cache.load_site_file_cached` instead,
+    which parses once and maps the result.
+
+    Raises
+    ------
+    DataError
+        As :func:`parse_site_file`.
+    """
+    p = Path(path)
+    sink = _MemorySink()
+    parsed = parse_site_file(p, num_classes=num_classes, label_column=label_column, sink=sink)
+    x = np.empty((parsed.rows, parsed.num_features), dtype=parsed.feature_dtype)
+    at = 0
+    for block in sink.blocks:
+        x[at : at + len(block)] = block
+        at += len(block)
+    return Dataset(x, parsed.labels, num_classes, p.name)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
 @dataclass(frozen=True, slots=True)
 class Standardizer:
     """Per-feature standardisation fitted on one party's own training data."""
@@ -210,11 +446,39 @@ class Standardizer:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray, *, min_scale: float = 1e-6) -> Standardizer:
-        if len(x) == 0:
+    def fit(
+        cls,
+        x: np.ndarray,
+        *,
+        min_scale: float = 1e-6,
+        index: np.ndarray | None = None,
+        chunk_rows: int = CHUNK_ROWS,
+    ) -> Standardizer:
+        """Mean and spread of the rows ``index`` of ``x`` (all rows by default).
+
+        Rows are converted to float32 ``chunk_rows`` at a time and the chunks'
+        moments combined in float64 (Chan, Golub & LeVeque 1979), so ``x`` may
+        be a compact or memory-mapped array of any size; with a single chunk
+        the result is exactly ``x.mean(0)``, ``x.std(0)`` of the float32 rows.
+        """
+        rows = len(x) if index is None else len(index)
+        if rows == 0:
             raise DataError("cannot fit a standardiser on no examples")
-        mean = x.mean(axis=0)
-        std = x.std(axis=0)
+        count = 0
+        mean = np.zeros(x.shape[1], np.float64)
+        m2 = np.zeros(x.shape[1], np.float64)
+        for start in range(0, rows, chunk_rows):
+            sel = slice(start, start + chunk_rows)
+            chunk = np.asarray(x[sel] if index is None else x[index[sel]], dtype=np.float32)
+            n = len(chunk)
+            chunk_mean = chunk.mean(axis=0).astype(np.float64)
+            chunk_m2 = chunk.std(axis=0).astype(np.float64) ** 2 * n
+            total = count + n
+            delta = chunk_mean - mean
+            mean = mean + delta * (n / total)
+            m2 = m2 + chunk_m2 + delta**2 * (count * n / total)
+            count = total
+        std = np.sqrt(m2 / count)
         return cls(mean.astype(np.float32), np.maximum(std, min_scale).astype(np.float32))
 
     @classmethod
@@ -224,39 +488,103 @@ class Standardizer:
         return cls(np.full(num_features, mid, np.float32), np.full(num_features, half, np.float32))
 
     def transform(self, x: np.ndarray) -> np.ndarray:
+        """``(x - mean) / scale`` as float32 (``x`` float32 or a compact integer dtype)."""
         if x.shape[1:] != self.mean.shape:
             raise DataError(f"expected {self.mean.shape[0]} features, got {x.shape[1:]}")
         scaled: np.ndarray = ((x - self.mean) / self.scale).astype(np.float32)
         return scaled
 
 
-def scaler_for(train: Dataset, *, private: bool) -> Standardizer:
-    """The feature scaling a party applies to its own data.
+def scaler_for(data: Dataset, *, private: bool, index: np.ndarray | None = None) -> Standardizer:
+    """The feature scaling a party applies to its own data (its rows ``index``, default all).
 
     Fitting mean and spread on private records is itself a release about them
     that DP-SGD's accountant does not cover; so under record-level DP a dataset
     with public feature bounds is scaled by those bounds instead. Without public
     bounds, the fitted statistics remain (a documented, unaccounted leak).
     """
-    if private and train.feature_range is not None:
-        return Standardizer.from_range(*train.feature_range, train.num_features)
-    return Standardizer.fit(train.x)
+    if private and data.feature_range is not None:
+        return Standardizer.from_range(*data.feature_range, data.num_features)
+    return Standardizer.fit(data.x, index=index)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Examples:
+    """The rows ``index`` of ``data`` as a model sees them, a batch at a time.
+
+    Each batch is gathered from ``data.x`` (compact, possibly memory-mapped),
+    scaled to float32 by ``scaler`` and shaped ``input_shape``; nothing holds
+    a float copy of the whole split unless :meth:`features` is asked for.
+    """
+
+    data: Dataset
+    index: np.ndarray
+    scaler: Standardizer
+    input_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.index.ndim != 1 or not np.issubdtype(self.index.dtype, np.integer):
+            raise DataError(f"{self.data.name}: row index must be a 1-d integer array")
+        if len(self.index) and (self.index.min() < 0 or self.index.max() >= len(self.data)):
+            raise DataError(f"{self.data.name}: row index outside the dataset")
+        if math.prod(self.input_shape) != self.data.num_features:
+            raise DataError(
+                f"{self.data.name}: {self.data.num_features} features cannot take "
+                f"the shape {self.input_shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def y(self) -> np.ndarray:
+        """The split's labels (int64, a copy)."""
+        labels: np.ndarray = self.data.y[self.index]
+        return labels
+
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The examples at ``positions`` (into this split): float32 inputs and int64 labels."""
+        rows = self.index[positions]
+        x = self.scaler.transform(np.asarray(self.data.x[rows]))
+        return x.reshape((len(rows), *self.input_shape)), self.data.y[rows]
+
+    def features(self) -> np.ndarray:
+        """Every example of the split as float32, shaped (a copy: small splits, evaluation)."""
+        out = np.empty((len(self), *self.input_shape), dtype=np.float32)
+        for start in range(0, len(self), CHUNK_ROWS):
+            out[start : start + CHUNK_ROWS] = self.take(
+                np.arange(start, min(start + CHUNK_ROWS, len(self)))
+            )[0]
+        return out
+
+
+def split_indices(
+    n: int, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test row numbers of ``n`` examples (test ``ceil(n*fraction)``, at least 1).
+
+    A single example stays in train (and the test part repeats it) so that
+    tiny sites still train.
+    """
+    order = rng.permutation(n)
+    if n < 2:
+        every = np.arange(n)
+        return every, every
+    n_test = min(n - 1, max(1, math.ceil(n * test_fraction)))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 def split_train_test(
     data: Dataset, test_fraction: float, rng: np.random.Generator
 ) -> tuple[Dataset, Dataset]:
-    """Split ``data`` into train and test parts (test gets ``ceil(n*fraction)``, at least 1).
+    """Split ``data`` into train and test parts as :func:`split_indices` does (copies).
 
-    A single example stays in train (and the test part repeats it) so that
-    tiny sites still train; callers see the sizes in the returned datasets.
+    Callers see the sizes in the returned datasets.
     """
-    n = len(data)
-    order = rng.permutation(n)
-    if n < 2:
+    train, test = split_indices(len(data), test_fraction, rng)
+    if len(data) < 2:
         return data, data
-    n_test = min(n - 1, max(1, math.ceil(n * test_fraction)))
-    return data.subset(np.sort(order[n_test:])), data.subset(np.sort(order[:n_test]))
+    return data.subset(train), data.subset(test)
 
 
 def split_holdout_stratified(

@@ -14,15 +14,17 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import numpy.lib.format as npy_format
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from common.config import RunConfig
 from common.errors import ConfigurationError, DataError
+
+if TYPE_CHECKING:  # torch is imported where a state dict is converted, not with the wire keys
+    import torch
 
 # Record names inside a Message's RecordDict.
 KEY_ARRAYS = "arrays"
@@ -66,7 +68,7 @@ class ModelSpec:
     def of(cls, state_dict: Mapping[str, torch.Tensor]) -> ModelSpec:
         specs = []
         for name, tensor in state_dict.items():
-            if not torch.is_floating_point(tensor):
+            if not tensor.is_floating_point():
                 raise DataError(f"parameter {name!r} is not floating point ({tensor.dtype})")
             specs.append(ParamSpec(name, tuple(int(s) for s in tensor.shape)))
         return cls(tuple(specs))
@@ -74,9 +76,11 @@ class ModelSpec:
 
 def state_dict_to_vector(state_dict: Mapping[str, torch.Tensor]) -> np.ndarray:
     """Concatenate all parameters (state_dict order) into one float32 vector."""
+    import torch
+
     parts = []
     for name, tensor in state_dict.items():
-        if not torch.is_floating_point(tensor):
+        if not tensor.is_floating_point():
             raise DataError(f"parameter {name!r} is not floating point ({tensor.dtype})")
         parts.append(tensor.detach().to("cpu", torch.float32).reshape(-1).numpy())
     if not parts:
@@ -86,6 +90,8 @@ def state_dict_to_vector(state_dict: Mapping[str, torch.Tensor]) -> np.ndarray:
 
 def vector_to_state_dict(vector: np.ndarray, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Inverse of :func:`state_dict_to_vector` for a model with ``spec``."""
+    import torch
+
     vector = check_vector(vector, spec.size, what="model vector")
     out: dict[str, torch.Tensor] = {}
     offset = 0

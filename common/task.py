@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from common.config import RunConfig
 from common.data import Dataset, load_builtin
 from common.errors import ConfigurationError
-from common.models import build_model
+
+if TYPE_CHECKING:  # torch is imported when a model is built, not with the task
+    from torch import nn
+
+# The built-in datasets' shapes (features, classes, image shape), so that a task is known
+# without loading scikit-learn and the data: every site message derives the task, and in the
+# Deployment Engine each one is a fresh process. tests/unit/common/test_task.py holds this
+# table to what load_builtin returns.
+BUILTIN_SHAPES: dict[str, tuple[int, int, tuple[int, int, int] | None]] = {
+    "digits": (64, 10, (1, 8, 8)),
+    "breast_cancer": (30, 2, None),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +38,8 @@ class TaskSpec:
     num_features: int
 
     def build(self, seed: int) -> nn.Module:
+        from common.models import build_model
+
         return build_model(self.model_name, self.input_shape, self.num_classes, seed=seed)
 
     def parameter_count(self) -> int:
@@ -46,6 +58,10 @@ class TaskSpec:
 
 @functools.lru_cache(maxsize=32)
 def _parameter_count(name: str, input_shape: tuple[int, ...], num_classes: int) -> int:
+    import torch
+
+    from common.models import build_model
+
     with torch.device("meta"):  # shapes only: no memory, no random initialisation
         model = build_model(name, input_shape, num_classes, seed=0)
     return sum(p.numel() for p in model.parameters())
@@ -53,8 +69,11 @@ def _parameter_count(name: str, input_shape: tuple[int, ...], num_classes: int) 
 
 def task_for(cfg: RunConfig) -> TaskSpec:
     """The task implied by ``cfg`` (for built-in datasets: from the dataset's metadata)."""
+    image_shape: tuple[int, int, int] | None
     if cfg.dataset == "custom":
         num_features, num_classes, image_shape = cfg.num_features, cfg.num_classes, None
+    elif cfg.dataset in BUILTIN_SHAPES:
+        num_features, num_classes, image_shape = BUILTIN_SHAPES[cfg.dataset]
     else:
         data: Dataset = load_builtin(cfg.dataset)
         num_features, num_classes, image_shape = (

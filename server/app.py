@@ -17,11 +17,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import HttpGrid
 
 from common.config import SERVER_ONLY_PREFIX, RunConfig
 from common.errors import ConfigurationError, IntegrityError
 from common.roster import Roster, key_fingerprint, load_roster
 from policies import ServerPolicy, load_server_policy, policy_hash
+from server.aggregation.exchange import PollingGrid
 from server.book import RunBook, default_db_url
 from server.policy_gate import PolicyGate
 from server.record import SqlRecord, signing_key_for
@@ -232,6 +234,8 @@ def make_server_app(
         # A broken policy file fails here, before anything is recorded (PolicyFileError names it).
         policy = load_server_policy(chosen.policy_path) if chosen.policy_path else None
         run_cfg, book, roster = open_run(cfg, chosen, run_config, policy)
+        if isinstance(grid, HttpGrid):  # deployed: pull replies sooner than Flower's 3 s
+            grid = PollingGrid(grid)
         try:
             FederatedRun(
                 run_cfg,

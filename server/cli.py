@@ -8,7 +8,7 @@ import os
 import signal
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -32,6 +32,7 @@ app = typer.Typer(
     add_completion=False,
 )
 out = Console()
+err = Console(stderr=True)
 
 # Options of `start` and `resume`, the two commands that run a SuperLink.
 DEFAULT_STATE_DIR = Path(".fedseal-server")
@@ -117,6 +118,14 @@ def start_cmd(
             "this server's audit key, if it names one. Recorded with the run's start."
         ),
     ] = None,
+    allow_no_dropout: Annotated[
+        bool,
+        typer.Option(
+            "--allow-no-dropout",
+            help="Run secure aggregation even when the expected cohort tolerates no dropout "
+            "(e.g. 3 sites: one lost site then fails the round).",
+        ),
+    ] = False,
     *,
     run_config: RunConfig,
 ) -> None:
@@ -160,24 +169,112 @@ def start_cmd(
         roster_path=roster.resolve() if roster is not None else None,
     )
     out.print(f"run settings: {deployment.describe()}", soft_wrap=True, highlight=False)
-    _print_roster(server_settings)
+    members = _print_roster(server_settings)
+    if members and not run_config.wait_sites:
+        run_config = dataclasses.replace(run_config, wait_sites=members)
+    if run_config.wait_sites:
+        out.print(
+            f"round 1 starts when {run_config.wait_sites} sites are connected "
+            f"(--wait-sites; at most {run_config.wait_timeout_s:.0f} s, --wait-timeout)",
+            highlight=False,
+        )
+    _check_dropout_tolerance(run_config, allow_no_dropout)
+    before = _run_ids(server_settings.db_url)
     code = serve(settings, run_config, server_settings)
-    result = result_dir / "result.json"
-    if code != 0 or not result.is_file():
+    _report_run_end(server_settings.db_url, before, code, result_dir, settings.state_dir)
+
+
+#: ``fedseal-server start``'s exit codes beyond 0 (finished), 1 (error) and 2 (usage).
+EXIT_RUN_ABORTED = 3  # the run ended aborted (failed rounds, a policy refusal at start, ...)
+EXIT_RUN_UNFINISHED = 4  # the ServerApp stopped without ending its run (a crash)
+
+
+def _run_ids(db_url: str | None) -> set[str]:
+    """The run ids the record holds now (none when there is no record yet)."""
+    from common.errors import RecordError
+    from server.record import SqlRecord
+
+    if db_url is None:
+        return set()
+    try:
+        record = SqlRecord(db_url, create=False)
+    except RecordError:
+        return set()
+    with record:
+        return {r.run_id for r in record.list_runs()}
+
+
+def _report_run_end(
+    db_url: str | None, before: set[str], code: int, result_dir: Path, state_dir: Path
+) -> None:
+    """Say how the run this ``start`` launched ended, from the record; exit accordingly.
+
+    ``flwr run`` exits 0 even when the ServerApp failed, so the record is the
+    judge: ``finished`` (exit 0; failed rounds listed), ``aborted`` (exit
+    :data:`EXIT_RUN_ABORTED`, with the recorded reason), still ``running``
+    (the ServerApp died: exit :data:`EXIT_RUN_UNFINISHED`; `resume` continues it),
+    or no run at all (exit 1).
+    """
+    from server.record import SqlRecord
+
+    new: list[Any] = []
+    if db_url is not None and _run_ids(db_url):  # no record at all: the ServerApp never got far
+        with SqlRecord(db_url, create=False) as record:
+            new = [r for r in record.list_runs() if r.run_id not in before]
+    if not new or db_url is None:
         from common.errors import FedsealError
 
-        raise FedsealError(
-            f"the run did not complete (flwr exit code {code}); see {settings.state_dir}"
+        raise FedsealError(f"the ServerApp started no run (flwr exit code {code}); see {state_dir}")
+    _report_run(db_url, new[-1].run_id, code, result_dir, state_dir)
+
+
+def _report_run(db_url: str, run_id: str, code: int, result_dir: Path, state_dir: Path) -> None:
+    """How run ``run_id`` ended, from the record (see :func:`_report_run_end`); exits unless 0."""
+    from server.record import SqlRecord
+
+    with SqlRecord(db_url, create=False) as record:
+        run = record.get_run(run_id)
+        reason = next(
+            (
+                e.payload().get("reason")
+                for e in reversed(record.events(run_id))
+                if e.kind in ("run_finished", "run_aborted")
+            ),
+            None,
         )
-    doc = json.loads(result.read_text())
-    for r in doc["rounds"]:
-        if r.get("failed"):
-            out.print(f"round {r['round']}: failed: {r['failure']}", soft_wrap=True)
-            continue
-        out.print(
-            f"round {r['round']}: accuracy={r['accuracy']} loss={r['loss']} participants={r['participants']}"
+    if run.status == "running":
+        err.print(
+            f"error: run {run.run_id} did not end (the ServerApp stopped; flwr exit code {code}); "
+            f"continue it with `fedseal-server resume {run.run_id}`; see {state_dir}",
+            soft_wrap=True,
+            highlight=False,
         )
-    out.print(f"results: {result}")
+        raise typer.Exit(EXIT_RUN_UNFINISHED)
+    result = result_dir / "result.json"
+    if result.is_file():
+        doc = json.loads(result.read_text())
+        if doc.get("run_id") == run.run_id:
+            for r in doc["rounds"]:
+                if r.get("failed"):
+                    out.print(f"round {r['round']}: failed: {r['failure']}", soft_wrap=True)
+                    continue
+                out.print(
+                    f"round {r['round']}: accuracy={r['accuracy']} loss={r['loss']} "
+                    f"participants={r['participants']}"
+                )
+            out.print(f"results: {result}")
+    if run.status != "finished":
+        err.print(
+            f"error: run {run.run_id} aborted: {reason or 'no reason recorded'}",
+            soft_wrap=True,
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_RUN_ABORTED)
+    out.print(
+        f"run {run.run_id} finished" + (f" ({reason})" if reason else ""),
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 @app.command("report")
@@ -327,16 +424,7 @@ def resume_cmd(
     _print_roster(server_settings)
     code = serve(settings, cfg, server_settings)
     # `flwr run` may exit 0 when the ServerApp failed: the record says whether the run ended.
-    with SqlRecord(db_url, create=False) as record:
-        status = record.get_run(run_id).status
-    if code != 0 or status != "finished":
-        from common.errors import FedsealError
-
-        raise FedsealError(
-            f"the resumed run did not complete (flwr exit code {code}, run {status}); "
-            f"see {settings.state_dir}"
-        )
-    out.print(f"run {run_id} completed; results in {result_dir}")
+    _report_run(db_url, run_id, code, result_dir, settings.state_dir)
 
 
 def _deployment(
@@ -394,17 +482,18 @@ def _deployment(
     )
 
 
-def _print_roster(server_settings: ServerSettings) -> None:
-    """Check the roster now (intact, naming this server's key) and print the one in force."""
+def _print_roster(server_settings: ServerSettings) -> int:
+    """Check the roster now (intact, naming this server's key), print it; its member count."""
     from server.app import load_run_roster
     from server.record import load_signing_key
 
     if server_settings.roster_path is None or server_settings.key_dir is None:
-        return
+        return 0
     # A missing key is the usual one line naming `fedseal-server keys DIR` (never made here).
     public = load_signing_key(server_settings.key_dir).public_key()
     loaded = load_run_roster(server_settings.roster_path, public)
     out.print(f"{loaded.summary()} ({server_settings.roster_path})", highlight=False)
+    return len(loaded.members)
 
 
 def _check_roster_resume(
@@ -501,6 +590,29 @@ def _check_signing_key(server_settings: ServerSettings) -> None:
         return  # no record yet (the run creates it) or unreachable (the ServerApp will say)
     with record:
         signing_key_for(record, server_settings.key_dir)
+
+
+def _check_dropout_tolerance(cfg: RunConfig, allowed: bool) -> None:
+    """Refuse a secure run whose expected cohort cannot lose a single site, unless ``allowed``."""
+    from server.cohort import secure_dropout_tolerance
+
+    if not cfg.secagg:
+        return
+    tolerated, n, t, k = secure_dropout_tolerance(cfg)
+    if tolerated > 0:
+        return
+    why = (
+        f"secure aggregation over a cohort of {n} sites (threshold t={t} of k={k} neighbours) "
+        "tolerates no dropout: one lost site fails the round"
+    )
+    if allowed:
+        out.print(f"warning: {why} (--allow-no-dropout)", highlight=False)
+        return
+    from common.errors import ConfigurationError
+
+    raise ConfigurationError(
+        f"{why}; expect more sites (--wait-sites, --min-sites >= 4) or pass --allow-no-dropout"
+    )
 
 
 def _db_url(db: str | None, state_dir: Path) -> str:

@@ -17,9 +17,11 @@ about itself:
   (``--public-key``); checking against the key stored in the record takes
   an explicit ``--trust-stored-key`` and prints a warning. ``--witness``
   adds the heads sites witnessed, which is what catches a tail cut.
-* Every command that appends to the audit log seals what it appends
-  (``--keys DIR``), or refuses before writing anything: an unsealed tail
-  would make every later ``audit verify`` fail.
+* Every command that appends to the audit log (``models tag``, ``models
+  export --policy``, ``audit rotate-key``) seals what it appends with the
+  record's key in force (``--keys DIR``), or refuses in one line before
+  writing anything, to the record or to any key directory: an unsealed tail,
+  or one sealed by another key, would make every later ``audit verify`` fail.
 * ``audit rotate-key`` is the only way to change the signing key
   (:mod:`server.record.rotation`).
 """
@@ -199,9 +201,9 @@ def verify_cmd(
 def rotate_key_cmd(
     db: DbOption,
     keys: Annotated[
-        Path,
+        Path | None,
         typer.Option("--keys", help="The audit-signing key directory (audit.key) to rotate."),
-    ],
+    ] = None,
 ) -> None:
     """Rotate the audit-signing key: a key_rotated event sealed by the old key, then the new key.
 
@@ -209,6 +211,11 @@ def rotate_key_cmd(
     they trust; `audit verify` follows the rotation from it. An interrupted
     rotation is finished by running the command again.
     """
+    if keys is None:
+        raise ConfigurationError(
+            "audit rotate-key appends key_rotated, sealed by the retiring key: pass --keys DIR "
+            "(the directory holding the record's audit-signing key in force)"
+        )
     with _open(db) as record:
         rotation = rotate_signing_key(record, keys)
     where = (
@@ -463,7 +470,7 @@ def tag_cmd(
     """Add a tag to a version (recorded in the audit log and sealed; --keys is required)."""
     with _open(db) as record:
         key = _sealing_key(record, keys, "models tag")
-        v = record.tag_version(version, tag)
+        v = record.tag_version(version, tag, actor="operator")
         record.seal(key)
     out.print(f"version {v.version}: tags {', '.join(v.tags)}")
 

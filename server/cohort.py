@@ -7,6 +7,7 @@ amplification by sampling assumes (the client-level accountant is told which).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -17,6 +18,9 @@ from common.errors import ProtocolAbort
 from common.rng import secure_generator, seeded_generator
 
 NODE_WAIT_POLL_S = 1.0
+WAIT_PROGRESS_S = 10.0
+
+log = logging.getLogger("flwr.fedseal.server")
 
 
 def sample_cohort(node_ids: list[int], cfg: RunConfig, server_round: int) -> list[int]:
@@ -49,3 +53,50 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
                 f"only {len(nodes)} site(s) connected after {timeout_s:.0f} s; need {minimum}"
             )
         time.sleep(NODE_WAIT_POLL_S)
+
+
+def wait_for_sites(grid: Grid, expected: int, timeout_s: float) -> tuple[list[int], float]:
+    """Wait up to ``timeout_s`` for ``expected`` connected sites; (the connected ones, seconds).
+
+    Never raises for too few: after the timeout the run starts with whoever
+    is connected (each round then applies ``min_sites`` itself). Says every
+    :data:`WAIT_PROGRESS_S` seconds how many are there.
+    """
+    start = time.monotonic()
+    deadline, next_report = start + timeout_s, start
+    while True:
+        nodes = list(grid.get_node_ids())
+        now = time.monotonic()
+        if len(nodes) >= expected or now >= deadline:
+            return nodes, now - start
+        if now >= next_report:
+            log.info(
+                "waiting for sites: %d of %d connected (up to %.0f s more)",
+                len(nodes),
+                expected,
+                deadline - now,
+            )
+            next_report = now + WAIT_PROGRESS_S
+        time.sleep(min(NODE_WAIT_POLL_S, max(deadline - now, 0.0)))
+
+
+def expected_cohort(cfg: RunConfig) -> int:
+    """The cohort size a run expects: from ``wait_sites`` (else ``min_sites``) connected sites."""
+    sites = cfg.wait_sites or cfg.min_sites
+    return min(sites, max(cfg.min_sites, math.ceil(cfg.fraction_train * sites)))
+
+
+def secure_dropout_tolerance(cfg: RunConfig) -> tuple[int, int, int, int]:
+    """(sites a secure round may lose, cohort n, threshold t, neighbours k) for the expected cohort.
+
+    Raises
+    ------
+    ConfigurationError
+        If the threshold setting gives no valid (t, k) for that cohort.
+    """
+    from common.secagg.params import resolve_threshold
+    from common.secagg.signing import tolerated_dropouts
+
+    n = expected_cohort(cfg)
+    t, k = resolve_threshold(cfg.secagg_threshold_value, n)
+    return tolerated_dropouts(n, t, k), n, t, k

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from common.config import RunConfig
 from common.roster import Roster
+from server.aggregation.admission import SiteAdmission
 from server.aggregation.base import Aggregator
 from server.aggregation.plain import PlainAggregator
 from server.aggregation.secure import Judge, SecAggAggregator
@@ -23,15 +24,20 @@ def aggregator_for(
     judge: Judge | None = None,
     *,
     roster: Roster | None = None,
+    admission: SiteAdmission | None = None,
 ) -> Aggregator:
     """The aggregator of a run (``run_id`` hex, as the protocol's run number).
 
     ``roster`` is the federation roster the run is held to (the secure
-    aggregator checks the sites' signed key advertisements against it).
+    aggregator checks the sites' signed key advertisements against it);
+    ``admission`` the run's admission answers, whose proved identities the
+    secure aggregator binds (:mod:`server.aggregation.admission`).
     """
     inner: Aggregator
     if cfg.secagg:
-        inner = SecAggAggregator(cfg, int(run_id, 16), vector_length, judge, roster=roster)
+        inner = SecAggAggregator(
+            cfg, int(run_id, 16), vector_length, judge, roster=roster, admission=admission
+        )
     else:
         inner = PlainAggregator(vector_length, cfg.clip_norm if cfg.central_dp else None)
     return CentralDP(inner, cfg) if cfg.central_dp else inner

@@ -43,10 +43,11 @@ from common.records import ModelSpec, state_dict_to_vector
 from common.roster import Roster
 from common.secagg import SecAggConfig
 from common.task import task_for
+from server.aggregation.admission import SiteAdmission
 from server.aggregation.base import Aggregator, RoundEvent, RoundInput, require_contributors
 from server.aggregation.exchange import GridExchange
 from server.book import RunBook, code_hash
-from server.cohort import sample_cohort, wait_for_nodes
+from server.cohort import sample_cohort, wait_for_nodes, wait_for_sites
 from server.evaluation import Evaluator
 from server.pipeline import aggregator_for
 from server.policy_gate import PolicyGate
@@ -111,12 +112,15 @@ class FederatedRun:
             lambda: book.head if book is not None else None,
             InstructionSigner(book.key) if book is not None else None,
         )
+        # Who may be sampled, asked once per site and run before any cohort (server.admission).
+        self.admission = SiteAdmission(int(self.run_id, 16), cfg.secagg, roster)
         self.aggregator = aggregator or aggregator_for(
             cfg,
             self.run_id,
             self.spec.size,
             self._judge_secagg if gate is not None else None,
             roster=roster,
+            admission=self.admission,
         )
         self.privacy = self.aggregator if isinstance(self.aggregator, CentralDP) else None
 
@@ -133,6 +137,7 @@ class FederatedRun:
         try:
             if self.gate is not None:
                 self.gate.check_run(self.cfg)
+            self._wait_for_sites()
             for server_round in range(self.first_round, self.cfg.rounds + 1):
                 if (denial := self._policy_stop(server_round)) is not None:
                     self.stopped = f"{denial.rule}: {denial.reason}"
@@ -210,11 +215,26 @@ class FederatedRun:
         """
         self.reached = server_round
         start = time.perf_counter()
-        nodes = wait_for_nodes(self.grid, self.cfg.min_sites, self.cfg.round_timeout_s)
+        try:
+            nodes = wait_for_nodes(self.grid, self.cfg.min_sites, self.cfg.round_timeout_s)
+        except ProtocolAbort as exc:  # too few sites connected: this round fails, the run goes on
+            return self._unfilled(server_round, start, f"round {server_round}: {exc}")
         if self.gate is not None:
             nodes = self.gate.admit(nodes)  # sample only among admitted sites
         elif self.book is not None:
             self.book.nodes_seen(nodes)
+        nodes, events = self.admission.admit(nodes, server_round, self.exchange)
+        if self.book is not None:
+            for event in events:
+                self.book.event(event.kind, event.payload)
+        if len(nodes) < self.cfg.min_sites:
+            return self._unfilled(
+                server_round,
+                start,
+                f"round {server_round}: {len(nodes)} admitted site(s) connected, the run needs "
+                f"at least {self.cfg.min_sites} (see the site_refused events); "
+                "the global model is unchanged",
+            )
         cohort = sample_cohort(nodes, self.cfg, server_round)
         if self.book is not None:
             self.book.round_started(server_round, cohort)
@@ -246,6 +266,48 @@ class FederatedRun:
             energy=None if failed else round_energy(agg.outcomes),
             failed=failed,
             failure=str(agg.failure) if failed else None,
+        )
+
+    def _wait_for_sites(self) -> None:
+        """Before the first round: wait for ``wait_sites`` sites (``wait_timeout_s`` at most).
+
+        Rounds start as soon as ``min_sites`` are connected otherwise, which
+        in a deployment whose sites come up one by one is usually too early
+        (a cohort of the first few). The wait and its outcome are audited.
+        """
+        expected = self.cfg.wait_sites
+        if expected <= 0:
+            return
+        nodes, waited = wait_for_sites(self.grid, expected, self.cfg.wait_timeout_s)
+        if len(nodes) < expected:
+            log.warning(
+                "only %d of %d expected sites connected after %.0f s; starting with them",
+                len(nodes),
+                expected,
+                waited,
+            )
+        else:
+            log.info("%d sites connected (expected %d) after %.0f s", len(nodes), expected, waited)
+        if self.book is not None:
+            self.book.event(
+                "sites_waited",
+                {"expected": expected, "connected": len(nodes), "seconds": round(waited, 1)},
+            )
+
+    def _unfilled(self, server_round: int, start: float, reason: str) -> RoundResult:
+        """A round that could not draw a cohort: failed (no model change, nothing released)."""
+        if self.book is not None:
+            self.book.round_started(server_round, [])
+        return RoundResult(
+            round=server_round,
+            accuracy=None,
+            loss=None,
+            participants=0,
+            sampled=0,
+            seconds=time.perf_counter() - start,
+            evaluation="none",
+            failed=True,
+            failure=reason,
         )
 
     # ----------------------------------------------------------- server steps

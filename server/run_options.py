@@ -35,7 +35,15 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
-from common.config import ACCOUNTANTS, DATASETS, MODELS, PARTITIONS, SAMPLINGS, RunConfig
+from common.config import (
+    ACCOUNTANTS,
+    DATASETS,
+    FULL_BATCH_DP_CAP,
+    MODELS,
+    PARTITIONS,
+    SAMPLINGS,
+    RunConfig,
+)
 from common.data import BUILTIN_DATASETS
 from policies.cli_errors import one_line_errors
 
@@ -175,6 +183,18 @@ SHARED_OPTIONS: tuple[RunOption, ...] = (
     ),
     _option("round_timeout_s", "--round-timeout", help="Seconds to wait for sites per round."),
     _option(
+        "wait_sites",
+        "--wait-sites",
+        help="Before round 1, wait for this many connected sites (0: every member of "
+        "`start --roster`, else start once --min-sites are connected); after --wait-timeout "
+        "the run starts with those connected.",
+    ),
+    _option(
+        "wait_timeout_s",
+        "--wait-timeout",
+        help="Seconds to wait for --wait-sites before round 1.",
+    ),
+    _option(
         "max_failed_rounds",
         "--max-failed-rounds",
         help="Consecutive failed rounds (model kept, failure recorded) after which the run aborts.",
@@ -200,7 +220,11 @@ SHARED_OPTIONS: tuple[RunOption, ...] = (
     _option(
         "dp_batch_size",
         "--dp-batch-size",
-        help="DP-SGD expected batch size; 0 = the site's whole training split (DP-GD).",
+        help=(
+            "DP-SGD expected (Poisson) batch size; 0 = the site's whole training split "
+            f"(DP-GD, sampling rate 1) up to {FULL_BATCH_DP_CAP} examples, "
+            f"Poisson batches of about {FULL_BATCH_DP_CAP} above."
+        ),
     ),
     _option("dp_local_epochs", "--dp-local-epochs", help="Local epochs per round under DP-SGD."),
     _option("dp_learning_rate", "--dp-learning-rate", help="Learning rate under DP-SGD."),

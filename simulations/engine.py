@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.env import apply_safe_flower_env
+from common.errors import RecordError
 from policies import SitePolicies
 from server.results import RoundObserver, RoundResult
 from simulations.faults import FaultPlan, SilencingGrid
@@ -68,12 +69,16 @@ def prepare_signing_key(out_dir: Path, *, resume: bool) -> Path:
     run is refused instead of sealing the old history's continuation with a
     key nobody trusts.
 
+    Where the directory holds a record, its key must be the record's key in
+    force (:func:`server.record.signing_key_for`), checked here, before the
+    federation's roster (which names the key) or anything else is rewritten.
+
     Raises
     ------
     ConfigurationError
         If the key is missing for an existing record or a resume, or is refused.
     """
-    from server.record import KeyPaths, create_keypair, load_signing_key
+    from server.record import KeyPaths, SqlRecord, create_keypair, load_signing_key, signing_key_for
 
     key_dir = out_dir / "keys"
     paths = KeyPaths.in_dir(key_dir)
@@ -86,6 +91,15 @@ def prepare_signing_key(out_dir: Path, *, resume: bool) -> Path:
             flush=True,
         )
     load_signing_key(key_dir)  # missing for an existing record, or unusable: one line, and stop
+    if (out_dir / "record.db").exists():
+        # The record's key in force, checked before anything in the directory is rewritten
+        # (the federation's roster names this key): a wrong key is refused here, not later.
+        try:
+            record = SqlRecord(f"sqlite:///{(out_dir / 'record.db').resolve()}", create=False)
+        except RecordError:
+            return key_dir  # no record in it yet (the run makes one), or the ServerApp will say
+        with record:
+            signing_key_for(record, key_dir)
     return key_dir
 
 

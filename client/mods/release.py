@@ -16,7 +16,6 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.agent import SiteContext
 from client.mods import MASKED_STAGE
-from client.release import release_once
 from client.site_policy import SiteSetup
 
 
@@ -26,6 +25,8 @@ def release_mod(setup: SiteSetup) -> Mod:
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type == MASKED_STAGE:
             return call_next(msg, context)
+        from client.release import release_once  # its ledger (SQLAlchemy) only when training
+
         site = SiteContext.of(msg, context, setup)
         return release_once(site, msg, lambda: call_next(msg, context))
 

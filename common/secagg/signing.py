@@ -98,8 +98,25 @@ def quorum(config: SecAggConfig) -> int:
     invited cohort share at least ``t`` members, so at least one honest site
     when at most ``t - 1`` sites collude with the coordinator.
     """
-    n, t = config.size, config.threshold
+    return quorum_size(config.size, config.threshold)
+
+
+def quorum_size(n: int, t: int) -> int:
+    """:func:`quorum` for a cohort of ``n`` with threshold ``t``."""
     return max(t, (n + t - 1) // 2 + 1)
+
+
+def tolerated_dropouts(n: int, t: int, k: int) -> int:
+    """How many sites may vanish after the keys stage while the round still completes.
+
+    Worst case over which sites vanish: every survivor needs ``t`` of its
+    ``k`` neighbours alive (their shares remove its masks), so ``k - t``
+    losses around one site are the most it survives; and the consistency
+    stage needs :func:`quorum_size` survivors. A cohort of 3 with the
+    smallest threshold that keeps a site's two secrets apart (``t = 2`` of
+    ``k = 2``) tolerates none: one lost site fails the round.
+    """
+    return max(0, min(k - t, n - quorum_size(n, t)))
 
 
 def advertisement_message(

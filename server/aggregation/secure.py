@@ -75,8 +75,8 @@ from common.secagg.messages import (
     ShareKeysReply,
     UnmaskReply,
 )
-from common.secagg.signing import IDENTITY_CLAIM_SIZE, identity_message, verifies
-from common.secagg.stages import IDENTITY_ACTION, Stage
+from common.secagg.stages import Stage
+from server.aggregation.admission import SiteAdmission
 from server.aggregation.base import Aggregate, RoundEvent, RoundInput
 from server.aggregation.exchange import Exchange
 from server.aggregation.replies import SiteFacts, masked_metrics, site_outcome
@@ -125,6 +125,7 @@ class SecAggAggregator:
         judge: Judge | None = None,
         *,
         roster: Roster | None = None,
+        admission: SiteAdmission | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_number = run_number
@@ -132,7 +133,8 @@ class SecAggAggregator:
         self.judge = judge
         self.roster = roster  # the federation roster the sites' identities are checked against
         self._prepared: dict[int, PreparedRound] = {}
-        self._identities: dict[int, bytes] = {}  # node id -> the identity it proved, this run
+        # Who proved which roster identity, this run (shared with the round loop's admission).
+        self.admission = admission or SiteAdmission(run_number, True, roster)
 
     @property
     def clipped_to(self) -> float:
@@ -203,6 +205,14 @@ class SecAggAggregator:
                 "refused": _str_keys(facts.refused),  # e.g. a round already released
             },
         )
+        # A refusal that helped sink the round is still the site's decision: named on its own,
+        # as in a completed round, with the site's outcome.
+        _site_decisions(agg, server_round, facts)
+        for node_id, reason in facts.refused.items():
+            agg.outcomes.append(SiteOutcome(node_id, False, reason, refused=True))
+        for node_id, reason in facts.rejected.items():
+            if node_id not in facts.refused:
+                agg.outcomes.append(SiteOutcome(node_id, False, reason))
         agg.failure = exc
 
     def _book_outcome(
@@ -222,14 +232,7 @@ class SecAggAggregator:
                 "rejected": _str_keys(facts.rejected),
             },
         )
-        for node_id, found in facts.decisions.items():
-            agg.event(
-                "site_policy_decisions", {"round": server_round, "node_id": str(node_id), **found}
-            )
-        for node_id, reason in facts.refused.items():
-            agg.event(
-                "site_refused", {"round": server_round, "node_id": str(node_id), "reason": reason}
-            )
+        _site_decisions(agg, server_round, facts)
         contributors = set(result.contributors)
         for node_id in cohort:
             if node_id in contributors:
@@ -273,7 +276,7 @@ class SecAggAggregator:
                 run_id=self.run_number,
                 round=r,
                 cohort=cohort,
-                identities=[self._identities[n] for n in cohort],
+                identities=[self.admission.identities[n] for n in cohort],
                 threshold=self.cfg.secagg_threshold_value,
                 value_bound=self.cfg.clip_norm,
                 vector_length=self.vector_length,
@@ -283,47 +286,22 @@ class SecAggAggregator:
         }
 
     def _bind_identities(
-        self, first: int, cohort: list[int], exchange: Exchange, facts: SiteFacts
+        self, first: int, cohort: list[int], exchange: Exchange, facts: SiteFacts, agg: Aggregate
     ) -> list[int]:
-        """The cohort members whose roster identity is known; asks the others once per run.
+        """The cohort members admitted with a proved roster identity (:mod:`server.aggregation.admission`).
 
-        Each asked site answers with its identity key and a signature over
-        (run, its node id) (:func:`common.secagg.signing.identity_message`);
-        a key outside the roster, a bad signature or a key another node
-        already proved leaves that site out of this setup (named in the
-        facts). The configuration then binds these identities, and every site
-        checks the binding itself; this step only keeps a faulty site from
-        making every honest one refuse the round.
+        The round loop admits sites before it draws the cohort, so this asks
+        no one there; called on its own (tests, one-off rounds) it asks the
+        sites not asked yet in this run. An excluded site is named in the
+        setup's facts.
         """
-        unknown = [n for n in cohort if n not in self._identities]
-        if unknown:
-            content = exchange.instruction(first)
-            replies = exchange.send({n: (content, IDENTITY_MESSAGE) for n in unknown}, first)
-            members = self.roster.identity_keys() if self.roster is not None else None
-            owners = {key: n for n, key in self._identities.items()}
-            for node_id in unknown:
-                reply = facts.usable(replies, node_id, "identity", may_refuse=True)
-                if reply is None:
-                    continue
-                try:
-                    claim = record_to_bytes(
-                        reply.content.array_records.get(KEY_SECAGG_MSG), IDENTITY_CLAIM_SIZE
-                    )
-                    if len(claim) != IDENTITY_CLAIM_SIZE:
-                        raise ProtocolError("an identity claim has the wrong size")
-                    key, signature = claim[:32], claim[32:]
-                    if members is not None and key not in members:
-                        raise ProtocolError("its identity key is not in the roster")
-                    if not verifies(key, identity_message(self.run_number, node_id), signature):
-                        raise ProtocolError("its identity signature does not verify")
-                    if key in owners:
-                        raise ProtocolError(f"its identity is node {owners[key]}'s")
-                except FedsealError as exc:
-                    facts.rejected[node_id] = f"stage identity: {exc}"
-                    continue
-                self._identities[node_id] = key
-                owners[key] = node_id
-        return [n for n in cohort if n in self._identities]
+        admitted, events = self.admission.admit(cohort, first, exchange)
+        agg.events.extend(events)
+        for node_id in cohort:
+            reason = self.admission.excluded.get(node_id)
+            if reason is not None and node_id not in facts.refused:
+                facts.rejected.setdefault(node_id, reason)
+        return admitted
 
     def _setup(
         self,
@@ -342,7 +320,7 @@ class SecAggAggregator:
         """
         first = rounds[0]
         sampled = cohort
-        cohort = self._bind_identities(first, cohort, exchange, facts)
+        cohort = self._bind_identities(first, cohort, exchange, facts, agg)
         if len(cohort) < 2:
             raise ProtocolAbort(
                 f"round {first}: {len(cohort)} sites proved a roster identity, fewer than 2"
@@ -622,12 +600,20 @@ class SecAggAggregator:
         return decoded
 
 
-IDENTITY_MESSAGE = f"{MessageType.QUERY}.{IDENTITY_ACTION}"
-"""The query that asks a site which roster identity speaks for its node id."""
-
-
 def _message_type(stage: Stage) -> str:
     return f"{MessageType.TRAIN}.{stage.action}"
+
+
+def _site_decisions(agg: Aggregate, server_round: int, facts: SiteFacts) -> None:
+    """Each site's policy decisions and refusals of the round, one event each."""
+    for node_id, found in facts.decisions.items():
+        agg.event(
+            "site_policy_decisions", {"round": server_round, "node_id": str(node_id), **found}
+        )
+    for node_id, reason in facts.refused.items():
+        agg.event(
+            "site_refused", {"round": server_round, "node_id": str(node_id), "reason": reason}
+        )
 
 
 def _str_keys(mapping: Mapping[int, str]) -> dict[str, str]:

@@ -21,7 +21,10 @@ from it, and refuses seals by any key that no sealed rotation introduced.
 
 Interrupted rotations are finished, never forked: run the command again. A
 staged key the record already names is promoted (steps 3-4); a staged key
-the record never named is discarded and the rotation starts over.
+the record never named is discarded and the rotation starts over. Nothing in
+``directory`` is written or removed unless its key is the record's key in
+force (or its staged key is): another record's key directory, perhaps with
+its own interrupted rotation staged, is refused as found.
 """
 
 from __future__ import annotations
@@ -147,10 +150,22 @@ def rotate_signing_key(record: Record, directory: Path) -> Rotation:
             archived = _promote(directory)
             head = record.seal(pending)
             return Rotation(head.seq, schedule.current.key_hex, archived, True)
+    # Only a directory holding this record's key in force is touched: another record's
+    # keys (and its staged key, perhaps of its own interrupted rotation) are left as found.
+    retiring = load_signing_key(directory)
+    if schedule.problem is not None:
+        seq, problem = schedule.problem
+        raise RecordError(f"the record's key history is broken at seq {seq}: {problem}")
+    mine = public_key_hex(retiring.public_key())
+    if mine != schedule.current.key_hex:
+        raise RecordError(
+            f"the key in {directory} ({mine[:16]}...) is not the record's key in force "
+            f"({schedule.current.key_hex[:16]}...); nothing was rotated or written"
+        )
+    if staged.private_key.exists():
         # Never reached the record (an attempt stopped before step 2): discard it.
         staged.private_key.unlink()
         staged.public_key.unlink(missing_ok=True)
-    retiring = load_signing_key(directory)
     new_key = Ed25519PrivateKey.generate()
     write_keypair(staged, new_key)
     # If this fails, the staged pair stays: whether or not the record committed the

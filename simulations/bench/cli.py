@@ -19,8 +19,10 @@ document and everything Ray and Flower print is sent to stderr.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -251,3 +253,117 @@ def dp_cmd(
             str(row.get("error") or ""),
         )
     Console().print(table)
+
+
+@bench_app.command("deploy")
+def deploy_cmd(
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds", min=2, help="Rounds per run; the median is taken after the first."
+        ),
+    ] = 4,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            "--repeats",
+            min=1,
+            help="Runs per variant, variants interleaved; ratios to Flower's app are taken "
+            "within each repeat and reported as the median and min-max.",
+        ),
+    ] = 3,
+    variants: Annotated[
+        str,
+        typer.Option("--variants", help="Comma-separated subset of flower,plain,secure."),
+    ] = "flower,plain,secure",
+    keep: Annotated[
+        Path | None,
+        typer.Option("--keep", help="Keep every run's state and logs in this directory."),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """Round time on Flower's Deployment Engine, 3 sites on loopback: Flower's minimal
+    FedAvg app vs fedseal plain vs fedseal secure (all WITHOUT TLS; see
+    :mod:`simulations.bench.deploy`)."""
+    from simulations.bench.deploy import VARIANTS, RunSample, run_bench
+
+    chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    if not chosen or any(v not in VARIANTS for v in chosen):
+        raise typer.BadParameter(
+            f"expected a subset of {','.join(VARIANTS)}, got {variants!r}", param_hint="--variants"
+        )
+
+    def announce(sample: RunSample) -> None:
+        rounds_s = ", ".join(f"{p:.2f}" for p in sample.periods)
+        err.print(
+            f"[dim]{sample.variant} run {sample.repeat}/{repeats}: rounds {rounds_s} s; "
+            f"exchanges/round {_fmt(sample.exchanges, '.0f')}[/dim]"
+        )
+
+    # A stopped benchmark still stops the deployments it started (run_bench's clean-up).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        report = run_bench(repeats, rounds, chosen, keep=keep, on_sample=announce)
+    except FedsealError as exc:
+        err.print(f"[red]benchmark failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if json_out:
+        _emit_json(report.to_json())
+        return
+    console = Console()
+    console.print(deploy_table(report.rows(), rounds, repeats, report.loaded))
+    console.print(breakdown_table(report))
+
+
+def deploy_table(rows: Sequence[dict[str, Any]], rounds: int, repeats: int, load: str) -> Table:
+    """The ``bench deploy`` table: one row per variant (:meth:`DeployReport.rows`)."""
+    table = Table(
+        title=f"Deployment round time, 3 sites on loopback, insecure: median of rounds "
+        f"2..{rounds} per run, median (min-max) over {repeats} interleaved runs"
+        + (f"; {load}" if load else "")
+    )
+    for title in (
+        "variant",
+        "round s",
+        "round 1 s",
+        "exchanges/round (E)",
+        "x flower",
+        "bound",
+        "met",
+    ):
+        table.add_column(title, justify="right")
+    for row in rows:
+        met = row["met"]
+        table.add_row(
+            row["variant"],
+            _spread(row["round_s"], ".2f"),
+            _spread(row["first_round_s"], ".1f"),
+            _fmt(row["exchanges"], ".0f"),
+            _spread(row["over_flower"], ".2f"),
+            _fmt(row["limit"], ".2f"),
+            "-" if met is None else ("yes" if met else "no"),
+        )
+    return table
+
+
+def breakdown_table(report: Any) -> Table:
+    """Where one exchange's time goes at a site, per variant and message type (medians, s)."""
+    from simulations.bench.deploy import PHASES
+
+    table = Table(
+        title="One exchange at one site, seconds: median over sites and messages, then over runs"
+    )
+    table.add_column("variant")
+    table.add_column("message")
+    for name, _ in PHASES:
+        table.add_column(name, justify="right")
+    for variant in ("flower", "plain", "secure"):
+        for kind, phases in report.breakdown(variant).items():
+            table.add_row(
+                variant,
+                kind,
+                *(_fmt(p.median if (p := phases.get(name)) else None, ".2f") for name, _ in PHASES),
+            )
+    return table

@@ -179,7 +179,7 @@ def test_c_a_deleted_signing_key_is_refused_at_start_and_not_recreated(tmp_path:
     # The coordinator's command line says the same before starting anything.
     state = tmp_path / "srv"
     start = runner.invoke(
-        server_cli, ["start", "--insecure", "--state-dir", str(state), "--port", "1",
+        server_cli, ["start", "--no-secagg", "--insecure", "--state-dir", str(state), "--port", "1",
                      "--db", str(db), "--keys", str(keys)],
     )  # fmt: skip
     assert start.exit_code == 2 and "fedseal-server keys" in start.output, start.output

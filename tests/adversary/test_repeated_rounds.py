@@ -248,6 +248,10 @@ def test_secure_round_redone_under_a_new_setup_refused_at_the_masked_stage(tmp_p
     # protocol v3's configuration has no coordinator-chosen seed, so a redo with the same
     # cohort has the same configuration digest: the round is refused as released, whatever setup
     assert all("its masked input was already released" in r for r in refused.values()), refused
+    # each refusal that sank the round is named on its own, with the site's outcome
+    named = [e.payload["node_id"] for e in agg.events if e.kind == "site_refused"]
+    assert sorted(named) == [str(n) for n in cohort]
+    assert all(o.refused for o in agg.outcomes) and len(agg.outcomes) == len(cohort)
     with s.ledger() as ledger:
         (release,) = ledger.releases()
     assert (release.kind, release.refused, release.sealed_sha256) == ("secure", 1, None)

@@ -8,3 +8,5 @@ from pathlib import Path
 SUPPORT = str(Path(__file__).resolve().parents[1] / "support")
 if SUPPORT not in sys.path:
     sys.path.insert(0, SUPPORT)
+
+from deployment import federation  # noqa: E402,F401 - the loopback federation fixture

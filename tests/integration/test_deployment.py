@@ -11,352 +11,32 @@ sites pin the roster authority in their policies and start with ``--roster``.
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
-from sklearn.datasets import load_digits
+from deployment import (
+    BIN,
+    Federation,
+    free_port,
+    kill,
+    kill_tree,
+    make_audit_key,
+    make_roster,
+    node_id,
+    start,
+    versions,
+    wait_for,
+    write_site_csv,
+)
 
 from common.pki import make_node_key
 from server.record import SqlRecord
-from server.record.keys import create_keypair, load_public_key
+from server.record.keys import load_public_key
 
 pytestmark = pytest.mark.deployment
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _write_site_csv(path: Path, start: int) -> None:
-    d = load_digits()
-    idx = np.arange(start, len(d.target), 2)[:500]
-    rows = [",".join([f"f{j}" for j in range(64)] + ["label"])]
-    rows += [",".join(str(v) for v in d.data[k]) + f",{d.target[k]}" for k in idx]
-    path.write_text("\n".join(rows) + "\n")
-
-
-def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:
-        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _make_audit_key(state_dir: Path) -> None:
-    """The coordinator's signing key where `start` looks by default (it is never made implicitly)."""
-    subprocess.run(
-        [str(BIN / "fedseal-server"), "keys", str(state_dir / "keys")],
-        check=True,
-        capture_output=True,
-    )
-
-
-def _cli(*argv: str) -> str:
-    """Run a fedseal command line (``fedseal-server ...``/``fedseal-client ...``); its stdout."""
-    proc = subprocess.run(
-        [str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
-def _make_roster(
-    root: Path, audit_pub: Path, sites: dict[str, tuple[Path, Path]]
-) -> tuple[Path, str]:
-    """Each site's identity (``identity init`` in its state dir), then the signed roster.
-
-    ``sites`` maps a site's name to (its ``--state-dir``, its node-auth ``.pub``). Returns the
-    roster file and the authority's public key (hex), which the sites pin.
-    """
-    roster, authority = root / "roster.json", root / "authority" / "roster-authority.key"
-    authority.parent.mkdir()
-    out = _cli(
-        "fedseal-server",
-        "roster",
-        "init",
-        "--authority-key",
-        str(authority),
-        "--federation",
-        "loopback",
-        "--roster",
-        str(roster),
-    )
-    (pinned,) = re.findall(r'roster_authority = "([0-9a-f]{64})"', out)
-    for name, (state_dir, node_pub) in sites.items():
-        identity = _cli("fedseal-client", "identity", "init", "--state-dir", str(state_dir)).strip()
-        _cli(
-            "fedseal-server",
-            "roster",
-            "add",
-            "--roster",
-            str(roster),
-            "--name",
-            name,
-            "--identity-key",
-            identity,
-            "--node-auth-key",
-            str(node_pub),
-        )
-    _cli(
-        "fedseal-server",
-        "roster",
-        "sign",
-        "--roster",
-        str(roster),
-        "--authority-key",
-        str(authority),
-        "--coordinator-key",
-        str(audit_pub),
-    )
-    return roster, pinned
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while text not in (path.read_text() if path.exists() else ""):
-        assert proc.poll() is None, path.read_text()[-4000:]
-        assert time.monotonic() < deadline, f"{text!r} not in {path.name} in time"
-        time.sleep(0.3)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc), children first found first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _signal(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL ``proc`` and every process below it, by PID: a crash, no clean-up.
-
-    The tree is frozen first (SIGSTOP, until no new descendant appears), so that
-    nothing forks away from it between listing and killing.
-    """
-    tree = [proc.pid]
-    while True:
-        _signal(tree, signal.SIGSTOP)
-        found = [proc.pid, *_descendants(proc.pid)]
-        if set(found) == set(tree):
-            break
-        tree = found
-    _signal(tree, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def _node_id(log: Path) -> str:
-    found = re.findall(r"SuperNode ID: (\d+)", log.read_text())
-    assert found, log.read_text()[-2000:]
-    return found[-1]
-
-
-def _versions(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with SqlRecord(f"sqlite:///{db}", create=False) as record:
-            return len(record.list_versions())
-    except Exception:  # the run may be creating the schema right now
-        return 0
-
-
-@dataclass
-class Federation:
-    """Certificates, the coordinator's signing key and node keys made once per test."""
-
-    root: Path
-    certs: Path
-    keys: Path  # the audit-signing key directory
-    allowed: Path  # the allow-listed site public keys (*.pub)
-    server_key_hex: str  # what the sites pin (trust.server_key)
-    roster: Path  # the signed roster (sites 0-2, coordinator key = the audit key)
-    authority_hex: str  # what the sites pin (trust.roster_authority)
-    procs: list[subprocess.Popen[bytes]]
-
-    def site_key(self, i: int) -> Path:
-        """Site ``i``'s node-authentication private key (its .pub is in ``allowed``)."""
-        return self.root / f"site{i}.key"
-
-    def site_policy(self, i: int, file: str | None = None, **rules: object) -> Path:
-        """Site ``i``'s own policy file: the server key pinned, ``rules`` over the defaults."""
-        values: dict[str, object] = {
-            "require_dp": True,
-            "require_secure_aggregation": True,
-            "min_cohort_size": 3,
-            "min_secagg_threshold": 2,
-            "min_secagg_neighbours": 2,
-            **rules,
-        }
-        text = (
-            f'kind = "site"\nname = "site {i}"\n[privacy]\nrequire_dp = {str(values["require_dp"]).lower()}\n'
-            f"epsilon_budget = 8.0\n[rounds]\n"
-            f"require_secure_aggregation = {str(values['require_secure_aggregation']).lower()}\n"
-            f"min_cohort_size = {values['min_cohort_size']}\n"
-            f"min_secagg_threshold = {values['min_secagg_threshold']}\n"
-            f"min_secagg_neighbours = {values['min_secagg_neighbours']}\n"
-            f'[trust]\nserver_key = "{self.server_key_hex}"\nroster_authority = "{self.authority_hex}"\n'
-        )
-        path = self.root / f"{file or f'site{i}'}-policy.toml"
-        path.write_text(text)
-        return path
-
-    def server(self, port: int, *args: str) -> subprocess.Popen[bytes]:
-        proc = _start(
-            [
-                str(BIN / "fedseal-server"),
-                "start",
-                "--certs",
-                str(self.certs),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--state-dir",
-                str(self.root / "srv"),
-                "--keys",
-                str(self.keys),
-                "--out",
-                str(self.root / "out"),
-                "--auth-keys",
-                str(self.allowed),
-                "--roster",
-                str(self.roster),
-                *args,
-            ],
-            self.root / "server.log",
-        )
-        self.procs.append(proc)
-        # "SuperLink listening" is printed once the SuperLink is up and site keys are registered.
-        _wait_for(self.root / "server.log", "SuperLink listening", proc, 90)
-        return proc
-
-    def site(
-        self, i: int, port: int, policy: Path, *, key: Path | None = None
-    ) -> subprocess.Popen[bytes]:
-        argv = [
-            str(BIN / "fedseal-client"),
-            "start",
-            "--data",
-            str(self.root / f"site{i}.csv"),
-            "--superlink",
-            f"127.0.0.1:{port}",
-            "--ca",
-            str(self.certs / "ca.crt"),
-            "--port",
-            str(_free_port()),
-            "--state-dir",
-            str(self.root / f"site{i}"),
-            "--policy",
-            str(policy),
-            "--roster",
-            str(self.roster),
-        ]
-        if key is not None:
-            argv += ["--auth-key", str(key)]
-        proc = _start(argv, self.root / f"site{i}.log")
-        self.procs.append(proc)
-        return proc
-
-    def intruder(self, port: int, name: str, *, key: Path | None) -> tuple[int, str]:
-        """A SuperNode outside the allow-list (``key`` unknown, or none): exit code, output."""
-        policy = self.site_policy(
-            9, name, require_dp=False, require_secure_aggregation=False, min_cohort_size=2
-        )
-        argv = [
-            str(BIN / "fedseal-client"),
-            "start",
-            "--data",
-            str(self.root / "site0.csv"),
-            "--superlink",
-            f"127.0.0.1:{port}",
-            "--ca",
-            str(self.certs / "ca.crt"),
-            "--port",
-            str(_free_port()),
-            "--state-dir",
-            str(self.root / name),
-            "--policy",
-            str(policy),
-        ]
-        if key is not None:
-            argv += ["--auth-key", str(key)]
-        log = self.root / f"{name}.log"
-        proc = _start(argv, log)
-        self.procs.append(proc)
-        code = proc.wait(timeout=120)
-        return code, log.read_text()
-
-
-@pytest.fixture()
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    certs, keys, allowed = tmp_path / "certs", tmp_path / "keys", tmp_path / "allowed"
-    subprocess.run(
-        [str(BIN / "fedseal-server"), "certs", str(certs)], check=True, capture_output=True
-    )
-    assert oct((certs / "server.key").stat().st_mode & 0o777) == "0o600"
-    # The keys are made in-process (what `fedseal-server keys` / `fedseal-client keys` call).
-    create_keypair(keys)
-    raw = load_public_key(keys / "audit.pub").public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
-    allowed.mkdir()
-    for i in range(3):
-        _, pub = make_node_key(tmp_path / f"site{i}.key")
-        (allowed / f"site{i}.pub").write_bytes(pub.read_bytes())
-        _write_site_csv(tmp_path / f"site{i}.csv", i)
-    sites = {f"site-{i}": (tmp_path / f"site{i}", allowed / f"site{i}.pub") for i in range(3)}
-    roster, authority = _make_roster(tmp_path, keys / "audit.pub", sites)
-    fed = Federation(tmp_path, certs, keys, allowed, raw.hex(), roster, authority, [])
-    try:
-        yield fed
-    finally:
-        for proc in fed.procs:  # whatever still runs, with everything below it
-            if proc.poll() is None:
-                _kill_tree(proc)
 
 
 def test_deployment_three_sites_own_policies_one_refuses_the_run_completes(
@@ -368,7 +48,7 @@ def test_deployment_three_sites_own_policies_one_refuses_the_run_completes(
     shipped default's ``require_secure_aggregation``, so its own policy refuses
     every round (the coordinator's settings do not decide for it).
     """
-    port = _free_port()
+    port = free_port()
     server = federation.server(
         port, "--rounds", "2", "--min-sites", "2", "--round-timeout", "150", "--dp", "--no-secagg"
     )
@@ -397,7 +77,7 @@ def test_deployment_three_sites_own_policies_one_refuses_the_run_completes(
         assert "roster in force: federation 'loopback', version 1, 3 members" in site_log
         assert f"this site is 'site-{i}'" in site_log
     # The refusing site's own policy decided, and the coordinator's audit log names it.
-    node = _node_id(tmp_path / f"site{refusing}.log")
+    node = node_id(tmp_path / f"site{refusing}.log")
     with SqlRecord(f"sqlite:///{tmp_path / 'srv' / 'record.db'}", create=False) as record:
         (run,) = record.list_runs()
         events = record.events(run.run_id)
@@ -425,7 +105,7 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
 
     Two sites, SecAgg+ (no DP-SGD, to keep it short), a server policy requiring it.
     """
-    port = _free_port()
+    port = free_port()
     server_policy = tmp_path / "server-policy.toml"
     server_policy.write_text(  # two sites: SecAgg+'s threshold is 1
         'kind = "server"\nname = "resume test"\n[secure_aggregation]\nrequired = true\nmin_threshold = 1\n'
@@ -443,6 +123,8 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
         "--secagg",
         "--policy",
         str(server_policy),
+        "--wait-sites",
+        "2",  # two of the roster's three members take part
     )
     # two sites: t = k = 1, below the default secure-aggregation floors, which these sites lower
     secure = {
@@ -456,11 +138,11 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
         federation.site(i, port, federation.site_policy(i, **secure), key=federation.site_key(i))
     db = tmp_path / "srv" / "record.db"
     deadline = time.monotonic() + 240
-    while _versions(db) < 1:
+    while versions(db) < 1:
         assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
         assert time.monotonic() < deadline, "no model version in time"
         time.sleep(0.2)
-    _kill_tree(server)  # SuperLink, its ServerApp and `flwr run` too: nothing cleans up
+    kill_tree(server)  # SuperLink, its ServerApp and `flwr run` too: nothing cleans up
     with SqlRecord(f"sqlite:///{db}", create=False) as record:
         (run,) = record.list_runs()
         assert run.status != "finished"
@@ -468,7 +150,7 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
     assert 1 <= done_before < rounds
 
     # No --auth-keys, no --policy, no --roster: the allow-list and the paths come from the record.
-    resumed = _start(
+    resumed = start(
         [
             str(BIN / "fedseal-server"),
             "resume",
@@ -489,7 +171,7 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
         tmp_path / "resume.log",
     )
     federation.procs.append(resumed)
-    _wait_for(tmp_path / "resume.log", "SuperLink listening", resumed, 90)
+    wait_for(tmp_path / "resume.log", "SuperLink listening", resumed, 90)
     assert "node authentication (3 allow-listed keys)" in (tmp_path / "resume.log").read_text()
     # A SuperNode with no key at all is refused by the resumed SuperLink.
     code, output = federation.intruder(port, "keyless", key=None)
@@ -525,7 +207,7 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
     assert resume_roster["resumed"] and resume_roster["sha256"] == start_roster["sha256"]
     # Only allow-listed sites ever trained: the keyless SuperNode never got a node id in.
     trained = {str(s["node_id"]) for r in doc["rounds"] for s in r["sites"]}
-    assert trained == {_node_id(tmp_path / f"site{i}.log") for i in range(2)}
+    assert trained == {node_id(tmp_path / f"site{i}.log") for i in range(2)}
 
 
 def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) -> None:
@@ -545,13 +227,13 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
             [str(BIN / "fedseal-client"), "keys", str(stem)], check=True, capture_output=True
         )
     for i in range(2):
-        _write_site_csv(tmp_path / f"site{i}.csv", i)
+        write_site_csv(tmp_path / f"site{i}.csv", i)
     # the coordinator's audit key, made beforehand so that the sites can pin it
     audit_keys = tmp_path / "audit-keys"
     subprocess.run(
         [str(BIN / "fedseal-server"), "keys", str(audit_keys)], check=True, capture_output=True
     )
-    roster, authority = _make_roster(
+    roster, authority = make_roster(
         tmp_path,
         audit_keys / "audit.pub",
         {f"site-{i}": (tmp_path / f"site{i}", keys / f"site{i}.pub") for i in range(2)},
@@ -563,11 +245,11 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
         'kind = "site"\n[rounds]\nmin_cohort_size = 2\nmin_secagg_threshold = 1\n'
         f'min_secagg_neighbours = 1\n[trust]\nroster_authority = "{authority}"\n'
     )
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "out"
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        server = _start(
+        server = start(
             [
                 str(BIN / "fedseal-server"),
                 "start",
@@ -595,6 +277,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
                 str(roster),
                 "--dp",
                 "--secagg",
+                "--allow-no-dropout",
             ],
             tmp_path / "server.log",
         )
@@ -607,7 +290,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
             time.sleep(0.3)
         for i in range(2):
             procs.append(
-                _start(
+                start(
                     [
                         str(BIN / "fedseal-client"),
                         "start",
@@ -618,7 +301,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
                         "--ca",
                         str(certs / "ca.crt"),
                         "--port",
-                        str(_free_port()),
+                        str(free_port()),
                         "--state-dir",
                         str(tmp_path / f"site{i}"),
                         "--auth-key",
@@ -643,7 +326,7 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
                 "--ca",
                 str(certs / "ca.crt"),
                 "--port",
-                str(_free_port()),
+                str(free_port()),
                 "--state-dir",
                 str(tmp_path / "site9"),
                 "--auth-key",
@@ -697,11 +380,11 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
             assert read_heads(tmp_path / f"site{i}" / "site" / "witnessed-heads.jsonl")[-1] == final
     finally:
         for p in procs:
-            _kill(p)
+            kill(p)
 
 
 def test_server_start_missing_certs_one_clear_line(tmp_path: Path) -> None:
-    _make_audit_key(tmp_path / "srv")
+    make_audit_key(tmp_path / "srv")
     proc = subprocess.run(
         [
             str(BIN / "fedseal-server"),
@@ -709,7 +392,7 @@ def test_server_start_missing_certs_one_clear_line(tmp_path: Path) -> None:
             "--certs",
             str(tmp_path / "none"),
             "--port",
-            str(_free_port()),
+            str(free_port()),
             "--state-dir",
             str(tmp_path / "srv"),
         ],
@@ -725,7 +408,7 @@ def test_server_start_port_in_use_one_clear_line(tmp_path: Path) -> None:
     subprocess.run(
         [str(BIN / "fedseal-server"), "certs", str(tmp_path / "c")], check=True, capture_output=True
     )
-    _make_audit_key(tmp_path / "srv")
+    make_audit_key(tmp_path / "srv")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -758,7 +441,7 @@ def test_server_start_without_audit_key_one_clear_line_and_no_key_made(tmp_path:
             "start",
             "--insecure",
             "--port",
-            str(_free_port()),
+            str(free_port()),
             "--state-dir",
             str(tmp_path / "srv"),
         ],
@@ -781,10 +464,10 @@ def test_client_start_unreachable_superlink_one_clear_line(tmp_path: Path) -> No
             "--data",
             str(data),
             "--superlink",
-            f"127.0.0.1:{_free_port()}",
+            f"127.0.0.1:{free_port()}",
             "--insecure",
             "--port",
-            str(_free_port()),
+            str(free_port()),
             "--state-dir",
             str(tmp_path / "s"),
             "--max-retries",  # the default (0) waits for the SuperLink forever

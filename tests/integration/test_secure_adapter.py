@@ -218,7 +218,7 @@ def test_secure_round_digits_equals_plain_average_of_same_clipped_updates(tmp_pa
     size = secure_run.spec.size
     updates = [
         record_to_vector(reply.content[KEY_ARRAYS], size, what="update")
-        for reply in plain_grid.history[0].replies.values()
+        for reply in plain_grid.history[1].replies.values()  # [0]: the admission query
     ]
     expected = np.mean([clip_l2(u, cfg.clip_norm)[0].astype(np.float64) for u in updates], 0)
     delta = secure_run.global_vector.astype(np.float64) - before.astype(np.float64)

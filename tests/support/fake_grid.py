@@ -293,3 +293,20 @@ def error_reply(reason: str = "injected failure") -> Rewrite:
 def reverse_order(replies: list[Message]) -> list[Message]:
     """Hand replies to the server last-node-first."""
     return sorted(replies, key=lambda m: m.metadata.src_node_id, reverse=True)
+
+
+def admitting_app(app: ClientApp | None = None) -> ClientApp:
+    """``app`` (default: a new empty one) answering the admission query with a plain ack.
+
+    What a site with fitting data replies in a plain run (:mod:`server.aggregation.admission`); the
+    round loop asks every site once before it draws a cohort.
+    """
+    from common.secagg.stages import IDENTITY_ACTION
+
+    app = app or ClientApp()
+
+    @app.query(IDENTITY_ACTION)
+    def admission(msg: Message, context: Context) -> Message:
+        return Message(RecordDict(), reply_to=msg)
+
+    return app

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.privacy import make_private, plan_site_dp, validate_model
+from client.privacy import dp_expected_batch_size, make_private, plan_site_dp, validate_model
+from common.config import FULL_BATCH_DP_CAP
 from common.dp.accounting import epsilon_for
 from common.dp.events import PrivacyEvent
 from common.errors import ConfigurationError, NotSupportedError
@@ -260,3 +261,61 @@ def test_make_private_cuda_model_noise_on_device() -> None:
         _one_step(model_p, dp_opt, xb.to(device), yb.to(device))
     assert handle.steps == 4
     assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+@pytest.mark.parametrize("n", [1, 144, 4095, FULL_BATCH_DP_CAP])
+def test_dp_expected_batch_size_default_is_full_batch_up_to_the_cap(n: int) -> None:
+    b = dp_expected_batch_size(0, n)
+    assert b == n
+    assert plan_site_dp(3.0, DELTA, n, b, 1, 1, "rdp", noise_multiplier=1.0).sample_rate == 1.0
+
+
+@pytest.mark.parametrize("n", [FULL_BATCH_DP_CAP + 1, 10_000, 1_136_000])
+def test_dp_expected_batch_size_default_above_the_cap_samples_about_cap_per_step(n: int) -> None:
+    b = dp_expected_batch_size(0, n)
+    plan = plan_site_dp(3.0, DELTA, n, b, 1, 1, "rdp", noise_multiplier=1.0)
+    assert b == FULL_BATCH_DP_CAP
+    assert plan.sample_rate == 1 / math.ceil(n / FULL_BATCH_DP_CAP)
+    assert plan.sample_rate * n <= FULL_BATCH_DP_CAP
+    assert plan.steps_per_round == int(1 / plan.sample_rate)
+
+
+def test_dp_expected_batch_size_explicit_value_kept_even_above_the_cap() -> None:
+    assert dp_expected_batch_size(32, 100) == 32
+    assert dp_expected_batch_size(8000, 100_000) == 8000
+    assert dp_expected_batch_size(500, 100) == 100
+    with pytest.raises(ConfigurationError):
+        dp_expected_batch_size(-1, 100)
+
+
+def _full_batch_private_step(max_physical: int | None) -> tuple[nn.Module, list[int], int]:
+    data = _data(n=64)
+    model = _mlp()
+    model_p, dp_opt, dp_loader, handle = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        DataLoader(data, batch_size=len(data)),  # sample rate 1: every record, every step
+        noise_multiplier=0.0,
+        max_grad_norm=0.5,
+        noise_generator=torch.Generator().manual_seed(0),
+        max_physical_batch_size=max_physical,
+    )
+    sizes = []
+    for xb, yb in dp_loader:
+        sizes.append(len(yb))
+        _one_step(model_p, dp_opt, xb, yb)
+    return model, sizes, handle.steps
+
+
+def test_make_private_physical_batches_take_the_same_single_step() -> None:
+    whole, whole_sizes, whole_steps = _full_batch_private_step(None)
+    split, split_sizes, split_steps = _full_batch_private_step(16)
+    assert whole_sizes == [64] and split_sizes == [16, 16, 16, 16]
+    assert whole_steps == split_steps == 1  # the accountant sees one step either way
+    for a, b in zip(whole.parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    untouched = _mlp()
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(split.parameters(), untouched.parameters(), strict=True)
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fake_grid import FakeGrid, server_identity
+from fake_grid import FakeGrid, admitting_app, server_identity
 from flwr.clientapp import ClientApp
 
 from common.config import RunConfig
@@ -67,7 +67,7 @@ def booked_run(
 ) -> tuple[FederatedRun, SqlRecord]:
     record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
     book = RunBook(record, Ed25519PrivateKey.generate(), "00000000abcd")
-    grid = FakeGrid(ClientApp(), config.num_sites)
+    grid = FakeGrid(admitting_app(), config.num_sites)
     return FederatedRun(config, grid, book=book, aggregator=aggregator), record
 
 
@@ -151,7 +151,7 @@ def test_loop_max_failed_rounds_in_a_row_abort_the_run(tmp_path: Path) -> None:
 
 def test_loop_too_few_contributors_fails_the_round_model_unchanged() -> None:
     aggregator = ScriptedAggregator({1: summed([1000], 3.0, events=False), 2: summed([1000], 3.0)})
-    run = FederatedRun(cfg(rounds=2), FakeGrid(ClientApp(), 3), aggregator=aggregator)
+    run = FederatedRun(cfg(rounds=2), FakeGrid(admitting_app(), 3), aggregator=aggregator)
     before = run.global_vector.copy()
     with pytest.raises(ProtocolAbort, match="no round of run .* succeeded"):
         run.execute()  # two failed rounds, fewer than max_failed_rounds, and no model
@@ -207,7 +207,7 @@ def test_resume_after_a_failed_round_goes_on_after_it_from_the_last_model(tmp_pa
     aggregator = ScriptedAggregator(script)
     book = RunBook(record, Ed25519PrivateKey.generate(), run.run_id)
     resumed = FederatedRun(
-        cfg(rounds=3), FakeGrid(ClientApp(), 3), book=book, resume=True, aggregator=aggregator
+        cfg(rounds=3), FakeGrid(admitting_app(), 3), book=book, resume=True, aggregator=aggregator
     )
     results = resumed.execute()
     assert [i.server_round for i in aggregator.inputs] == [3]  # the failed round 2 is not redone
@@ -219,6 +219,111 @@ def test_resume_after_a_failed_round_goes_on_after_it_from_the_last_model(tmp_pa
 
 def test_loop_samples_fixed_cohort_of_admitted_nodes() -> None:
     aggregator = ScriptedAggregator({1: summed([1000, 1001, 1002], 0.0)})
-    run = FederatedRun(cfg(rounds=1), FakeGrid(ClientApp(), 3), aggregator=aggregator)
+    run = FederatedRun(cfg(rounds=1), FakeGrid(admitting_app(), 3), aggregator=aggregator)
     run.execute()
     assert aggregator.inputs[0].cohort == [1000, 1001, 1002]
+
+
+# ------------------------------------------------------------ admission and unfilled rounds
+def _admission_app(refuse: set[int], asked: list[int]) -> ClientApp:
+    """Sites answering the admission query; those in ``refuse`` decline (data misfit)."""
+    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+    from common.records import KEY_METRICS, KEY_REFUSAL
+    from common.secagg.stages import IDENTITY_ACTION
+
+    app = ClientApp()
+
+    @app.query(IDENTITY_ACTION)
+    def admission(msg: Message, context: Context) -> Message:
+        asked.append(context.node_id)
+        if context.node_id in refuse:
+            content = RecordDict(
+                {
+                    KEY_METRICS: MetricRecord({"refused": 1}),
+                    KEY_REFUSAL: ConfigRecord({"reason": "data: the site's feature count differs"}),
+                }
+            )
+            return Message(content, reply_to=msg)
+        return Message(RecordDict(), reply_to=msg)
+
+    return app
+
+
+def test_sites_refusing_admission_are_left_out_of_every_cohort_and_asked_once(
+    tmp_path: Path,
+) -> None:
+    asked: list[int] = []
+    script = {1: summed([1000, 1002], 0.5), 2: summed([1000, 1002], 0.5)}
+    aggregator = ScriptedAggregator(script)
+    record = SqlRecord(f"sqlite:///{tmp_path / 'record.db'}")
+    book = RunBook(record, Ed25519PrivateKey.generate(), "00000000abcd")
+    grid = FakeGrid(_admission_app({1001}, asked), 3)
+    run = FederatedRun(cfg(rounds=2), grid, book=book, aggregator=aggregator)
+    run.execute()
+    assert [i.cohort for i in aggregator.inputs] == [[1000, 1002], [1000, 1002]]
+    assert sorted(asked) == [1000, 1001, 1002]  # once per site and run, not per round
+    (refused,) = [e.payload() for e in record.events(run.run_id) if e.kind == "site_refused"]
+    assert refused["node_id"] == "1001" and refused["stage"] == "admission"
+    assert "feature count" in refused["reason"]
+    record.close()
+
+
+def test_too_few_admitted_sites_fail_the_round_not_the_run(tmp_path: Path) -> None:
+    asked: list[int] = []
+    aggregator = ScriptedAggregator({})
+    grid = FakeGrid(_admission_app({1000, 1001}, asked), 3)
+    run, record = booked_run(tmp_path, cfg(rounds=4, max_failed_rounds=3), aggregator)
+    run.grid = grid
+    run.exchange.grid = grid
+    with pytest.raises(ProtocolAbort, match="3 failed rounds in a row"):
+        run.execute()
+    assert aggregator.inputs == []  # no cohort was ever drawn
+    assert [r.failed for r in run.results] == [True, True, True]
+    assert "1 admitted site(s)" in (run.results[0].failure or "")
+    assert [r.status for r in record.rounds(run.run_id)] == ["failed"] * 3
+
+
+def test_too_few_connected_sites_fail_the_round_and_the_run_goes_on(tmp_path: Path) -> None:
+    aggregator = ScriptedAggregator({2: summed([1000, 1001], 0.5)})
+    grid = FakeGrid(admitting_app(), 2)
+    hidden = grid.contexts.copy()
+    grid.contexts.clear()  # round 1: nobody connected (yet)
+    run = FederatedRun(cfg(rounds=2, round_timeout_s=0.2), grid, aggregator=aggregator)
+
+    real = grid.get_node_ids
+
+    def reconnect() -> list[int]:
+        nodes = list(real())
+        if not nodes and run.results:  # after round 1 failed, the sites come back
+            grid.contexts.update(hidden)
+        return nodes
+
+    grid.get_node_ids = reconnect  # type: ignore[method-assign]
+    results = run.execute()
+    assert [r.failed for r in results] == [True, False]
+    assert "0 site(s) connected" in (results[0].failure or "")
+    assert aggregator.inputs[0].cohort == [1000, 1001]
+
+
+def test_run_waits_for_the_expected_sites_before_round_one(tmp_path: Path) -> None:
+    aggregator = ScriptedAggregator({1: summed([1000, 1001, 1002], 0.0)})
+    grid = FakeGrid(admitting_app(), 3)
+    late = {n: grid.contexts.pop(n) for n in (1002,)}
+    polls = [0]
+    real = grid.get_node_ids
+
+    def arrive() -> list[int]:
+        polls[0] += 1
+        if polls[0] == 2:
+            grid.contexts.update(late)  # the third site connects while the run waits
+        return list(real())
+
+    grid.get_node_ids = arrive  # type: ignore[method-assign]
+    run, record = booked_run(tmp_path, cfg(rounds=1, wait_sites=3, wait_timeout_s=30.0), aggregator)
+    run.grid = grid
+    run.exchange.grid = grid
+    run.execute()
+    assert aggregator.inputs[0].cohort == [1000, 1001, 1002]  # not the first two only
+    (waited,) = [e.payload() for e in record.events(run.run_id) if e.kind == "sites_waited"]
+    assert waited["expected"] == 3 and waited["connected"] == 3

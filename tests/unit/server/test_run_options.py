@@ -50,6 +50,8 @@ VALUES: dict[str, tuple[str, object]] = {
     "min_sites": ("3", 3),
     "sampling": ("poisson", "poisson"),
     "round_timeout_s": ("150", 150.0),
+    "wait_sites": ("4", 4),
+    "wait_timeout_s": ("45", 45.0),
     "max_failed_rounds": ("5", 5),
     "local_epochs": ("3", 3),
     "batch_size": ("32", 32),
@@ -103,7 +105,14 @@ def invoke(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Invoke:
         if command == SIM:
             argv = ["run", "--out", str(tmp_path / "run"), *args]
             return CliRunner().invoke(sim_app, argv)
-        argv = ["start", "--insecure", "--state-dir", str(tmp_path / "srv"), *args]
+        argv = [
+            "start",
+            "--allow-no-dropout",
+            "--insecure",
+            "--state-dir",
+            str(tmp_path / "srv"),
+            *args,
+        ]
         return CliRunner().invoke(server_cli.app, argv)
 
     return run

@@ -124,6 +124,7 @@ def _started(c: Coordinator, spy: Spy, *extra: str) -> str:
     """``fedseal-server start`` as the command line and then the ServerApp run it: the run id."""
     result = _invoke(
         "start",
+        "--allow-no-dropout",  # a two-site secure run (this file tests settings, not cohorts)
         "--certs",
         str(c.certs),
         "--keys",
@@ -382,7 +383,14 @@ def test_resume_refuses_what_differs_from_the_start_in_one_line(
 def test_insecure_run_resumes_only_with_insecure_given_again(
     coordinator: Coordinator, spy: Spy
 ) -> None:
-    result = _invoke("start", "--insecure", "--keys", str(coordinator.keys), *coordinator.common())
+    result = _invoke(
+        "start",
+        "--allow-no-dropout",
+        "--insecure",
+        "--keys",
+        str(coordinator.keys),
+        *coordinator.common(),
+    )
     link, cfg, settings = spy.calls.pop()
     assert "--insecure" in SuperLink(link).argv() and not link.auth_keys, result.output
     coordinator.state.mkdir(parents=True, exist_ok=True)  # the SuperLink would have made it
@@ -468,7 +476,8 @@ def test_resume_that_does_not_end_the_run_is_an_error(
     result = _resume(
         coordinator, run_id, "--certs", str(coordinator.certs), "--keys", str(coordinator.keys)
     )
-    assert result.exit_code == 1 and "the resumed run did not complete" in result.stderr
+    assert result.exit_code == server_cli.EXIT_RUN_UNFINISHED, result.stderr
+    assert f"run {run_id} did not end" in result.stderr and "fedseal-server resume" in result.stderr
 
 
 # ---------------------------------------------------------------- the SuperLink's registrations
@@ -640,6 +649,7 @@ def test_start_refuses_a_roster_naming_another_coordinator_key_or_tampered(
     other = _roster_file(coordinator, coordinator_key=stranger, name="other.json")
     base = [
         "start",
+        "--allow-no-dropout",
         "--certs",
         str(coordinator.certs),
         "--keys",
