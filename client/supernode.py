@@ -34,9 +34,10 @@ STOP_GRACE_S = 0.8
 POLL_S = 0.1
 MARKER_POLL_S = 0.5
 ACK_WAIT_S = 10.0
-# The ServerApp polls for replies every 3 s (flwr's http_grid.send_and_receive), and the
-# SuperLink answers "node unavailable" instead of a stored reply once its node is
-# deactivated: after the acknowledgement left, the SuperNode stays this long.
+# The SuperLink answers "node unavailable" instead of a stored reply once its node is
+# deactivated, so the SuperNode stays connected this long after the acknowledgement left:
+# enough for fedseal's ServerApp (it pulls every 0.2 s, server.aggregation.exchange's
+# DEPLOYED_PULL_INTERVAL_S) and for Flower's own Grid (every 3 s) alike.
 ACK_PULL_S = 5.0
 TAIL_LINES = 200
 
