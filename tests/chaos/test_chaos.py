@@ -194,7 +194,9 @@ def test_site_restarted_mid_run_rejoins_and_never_releases_a_round_twice(
     rounds = doc["rounds"]
     assert isinstance(rounds, list) and len(rounds) == 4
     assert sum(not r["failed"] for r in rounds) >= 3, [r["failure"] for r in rounds]
-    assert node_id(fed.root / "site1-again.log") != before  # a new node id, same site
+    # node authentication binds the node id to the site's key: the same node id comes back
+    assert node_id(fed.root / "site1-again.log") == before
+    assert rounds[-1]["participants"] == 3  # and it took part again
     _assert_verifies(fed)
     _assert_each_round_released_once(fed, [0, 1, 2])
 

@@ -389,6 +389,7 @@ def test_server_start_missing_certs_one_clear_line(tmp_path: Path) -> None:
         [
             str(BIN / "fedseal-server"),
             "start",
+            "--no-secagg",  # the cohort check comes first for a two-site secure run
             "--certs",
             str(tmp_path / "none"),
             "--port",
@@ -417,6 +418,7 @@ def test_server_start_port_in_use_one_clear_line(tmp_path: Path) -> None:
             [
                 str(BIN / "fedseal-server"),
                 "start",
+                "--no-secagg",  # the cohort check comes first for a two-site secure run
                 "--certs",
                 str(tmp_path / "c"),
                 "--host",
@@ -439,6 +441,7 @@ def test_server_start_without_audit_key_one_clear_line_and_no_key_made(tmp_path:
         [
             str(BIN / "fedseal-server"),
             "start",
+            "--no-secagg",  # the cohort check comes first for a two-site secure run
             "--insecure",
             "--port",
             str(free_port()),
