@@ -11,6 +11,10 @@ Commands
 ``dp``
     DP-SGD step time against non-private training
     (:mod:`simulations.bench.dp_sgd`, loaded only when asked for).
+``deploy``
+    Round time on Flower's Deployment Engine, 3 sites on loopback: Flower's
+    minimal FedAvg app vs fedseal plain vs fedseal secure, with where each
+    exchange's time goes (:mod:`simulations.bench.deploy`).
 
 Tables go to stdout; with ``--json`` stdout carries exactly one JSON
 document and everything Ray and Flower print is sent to stderr.
@@ -36,7 +40,8 @@ from simulations.bench.secagg import ratio
 
 bench_app = typer.Typer(
     name="bench",
-    help="Benchmarks: secure aggregation vs plain and vs Flower's SecAgg+, primitives, DP-SGD.",
+    help="Benchmarks: secure aggregation vs plain and vs Flower's SecAgg+, primitives, DP-SGD, "
+    "deployment round time.",
     no_args_is_help=True,
     add_completion=False,
 )

@@ -32,6 +32,7 @@ the coordinator's signing key are made once per benchmark.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -449,8 +450,6 @@ def load_average() -> str:
         one = Path("/proc/loadavg").read_text().split()[0]
     except OSError:
         return ""
-    import os
-
     return f"load {one} on {os.cpu_count()} CPUs"
 
 

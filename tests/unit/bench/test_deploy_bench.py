@@ -203,7 +203,7 @@ def test_deploy_unknown_variant_is_refused() -> None:
     assert result.exit_code != 0
 
 
-@pytest.mark.slow  # about 3-5 minutes on two cores: nine Deployment-Engine runs... one each here
+@pytest.mark.slow  # about 8 minutes on a loaded 2-core box: three Deployment-Engine runs
 def test_deploy_bench_one_repeat_three_rounds_reports_every_variant() -> None:
     result = CliRunner().invoke(bench_app, ["deploy", "--repeats", "1", "--rounds", "3", "--json"])
     assert result.exit_code == 0, result.output
