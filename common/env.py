@@ -16,6 +16,9 @@ SAFE_FLOWER_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Flower's SuperExec looks for a new task (a message's ClientApp, a run's ServerApp) every
+    # second by default; every deployed exchange pays up to that before its process starts.
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
 }
 
 
