@@ -34,6 +34,10 @@ STOP_GRACE_S = 0.8
 POLL_S = 0.1
 MARKER_POLL_S = 0.5
 ACK_WAIT_S = 10.0
+# A site up before its coordinator may be refused while the coordinator registers the
+# allowed keys (right after its SuperLink listens): for this long it tries again.
+UNREGISTERED_GRACE_S = 20.0
+UNREGISTERED_RETRY_S = 2.0
 # The SuperLink answers "node unavailable" instead of a stored reply once its node is
 # deactivated, so the SuperNode stays connected this long after the acknowledgement left:
 # enough for fedseal's ServerApp (it pulls every 0.2 s, server.aggregation.exchange's
@@ -149,6 +153,44 @@ def run_supernode(
     """
     if not keep_running:
         clear_run_finished(site_state)
+    first = time.monotonic()
+    while True:
+        ending, code, output = _run_once(argv, env, site_state, keep_running, stopped, started)
+        if ending is not None:
+            return ending
+        if code == 0:
+            return Ending("exited")
+        text = "".join(output.tail)
+        if (
+            _key_unknown(code, text)
+            and time.monotonic() - first < UNREGISTERED_GRACE_S
+            and not stopped()
+        ):
+            # A coordinator registers the allowed keys right after its SuperLink starts
+            # listening: a site that came up first can be refused in that moment.
+            sys.stderr.write(
+                "the SuperLink does not know this site's key yet (the coordinator may be "
+                f"registering keys); trying again in {UNREGISTERED_RETRY_S:.0f} s\n"
+            )
+            time.sleep(UNREGISTERED_RETRY_S)
+            continue
+        raise FedsealError(explain_exit(code, text, superlink, auth_key))
+
+
+def _key_unknown(code: int, output: str) -> bool:
+    """Whether the SuperNode exited because the SuperLink knows no such key (error 2004)."""
+    return code != 0 and f"[code: {FLEET_NODE_ACTIVATION_FAILED}]" in output
+
+
+def _run_once(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    site_state: Path,
+    keep_running: bool,
+    stopped: Callable[[], bool],
+    started: Callable[[int], None],
+) -> tuple[Ending | None, int, _Output]:
+    """One SuperNode process, until a stop, the run's end or its own exit (with its code)."""
     proc = start_group(argv, env, capture=True, grace_s=STOP_GRACE_S)
     started(proc.pid)
     output = _Output()
@@ -172,12 +214,7 @@ def run_supernode(
     finally:
         stop_group(proc, timeout_s=STOP_GRACE_S + 1.0)
     reader.join(timeout=2)
-    if ending is not None:
-        return ending
-    code = proc.returncode
-    if code != 0:
-        raise FedsealError(explain_exit(code, "".join(output.tail), superlink, auth_key))
-    return Ending("exited")
+    return ending, proc.returncode or 0, output
 
 
 def _await_ack(proc: subprocess.Popen[bytes], output: _Output, stopped: Callable[[], bool]) -> None:
