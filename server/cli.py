@@ -224,8 +224,18 @@ def _report_run_end(
     if not new or db_url is None:
         from common.errors import FedsealError
 
-        raise FedsealError(f"the ServerApp started no run (flwr exit code {code}); see {state_dir}")
+        raise FedsealError(
+            f"the ServerApp started no run (flwr exit code {code}): {_app_cause(state_dir)}"
+        )
     _report_run(db_url, new[-1].run_id, code, result_dir, state_dir)
+
+
+def _app_cause(state_dir: Path) -> str:
+    """What stopped the ServerApp, from its kept output; else where to look."""
+    from server.deploy import app_error
+
+    cause = app_error(state_dir)
+    return cause if cause is not None else f"see {state_dir / 'serverapp.log'}"
 
 
 def _report_run(db_url: str, run_id: str, code: int, result_dir: Path, state_dir: Path) -> None:
@@ -244,8 +254,8 @@ def _report_run(db_url: str, run_id: str, code: int, result_dir: Path, state_dir
         )
     if run.status == "running":
         err.print(
-            f"error: run {run.run_id} did not end (the ServerApp stopped; flwr exit code {code}); "
-            f"continue it with `fedseal-server resume {run.run_id}`; see {state_dir}",
+            f"error: run {run.run_id} did not end (the ServerApp stopped: {_app_cause(state_dir)});"
+            f" continue it with `fedseal-server resume {run.run_id}`",
             soft_wrap=True,
             highlight=False,
         )

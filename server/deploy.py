@@ -16,7 +16,9 @@ coordinator and on every site.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,11 +264,48 @@ class SuperLink:
             raise FedsealError(f"`flwr {' '.join(args[:2])}` failed: {detail.strip()[-500:]}")
         return proc
 
+    @property
+    def app_log_path(self) -> Path:
+        """The ServerApp's streamed output, kept (:func:`app_error` reads its last error)."""
+        return self.settings.state_dir / "serverapp.log"
+
     def run_app(self, app_dir: Path) -> int:
-        """Submit the app and stream its logs until the run ends; returns flwr's exit code."""
-        return self.flwr(["run", str(app_dir), CONNECTION, "--stream"], stream=True).returncode
+        """Submit the app and stream its logs until the run ends; returns flwr's exit code.
+
+        The stream is echoed here and kept in :attr:`app_log_path`, so that a
+        ServerApp that died can be explained in one line (:func:`app_error`).
+        """
+        argv = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        proc = start_group(argv, flower_env(self.settings.flwr_home), capture=True)
+        try:
+            with self.app_log_path.open("wb") as log:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
+                    log.write(line)
+            return proc.wait()
+        except BaseException:
+            stop_group(proc)
+            raise
 
     def stop(self) -> None:
         if self.proc is not None:
             stop_group(self.proc)
             self.proc = None
+
+
+_APP_ERROR = re.compile(r"^(?:[a-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Abort|Violation)): (.+)$")
+
+
+def app_error(state_dir: Path) -> str | None:
+    """The last exception a ServerApp's kept output names (``Type: message``), if any."""
+    path = state_dir / "serverapp.log"
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[-400:]:
+        match = _APP_ERROR.match(line.strip())
+        if match:
+            found = f"{match.group(1)}: {match.group(2)}"
+    return found

@@ -9,9 +9,13 @@ one line naming the path and the fix.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from common.errors import ConfigurationError
+
+#: Free space a record needs to start (schema, first rounds' events, model versions).
+MIN_FREE_BYTES = 4 * 1024**2
 
 
 def sqlite_path(db: str) -> Path | None:
@@ -69,4 +73,10 @@ def check_record_db(
         raise ConfigurationError(
             f"--db {path}: directory {parent} is not writable by this user "
             "(SQLite writes its journal there); choose a writable location"
+        )
+    free = shutil.disk_usage(parent).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigurationError(
+            f"--db {path}: only {free // 1024} KiB free on its disk (the record and its model "
+            f"versions need at least {MIN_FREE_BYTES // 1024**2} MiB to start); free some space"
         )

@@ -18,6 +18,7 @@ suite as its own step (``pytest -m chaos tests/chaos``). Every wait is bounded.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -297,36 +298,90 @@ def test_sites_up_before_the_coordinator_wait_and_the_run_waits_for_all_of_them(
     _assert_each_round_released_once(fed, [0, 1, 2])
 
 
-def test_full_disk_under_the_record_ends_with_one_clear_line(fed3: Federation) -> None:
+def test_full_disk_under_the_record_refused_up_front_or_resumed_after_space_is_freed(
+    fed3: Federation,
+) -> None:
+    """A small tmpfs under ``--db``: too small is one line before anything starts; filled
+    mid-run, the run stops with one line naming the cause, and `resume` finishes it once
+    there is space again; the chain verifies."""
     fed, port = fed3, free_port()
     disk = fed.root / "small-disk"
     disk.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"no small tmpfs here (mount: {mounted.stderr.decode().strip()[:120]})")
+    db = disk / "record.db"
+    args = ("--rounds", "3", "--min-sites", "2", "--round-timeout", "40", "--no-dp", "--no-secagg")
     try:
-        server = fed.server(
-            port, "--rounds", "20", "--min-sites", "2", "--round-timeout", "40", "--no-dp",
-            "--no-secagg", "--db", str(disk / "record.db"),
-        )  # fmt: skip
+        refused = subprocess.run(
+            [
+                str(BIN / "fedseal-server"),
+                "start",
+                "--certs",
+                str(fed.certs),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--state-dir",
+                str(fed.root / "srv"),
+                "--keys",
+                str(fed.keys),
+                "--db",
+                str(db),
+                *args,
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        (line,) = [x for x in refused.stderr.splitlines() if x.startswith("error:")]
+        assert "KiB free" in line and str(db) in line
+        assert not db.exists() and _port_free(port)
+
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        server = fed.server(port, *args, "--db", str(db))
         for i in range(3):
             fed.site(i, port, _plain_policy(fed, i), key=fed.site_key(i))
+        deadline = time.monotonic() + 240
+        while versions(db) < 1:
+            assert server.poll() is None, (fed.root / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "round 1 not done in time"
+            time.sleep(0.2)
+        filler = disk / "filler"
+        with filler.open("wb") as fh:  # take every byte left
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
         code = server.wait(timeout=RUN_TIMEOUT_S)
         log = (fed.root / "server.log").read_text()
         assert code != 0, log[-3000:]
-        last = [line for line in log.splitlines() if line.startswith("error:")]
-        assert last, log[-3000:]
-        with SqlRecord(f"sqlite:///{disk / 'record.db'}", create=False) as record:
-            assert record.verify(load_public_key(fed.keys / "audit.pub")).ok
+        errors = [x for x in log.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1, log[-3000:]
+        assert "did not end" in errors[0] and "fedseal-server resume" in errors[0]
+        assert "space" in errors[0].lower() or "full" in errors[0].lower(), errors[0]
         assert _port_free(port)
+        filler.unlink()
+        with SqlRecord(f"sqlite:///{db}", create=False) as record:
+            (run,) = record.list_runs()
+        resumed = _resume(fed, port, run.run_id, "--db", str(db))
+        assert resumed.wait(timeout=RUN_TIMEOUT_S) == 0, (fed.root / "resume.log").read_text()[
+            -3000:
+        ]
+        with SqlRecord(f"sqlite:///{db}", create=False) as record:
+            assert record.verify(load_public_key(fed.keys / "audit.pub")).ok
+            assert record.get_run(run.run_id).status == "finished"
+        _assert_each_round_released_once(fed, [0, 1, 2])
     finally:
         stop_all(fed)
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def _resume(fed: Federation, port: int, run_id: str) -> subprocess.Popen[bytes]:
+def _resume(fed: Federation, port: int, run_id: str, *extra: str) -> subprocess.Popen[bytes]:
     proc = start(
         [
             str(BIN / "fedseal-server"),
