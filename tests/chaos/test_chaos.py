@@ -223,7 +223,11 @@ def test_coordinator_tree_killed_then_resumed_completes(fed3: Federation) -> Non
     assert resumed.wait(timeout=RUN_TIMEOUT_S) == 0, (fed.root / "resume.log").read_text()[-4000:]
     with _record(fed) as record:
         assert record.get_run(run_id).status == "finished"
-        assert len(record.list_versions(run_id)) == 3
+        rounds = record.rounds(run_id)
+        # the round cut off by the kill may have been released already: then the sites refuse
+        # it again (one release per round) and it is booked failed; the run goes on after it
+        assert [r.round for r in rounds] == [1, 2, 3]
+        assert len(record.list_versions(run_id)) == sum(r.status != "failed" for r in rounds) >= 2
     _assert_verifies(fed)
     _assert_each_round_released_once(fed, [0, 1, 2])
 
