@@ -407,7 +407,8 @@ def _resume(fed: Federation, port: int, run_id: str, *extra: str) -> subprocess.
             str(fed.allowed),
             "--roster",
             str(fed.roster),
-        ],  # fmt: skip
+            *extra,
+        ],
         fed.root / "resume.log",
     )
     fed.procs.append(proc)
