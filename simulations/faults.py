@@ -20,14 +20,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flwr.app import Message, RecordDict
-from flwr.proto.node_pb2 import NodeInfo
+from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from common.errors import ConfigurationError
 from common.rng import seeded_generator
 from common.secagg.stages import STAGE_LABELS, Stage
+from server.aggregation.exchange import GridWrapper
 
 DEFAULT_DROP_STAGE = Stage.COLLECT_MASKED.label
 
@@ -67,7 +66,7 @@ class FaultPlan:
         return frozenset(nodes[int(i)] for i in picked)
 
 
-class SilencingGrid(Grid):
+class SilencingGrid(GridWrapper):
     """Wraps ``inner`` and drops the replies a :class:`FaultPlan` silences.
 
     Messages are still delivered (a silenced site does the stage's work, as a
@@ -77,40 +76,11 @@ class SilencingGrid(Grid):
     """
 
     def __init__(self, inner: Grid, plan: FaultPlan) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.plan = plan
         self.silenced: dict[int, frozenset[int]] = {}
 
     # -------------------------------------------------------------- delegation
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return self.inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
-
     @property
     def pull_interval(self) -> float | None:
         """The wrapped grid's pull interval (Flower's in-memory grid has one), if any."""

@@ -69,22 +69,11 @@ reply now waits 0.1 s on average for the ServerApp instead of 1.5 s.
 """
 
 
-class PollingGrid(Grid):
-    """Flower's deployed (HTTP) Grid, its ``send_and_receive`` pulling every ``interval_s``.
+class GridWrapper(Grid):
+    """A Flower ``Grid`` that hands every call to ``inner``; subclasses override what they change."""
 
-    Everything is delegated to ``inner``; ``send_and_receive`` makes the same
-    calls as Flower's own loop (``push_messages``, then ``pull_messages``
-    until every pushed message has its reply or ``timeout`` passes), only
-    the pause between pulls is shorter than Flower's fixed 3 s. The
-    Simulation Engine's in-memory Grid has its own ``pull_interval`` and is
-    not wrapped (:func:`server.app.make_server_app`).
-    """
-
-    def __init__(self, inner: Grid, interval_s: float = DEPLOYED_PULL_INTERVAL_S) -> None:
-        if not interval_s > 0:
-            raise ValueError(f"the pull interval must be positive, got {interval_s!r}")
+    def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        self.interval_s = interval_s
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -114,6 +103,29 @@ class PollingGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class PollingGrid(GridWrapper):
+    """Flower's deployed (HTTP) Grid, its ``send_and_receive`` pulling every ``interval_s``.
+
+    Everything is delegated to ``inner``; ``send_and_receive`` makes the same
+    calls as Flower's own loop (``push_messages``, then ``pull_messages``
+    until every pushed message has its reply or ``timeout`` passes), only
+    the pause between pulls is shorter than Flower's fixed 3 s. The
+    Simulation Engine's in-memory Grid has its own ``pull_interval`` and is
+    not wrapped (:func:`server.app.make_server_app`).
+    """
+
+    def __init__(self, inner: Grid, interval_s: float = DEPLOYED_PULL_INTERVAL_S) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"the pull interval must be positive, got {interval_s!r}")
+        super().__init__(inner)
+        self.interval_s = interval_s
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
