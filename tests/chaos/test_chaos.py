@@ -36,7 +36,6 @@ from deployment import (
     kill_tree,
     make_federation,
     node_id,
-    start,
     stop_all,
     versions,
     wait_for,
@@ -219,7 +218,7 @@ def test_coordinator_tree_killed_then_resumed_completes(fed3: Federation) -> Non
     _wait_round(fed, server, 1, 240)
     kill_tree(server)  # SuperLink, ServerApp, `flwr run` and the CLI: nothing cleans up
     run_id = _crashed_run(fed)  # its tail after the last round's seal is sealed by resume
-    resumed = _resume(fed, port, run_id)
+    resumed = fed.resume(port, run_id)
     assert resumed.wait(timeout=RUN_TIMEOUT_S) == 0, (fed.root / "resume.log").read_text()[-4000:]
     with _record(fed) as record:
         assert record.get_run(run_id).status == "finished"
@@ -250,7 +249,7 @@ def test_coordinator_cli_killed_alone_takes_its_flower_processes_along(fed3: Fed
     assert not [p for p in _ours(fed.root) if str(srv) in p[1]], "coordinator processes left"
     assert _port_free(port)
     run_id = _crashed_run(fed)
-    resumed = _resume(fed, port, run_id)
+    resumed = fed.resume(port, run_id)
     assert resumed.wait(timeout=RUN_TIMEOUT_S) == 0, (fed.root / "resume.log").read_text()[-4000:]
     _assert_verifies(fed)
     _assert_each_round_released_once(fed, [0, 1, 2])
@@ -372,7 +371,7 @@ def test_full_disk_under_the_record_refused_up_front_or_resumed_after_space_is_f
         filler.unlink()
         with SqlRecord(f"sqlite:///{db}", create=False) as record:
             (run,) = record.list_runs()
-        resumed = _resume(fed, port, run.run_id, "--db", str(db))
+        resumed = fed.resume(port, run.run_id, "--db", str(db))
         assert resumed.wait(timeout=RUN_TIMEOUT_S) == 0, (fed.root / "resume.log").read_text()[
             -3000:
         ]
@@ -383,33 +382,3 @@ def test_full_disk_under_the_record_refused_up_front_or_resumed_after_space_is_f
     finally:
         stop_all(fed)
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
-def _resume(fed: Federation, port: int, run_id: str, *extra: str) -> subprocess.Popen[bytes]:
-    proc = start(
-        [
-            str(BIN / "fedseal-server"),
-            "resume",
-            run_id,
-            "--certs",
-            str(fed.certs),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--state-dir",
-            str(fed.root / "srv"),
-            "--keys",
-            str(fed.keys),
-            "--out",
-            str(fed.root / "out"),
-            "--auth-keys",
-            str(fed.allowed),
-            "--roster",
-            str(fed.roster),
-            *extra,
-        ],
-        fed.root / "resume.log",
-    )
-    fed.procs.append(proc)
-    return proc

@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from deployment import alive, descendants, free_port, wait_for
 
 from client.run_end import mark_run_finished
 from common.env import SAFE_FLOWER_ENV
@@ -35,12 +36,6 @@ from common.pki import CertPaths, make_node_key
 pytestmark = pytest.mark.deployment
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, **SAFE_FLOWER_ENV}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(*argv: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
@@ -60,31 +55,6 @@ def _one_clear_line(proc: subprocess.CompletedProcess[str], code: int, *needles:
     return errors[0]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return [p for p in found if _alive(p)]
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -98,16 +68,6 @@ def _kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while text not in (path.read_text() if path.exists() else ""):
-        assert proc.poll() is None, path.read_text()[-3000:]
-        assert time.monotonic() < deadline, (
-            f"{text!r} not in {path.name}: {path.read_text()[-3000:]}"
-        )
-        time.sleep(0.2)
 
 
 # --- certificates --------------------------------------------------------------------------
@@ -238,7 +198,7 @@ def _site(
         "--superlink",
         f"127.0.0.1:{port}",
         "--port",
-        str(_free_port()),
+        str(free_port()),
         "--state-dir",
         str(state),
         *extra,
@@ -255,7 +215,7 @@ def test_client_start_garbage_ca_one_clear_line_at_once(tmp_path: Path, site_dat
         "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
     )
     started = time.monotonic()
-    argv = _site(site_data, tmp_path / "s", _free_port(), ca=garbage)
+    argv = _site(site_data, tmp_path / "s", free_port(), ca=garbage)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=ENV)
     _one_clear_line(proc, 2, f"CA file {garbage} holds no readable PEM certificate", "ca.crt")
     assert time.monotonic() - started < 30  # no retrying, no hang
@@ -302,7 +262,7 @@ def test_client_start_waits_for_a_late_superlink_then_connects(
     certs: Certs, site_data: Path, tmp_path: Path
 ) -> None:
     """Coordinator not up yet: the site waits (progress lines), then its TLS check passes."""
-    port = _free_port()
+    port = free_port()
     cert, key = certs.issue(tmp_path / "srv")
     log = tmp_path / "site.log"
     with log.open("wb") as fh:
@@ -313,10 +273,10 @@ def test_client_start_waits_for_a_late_superlink_then_connects(
             env=ENV,
         )
     try:
-        _wait_for(log, "waiting for it: retry 2 in", site, 60)
+        wait_for(log, "waiting for it: retry 2 in", site, 60)
         with tls_listener(cert, key, port):
-            _wait_for(log, f"SuperLink at 127.0.0.1:{port} answers (TLS verified", site, 30)
-            _wait_for(log, "SuperNode started", site, 30)
+            wait_for(log, f"SuperLink at 127.0.0.1:{port} answers (TLS verified", site, 30)
+            wait_for(log, "SuperNode started", site, 30)
         site.send_signal(signal.SIGTERM)
         assert site.wait(timeout=30) == 0
     finally:
@@ -329,7 +289,7 @@ def test_client_start_waits_for_a_late_superlink_then_connects(
 def test_client_start_unreachable_with_max_retries_gives_up_one_clear_line(
     site_data: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     argv = _site(site_data, tmp_path / "s", port, ca=None, extra=("--max-retries", "2"))
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=ENV)
     _one_clear_line(
@@ -360,7 +320,7 @@ def _server_start(
         "--host",
         "127.0.0.1",
         "--port",
-        str(_free_port()),
+        str(free_port()),
         "--state-dir",
         str(tmp_path / "srv"),
         "--keys",
@@ -461,7 +421,7 @@ def link(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lin
 
     root = tmp_path_factory.mktemp("link")
     key, pub = make_node_key(root / "site0")
-    port = _free_port()
+    port = free_port()
     settings = LinkSettings(
         host="127.0.0.1",
         port=port,
@@ -517,7 +477,7 @@ def _start_site(
     )
     with log.open("wb") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=ENV)
-    _wait_for(log, "SuperNode ID:", proc, 90)  # connected: the SuperLink activated the node
+    wait_for(log, "SuperNode ID:", proc, 90)  # connected: the SuperLink activated the node
     return proc, log
 
 
@@ -525,7 +485,7 @@ def test_client_start_sigterm_stops_the_site_within_2_s(
     link: Link, site_data: Path, tmp_path: Path
 ) -> None:
     site, log = _start_site(link, site_data, tmp_path)
-    tree = _descendants(site.pid)
+    tree = descendants(site.pid)
     try:
         assert tree  # the supervisor, flower-supernode, its superexec
         started = time.monotonic()
@@ -534,7 +494,7 @@ def test_client_start_sigterm_stops_the_site_within_2_s(
         took = time.monotonic() - started
         assert code == 0, log.read_text()[-3000:]
         assert took < 2.0, f"took {took:.1f} s"
-        assert [p for p in tree if _alive(p)] == []
+        assert [p for p in tree if alive(p)] == []
         assert "stopped on request" in log.read_text()
     finally:
         site.kill()
@@ -546,15 +506,15 @@ def test_client_start_exits_when_its_run_finished(
 ) -> None:
     """The run-finished marker (written once the final audit head is witnessed) ends the site."""
     site, log = _start_site(link, site_data, tmp_path)
-    tree = _descendants(site.pid)
+    tree = descendants(site.pid)
     try:
         mark_run_finished(tmp_path / "s" / "site", "run-0042")
         assert site.wait(timeout=30) == 0, log.read_text()[-3000:]
         assert "run run-0042 ended: SuperNode stopped, site exits" in log.read_text()
         deadline = time.monotonic() + 5
-        while [p for p in tree if _alive(p)] and time.monotonic() < deadline:
+        while [p for p in tree if alive(p)] and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert [p for p in tree if _alive(p)] == []
+        assert [p for p in tree if alive(p)] == []
     finally:
         site.kill()
         _kill_all(tree)
@@ -569,7 +529,7 @@ def test_server_cli_sigkilled_leaves_no_flower_process_and_port_free(
     """kill -9 of `fedseal-server start`: SuperLink, superexec, serverapp and `flwr run` die too."""
     from common.processes import check_port_free
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     argv = [
         str(BIN / "fedseal-server"),
@@ -594,18 +554,18 @@ def test_server_cli_sigkilled_leaves_no_flower_process_and_port_free(
         server = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=ENV)
     tree: list[int] = []
     try:
-        _wait_for(log, "SuperLink listening", server, 120)
+        wait_for(log, "SuperLink listening", server, 120)
         # `flwr run` submitted the app: the SuperLink started a ServerApp process for it
         deadline = time.monotonic() + 60
-        while not any("flwr-serverapp" in _cmdline(p) for p in _descendants(server.pid)):
+        while not any("flwr-serverapp" in _cmdline(p) for p in descendants(server.pid)):
             assert server.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.3)
-        tree = _descendants(server.pid)
+        tree = descendants(server.pid)
         server.kill()
         server.wait(timeout=10)
         deadline = time.monotonic() + 15
-        while (left := [p for p in tree if _alive(p)]) and time.monotonic() < deadline:
+        while (left := [p for p in tree if alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert left == [], f"left running: {left}"
         check_port_free("127.0.0.1", port)  # at once free for `fedseal-server resume`

@@ -140,6 +140,15 @@ def wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: fl
         time.sleep(0.3)
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie counts as dead: its parent may simply not have reaped it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (from /proc), children first found first."""
     children: dict[int, list[int]] = {}
@@ -157,7 +166,7 @@ def descendants(pid: int) -> list[int]:
         for child in children.get(todo.pop(), []):
             found.append(child)
             todo.append(child)
-    return found
+    return [p for p in found if alive(p)]
 
 
 def signal_all(pids: list[int], sig: signal.Signals) -> None:
@@ -241,27 +250,33 @@ class Federation:
         path.write_text(text)
         return path
 
+    def coordinator_argv(self, command: list[str], port: int) -> list[str]:
+        """``fedseal-server COMMAND...`` with this federation's TLS, keys, allow-list, roster."""
+        return [
+            str(BIN / "fedseal-server"),
+            *command,
+            "--certs",
+            str(self.certs),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(self.root / "srv"),
+            "--keys",
+            str(self.keys),
+            "--out",
+            str(self.root / "out"),
+            "--auth-keys",
+            str(self.allowed),
+            "--roster",
+            str(self.roster),
+        ]
+
     def server(self, port: int, *args: str) -> subprocess.Popen[bytes]:
         proc = start(
             [
-                str(BIN / "fedseal-server"),
-                "start",
-                "--certs",
-                str(self.certs),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--state-dir",
-                str(self.root / "srv"),
-                "--keys",
-                str(self.keys),
-                "--out",
-                str(self.root / "out"),
-                "--auth-keys",
-                str(self.allowed),
-                "--roster",
-                str(self.roster),
+                *self.coordinator_argv(["start"], port),
                 "--allow-no-dropout",  # two- and three-site secure runs tolerate no dropout
                 *args,
             ],
@@ -270,6 +285,14 @@ class Federation:
         self.procs.append(proc)
         # "SuperLink listening" is printed once the SuperLink is up and site keys are registered.
         wait_for(self.root / "server.log", "SuperLink listening", proc, 90)
+        return proc
+
+    def resume(self, port: int, run_id: str, *args: str) -> subprocess.Popen[bytes]:
+        """``fedseal-server resume RUN_ID`` with the same settings (not waited for)."""
+        proc = start(
+            [*self.coordinator_argv(["resume", run_id], port), *args], self.root / "resume.log"
+        )
+        self.procs.append(proc)
         return proc
 
     def site(
