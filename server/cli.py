@@ -8,7 +8,7 @@ import os
 import signal
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -179,7 +179,7 @@ def start_cmd(
             highlight=False,
         )
     _check_dropout_tolerance(run_config, allow_no_dropout)
-    before = _run_ids(server_settings.db_url)
+    before = set(_run_ids(server_settings.db_url))
     code = serve(settings, run_config, server_settings)
     _report_run_end(server_settings.db_url, before, code, result_dir, settings.state_dir)
 
@@ -189,19 +189,19 @@ EXIT_RUN_ABORTED = 3  # the run ended aborted (failed rounds, a policy refusal a
 EXIT_RUN_UNFINISHED = 4  # the ServerApp stopped without ending its run (a crash)
 
 
-def _run_ids(db_url: str | None) -> set[str]:
-    """The run ids the record holds now (none when there is no record yet)."""
+def _run_ids(db_url: str | None) -> list[str]:
+    """The run ids the record holds now, oldest first (none when there is no record yet)."""
     from common.errors import RecordError
     from server.record import SqlRecord
 
     if db_url is None:
-        return set()
+        return []
     try:
         record = SqlRecord(db_url, create=False)
     except RecordError:
-        return set()
+        return []
     with record:
-        return {r.run_id for r in record.list_runs()}
+        return [r.run_id for r in record.list_runs()]
 
 
 def _report_run_end(
@@ -215,19 +215,14 @@ def _report_run_end(
     (the ServerApp died: exit :data:`EXIT_RUN_UNFINISHED`; `resume` continues it),
     or no run at all (exit 1).
     """
-    from server.record import SqlRecord
-
-    new: list[Any] = []
-    if db_url is not None and _run_ids(db_url):  # no record at all: the ServerApp never got far
-        with SqlRecord(db_url, create=False) as record:
-            new = [r for r in record.list_runs() if r.run_id not in before]
+    new = [run_id for run_id in _run_ids(db_url) if run_id not in before]
     if not new or db_url is None:
         from common.errors import FedsealError
 
         raise FedsealError(
             f"the ServerApp started no run (flwr exit code {code}): {_app_cause(state_dir)}"
         )
-    _report_run(db_url, new[-1].run_id, code, result_dir, state_dir)
+    _report_run(db_url, new[-1], code, result_dir, state_dir)
 
 
 def _app_cause(state_dir: Path) -> str:
