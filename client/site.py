@@ -4,7 +4,22 @@ In deployment the SuperNode's node config names the site's data file
 (``data-path``); in simulation Flower gives each virtual node a
 ``partition-id`` of ``num-partitions`` and the site takes that share of the
 embedded dataset's training pool (never the server's held-out part).
-Feature scaling is fitted on the site's own training split only.
+
+Feature scaling (:func:`common.data.scaler_for`): the site's declared
+public bounds (node config ``feature-bounds``, ``fedseal-client start
+--feature-bounds``) when it has them; under record-level DP otherwise the
+built-in dataset's published bounds, or, only where the site policy allows
+it (``privacy.allow_private_scaling``), statistics of the site's own
+training split (:attr:`SiteData.private_scaling`: reported with the
+site's ε); without DP the site fits on its own training split.
+
+The dataset's identity (:func:`site_dataset_id`), which the site's
+lifetime budget is bound to, is the one the site declares (node config
+``dataset-id``, ``fedseal-client start --dataset-id``): stable across edits
+of the file. A deployed site that declares none gets its file's name and
+content hash, which a one-row edit changes (a new budget), so the site
+refuses DP rounds without a declared id (:mod:`client.agent`). A simulated
+site is ``<dataset>-site<i>``: nothing the server chooses (no seed).
 
 A deployed site's file is parsed once into ``<state-dir>/data-cache``
 (:mod:`common.data_cache`) and memory-mapped by every later ClientApp
@@ -16,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +44,7 @@ from common.config import RunConfig
 from common.data import (
     Dataset,
     Examples,
+    FeatureBounds,
     load_builtin,
     load_site_file,
     scaler_for,
@@ -41,6 +58,9 @@ from common.rng import seeded_generator
 from common.task import TaskSpec
 
 LOCAL_TEST_FRACTION = 0.2
+NODE_CONFIG_DATASET_ID = "dataset-id"
+NODE_CONFIG_FEATURE_BOUNDS = "feature-bounds"
+DATASET_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -54,6 +74,12 @@ class SiteData:
     dataset_id: str
     train: Examples
     test: Examples
+    declared_id: bool = True  # the id is the site's own word, not its file's content hash
+
+    @property
+    def private_scaling(self) -> bool:
+        """Whether the features were standardised on the site's own records (not public bounds)."""
+        return not self.train.scaler.public
 
     @property
     def x_train(self) -> np.ndarray:
@@ -90,54 +116,91 @@ def load_site_data(
     task: TaskSpec,
     node_config: Mapping[str, Any],
     state_dir: Path | None = None,
+    *,
+    allow_private_scaling: bool = False,
 ) -> SiteData:
-    """Resolve, load, split and standardise the data of the site running this ClientApp.
+    """Resolve, load, split and scale the data of the site running this ClientApp.
 
     With the site's private ``state_dir`` a data file is parsed once per
     content into ``state_dir/data-cache`` (mode 0700) and mapped from there
     (:func:`common.data_cache.load_site_file_cached`); without it the file is
-    parsed into memory.
+    parsed into memory. ``allow_private_scaling`` (the site policy's
+    ``privacy.allow_private_scaling``) lets record-level DP standardise on
+    the site's own records where no public bounds exist.
 
     Raises
     ------
     DataError
-        The site's file is missing or fails a check.
+        The site's file is missing or fails a check, or its declared bounds
+        do not fit its features.
     ConfigurationError
-        The node config names no data, or the data do not fit the run's task.
+        The node config names no data, the data do not fit the run's task,
+        or under DP the features have no public bounds and the site policy
+        does not allow standardising on private records.
     """
     key = tuple(sorted((str(k), str(v)) for k, v in node_config.items()))
-    return _load_cached(cfg, task, key, state_dir)
+    return _load_cached(cfg, task, key, state_dir, allow_private_scaling)
 
 
-def site_dataset_id(cfg: RunConfig, node_config: Mapping[str, Any]) -> str:
-    """The stable id of the dataset the site running this ClientApp holds, without loading it.
-
-    What the site's ledger and release log key their rows by: the node
-    config's ``dataset-id``, else the site file's name and content hash
-    (deployment), else the simulated partition's description.
+def check_dataset_id(value: object) -> str:
+    """``value`` if it is a valid declared dataset id (1-64 of ``A-Z a-z 0-9 . _ -``).
 
     Raises
     ------
     ConfigurationError
-        If the node config names neither a data file nor a partition.
+        Anything else, naming the rule.
     """
-    key = tuple(sorted((str(k), str(v)) for k, v in node_config.items()))
-    return _dataset_id_cached(cfg.dataset, cfg.seed, cfg.partition, key)
+    if not isinstance(value, str) or DATASET_ID_PATTERN.fullmatch(value) is None:
+        raise ConfigurationError(
+            f"dataset id {value!r} must be 1-64 letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit)"
+        )
+    return value
 
 
-@functools.lru_cache(maxsize=8)
-def _dataset_id_cached(
-    dataset: str, seed: int, partition: str, node_key: tuple[tuple[str, str], ...]
-) -> str:
-    node_config = dict(node_key)
+def site_dataset_id(cfg: RunConfig, node_config: Mapping[str, Any]) -> str:
+    """The id of the dataset the site running this ClientApp holds, without loading it.
+
+    What the site's ledger and release log key their rows by, so what its
+    lifetime budget is bound to: the node config's declared ``dataset-id``;
+    else, for a site file, its name and content hash (changed by any edit:
+    :func:`declares_dataset_id` is False and DP rounds are refused); else,
+    in simulation, ``<dataset>-site<partition-id>`` (no seed or other
+    server-chosen value in it).
+
+    Raises
+    ------
+    ConfigurationError
+        If the node config names neither a data file nor a partition, or
+        declares an invalid id.
+    """
+    declared = node_config.get(NODE_CONFIG_DATASET_ID)
+    if declared:
+        return check_dataset_id(declared)
     if "data-path" in node_config:
-        return node_config.get("dataset-id") or _file_id(Path(node_config["data-path"]))
+        return _file_id(Path(str(node_config["data-path"])))  # hashed once per file version
     if "partition-id" in node_config:
-        pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        return f"{dataset}-seed{seed}-{partition}-p{pid}of{n}"
+        return f"{cfg.dataset}-site{int(node_config['partition-id'])}"
     raise ConfigurationError(
         "node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)"
     )
+
+
+def declares_dataset_id(node_config: Mapping[str, Any]) -> bool:
+    """Whether the site's dataset id is stable across edits of its file (declared, or simulated)."""
+    return bool(node_config.get(NODE_CONFIG_DATASET_ID)) or "data-path" not in node_config
+
+
+def declared_bounds(node_config: Mapping[str, Any]) -> FeatureBounds | None:
+    """The public feature bounds the site declared (node config ``feature-bounds``), if any.
+
+    Raises
+    ------
+    DataError
+        Bounds that do not parse (:meth:`~common.data.FeatureBounds.parse`).
+    """
+    text = node_config.get(NODE_CONFIG_FEATURE_BOUNDS)
+    return FeatureBounds.parse(str(text)) if text else None
 
 
 @functools.lru_cache(maxsize=8)
@@ -146,6 +209,7 @@ def _load_cached(
     task: TaskSpec,
     node_key: tuple[tuple[str, str], ...],
     state_dir: Path | None,
+    allow_private_scaling: bool,
 ) -> SiteData:
     node_config = dict(node_key)
     dataset_id = site_dataset_id(cfg, node_config)
@@ -171,11 +235,18 @@ def _load_cached(
     # Split with a generator keyed by the dataset id, so reruns give the same split.
     digest = int.from_bytes(hashlib.sha256(dataset_id.encode()).digest()[:8], "big")
     train, test = split_indices(len(data), LOCAL_TEST_FRACTION, seeded_generator(digest))
-    scaler = scaler_for(data, private=cfg.dp, index=train)
+    scaler = scaler_for(
+        data,
+        private=cfg.dp,
+        index=train,
+        bounds=declared_bounds(node_config),
+        allow_private_fit=allow_private_scaling,
+    )
     return SiteData(
         dataset_id,
         Examples(data, train, scaler, task.input_shape),
         Examples(data, test, scaler, task.input_shape),
+        declares_dataset_id(node_config),
     )
 
 

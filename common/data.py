@@ -1,8 +1,11 @@
 """Datasets: scikit-learn's bundled ones for simulations, a site's own file in deployment.
 
-Preprocessing is always fitted by the party that holds the data, on its own
-training split only (:class:`Standardizer`): a real site never sees pooled
-data, and simulated sites must not either.
+Preprocessing is done by the party that holds the data, on its own data
+only (:class:`Standardizer`): a real site never sees pooled data, and
+simulated sites must not either. Under record-level DP it uses public
+feature bounds (:class:`FeatureBounds`: declared by the site, or published
+with a built-in dataset), never statistics of private records, unless the
+site's policy explicitly allows that (:func:`scaler_for`).
 
 Memory: a site's file is parsed a block of rows at a time
 (:func:`parse_site_file`) and its features are kept in the smallest dtype
@@ -25,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.errors import DataError
+from common.errors import ConfigurationError, DataError
 
 BUILTIN_DATASETS = ("digits", "breast_cancer")
 MAX_SITE_FILE_BYTES = 2 * 1024**3
@@ -77,6 +80,109 @@ def _all_finite(x: np.ndarray) -> bool:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class FeatureBounds:
+    """Public bounds ``[low, high]`` of each feature: declared by the data's owner or published.
+
+    Never learned from private records: scaling by them (:meth:`Standardizer.from_bounds`)
+    releases nothing about any record, which is what record-level DP needs
+    (fitting a mean and spread on the records is itself a release the
+    DP-SGD accountant does not cover). One pair stands for every feature
+    (``low`` and ``high`` of length 1); otherwise one pair per feature.
+
+    Raises
+    ------
+    DataError
+        Bounds that are not finite, of unequal length or empty, or a ``low``
+        above its ``high``.
+    """
+
+    low: np.ndarray
+    high: np.ndarray
+
+    def __post_init__(self) -> None:
+        low = np.asarray(self.low, dtype=np.float64).reshape(-1)
+        high = np.asarray(self.high, dtype=np.float64).reshape(-1)
+        if low.shape != high.shape or low.size == 0:
+            raise DataError("feature bounds need one low and one high value per feature")
+        if not (np.isfinite(low).all() and np.isfinite(high).all()):
+            raise DataError("feature bounds must be finite numbers")
+        if (low > high).any():
+            at = int(np.argmax(low > high))
+            raise DataError(f"feature bound {at}: low {low[at]:g} is above high {high[at]:g}")
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+
+    @classmethod
+    def uniform(cls, low: float, high: float) -> FeatureBounds:
+        """The same bounds for every feature."""
+        return cls(np.array([low]), np.array([high]))
+
+    @classmethod
+    def parse(cls, text: str) -> FeatureBounds:
+        """Bounds from ``LOW:HIGH`` (every feature) or ``L1:H1,L2:H2,...`` (one pair per feature).
+
+        Raises
+        ------
+        DataError
+            Text of another shape, or bounds :class:`FeatureBounds` refuses.
+        """
+        pairs = [p.strip() for p in text.replace("\n", ",").split(",") if p.strip()]
+        lows, highs = [], []
+        for pair in pairs:
+            parts = pair.split(":")
+            if len(parts) != 2:
+                raise DataError(f"feature bounds: {pair!r} is not LOW:HIGH")
+            try:
+                lows.append(float(parts[0]))
+                highs.append(float(parts[1]))
+            except ValueError:
+                raise DataError(f"feature bounds: {pair!r} is not LOW:HIGH") from None
+        if not pairs:
+            raise DataError("feature bounds: none given (LOW:HIGH, or one LOW:HIGH per feature)")
+        return cls(np.array(lows), np.array(highs))
+
+    def text(self) -> str:
+        """The canonical ``LOW:HIGH[,...]`` form :meth:`parse` reads back exactly."""
+        pairs = zip(self.low.tolist(), self.high.tolist(), strict=True)
+        return ",".join(f"{lo!r}:{hi!r}" for lo, hi in pairs)
+
+    def for_features(self, num_features: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(low, high)`` for each of ``num_features`` features.
+
+        Raises
+        ------
+        DataError
+            Per-feature bounds for another number of features.
+        """
+        if self.low.size == 1:
+            return np.full(num_features, self.low[0]), np.full(num_features, self.high[0])
+        if self.low.size != num_features:
+            raise DataError(
+                f"feature bounds are given for {self.low.size} features, the data has {num_features}"
+            )
+        return self.low, self.high
+
+
+# The per-feature ranges scikit-learn's breast_cancer documentation publishes (the
+# "Min"/"Max" table of ``load_breast_cancer().DESCR``, in feature order): public
+# facts about the published dataset, which the built-in simulations may scale by.
+# fmt: off
+BREAST_CANCER_BOUNDS = FeatureBounds(
+    np.array(
+        [6.981, 9.71, 43.79, 143.5, 0.053, 0.019, 0.0, 0.0, 0.106, 0.05,
+         0.112, 0.36, 0.757, 6.802, 0.002, 0.002, 0.0, 0.0, 0.008, 0.001,
+         7.93, 12.02, 50.41, 185.2, 0.071, 0.027, 0.0, 0.0, 0.156, 0.055]
+    ),
+    np.array(
+        [28.11, 39.28, 188.5, 2501.0, 0.163, 0.345, 0.427, 0.201, 0.304, 0.097,
+         2.873, 4.885, 21.98, 542.2, 0.031, 0.135, 0.396, 0.053, 0.079, 0.03,
+         36.04, 49.54, 251.2, 4254.0, 0.223, 1.058, 1.252, 0.291, 0.664, 0.208]
+    ),
+)
+# fmt: on
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Dataset:
     """Examples ``x`` (shape ``(n, features)``) and labels ``y`` (int64).
 
@@ -94,7 +200,7 @@ class Dataset:
     num_classes: int
     name: str
     image_shape: tuple[int, int, int] | None = None
-    feature_range: tuple[float, float] | None = None  # public bounds of every feature, if known
+    feature_bounds: FeatureBounds | None = None  # public per-feature bounds, if published
 
     def __post_init__(self) -> None:
         if self.x.ndim != 2 or self.y.ndim != 1 or len(self.x) != len(self.y):
@@ -126,7 +232,7 @@ class Dataset:
             self.num_classes,
             self.name,
             self.image_shape,
-            self.feature_range,
+            self.feature_bounds,
         )
 
 
@@ -142,12 +248,16 @@ def load_builtin(name: str) -> Dataset:
             10,
             "digits",
             (1, 8, 8),
-            (0.0, 16.0),  # 4-bit grey levels: public, not learned from anyone's data
+            FeatureBounds.uniform(0.0, 16.0),  # 4-bit grey levels: public, nobody's data
         )
     if name == "breast_cancer":
         bunch = skd.load_breast_cancer()
         return Dataset(
-            bunch.data.astype(np.float32), bunch.target.astype(np.int64), 2, "breast_cancer"
+            bunch.data.astype(np.float32),
+            bunch.target.astype(np.int64),
+            2,
+            "breast_cancer",
+            feature_bounds=BREAST_CANCER_BOUNDS,
         )
     raise DataError(
         f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}"
@@ -440,10 +550,12 @@ def load_site_file(path: str | Path, *, num_classes: int, label_column: str = "l
 
 @dataclass(frozen=True, slots=True)
 class Standardizer:
-    """Per-feature standardisation fitted on one party's own training data."""
+    """Per-feature ``(x - mean) / scale``: fitted on one party's own training data, or
+    taken from public bounds (``public``: then it depends on no one's records)."""
 
     mean: np.ndarray
     scale: np.ndarray
+    public: bool = False
 
     @classmethod
     def fit(
@@ -482,10 +594,17 @@ class Standardizer:
         return cls(mean.astype(np.float32), np.maximum(std, min_scale).astype(np.float32))
 
     @classmethod
-    def from_range(cls, low: float, high: float, num_features: int) -> Standardizer:
-        """Map the public range [low, high] to [-1, 1]: depends on no one's data."""
-        mid, half = (low + high) / 2.0, max((high - low) / 2.0, 1e-6)
-        return cls(np.full(num_features, mid, np.float32), np.full(num_features, half, np.float32))
+    def from_bounds(cls, bounds: FeatureBounds, num_features: int) -> Standardizer:
+        """Map each feature's public range ``[low, high]`` to ``[-1, 1]``: depends on no one's data.
+
+        Raises
+        ------
+        DataError
+            Per-feature bounds for another number of features.
+        """
+        low, high = bounds.for_features(num_features)
+        mid, half = (low + high) / 2.0, np.maximum((high - low) / 2.0, 1e-6)
+        return cls(mid.astype(np.float32), half.astype(np.float32), public=True)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """``(x - mean) / scale`` as float32 (``x`` float32 or a compact integer dtype)."""
@@ -495,16 +614,44 @@ class Standardizer:
         return scaled
 
 
-def scaler_for(data: Dataset, *, private: bool, index: np.ndarray | None = None) -> Standardizer:
+PRIVATE_SCALING_REFUSED = (
+    "under record-level DP the features need public bounds: declare them "
+    "(`fedseal-client start --feature-bounds LOW:HIGH`, node config 'feature-bounds'), "
+    "or let the site policy allow standardising on the site's own records "
+    "(privacy.allow_private_scaling = true, a release outside the accountant)"
+)
+
+
+def scaler_for(
+    data: Dataset,
+    *,
+    private: bool,
+    index: np.ndarray | None = None,
+    bounds: FeatureBounds | None = None,
+    allow_private_fit: bool = False,
+) -> Standardizer:
     """The feature scaling a party applies to its own data (its rows ``index``, default all).
 
-    Fitting mean and spread on private records is itself a release about them
-    that DP-SGD's accountant does not cover; so under record-level DP a dataset
-    with public feature bounds is scaled by those bounds instead. Without public
-    bounds, the fitted statistics remain (a documented, unaccounted leak).
+    Declared ``bounds`` (the site's own, public) are always used. Under
+    record-level DP (``private``) the dataset's published bounds are used
+    next; fitting a mean and spread on private records is a release about
+    them that the DP-SGD accountant does not cover, so it happens under DP
+    only with ``allow_private_fit`` (the site policy's explicit consent,
+    which the run's privacy block then reports). Without DP the party fits
+    on its own rows.
+
+    Raises
+    ------
+    ConfigurationError
+        Under DP without public bounds and without ``allow_private_fit``.
+    DataError
+        Bounds for another number of features.
     """
-    if private and data.feature_range is not None:
-        return Standardizer.from_range(*data.feature_range, data.num_features)
+    chosen = bounds or (data.feature_bounds if private else None)
+    if chosen is not None:
+        return Standardizer.from_bounds(chosen, data.num_features)
+    if private and not allow_private_fit:
+        raise ConfigurationError(PRIVATE_SCALING_REFUSED)
     return Standardizer.fit(data.x, index=index)
 
 

@@ -231,6 +231,10 @@ class PrivacyRules:
     ``delta``; ``datasets`` overrides it for named datasets. With
     ``require_dp`` a round without DP-SGD is refused; ``min_noise_multiplier``
     and ``max_grad_norm`` bound the DP-SGD parameters a round may ask for.
+    ``allow_private_scaling`` lets DP-SGD standardise features on the site's
+    own records when they have no public bounds: a release about them outside
+    the accountant, which the run's privacy block then names (off: such a
+    site cannot train under DP until it declares public bounds).
     """
 
     require_dp: bool = boolean(True)
@@ -238,6 +242,7 @@ class PrivacyRules:
     delta: float = number(1e-5, gt=0.0, lt=1.0)
     min_noise_multiplier: float = number(0.5, ge=0.0)
     max_grad_norm: float = number(10.0, gt=0.0)
+    allow_private_scaling: bool = boolean(False)
     datasets: tuple[tuple[str, DatasetBudget], ...] = section_table(DatasetBudget)
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from site_files import random_site_csv
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.site import DATA_CACHE_DIR, LOCAL_TEST_FRACTION, load_site_data, site_partition
@@ -21,11 +22,7 @@ from common.task import task_for
 
 
 def _csv(path: Path, n: int = 600, features: int = 6) -> Path:
-    rng = np.random.default_rng(5)
-    x, y = rng.integers(0, 17, size=(n, features)), rng.integers(0, 3, size=n)
-    header = ",".join([f"f{i}" for i in range(features)] + ["label"])
-    np.savetxt(path, np.column_stack([x, y]), fmt="%d", delimiter=",", header=header, comments="")
-    return path
+    return random_site_csv(path, rows=n, features=features, high=17, classes=3, seed=5)
 
 
 def _custom(features: int = 6, **kw: object) -> RunConfig:
