@@ -5,7 +5,8 @@ Actions (Flower message types):
 * ``train`` — plain round: train on the site's own data, reply with the model
   *update* (new - global) as a flat float32 vector, plus metrics;
 * ``train.secagg_*`` — the four secure-aggregation stages (:mod:`client.secure`);
-* ``evaluate`` — score the global model on the site's local test split;
+* ``evaluate`` — score the global model on the site's local test split (refused
+  under DP: those figures are outside any accountant);
 * ``query.audit_head`` — the run's final signed audit head, sent after the
   run ended: verified, witnessed, acknowledged with an empty reply.
 
@@ -34,6 +35,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from client import steps
 from client.agent import SiteContext, Trainer, compute_update, load_global
 from client.mods.clipping import clipping_mod
+from client.mods.disclosure import disclosure_mod
 from client.mods.instruction import instruction_mod
 from client.mods.participation import participation_mod
 from client.mods.release import release_mod
@@ -56,6 +58,10 @@ def train_mods(setup: SiteSetup) -> list[Mod]:
     0. :func:`~client.mods.instruction.instruction_mod` checks the
        coordinator's signature before any other mod reads the message, and
        answers a refused one (every handler has it first);
+    0b. :func:`~client.mods.disclosure.disclosure_mod` cuts every reply down
+       to what :mod:`client.disclosure` declares public (every handler has
+       it second): the masked input, the update, refusals and decisions,
+       and under DP no metric beyond the record-level plan, epsilon and delta;
     1. :func:`~client.mods.secagg.secagg_mod` answers the secure stages; only
        the masked stage goes on inward, and it masks what comes back, so it
        must see the update after clipping;
@@ -75,6 +81,7 @@ def train_mods(setup: SiteSetup) -> list[Mod]:
     """
     return [
         instruction_mod(setup),
+        disclosure_mod,
         secagg_mod(setup),
         participation_mod(setup),
         release_mod(setup),
@@ -91,14 +98,32 @@ def train_step(setup: SiteSetup, trainer: Trainer) -> ClientAppCallable:
     return train
 
 
+LOCAL_TEST_WITHHELD = (
+    "local-test metrics are not released under DP (outside any accountant): "
+    "the coordinator's own held-out evaluation is the metric of record"
+)
+
+
 def handle_evaluate(
     msg: Message, context: Context, site_root: SiteSetup | Path | None = None
 ) -> Message:
-    from client.training import select_device  # torch: only the handlers that use a model
-    from common.evaluation import evaluate
+    """Score the global model on the site's local test split; under DP, refuse before scoring.
+
+    The local-test loss, accuracy and count are computed on private records
+    and no accountant covers them, so under either level of DP the site
+    declines (:data:`LOCAL_TEST_WITHHELD`); otherwise what of the figures
+    leaves is :mod:`client.disclosure`'s decision (no count under secure
+    aggregation).
+    """
+    from client.disclosure import under_dp
 
     site = SiteContext.of(msg, context, site_root)
     cfg = site.cfg
+    if under_dp(cfg):
+        return steps.refusal(msg, LOCAL_TEST_WITHHELD)
+    from client.training import select_device  # torch: only the handlers that use a model
+    from common.evaluation import evaluate
+
     data = site.data()
     model, _, _ = load_global(site, msg.content[KEY_ARRAYS])
     device = select_device(cfg.device)
@@ -154,7 +179,7 @@ def make_client_app(
     for action in TRAIN_ACTIONS:
         client_app.train(action, mods=mods)(train)
 
-    checked = [instruction_mod(setup)]
+    checked = [instruction_mod(setup), disclosure_mod]
 
     @client_app.evaluate(mods=checked)
     def evaluate_(msg: Message, context: Context) -> Message:

@@ -53,6 +53,7 @@ from client.steps import (
     with_decisions,
 )
 from common.config import MAX_SECAGG_SETUP_ROUNDS
+from common.data import PRIVATE_SCALING_REFUSED
 from common.errors import ConfigurationError, DataError, ProtocolError
 from common.records import (
     KEY_METRICS,
@@ -246,6 +247,8 @@ def data_misfit(site: SiteContext) -> str | None:
             return "data: the site's feature count differs from the run's task"
         if "labels must lie" in text:
             return "data: the site's labels fall outside the run's task's classes"
+        if text == PRIVATE_SCALING_REFUSED:
+            return "data: the site declares no public feature bounds for record-level DP"
         return "data: the site's data file is unusable for this run (see the site's log)"
     return None
 
@@ -379,10 +382,9 @@ def handle_masked(
         raise ConfigurationError("the train path did not clip the update to be masked")
     reply = client.collect_masked(request, reply_update(trained), secure_generator())
     _save(context, config, client, key)
-    ordered = MetricRecord(
-        {"num-examples": metrics["num-examples"], "update-norm": metrics["update-norm"], **metrics}
-    )
-    return with_decisions(_reply(msg, reply.encode_parts(), ordered), decisions)
+    # The train path's metrics go with the masked input as far as the disclosure mod
+    # (client.mods.disclosure): the norm and the example count never leave this site.
+    return with_decisions(_reply(msg, reply.encode_parts(), metrics), decisions)
 
 
 def handle_consistency(

@@ -10,13 +10,18 @@ from common.config import RunConfig
 
 @dataclass(frozen=True, slots=True)
 class SiteOutcome:
-    """One sampled site's part in a round."""
+    """One sampled site's part in a round: only what the site stated (None: not stated).
+
+    Under DP a site states no example count, train time or energy (its
+    dataset size is private) and its record-level ε comes with its own δ
+    (README, "Privacy, precisely").
+    """
 
     node_id: int
     accepted: bool
     reason: str = ""
-    num_examples: int = 0
-    train_seconds: float = 0.0
+    num_examples: int | None = None
+    train_seconds: float | None = None
     refused: bool = False
     record_level_epsilon: float | None = None  # the site's lifetime total for this dataset
     noise_multiplier: float | None = None
@@ -25,6 +30,8 @@ class SiteOutcome:
     energy_kwh: float | None = None
     co2eq_g: float | None = None
     energy_estimated: bool | None = None
+    record_level_delta: float | None = None  # the site's own delta, at which its ε holds
+    private_scaling: bool | None = None  # features standardised on its records (its policy allows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +50,10 @@ class RoundResult:
     sampled: int
     seconds: float
     sites: tuple[SiteOutcome, ...] = field(default_factory=tuple)
-    evaluation: str = "central"  # "central" (server's held-out split), "federated", "none" (failed)
+    # "central" (the server's held-out split, the metric of record), "federated" (the sites'
+    # local-test figures), "withheld" (no held-out split, and under DP the sites release
+    # none), "none" (failed or not evaluated)
+    evaluation: str = "central"
     secagg: dict[str, int] | None = None  # participants, dropouts, threshold, neighbours
     client_level_epsilon: float | None = None  # DP-FedAvg, run so far (None when off)
     energy: dict[str, float | bool] | None = None  # kwh, co2eq_g, estimated (sum over sites)
@@ -99,19 +109,63 @@ def round_energy(
     }
 
 
+def evaluation_note(cfg: RunConfig) -> str | None:
+    """One line saying what stands in for the metric of record, when it is not central.
+
+    The server's own held-out evaluation is the metric of record; a run on
+    the sites' own data (``dataset = custom``) has none.
+    """
+    if cfg.dataset != "custom" or cfg.workload != "train":
+        return None
+    if cfg.dp or cfg.central_dp:
+        return (
+            "no held-out evaluation set at the coordinator (dataset 'custom'), and under DP "
+            "the sites release no local-test metrics: rounds report no accuracy or loss"
+        )
+    return (
+        "no held-out evaluation set at the coordinator (dataset 'custom'): accuracy and loss "
+        "are the sites' own local-test figures, not a metric of record"
+    )
+
+
+ENERGY_WITHHELD = (
+    "per-site energy withheld under DP: a site's energy and train time grow with its "
+    "dataset size, which is private"
+)
+
+
 def result_document(
     run_id: str, cfg: RunConfig, results: list[RoundResult], stopped: str | None
 ) -> dict[str, Any]:
     """A run's results as the JSON document fedseal prints (``--json``) and writes."""
+    accepted = [s for r in results for s in r.sites if s.accepted]
+    site_deltas = sorted({s.record_level_delta for s in accepted if s.record_level_delta})
+    private_scaling = sorted({s.node_id for s in accepted if s.private_scaling})
     return {
         "run_id": run_id,
         "config": asdict(cfg),
         "rounds": [r.to_json() for r in results],
         "failed_rounds": [r.round for r in results if r.failed],
         "stopped": stopped,
+        "evaluation": {
+            "metric_of_record": "central" if cfg.dataset != "custom" else "none",
+            "note": evaluation_note(cfg),
+        },
+        "energy": {"per_site": ENERGY_WITHHELD if cfg.dp or cfg.central_dp else "reported"},
         "privacy": {
             "site_dp": cfg.dp,
             "site_delta": cfg.site_delta,
+            # each site's record-level ε is at its own δ (its policy's), as it reports it
+            "site_deltas_reported": site_deltas,
+            "feature_scaling": (
+                "public bounds (declared by the site, or published with the dataset)"
+                if not private_scaling
+                else "standardised on private records, outside the accountant, at the sites "
+                f"whose policy allows it: {private_scaling}"
+            )
+            if cfg.dp
+            else "fitted on each site's own training split (no record-level DP)",
+            "private_scaling_sites": [str(n) for n in private_scaling],
             "central_dp": cfg.central_dp,
             "delta": cfg.delta,
             "accountant": cfg.accountant,
@@ -121,7 +175,7 @@ def result_document(
                 else "fixed cohort: accounted without amplification (q=1)"
             ),
             "units": {
-                "record_level_epsilon": "per site dataset, DP-SGD (example-level), lifetime total from the site ledger",
+                "record_level_epsilon": "per site dataset, DP-SGD (example-level), lifetime total from the site ledger, at the site's own delta (sites[].record_level_delta)",
                 "client_level_epsilon": "per run, DP-FedAvg (site-level)",
             },
         },

@@ -181,27 +181,26 @@ def run_cmd(
         "accuracy",
         "loss",
         "participants",
-        "max site ε",
+        "max site ε (its δ)",
         "client ε",
         "refused",
         "seconds",
     ):
         table.add_column(col, justify="right")
     for r in doc["rounds"]:
-        site_eps = [
-            s["record_level_epsilon"] for s in r["sites"] if s["record_level_epsilon"] is not None
-        ]
         table.add_row(
             str(r["round"]),
             _accuracy_cell(r),
             "n/a" if r["loss"] is None else f"{r['loss']:.4f}",
             f"{r['participants']}/{r['sampled']}",
-            f"{max(site_eps):.3f}" if site_eps else "-",
+            _site_epsilon_cell(r),
             "-" if r["client_level_epsilon"] is None else f"{r['client_level_epsilon']:.3f}",
             str(sum(1 for s in r["sites"] if s["refused"])),
             f"{r['seconds']:.2f}",
         )
     Console().print(table)
+    if (note := doc.get("evaluation", {}).get("note")) is not None:
+        Console().print(f"evaluation: {note}")
     Console().print(f"run directory: {out} (record.db, result.json); report: {report_html}")
 
 
@@ -271,6 +270,17 @@ def _unwritable(out: Path) -> str | None:
     except OSError as exc:
         return f"run directory {out} is not writable: {exc.strerror or exc}"
     return None
+
+
+def _site_epsilon_cell(r: dict[str, Any]) -> str:
+    """The round's largest record-level ε, at the δ that site reported (its own policy's)."""
+    reported = [s for s in r["sites"] if s.get("record_level_epsilon") is not None]
+    if not reported:
+        return "-"
+    top = max(reported, key=lambda s: s["record_level_epsilon"])
+    delta = top.get("record_level_delta")
+    at = f" (δ={delta:g})" if delta is not None else ""
+    return f"{top['record_level_epsilon']:.3f}{at}"
 
 
 def _accuracy_cell(r: dict[str, Any]) -> str:

@@ -2,7 +2,11 @@
 
 The server sees every site's update in the clear; use it only where that is
 acceptable (or under central DP, see :mod:`server.privacy`, which asks for
-unit weights and clipped updates instead).
+unit weights and clipped updates instead). Under record-level DP the sites
+state no example count (their dataset sizes are private): every
+contributor then weighs the same. Each site's update is already an average
+over its own records, so this is FedAvg for equal-sized sites and an
+average that gives no site more pull than another otherwise.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class PlainAggregator:
 
     ``clip_norm`` set: every update is re-clipped to L2 ``clip_norm`` by the
     server and all contributors weigh the same (DP-FedAvg's sensitivity
-    assumes both); otherwise updates are weighted by their example counts.
+    assumes both); otherwise updates are weighted by their example counts
+    when every contributor states one, and the same when any does not.
     """
 
     def __init__(self, vector_length: int, clip_norm: float | None = None) -> None:
@@ -98,9 +103,11 @@ class PlainAggregator:
                 total += clip_l2(u.update, self.clip_norm)[0]
             agg.total, agg.weight = total, float(len(updates))
             return agg
-        for u in updates:
+        stated = [u.num_examples for u in updates if u.num_examples is not None]
+        weights = stated if len(stated) == len(updates) else [1] * len(updates)
+        for u, weight in zip(updates, weights, strict=True):
             scaled = u.update.astype(np.float64)  # one temporary per update, scaled in place
-            scaled *= u.num_examples
+            scaled *= weight
             total += scaled
-        agg.total, agg.weight = total, float(sum(u.num_examples for u in updates))
+        agg.total, agg.weight = total, float(sum(weights))
         return agg

@@ -34,12 +34,15 @@ MAX_DECISIONS_BYTES = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class SiteUpdate:
-    """One site's usable plain-round update."""
+    """One site's usable plain-round update.
+
+    ``num_examples`` is None when the site does not state it (under DP a
+    site's dataset size is private, README "Privacy, precisely").
+    """
 
     node_id: int
     update: np.ndarray
-    num_examples: int
-    train_seconds: float
+    num_examples: int | None
     metrics: dict[str, Any]
 
 
@@ -130,66 +133,79 @@ def refusal_reason(reply: Message) -> str | None:
 
 
 def parse_train_reply(reply: Message, size: int) -> SiteUpdate:
-    """Validate one site's plain train reply; DataError says why it is unusable."""
-    node_id = reply.metadata.src_node_id
+    """Validate one site's plain train reply; DataError says why it is unusable.
+
+    The update is required; the metrics record and every metric in it are
+    optional (under DP a site sends none of its counts), but a metric that
+    is there must be valid: a positive integer example count, finite numbers.
+    """
     if reply.has_error():
         raise DataError(f"site error: {reply.error.reason}")
     content = reply.content
-    if KEY_ARRAYS not in content.array_records or KEY_METRICS not in content.metric_records:
-        raise DataError("reply lacks the update or its metrics")
-    metrics = content.metric_records[KEY_METRICS]
+    if KEY_ARRAYS not in content.array_records:
+        raise DataError("reply lacks the update")
+    record = content.metric_records.get(KEY_METRICS)
+    metrics = dict(record.items()) if record is not None else {}
     n = metrics.get("num-examples")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise DataError(f"num-examples must be a positive integer, got {n!r}")
-    seconds = metrics.get("train-seconds", 0.0)
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or not math.isfinite(seconds)
-    ):
-        raise DataError("train-seconds must be a finite number")
+    _check_finite(metrics, DataError)
     update = record_to_vector(content.array_records[KEY_ARRAYS], size, what="update")
-    return SiteUpdate(node_id, update, n, float(seconds), dict(metrics.items()))
+    return SiteUpdate(reply.metadata.src_node_id, update, n, metrics)
 
 
 def masked_metrics(reply: Message) -> dict[str, Any]:
-    """The metrics a masked-stage reply must carry (positive example count, finite values)."""
+    """The metrics of a masked-stage reply (none required: the masked sum is what counts).
+
+    Under secure aggregation a site states no example count or update norm;
+    whatever metrics it does send must be finite.
+    """
     record = reply.content.metric_records.get(KEY_METRICS)
-    if record is None:
-        raise ProtocolError("masked reply lacks its metrics")
-    out = dict(record.items())
-    n = out.get("num-examples")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ProtocolError(f"num-examples must be a positive integer, got {n!r}")
-    for key, value in out.items():
-        if isinstance(value, float) and not np.isfinite(value):
-            raise ProtocolError(f"metric {key!r} is not finite")
+    out = dict(record.items()) if record is not None else {}
+    _check_finite(out, ProtocolError)
     return out
 
 
+def _check_finite(metrics: Mapping[str, Any], error: type[Exception]) -> None:
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise error(f"metric {key!r} is not finite")
+
+
 def site_outcome(node_id: int, metrics: Mapping[str, Any]) -> SiteOutcome:
-    """An accepted site's line in the round result, with its record-level privacy figures."""
+    """An accepted site's line in the round result, with what it states about its privacy.
+
+    Every figure is optional: under DP a site states only its record-level
+    plan, epsilon and delta (no count, train time or energy).
+    """
 
     def num(key: str) -> float | None:
         value = metrics.get(key)
         return float(value) if is_finite_number(value) else None
 
-    steps = metrics.get("dp-steps")
+    def count(key: str) -> int | None:
+        value = metrics.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    scaling = count("private-scaling")
     return SiteOutcome(
         node_id,
         True,
         "",
-        int(metrics.get("num-examples", 0)),
-        num("train-seconds") or 0.0,
+        count("num-examples"),
+        num("train-seconds"),
         record_level_epsilon=num("record-level-epsilon"),
+        record_level_delta=num("record-level-delta"),
         noise_multiplier=num("noise-multiplier"),
         sample_rate=num("sample-rate"),
-        steps=steps if isinstance(steps, int) and not isinstance(steps, bool) else None,
+        steps=count("dp-steps"),
         energy_kwh=num("energy-kwh"),
         co2eq_g=num("co2eq-g"),
         energy_estimated=None
         if "energy-estimated" not in metrics
         else bool(metrics["energy-estimated"]),
+        private_scaling=None if scaling is None else bool(scaling),
     )
 
 

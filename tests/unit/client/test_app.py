@@ -7,16 +7,25 @@ real server code, so that the masked stage gets real SecAgg+ requests.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fake_grid import FIRST_NODE_ID, FakeGrid, server_identity
 from federation import federated_setup
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
+from site_messages import (
+    RUN_ID,
+    D,
+    FakeTrainer,
+    instruction,
+    metrics_of,
+    reason_of,
+    site_context,
+    update_of,
+    vector_cfg,
+)
 
 from client.agent import LocalUpdate, SiteContext
 from client.app import make_client_app
@@ -31,103 +40,23 @@ from common.dp import PrivacyEvent, clip_l2, epsilon_for
 from common.errors import PrivacyBudgetExceeded
 from common.records import (
     KEY_ARRAYS,
-    KEY_COHORT_SIZE,
-    KEY_CONFIG,
     KEY_METRICS,
     KEY_REFUSAL,
-    KEY_RUN_ID,
     KEY_SITE_DECISIONS,
-    config_to_record,
     record_to_vector,
     vector_to_record,
 )
-from common.rng import seeded_generator
 from common.secagg import make_config
 from common.secagg.quantize import error_bound
 from common.task import task_for
 from policies import load_site_policies
 from server.rounds import FederatedRun
 
-D = 16  # coordinates of the "vector" model
-RUN_ID = "0123456789ab"
-
-
-def update_of(partition: int) -> np.ndarray:
-    """A fixed update per site, L2 norm 0.5 + 0.5 * partition."""
-    v = seeded_generator(77 + partition).standard_normal(D)
-    return (v * ((0.5 + 0.5 * partition) / np.linalg.norm(v))).astype(np.float32)
-
-
-@dataclass
-class FakeTrainer:
-    """Returns ``update_of(partition)``; records every call; refuses the (partition, round)s
-    in ``refuse`` as the ledger does at reserve time."""
-
-    refuse: set[tuple[int, int]] = field(default_factory=set)
-    calls: list[tuple[int, int]] = field(default_factory=list)
-
-    def __call__(self, site: SiteContext, arrays: object) -> LocalUpdate:
-        partition = int(site.context.node_config["partition-id"])
-        self.calls.append((partition, site.server_round))
-        if (partition, site.server_round) in self.refuse:
-            raise PrivacyBudgetExceeded(3.0, 4.0, 5.0)
-        return LocalUpdate(update_of(partition), partition + 1, {"train-seconds": 0.0})
-
-
-def vector_cfg(num_sites: int = 3, **changes: object) -> RunConfig:
-    base: dict[str, object] = dict(
-        dataset="custom",
-        model="vector",
-        workload="echo",
-        num_features=D,
-        num_classes=2,
-        num_sites=num_sites,
-        rounds=1,
-        device="cpu",
-        secagg=False,
-        clip_norm=1.0,
-    )
-    base.update(changes)
-    return RunConfig(**base)  # type: ignore[arg-type]
-
 
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
     with server_identity():
         yield
-
-
-def instruction(
-    cfg: RunConfig, server_round: int = 1, message_type: str = "train", node_id: int = FIRST_NODE_ID
-) -> Message:
-    """A server instruction as it reaches the site."""
-    extra = {KEY_RUN_ID: RUN_ID, KEY_COHORT_SIZE: cfg.num_sites}
-    content = RecordDict({KEY_CONFIG: config_to_record(cfg, server_round, **extra)})
-    content[KEY_ARRAYS] = vector_to_record(np.zeros(D, dtype=np.float32))
-    msg = Message(content, node_id, message_type, group_id=str(server_round))
-    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-    return msg
-
-
-def site_context(partition: int = 0, num_sites: int = 3) -> Context:
-    return Context(
-        run_id=7,
-        node_id=FIRST_NODE_ID + partition,
-        node_config={"partition-id": partition, "num-partitions": num_sites},
-        state=RecordDict(),
-        run_config={},
-    )
-
-
-def metrics_of(reply: Message) -> MetricRecord:
-    metrics: MetricRecord = reply.content.metric_records[KEY_METRICS]
-    return metrics
-
-
-def reason_of(reply: Message) -> str:
-    reason = reply.content.config_records[KEY_REFUSAL]["reason"]
-    assert isinstance(reason, str)
-    return reason
 
 
 # ------------------------------------------------------------------ plain train action
@@ -141,17 +70,34 @@ def test_plain_train_reply_is_the_trainers_update_and_metrics(tmp_path: Path) ->
     assert trainer.calls == [(1, 1)]
 
 
-def test_plain_train_clipping_on_clips_to_clip_norm_and_adds_update_norm(tmp_path: Path) -> None:
+def test_plain_train_clipping_on_clips_to_clip_norm_and_keeps_the_norm_at_the_site(
+    tmp_path: Path,
+) -> None:
     cfg = vector_cfg(central_dp=True, noise_multiplier=1.0, clip_norm=0.75)
     app = make_client_app(tmp_path, trainer=FakeTrainer())
     reply = app(instruction(cfg), site_context(2))  # norm 1.5 > C
     update = record_to_vector(reply.content[KEY_ARRAYS], D)
-    expected, norm = clip_l2(update_of(2), 0.75)
+    expected, _ = clip_l2(update_of(2), 0.75)
     np.testing.assert_array_equal(update, expected)
     assert float(np.linalg.norm(update.astype(np.float64))) <= 0.75
-    metrics = metrics_of(reply)
-    assert list(metrics.keys()) == ["num-examples", "train-seconds", "update-norm"]
-    assert metrics["update-norm"] == norm == pytest.approx(1.5, rel=1e-6)
+    # under client-level DP the pre-clip norm (and the count) never leave (client.disclosure)
+    assert dict(metrics_of(reply)) == {}
+
+
+def test_clipping_mod_reports_the_norm_before_clipping_to_the_mods_outside_it() -> None:
+    msg = instruction(vector_cfg(central_dp=True, noise_multiplier=1.0, clip_norm=0.75))
+    inner = Message(
+        RecordDict(
+            {
+                KEY_ARRAYS: vector_to_record(update_of(2)),
+                KEY_METRICS: MetricRecord({"num-examples": 1}),
+            }
+        ),
+        reply_to=msg,
+    )
+    metrics = metrics_of(clipping_mod(msg, site_context(), lambda m, c: inner))
+    assert list(metrics.keys()) == ["num-examples", "update-norm"]
+    assert metrics["update-norm"] == pytest.approx(1.5, rel=1e-6)
 
 
 def test_clipping_mod_off_returns_the_inner_reply_untouched() -> None:
@@ -314,12 +260,10 @@ def test_masked_stage_trains_once_through_the_train_path_and_masks_the_clipped_u
     assert sorted(trainer.calls) == [(p, 1) for p in range(4)]
     assert trained_at == [MASKED_STAGE] * 4
     masked = next(e for e in grid.history if set(e.message_types.values()) == {MASKED_STAGE})
-    for node_id, reply in masked.replies.items():
-        metrics = metrics_of(reply)
-        assert list(metrics.keys()) == ["num-examples", "update-norm", "train-seconds"]
-        partition = node_id - FIRST_NODE_ID
-        assert metrics["update-norm"] == pytest.approx(0.5 + 0.5 * partition, rel=1e-6)
-        assert KEY_ARRAYS not in reply.content  # only the masked vector leaves the site
+    for reply in masked.replies.values():
+        # only the masked vector leaves the site: no count, no norm, no train time
+        assert dict(metrics_of(reply)) == {}
+        assert KEY_ARRAYS not in reply.content
     clipped = [clip_l2(update_of(p), cfg.clip_norm)[0].astype(np.float64) for p in range(4)]
     delta = run.global_vector.astype(np.float64) - before
     np.testing.assert_allclose(delta, np.mean(clipped, axis=0), rtol=0, atol=_tolerance(cfg, 4))
