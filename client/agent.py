@@ -13,6 +13,7 @@ another one (``make_client_app(trainer=...)``), e.g. a test's fake.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,8 +31,14 @@ from client.state import LEDGER_FILE, WITNESS_FILE, site_dir
 from client.witness import HeadRefused, witness_head
 from common.audit.seal import SignedHead
 from common.config import RunConfig
+from common.dp.events import PrivacyEvent
 from common.energy import EnergyConfig, make_meter
-from common.errors import ConfigurationError, IntegrityError
+from common.errors import (
+    ConfigurationError,
+    FedsealError,
+    IntegrityError,
+    PrivacyBudgetExceeded,
+)
 from common.records import (
     KEY_APP_HASH,
     KEY_AUDIT_HEAD,
@@ -54,6 +61,7 @@ if TYPE_CHECKING:
     # crypto must not pay for them.
     import torch
 
+    from client.ledger import LedgerEntry, SiteLedger, Spend
     from client.privacy import SiteDpPlan
     from client.training import TrainStats
 
@@ -126,8 +134,19 @@ class SiteContext:
         return site
 
     def data(self) -> SiteData:
-        """This site's data; a data file is parsed once into its state directory's cache."""
-        return load_site_data(self.cfg, self.task, self.context.node_config, self.directory)
+        """This site's data; a data file is parsed once into its state directory's cache.
+
+        Scaled as :mod:`client.site` says, with the site policy's
+        ``privacy.allow_private_scaling`` consent where it has one.
+        """
+        policy = self.policy()
+        return load_site_data(
+            self.cfg,
+            self.task,
+            self.context.node_config,
+            self.directory,
+            allow_private_scaling=policy is not None and policy.privacy.allow_private_scaling,
+        )
 
     def policy(self) -> SitePolicy | None:
         """This site's policy, or None when it has none."""
@@ -200,6 +219,68 @@ def load_global(site: SiteContext, arrays: object) -> tuple[torch.nn.Module, Mod
     return model, spec, global_vec
 
 
+UNDECLARED_DATASET_ID = (
+    "the site declares no dataset id, so its lifetime privacy budget would restart with every "
+    "edit of its file: declare one (`fedseal-client start --dataset-id NAME`, node config "
+    "'dataset-id') to train under DP"
+)
+DELTA_NOT_BELOW_ONE_OVER_N = (
+    "the site's delta is not below 1/n for its training split (a delta that large permits "
+    "releasing a record outright); lower privacy.delta in the site policy"
+)
+
+
+class RoundRefused(FedsealError):
+    """The site declines a round for a reason of its own, before its data is trained on.
+
+    The message is the reason the coordinator receives: it names the rule,
+    never a data-dependent value (the dataset size among them).
+    """
+
+    def __init__(self, reason: str, rule: str | None = None) -> None:
+        super().__init__(reason)
+        self.rule = rule
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPlan:
+    """A DP round's mechanism as the site plans it, with the budget it answers to.
+
+    ``budget`` and ``delta`` are the site's own (its policy, else the run's
+    ``site_epsilon``/``site_delta``); ``plan`` is calibrated against the
+    dataset's ledger history before this run (:func:`round_plan`). The
+    participation decision's dry run (:meth:`would_spend`) and the
+    training's reservation (:meth:`reserve`) charge exactly this.
+    """
+
+    dataset_id: str
+    run_id: str
+    server_round: int
+    plan: SiteDpPlan
+    budget: float
+    delta: float
+
+    def would_spend(self, ledger: SiteLedger) -> Spend:
+        """The ledger's dry run of this round (:meth:`~client.ledger.SiteLedger.would_spend`)."""
+        return ledger.would_spend(*self._charge())
+
+    def reserve(self, ledger: SiteLedger) -> int:
+        """Reserve this round in the ledger (:meth:`~client.ledger.SiteLedger.reserve`)."""
+        return ledger.reserve(*self._charge())
+
+    def _charge(self) -> tuple[str, str, int, PrivacyEvent, float, str, float]:
+        plan = self.plan
+        return (
+            self.dataset_id,
+            self.run_id,
+            self.server_round,
+            plan.round_event(),
+            self.delta,
+            plan.accountant,
+            self.budget,
+        )
+
+
 def dp_batch_size(cfg: RunConfig, dataset_size: int) -> int:
     """DP-SGD's expected batch size (:func:`client.privacy.dp_expected_batch_size`)."""
     from client.privacy import dp_expected_batch_size
@@ -207,24 +288,78 @@ def dp_batch_size(cfg: RunConfig, dataset_size: int) -> int:
     return dp_expected_batch_size(cfg.dp_batch_size, dataset_size)
 
 
-def dp_plan(site: SiteContext, dataset_size: int) -> SiteDpPlan:
-    """This round's DP-SGD plan (noise multiplier, sample rate, steps) for the site's split."""
+def round_plan(site: SiteContext, data: SiteData, history: Sequence[LedgerEntry]) -> RoundPlan:
+    """This round's DP-SGD plan, from the site's own budget, delta and ledger history.
+
+    The one place a DP round's mechanism is worked out: the participation
+    decision's dry run and the training's reservation both use it, so both
+    see the same event. Checks, in order, each refusing before the data is
+    trained on:
+
+    1. the dataset id is declared (:func:`client.site.declares_dataset_id`):
+       a content-hash id would hand an edited file a fresh budget;
+    2. ``delta < 1/n`` for the training split (``n`` stays here: the
+       refusal names the rule only);
+    3. the dataset's history before this run leaves room in the budget.
+
+    The noise multiplier is the larger of two calibrations (Opacus' search,
+    :func:`client.privacy.plan_site_dp`): the run's own target
+    (``cfg.site_epsilon`` over ``cfg.rounds`` rounds, from zero) and the
+    site's lifetime budget given the dataset's history in other runs (what
+    is left, not the full budget from zero). This run's own rows are left
+    out of the history, so every round of the run gets the same plan.
+
+    Parameters
+    ----------
+    site : SiteContext
+        The round's instruction.
+    data : SiteData
+        The site's data (its size and dataset id).
+    history : sequence of LedgerEntry
+        The dataset's ledger rows (:meth:`client.ledger.SiteLedger.history`).
+
+    Raises
+    ------
+    RoundRefused
+        Undeclared dataset id, or delta not below 1/n.
+    PrivacyBudgetExceeded
+        The history leaves no room for another run in the budget.
+    """
+    from common.dp.accounting import epsilon_for
+
+    if not data.declared_id:
+        raise RoundRefused(UNDECLARED_DATASET_ID)
+    budget, delta = site_budget(site, data.dataset_id)
+    n = len(data.y_train)
+    if not delta < 1.0 / n:
+        raise RoundRefused(DELTA_NOT_BELOW_ONE_OVER_N, rule="privacy.delta")
     cfg = site.cfg
-    return _cached_plan(
-        cfg.site_epsilon,
-        cfg.site_delta,
-        dataset_size,
-        dp_batch_size(cfg, dataset_size),
-        cfg.dp_local_epochs,
-        cfg.rounds,
-        cfg.accountant,
-        cfg.site_noise_multiplier or None,
-    )
+    prior = tuple(e.event for e in history if e.run_id != site.run_id)
+    try:
+        plan = _cached_plan(
+            cfg.site_epsilon,
+            budget,
+            delta,
+            n,
+            dp_batch_size(cfg, n),
+            cfg.dp_local_epochs,
+            cfg.rounds,
+            cfg.accountant,
+            cfg.site_noise_multiplier or None,
+            prior,
+        )
+    except ConfigurationError:
+        spent = epsilon_for(prior, delta, cfg.accountant)
+        if spent < budget:
+            raise
+        raise PrivacyBudgetExceeded(spent, budget) from None
+    return RoundPlan(data.dataset_id, site.run_id, site.server_round, plan, budget, delta)
 
 
 @functools.lru_cache(maxsize=32)
 def _cached_plan(
-    epsilon: float,
+    run_epsilon: float,
+    budget: float,
     delta: float,
     size: int,
     batch: int,
@@ -232,11 +367,36 @@ def _cached_plan(
     rounds: int,
     accountant: str,
     z: float | None,
+    prior: tuple[PrivacyEvent, ...],
 ) -> SiteDpPlan:
-    """Calibration is a search over accountant evaluations (seconds with PRV): do it once per process."""
+    """Calibration is a search over accountant evaluations (seconds with PRV): once per process.
+
+    With no history the two targets collapse into one calibration, at the
+    smaller of the run's target and the budget.
+    """
     from client.privacy import plan_site_dp
 
-    return plan_site_dp(epsilon, delta, size, batch, epochs, rounds, accountant, z)
+    if not prior:
+        return plan_site_dp(
+            min(run_epsilon, budget), delta, size, batch, epochs, rounds, accountant, z
+        )
+    life = plan_site_dp(
+        budget, delta, size, batch, epochs, rounds, accountant, z, prior_events=prior
+    )
+    run = plan_site_dp(run_epsilon, delta, size, batch, epochs, rounds, accountant, z)
+    if run.noise_multiplier <= life.noise_multiplier:
+        return life
+    return plan_site_dp(
+        budget,
+        delta,
+        size,
+        batch,
+        epochs,
+        rounds,
+        accountant,
+        run.noise_multiplier,
+        prior_events=prior,
+    )
 
 
 def site_budget(site: SiteContext, dataset_id: str) -> tuple[float, float]:
@@ -332,19 +492,11 @@ def _train(
         update = state_dict_to_vector(model.state_dict()) - global_vec
         return LocalUpdate(update, len(data.y_train), _train_metrics(stats))
 
-    plan = dp_plan(site, len(data.y_train))
-    budget, budget_delta = site_budget(site, data.dataset_id)
     ledger = SiteLedger(site.directory / LEDGER_FILE)
     try:
-        entry = ledger.reserve(
-            data.dataset_id,
-            site.run_id,
-            site.server_round,
-            plan.round_event(),
-            budget_delta,
-            cfg.accountant,
-            budget,
-        )
+        planned = round_plan(site, data, ledger.history(data.dataset_id))
+        plan = planned.plan
+        entry = planned.reserve(ledger)
         base = validate_model(model).to(device)
         if ModelSpec.of(base.state_dict()) != spec:
             raise ConfigurationError(
@@ -373,17 +525,19 @@ def _train(
             private=True,
         )
         update = state_dict_to_vector(base.state_dict()) - global_vec
-        ledger.confirm(entry)
-        spent = ledger.spent(data.dataset_id, budget_delta, cfg.accountant)
+        ledger.confirm(entry, steps_taken=handle.steps)  # IntegrityError: the update stays here
+        spent = ledger.spent(data.dataset_id, planned.delta, cfg.accountant)
     finally:
         ledger.close()
     metrics = _train_metrics(stats)
     metrics.update(
         {
             "record-level-epsilon": spent,
+            "record-level-delta": planned.delta,
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
             "dp-steps": handle.steps,
+            "private-scaling": int(data.private_scaling),
         }
     )
     return LocalUpdate(update, len(data.y_train), metrics)

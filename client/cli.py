@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.console import Console
 from common.env import apply_safe_flower_env
 from common.errors import ConfigurationError
 from policies.cli_errors import one_line_errors
+
+if TYPE_CHECKING:
+    from common.data import Dataset
 
 app = typer.Typer(
     name="fedseal-client",
@@ -103,6 +106,26 @@ def start_cmd(
         Path | None, typer.Option(help="Node-authentication private key (see `keys`).")
     ] = None,
     label_column: Annotated[str, typer.Option(help="Name of the label column.")] = "label",
+    dataset_id: Annotated[
+        str | None,
+        typer.Option(
+            help="This dataset's identity, which its lifetime privacy budget is bound to "
+            "(1-64 of A-Z a-z 0-9 . _ -): keep it when the file is edited or moved, change it "
+            "only for other data. Without it the id is the file's name and content hash, so "
+            "any edit would start a new budget: DP rounds are then refused, and `start` "
+            "refuses a policy that requires DP."
+        ),
+    ] = None,
+    feature_bounds: Annotated[
+        str | None,
+        typer.Option(
+            help="Public bounds of the features, for scaling without a leak: LOW:HIGH for "
+            "every feature, L1:H1,L2:H2,... one pair per feature, or a file of LOW:HIGH "
+            "lines. Under DP a site file needs them, unless the site policy sets "
+            "privacy.allow_private_scaling (then standardised on the site's own records, "
+            "outside the accountant, and the run says so)."
+        ),
+    ] = None,
     port: Annotated[
         int, typer.Option(help="Local port of the SuperNode's ClientAppIo API.")
     ] = 9094,
@@ -184,7 +207,8 @@ def start_cmd(
     # A broken policy fails here (every problem listed, as `policy check`), before any connection.
     installed = install_site_policy(policy, site_state)
     typer.echo(installed.summary())
-    _check_site_data(data, label_column, site_state)
+    dataset = _check_site_data(data, label_column, site_state)
+    data_config = _data_config(dataset, dataset_id, feature_bounds, installed.path)
     roster_config = _roster_config(roster, site_state, installed.path)
     check_port_free("127.0.0.1", port)
     node_config = node_config_text(
@@ -194,6 +218,7 @@ def start_cmd(
             "state-dir": str(site_state),
             "policy-path": str(installed.path),
             "policy-hash": installed.hash,
+            **data_config,
             **roster_config,
             **_trust_config(installed.path, server_key),
         }
@@ -283,7 +308,48 @@ def _stop_requests() -> Iterator[list[int]]:
 ANY_LABEL = 2**31
 
 
-def _check_site_data(data: Path, label_column: str, site_state: Path) -> None:
+def _data_config(
+    dataset: Dataset, dataset_id: str | None, bounds: str | None, policy_path: Path
+) -> dict[str, str]:
+    """The node-config entries declaring the dataset's identity and public feature bounds.
+
+    Checked now, in one line each: an id outside its alphabet, bounds that
+    do not parse or do not match the file's feature count, and no id under
+    a policy that requires DP (its budget would restart with every edit).
+    """
+    from client.site import (
+        NODE_CONFIG_DATASET_ID,
+        NODE_CONFIG_FEATURE_BOUNDS,
+        check_dataset_id,
+    )
+    from common.data import FeatureBounds
+    from policies import load_site_policy
+
+    node: dict[str, str] = {}
+    if dataset_id is not None:
+        node[NODE_CONFIG_DATASET_ID] = check_dataset_id(dataset_id)
+    elif load_site_policy(policy_path).privacy.require_dp:
+        raise ConfigurationError(
+            "the site policy requires DP: give --dataset-id NAME, the identity this data's "
+            "lifetime privacy budget is bound to (the file's content hash changes with every edit)"
+        )
+    else:
+        typer.echo(
+            "warning: no --dataset-id: the dataset id is the file's name and content hash, so an "
+            "edit of the file would start a new privacy budget; this site refuses DP rounds",
+            err=True,
+        )
+    if bounds is not None:
+        source = Path(bounds)
+        text = source.read_text(encoding="utf-8") if source.is_file() else bounds
+        lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+        parsed = FeatureBounds.parse(",".join(ln for ln in lines if ln))
+        parsed.for_features(dataset.num_features)  # per-feature bounds: one pair per column
+        node[NODE_CONFIG_FEATURE_BOUNDS] = parsed.text()
+    return node
+
+
+def _check_site_data(data: Path, label_column: str, site_state: Path) -> Dataset:
     """Parse the site's file now, into the cache its ClientApp processes map (one line if bad).
 
     A malformed file (no label column, non-numeric cells, NaN, ragged rows)
@@ -305,6 +371,7 @@ def _check_site_data(data: Path, label_column: str, site_state: Path) -> None:
         f"labels {int(dataset.y.min())}..{int(dataset.y.max())}; parsed once, cached privately)",
         err=True,
     )
+    return dataset
 
 
 def _site_state(state_dir: Path) -> tuple[Path, Path]:

@@ -18,7 +18,17 @@ between reserve and confirm can only over-count. Reserving the same
 (dataset, run, round) again returns the existing row and is not counted
 twice. :meth:`SiteLedger.would_spend` is the same check without the write
 (a dry run, e.g. to decide whether to take part before any data is
-touched). The ledger stores no data and no secrets.
+touched). :meth:`SiteLedger.confirm` checks that the training took exactly
+the steps reserved (an :class:`~common.errors.IntegrityError` otherwise:
+the ledger would account another mechanism than the one applied, so the
+update must not leave). The ledger stores no data and no secrets.
+
+Client-level participation (table ``client_participation``, same file):
+one row per round the site contributed an update to under client-level DP
+(DP-FedAvg at the coordinator), with the run's client-level event, so the
+site sees its own client-level exposure (:meth:`SiteLedger.client_exposure`)
+without trusting the coordinator's record. Record-level and client-level
+figures are kept apart and never added.
 
 The release log (table ``site_release``, same file): one row per
 (dataset, run, round) a site has answered a train request for, so that a
@@ -47,12 +57,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, UniqueConstraint
 from sqlalchemy.exc import SQLAlchemyError
@@ -62,12 +72,19 @@ from sqlmodel import Field, Session, SQLModel, select
 from client.state import create_private_file, private_dir, read_private_file
 from common.dp.accounting import epsilon_for, validate_accountant, validate_delta
 from common.dp.events import PrivacyEvent, PrivacyLevel
-from common.errors import ConfigurationError, PrivacyBudgetExceeded, RecordError
+from common.errors import (
+    ConfigurationError,
+    IntegrityError,
+    PrivacyBudgetExceeded,
+    RecordError,
+)
 from common.sqlite import sqlite_engine
 
 __all__ = [
+    "ClientExposure",
     "DatasetTotal",
     "LedgerEntry",
+    "ParticipationEntry",
     "ReleaseClaim",
     "ReleaseEntry",
     "SiteLedger",
@@ -85,13 +102,8 @@ class _LedgerModel(SQLModel, registry=registry()):
     """Base with its own metadata, so the ledger file holds only ledger tables."""
 
 
-class LedgerRow(_LedgerModel, table=True):
-    """One mechanism application (SQL row)."""
-
-    __tablename__ = "privacy_ledger"
-    __table_args__ = (
-        UniqueConstraint("dataset_id", "run_id", "round", name="uq_dataset_run_round"),
-    )
+class _RoundMechanism(_LedgerModel):
+    """The columns both mechanism tables share: the round, its Gaussian mechanism, its delta."""
 
     id: int | None = Field(default=None, primary_key=True)
     dataset_id: str = Field(index=True)
@@ -99,12 +111,31 @@ class LedgerRow(_LedgerModel, table=True):
     round: int
     noise_multiplier: float
     sample_rate: float
-    steps: int
     delta: float
     accountant: str
-    state: str
     created_at: datetime
+
+
+class LedgerRow(_RoundMechanism, table=True):
+    """One record-level mechanism application (SQL row)."""
+
+    __tablename__ = "privacy_ledger"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "run_id", "round", name="uq_dataset_run_round"),
+    )
+
+    steps: int
+    state: str
     confirmed_at: datetime | None = None
+
+
+class ParticipationRow(_RoundMechanism, table=True):
+    """One round the site contributed to under client-level DP (SQL row), with its event."""
+
+    __tablename__ = "client_participation"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "run_id", "round", name="uq_participation_run_round"),
+    )
 
 
 _ENGINES: dict[tuple[int, str, str], Engine] = {}
@@ -173,6 +204,10 @@ class ReleaseRow(_LedgerModel, table=True):
     refused: int = 0  # later requests refused
     created_at: datetime
     released_at: datetime | None = None
+
+
+_Row = TypeVar("_Row", LedgerRow, ReleaseRow, ParticipationRow)
+_Value = TypeVar("_Value")
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +321,70 @@ class DatasetTotal:
             "accountant": self.accountant,
             "record_level_epsilon": eps,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipationEntry:
+    """A client-level participation row as a value: the site contributed to (run, round)."""
+
+    id: int
+    run_id: str
+    round: int
+    event: PrivacyEvent  # the run's client-level event for this round (one step)
+    delta: float
+    accountant: str
+    dataset_id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ClientExposure:
+    """A site's client-level exposure in one run (:meth:`SiteLedger.client_exposure`)."""
+
+    dataset_id: str
+    run_id: str
+    rounds: int
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    accountant: str
+    client_level_epsilon: float
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict; an infinite epsilon is written as the string ``"inf"``."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not math.isfinite(self.client_level_epsilon):
+            out["client_level_epsilon"] = "inf"
+        return out
+
+
+def _mechanism(
+    dataset_id: str, run_id: str, round: int, event: PrivacyEvent, delta: float, accountant: str
+) -> dict[str, Any]:
+    """The columns a new mechanism row shares (:class:`_RoundMechanism`), from its event."""
+    return {
+        "dataset_id": dataset_id,
+        "run_id": run_id,
+        "round": round,
+        "noise_multiplier": event.noise_multiplier,
+        "sample_rate": event.sample_rate,
+        "delta": delta,
+        "accountant": accountant,
+        "created_at": datetime.now(UTC),
+    }
+
+
+def _participation(row: ParticipationRow) -> ParticipationEntry:
+    if row.id is None:
+        raise RecordError("participation row without an id")
+    try:
+        event = PrivacyEvent(row.noise_multiplier, row.sample_rate, 1, PrivacyLevel.CLIENT)
+    except ConfigurationError as exc:
+        raise RecordError(f"the ledger holds an invalid participation row: {exc}") from exc
+    return ParticipationEntry(
+        row.id, row.run_id, row.round, event, row.delta, row.accountant, row.dataset_id,
+        row.created_at,
+    )  # fmt: skip
 
 
 def _entry(row: LedgerRow) -> LedgerEntry:
@@ -545,16 +644,9 @@ class SiteLedger:
                 if spend.exceeds:
                     raise spend.error()
                 row = LedgerRow(
-                    dataset_id=dataset_id,
-                    run_id=run_id,
-                    round=round,
-                    noise_multiplier=event.noise_multiplier,
-                    sample_rate=event.sample_rate,
+                    **_mechanism(dataset_id, run_id, round, event, d, name),
                     steps=event.steps,
-                    delta=d,
-                    accountant=name,
                     state=RESERVED,
-                    created_at=datetime.now(UTC),
                 )
                 session.add(row)
                 session.flush()
@@ -594,27 +686,126 @@ class SiteLedger:
         would_be = spent if recorded else epsilon_for([*history, event], delta, accountant)
         return Spend(spent, would_be, budget, recorded)
 
-    def confirm(self, entry_id: int) -> None:
-        """Mark a reserved entry confirmed (the update has left the site); idempotent.
+    def confirm(self, entry_id: int, *, steps_taken: int) -> None:
+        """Mark a reserved entry confirmed (training is done, the update may leave); idempotent.
+
+        The mechanism must be the one reserved: ``steps_taken`` (the noised
+        steps the training really took, :attr:`client.privacy.DpSgdHandle.steps`)
+        must equal the entry's reserved steps. Otherwise the ledger would
+        account another mechanism than the one applied; the entry stays
+        reserved (counted as spent) and the caller must not release the
+        update.
 
         Raises
         ------
+        IntegrityError
+            If ``steps_taken`` differs from the reserved steps (nothing written).
         RecordError
             If no entry has this id.
         """
         if isinstance(entry_id, bool) or not isinstance(entry_id, int):
             raise ConfigurationError(f"entry_id must be an int, got {entry_id!r}")
+        if isinstance(steps_taken, bool) or not isinstance(steps_taken, int):
+            raise ConfigurationError(f"steps_taken must be an int, got {steps_taken!r}")
         try:
             with self._session() as session:
                 row = session.get(LedgerRow, entry_id)
                 if row is None:
                     raise RecordError(f"no ledger entry {entry_id}")
+                if steps_taken != row.steps:
+                    raise IntegrityError(
+                        f"ledger entry {entry_id}: {steps_taken} DP-SGD steps taken, "
+                        f"{row.steps} reserved; the round's update must not leave the site"
+                    )
                 if row.state != CONFIRMED:
                     row.state = CONFIRMED
                     row.confirmed_at = datetime.now(UTC)
                     session.add(row)
         except SQLAlchemyError as exc:
             raise RecordError(f"cannot write the privacy ledger {self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------ client-level participation
+    def record_participation(
+        self, event: PrivacyEvent, dataset_id: str, run_id: str, round: int, *, delta: float,
+        accountant: str,
+    ) -> ParticipationEntry:  # fmt: skip
+        """Record that the site contributes to (run, round) under client-level DP; idempotent.
+
+        ``event`` is the run's client-level event for one round (the
+        coordinator's noise multiplier and client sampling rate, one step).
+        A second call for the same (dataset, run, round) returns the first
+        row; one with another mechanism is an error.
+
+        Raises
+        ------
+        ConfigurationError
+            For invalid arguments or a record-level event.
+        RecordError
+            If the round was recorded with another mechanism, or the database fails.
+        """
+        _check_round_key(dataset_id, run_id, round)
+        if not isinstance(event, PrivacyEvent) or event.level is not PrivacyLevel.CLIENT:
+            raise ConfigurationError("client-level participation takes a client-level event")
+        if event.steps != 1:
+            raise ConfigurationError("a client-level round is one application of the mechanism")
+        d, name = validate_delta(delta), validate_accountant(accountant)
+        try:
+            with self._session() as session:
+                existing = session.exec(
+                    select(ParticipationRow).where(
+                        ParticipationRow.dataset_id == dataset_id,
+                        ParticipationRow.run_id == run_id,
+                        ParticipationRow.round == round,
+                    )
+                ).first()
+                if existing is not None:
+                    if _participation(existing).event != event:
+                        raise RecordError(
+                            f"client-level round {round} of run {run_id!r} is already "
+                            "recorded with another mechanism"
+                        )
+                    return _participation(existing)
+                row = ParticipationRow(**_mechanism(dataset_id, run_id, round, event, d, name))
+                session.add(row)
+                session.flush()  # the row's id, for the value returned once the commit is done
+                return _participation(row)
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot write the privacy ledger {self.path}: {exc}") from exc
+
+    def participation(self, dataset_id: str | None = None) -> list[ParticipationEntry]:
+        """Every client-level participation row (of one dataset, or all), in insertion order."""
+        return self._listed(ParticipationRow, dataset_id, _participation, "privacy ledger")
+
+    def client_exposure(self, dataset_id: str | None = None) -> list[ClientExposure]:
+        """The site's client-level exposure per (dataset, run), from its participation rows.
+
+        ``client_level_epsilon`` composes the run's Gaussian mechanism over
+        the rounds the site contributed to *without* sampling amplification
+        (rate 1): a bound that holds even against whoever knows which rounds
+        the site was in (the coordinator's own figure, over all rounds at
+        the sampling rate, holds only against model recipients who do not).
+        Client-level and record-level epsilons are never added.
+        """
+        by_run: dict[tuple[str, str], list[ParticipationEntry]] = {}
+        for entry in self.participation(dataset_id):
+            by_run.setdefault((entry.dataset_id, entry.run_id), []).append(entry)
+        out = []
+        for (dataset, run), rows in by_run.items():
+            last = rows[-1]
+            events = [replace(r.event, sample_rate=1.0) for r in rows]
+            out.append(
+                ClientExposure(
+                    dataset_id=dataset,
+                    run_id=run,
+                    rounds=len(rows),
+                    noise_multiplier=last.event.noise_multiplier,
+                    sample_rate=last.event.sample_rate,
+                    delta=last.delta,
+                    accountant=last.accountant,
+                    client_level_epsilon=epsilon_for(events, last.delta, last.accountant),
+                )
+            )
+        return out
 
     # ------------------------------------------------------------ release log
     def claim_release(
@@ -793,14 +984,24 @@ class SiteLedger:
 
     def releases(self, dataset_id: str | None = None) -> list[ReleaseEntry]:
         """Every release-log row (of one dataset, or all), in insertion order."""
-        query = select(ReleaseRow).order_by(ReleaseRow.id)  # type: ignore[arg-type]
+        return self._listed(ReleaseRow, dataset_id, _release, "release log")
+
+    def _listed(
+        self,
+        table: type[_Row],
+        dataset_id: str | None,
+        value: Callable[[_Row], _Value],
+        what: str,
+    ) -> list[_Value]:
+        """Every row of ``table`` (of one dataset, or all) as values, in insertion order."""
+        query = select(table).order_by(table.id)  # type: ignore[arg-type]
         if dataset_id is not None:
-            query = query.where(ReleaseRow.dataset_id == dataset_id)
+            query = query.where(table.dataset_id == dataset_id)
         try:
             with self._session() as session:
-                entries = [_release(r) for r in session.exec(query).all()]
+                entries = [value(r) for r in session.exec(query).all()]
         except SQLAlchemyError as exc:
-            raise RecordError(f"cannot read the release log {self.path}: {exc}") from exc
+            raise RecordError(f"cannot read the {what} {self.path}: {exc}") from exc
         return entries
 
     @staticmethod
@@ -828,15 +1029,7 @@ class SiteLedger:
 
     def history(self, dataset_id: str | None = None) -> list[LedgerEntry]:
         """Every entry (of one dataset, or all), in insertion order."""
-        query = select(LedgerRow).order_by(LedgerRow.id)  # type: ignore[arg-type]
-        if dataset_id is not None:
-            query = query.where(LedgerRow.dataset_id == dataset_id)
-        try:
-            with self._session() as session:
-                entries = [_entry(r) for r in session.exec(query).all()]
-        except SQLAlchemyError as exc:
-            raise RecordError(f"cannot read the privacy ledger {self.path}: {exc}") from exc
-        return entries
+        return self._listed(LedgerRow, dataset_id, _entry, "privacy ledger")
 
     def summary(
         self, delta: float | None = None, accountant: str | None = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.agent import SiteContext, Trainer, dp_plan, site_budget
+from client.agent import RoundRefused, SiteContext, Trainer, round_plan
 from client.site_policy import budget_decision, check_round, decisions_record
 from client.state import LEDGER_FILE
 from common.errors import PrivacyBudgetExceeded
@@ -38,11 +38,13 @@ def decide_participation(
 ) -> tuple[str | None, ConfigRecord | None]:
     """Before touching data: (refusal reason or None, the site-policy decisions record).
 
-    Checks the site's policy rules on the instruction and, with DP on, a dry
-    run of the ledger (:meth:`~client.ledger.SiteLedger.would_spend`, the
-    check :meth:`~client.ledger.SiteLedger.reserve` makes before it writes):
-    the epsilon this round would bring the dataset to. A round already in the
-    ledger (a redo) costs nothing new.
+    Checks the site's policy rules on the instruction and, with DP on, the
+    round's plan (:func:`client.agent.round_plan`: a declared dataset id,
+    ``delta < 1/n``, room left in the budget after the dataset's history)
+    and a dry run of the ledger (:meth:`~client.ledger.SiteLedger.would_spend`,
+    the check :meth:`~client.ledger.SiteLedger.reserve` makes before it
+    writes): the epsilon this round would bring the dataset to. A round
+    already in the ledger (a redo) costs nothing new.
 
     Parameters
     ----------
@@ -58,8 +60,9 @@ def decide_participation(
     Returns
     -------
     tuple of (str or None, ConfigRecord or None)
-        The refusal reason (every denied rule, else the budget's refusal) or
-        None to take part; the decisions record when the site has a policy.
+        The refusal reason (every denied rule, else the plan's or the
+        budget's refusal) or None to take part; the decisions record when
+        the site has a policy.
     """
     cfg = site.cfg
     policy = site.policy()
@@ -70,22 +73,27 @@ def decide_participation(
         from client.ledger import SiteLedger  # SQLAlchemy, loaded only with DP on
 
         data = site.data()
-        plan = dp_plan(site, len(data.y_train))
-        budget, delta = site_budget(site, data.dataset_id)
         with SiteLedger(site.directory / LEDGER_FILE) as ledger:
-            spend = ledger.would_spend(
-                data.dataset_id,
-                site.run_id,
-                site.server_round,
-                plan.round_event(),
-                delta,
-                cfg.accountant,
-                budget,
-            )
-        if spend.exceeds:
-            budget_reason = str(spend.error())
-        if policy is not None:
-            decisions.append(budget_decision(policy, data.dataset_id, spend.spent, spend.would_be))
+            try:
+                planned = round_plan(site, data, ledger.history(data.dataset_id))
+            except RoundRefused as exc:
+                budget_reason = str(exc)
+                if exc.rule is not None:
+                    decisions.append(Decision(False, exc.rule, str(exc)))
+            except PrivacyBudgetExceeded as exc:
+                budget_reason = str(exc)
+            else:
+                plan = planned.plan
+                spend = planned.would_spend(ledger)
+                if spend.exceeds:
+                    budget_reason = str(spend.error())
+                if policy is not None:
+                    decisions.append(
+                        budget_decision(policy, data.dataset_id, spend.spent, spend.would_be)
+                    )
+    if policy is not None and plan is None and budget_reason is not None:
+        # the round's plan refused it: there is no mechanism for the other rules to judge
+        return budget_reason, decisions_record(policy, decisions)
     if policy is not None:
         decisions += check_round(
             policy,
@@ -107,16 +115,48 @@ def train(msg: Message, site: SiteContext, trainer: Trainer) -> Message:
     """The train step: the trainer's update (unclipped) and metrics, as a reply to ``msg``.
 
     The ledger may still refuse the round when the trainer reserves its
-    privacy cost (another process spent the budget since the dry run): that
-    is a refusal, not an error.
+    privacy cost (another process spent the budget since the dry run), or
+    the round's plan refuse it: that is a refusal, not an error. The reply
+    carries everything the site knows about its training; what of it
+    leaves the site is :mod:`client.mods.disclosure`'s decision. Under
+    client-level DP the site's ledger records its contribution to the round
+    (:func:`record_client_level`) before the update can leave.
     """
     try:
         local = trainer(site, msg.content[KEY_ARRAYS])
-    except PrivacyBudgetExceeded as exc:
+    except (PrivacyBudgetExceeded, RoundRefused) as exc:
         return refusal(msg, str(exc))
+    if site.cfg.central_dp:
+        record_client_level(site)
     metrics = MetricRecord({"num-examples": local.num_examples, **local.metrics})
     content = RecordDict({KEY_ARRAYS: vector_to_record(local.update), KEY_METRICS: metrics})
     return Message(content=content, reply_to=msg)
+
+
+def record_client_level(site: SiteContext) -> None:
+    """Record in the site's ledger that it contributes to this round under client-level DP.
+
+    The row holds the run's client-level event (the coordinator's noise
+    multiplier and client sampling rate, one step) at the run's delta, so
+    the site sees its own client-level exposure
+    (:meth:`client.ledger.SiteLedger.client_exposure`) without trusting the
+    coordinator's record. Idempotent per (dataset, run, round).
+    """
+    from client.ledger import SiteLedger
+    from client.site import site_dataset_id
+    from common.dp.events import PrivacyEvent, PrivacyLevel
+
+    cfg = site.cfg
+    event = PrivacyEvent(cfg.noise_multiplier, cfg.client_sample_rate, 1, PrivacyLevel.CLIENT)
+    with SiteLedger(site.directory / LEDGER_FILE) as ledger:
+        ledger.record_participation(
+            event,
+            site_dataset_id(cfg, site.context.node_config),
+            site.run_id,
+            site.server_round,
+            delta=cfg.delta,
+            accountant=cfg.accountant,
+        )
 
 
 def refusal(msg: Message, reason: str, decisions: ConfigRecord | None = None) -> Message:

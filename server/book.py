@@ -228,7 +228,8 @@ class RunBook:
                     server_round,
                     level="record",
                     epsilon=site.record_level_epsilon,
-                    delta=cfg.site_delta,
+                    # the site's own delta (its policy's), as it reported it with its epsilon
+                    delta=site.record_level_delta or cfg.site_delta,
                     noise_multiplier=site.noise_multiplier or 0.0,
                     sample_rate=site.sample_rate or 1.0,
                     steps=site.steps or 1,

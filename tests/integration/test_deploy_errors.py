@@ -201,6 +201,8 @@ def _site(
         str(free_port()),
         "--state-dir",
         str(state),
+        "--dataset-id",  # the shipped default policy requires DP: the budget needs an identity
+        "site",
         *extra,
     ]
     return [*argv, "--ca", str(ca)] if ca is not None else [*argv, "--insecure"]

@@ -310,6 +310,10 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
                         str(roster),
                         "--policy",
                         str(site_policy),
+                        "--dataset-id",
+                        f"digits-site{i}",
+                        "--feature-bounds",
+                        "0:16",
                     ],
                     tmp_path / f"site{i}.log",
                 )
@@ -331,6 +335,8 @@ def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) 
                 str(tmp_path / "site9"),
                 "--auth-key",
                 str(stranger / "site9"),
+                "--dataset-id",
+                "site9",
             ],
             capture_output=True,
             text=True,
@@ -475,6 +481,8 @@ def test_client_start_unreachable_superlink_one_clear_line(tmp_path: Path) -> No
             str(tmp_path / "s"),
             "--max-retries",  # the default (0) waits for the SuperLink forever
             "1",
+            "--dataset-id",
+            "d",
         ],
         capture_output=True,
         text=True,

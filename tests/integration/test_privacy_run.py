@@ -12,6 +12,7 @@ from opacus.accountants import RDPAccountant
 
 from client.app import make_client_app
 from client.ledger import SiteLedger
+from client.site import site_dataset_id
 from client.state import LEDGER_FILE, private_dir
 from common.config import RunConfig
 from common.dp import PrivacyEvent, epsilon_for
@@ -41,7 +42,7 @@ def _cfg(**changes: object) -> RunConfig:
 
 def _exhaust(site_root: Path, cfg: RunConfig, partition: int) -> None:
     """Spend (almost) the whole budget of one site's dataset in an earlier run."""
-    dataset_id = f"{cfg.dataset}-seed{cfg.seed}-{cfg.partition}-p{partition}of{cfg.num_sites}"
+    dataset_id = site_dataset_id(cfg, {"partition-id": partition, "num-partitions": cfg.num_sites})
     private_dir(site_root / f"site-{partition}")  # as the site makes it: 0700
     with SiteLedger(site_root / f"site-{partition}" / LEDGER_FILE) as ledger:
         ledger.reserve(

@@ -315,6 +315,10 @@ class Federation:
             str(policy),
             "--roster",
             str(self.roster),
+            "--dataset-id",  # the identity its lifetime budget is bound to
+            f"digits-site{i}",
+            "--feature-bounds",  # the digits' public grey-level range: scaling without a leak
+            "0:16",
         ]
         if key is not None:
             argv += ["--auth-key", str(key)]

@@ -19,7 +19,7 @@ def db(tmp_path: Path) -> Path:
     path = tmp_path / "ledger.db"
     with SiteLedger(path) as led:
         e = led.reserve("digits", "run-1", 0, PrivacyEvent(1.1, 0.05, 40), DELTA, "rdp", 50.0)
-        led.confirm(e)
+        led.confirm(e, steps_taken=40)
         led.reserve("digits", "run-1", 1, PrivacyEvent(1.1, 0.05, 40), DELTA, "rdp", 50.0)
     return path
 

@@ -86,20 +86,20 @@ def test_confirm_changes_state_not_spend(ledger: SiteLedger) -> None:
     entry = ledger.reserve("digits", "r", 0, ROUND_EVENT, DELTA, "rdp", 100.0)
     before = ledger.spent("digits", DELTA, "rdp")
     assert ledger.history()[0].state == "reserved" and ledger.history()[0].confirmed_at is None
-    ledger.confirm(entry)
-    ledger.confirm(entry)  # idempotent
+    ledger.confirm(entry, steps_taken=ROUND_EVENT.steps)
+    ledger.confirm(entry, steps_taken=ROUND_EVENT.steps)  # idempotent
     row = ledger.history()[0]
     assert row.state == "confirmed" and row.confirmed_at is not None
     assert ledger.spent("digits", DELTA, "rdp") == before
     with pytest.raises(RecordError):
-        ledger.confirm(entry + 100)
+        ledger.confirm(entry + 100, steps_taken=ROUND_EVENT.steps)
 
 
 def test_summary_totals_per_dataset(ledger: SiteLedger) -> None:
     e0 = ledger.reserve("a", "r", 0, ROUND_EVENT, DELTA, "rdp", 100.0)
     ledger.reserve("a", "r", 1, ROUND_EVENT, DELTA, "rdp", 100.0)
     ledger.reserve("b", "r", 0, PrivacyEvent(2.0, 0.01, 10), 1e-6, "prv", 100.0)
-    ledger.confirm(e0)
+    ledger.confirm(e0, steps_taken=ROUND_EVENT.steps)
     totals = {t.dataset_id: t for t in ledger.summary()}
     assert totals["a"].entries == 2 and totals["a"].reserved == 1 and totals["a"].confirmed == 1
     assert totals["a"].steps == 80 and totals["a"].accountant == "rdp"

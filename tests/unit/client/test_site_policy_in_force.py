@@ -47,6 +47,8 @@ def _start(tmp_path: Path, *extra: str) -> Any:
         str(tmp_path / "s"),
         "--max-retries",  # the default (0) waits for the SuperLink forever
         "1",
+        "--dataset-id",  # the budget's identity, which a policy requiring DP needs
+        "ward-7-records",
         *extra,
     ]
     return CliRunner().invoke(client_app, args)
