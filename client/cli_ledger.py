@@ -50,11 +50,15 @@ def show_cmd(
     with SiteLedger(db) as ledger:
         entries = ledger.history()
         totals = ledger.summary(delta=delta, accountant=accountant)
+        exposure = ledger.client_exposure()
     if as_json:
         payload = {
             "unit": "record-level",
             "entries": [e.to_json() for e in entries],
             "totals": [t.to_json() for t in totals],
+            # the rounds this site contributed to under client-level DP, per run (never added
+            # to the record-level figures)
+            "client_level": [x.to_json() for x in exposure],
         }
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -112,3 +116,13 @@ def show_cmd(
         )
     out.print(history)
     out.print(summary)
+    if exposure:
+        client = Table(title="client-level exposure per run (rounds contributed, no amplification)")
+        for column in ("dataset", "run", "rounds", "z", "q (run)", "delta", "epsilon"):
+            client.add_column(column)
+        for x in exposure:
+            client.add_row(
+                *(x.dataset_id, x.run_id, str(x.rounds), f"{x.noise_multiplier:.4g}"),
+                *(f"{x.sample_rate:.4g}", f"{x.delta:.3g}", f"{x.client_level_epsilon:.4f}"),
+            )
+        out.print(client)

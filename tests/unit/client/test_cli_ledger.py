@@ -64,3 +64,22 @@ def test_ledger_show_bad_accountant_is_usage_error(db: Path) -> None:
     result = runner.invoke(ledger_app, ["show", "--db", str(db), "--accountant", "gdp"])
     assert result.exit_code == 2
     assert "accountant must be one of" in result.output
+
+
+def test_ledger_show_lists_the_sites_client_level_exposure(tmp_path: Path) -> None:
+    from common.dp.events import PrivacyLevel
+
+    path = tmp_path / "ledger.db"
+    with SiteLedger(path) as led:
+        event = PrivacyEvent(1.5, 0.5, 1, PrivacyLevel.CLIENT)
+        for server_round in (1, 3):
+            led.record_participation(
+                event, "digits", "run-1", server_round, delta=DELTA, accountant="rdp"
+            )
+        (expected,) = led.client_exposure()
+    result = runner.invoke(ledger_app, ["show", "--db", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    (shown,) = json.loads(result.stdout)["client_level"]
+    assert shown == expected.to_json() and shown["rounds"] == 2
+    table = runner.invoke(ledger_app, ["show", "--db", str(path)])
+    assert "client-level exposure per run" in table.stdout and "run-1" in table.stdout
