@@ -70,7 +70,12 @@ ECHO_UPDATE_VALUE = 1e-3
 
 @dataclass(frozen=True, slots=True)
 class LocalUpdate:
-    """What a site sends for one round (before any masking)."""
+    """What a site's training produced for one round (before clipping and masking).
+
+    The metrics are everything the site knows about its training; what of
+    them leaves the site is :mod:`client.disclosure`'s decision (under DP:
+    only the record-level plan, epsilon and delta).
+    """
 
     update: np.ndarray
     num_examples: int

@@ -93,11 +93,11 @@ class Evaluator:
             if reply.has_error() or KEY_METRICS not in reply.content.metric_records:
                 continue
             m = reply.content.metric_records[KEY_METRICS]
-            n, loss, acc = m.get("num-examples"), m.get("loss"), m.get("accuracy")
-            if not (is_finite_number(loss) and is_finite_number(acc)):
+            n, site_loss, site_acc = m.get("num-examples"), m.get("loss"), m.get("accuracy")
+            if not (is_finite_number(site_loss) and is_finite_number(site_acc)):
                 continue
             count = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
-            scores.append((count, float(loss), float(acc)))  # type: ignore[arg-type]
+            scores.append((count, float(site_loss), float(site_acc)))  # type: ignore[arg-type]
         if not scores:
             return None, None, "federated"
         # Weighted by the sites' test counts when every site states one; equally otherwise.

@@ -100,3 +100,21 @@ def test_feature_bounds_text_round_trips_and_refuse_a_wrong_feature_count() -> N
     scaler = Standardizer.from_bounds(FeatureBounds.uniform(0, 16), 2)
     np.testing.assert_array_equal(scaler.transform(np.array([[0, 16]], np.uint8)), [[-1, 1]])
     assert scaler.public
+
+
+def test_site_without_public_bounds_is_refused_at_admission_in_its_own_category(
+    tmp_path: Path,
+) -> None:
+    from fake_grid import server_identity
+    from site_messages import instruction, site_context
+
+    from client.agent import SiteContext
+    from client.secure import data_misfit
+
+    context = site_context(0)
+    context.node_config.update({"data-path": str(_csv(tmp_path / "site.csv")), "dataset-id": "c"})
+    with server_identity():
+        dp = SiteContext.of(instruction(_cfg(True)), context, tmp_path)
+        plain = SiteContext.of(instruction(_cfg(False)), context, tmp_path)
+    assert data_misfit(dp) == "data: the site declares no public feature bounds for record-level DP"
+    assert data_misfit(plain) is None

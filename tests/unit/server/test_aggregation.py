@@ -59,8 +59,11 @@ def update_of(partition: int) -> np.ndarray:
     return np.full(D, 0.5 * (partition + 1), dtype=np.float32)
 
 
-def fake_sites(refuse: int | None = None) -> ClientApp:
-    """A ClientApp whose train handler replies with :func:`update_of` (no training)."""
+def fake_sites(refuse: int | None = None, *, counts: bool = True) -> ClientApp:
+    """A ClientApp whose train handler replies with :func:`update_of` (no training).
+
+    ``counts=False``: the sites state no example count (as under DP).
+    """
     app = ClientApp()
 
     @app.train()
@@ -74,9 +77,9 @@ def fake_sites(refuse: int | None = None) -> ClientApp:
                 }
             )
             return Message(content, reply_to=msg)
-        metrics = MetricRecord({"num-examples": partition + 1, "train-seconds": 0.0})
+        stated = {"num-examples": partition + 1, "train-seconds": 0.0} if counts else {}
         content = RecordDict(
-            {KEY_ARRAYS: vector_to_record(update_of(partition)), KEY_METRICS: metrics}
+            {KEY_ARRAYS: vector_to_record(update_of(partition)), KEY_METRICS: MetricRecord(stated)}
         )
         return Message(content, reply_to=msg)
 
@@ -109,6 +112,14 @@ def test_plain_weights_updates_by_example_count() -> None:
     np.testing.assert_allclose(agg.mean(), expected, rtol=1e-6)
     assert agg.contributors == [FIRST_NODE_ID + i for i in range(4)] and agg.failure is None
     assert agg.events == []
+
+
+def test_plain_without_stated_counts_weighs_every_site_the_same() -> None:
+    # under DP a site's dataset size is private: no count, so no count-weighted FedAvg
+    agg = run_once(cfg(), FakeGrid(fake_sites(counts=False), 4), PlainAggregator(D))
+    np.testing.assert_allclose(agg.mean(), np.mean([update_of(i) for i in range(4)], 0), rtol=1e-6)
+    assert agg.weight == 4.0 and agg.failure is None
+    assert all(o.accepted and o.num_examples is None for o in agg.outcomes)
 
 
 def test_plain_refusal_and_error_reply_leave_only_usable_sites_with_events() -> None:
