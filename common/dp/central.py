@@ -53,6 +53,7 @@ import numpy.typing as npt
 from common.dp.events import PrivacyEvent, PrivacyLevel
 from common.dp.noise import _check_real, add_gaussian_noise, central_noise_std
 from common.errors import DataError
+from common.rng import RandomSource
 
 __all__ = ["CentralDpResult", "mean_noise_std", "noise_aggregate"]
 
@@ -101,7 +102,7 @@ def noise_aggregate(
     denominator: float,
     noise_multiplier: float,
     sensitivity: float,
-    rng: np.random.Generator,
+    rng: RandomSource,
     sample_rate: float = 1.0,
 ) -> CentralDpResult:
     """Add ``N(0, (z*Delta)^2)`` to the sum of bounded contributions and divide by ``D``.
@@ -118,8 +119,8 @@ def noise_aggregate(
         ``z >= 0``.
     sensitivity : float
         ``Delta > 0``, the L2 bound on what one site can add to the sum.
-    rng : numpy.random.Generator
-        Noise source.
+    rng : ChaCha20Random or numpy.random.Generator
+        Noise source (:func:`common.rng.secure_generator` in production).
     sample_rate : float
         Per-site Poisson sampling probability ``q`` in (0, 1] if the server
         sampled sites that way, ``1.0`` (no amplification) otherwise.

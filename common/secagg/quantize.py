@@ -36,9 +36,13 @@ cohort size; :func:`~common.secagg.params.make_config` ensures
    that, not ``C``, is the L2 sensitivity a DP mechanism on a secure sum is
    calibrated to (issue 13 measured norms up to 7.05 for ``C = 5`` at 8 bits).
 
-The generator is passed in (never a global one); use
-:func:`common.rng.secure_generator` in production so the rounding noise is
-unpredictable to the server.
+The generator is passed in (never a global one). Production callers pass
+:func:`common.rng.secure_generator` (a ChaCha20 keystream keyed from the OS
+CSPRNG), so the rounding coins are unpredictable to the server and to anyone
+who does not observe the site's process memory; a seeded numpy generator is
+for simulations and tests only. The coins are the 53-bit uniforms of
+:meth:`common.rng.ChaCha20Random.random`: ``P[B_j = 1]`` differs from the
+fractional part by less than ``2^-53``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import numpy.typing as npt
 
 from common.crypto.prg import CHUNK_WORDS, RingArray
 from common.errors import ConfigurationError, DataError
+from common.rng import ChaCha20Random, RandomSource
 from common.secagg.params import SecAggConfig
 
 
@@ -137,7 +142,7 @@ def check_input(x: object, config: SecAggConfig) -> npt.NDArray[np.float64]:
     return values
 
 
-def quantize(x: object, config: SecAggConfig, rng: np.random.Generator) -> RingArray:
+def quantize(x: object, config: SecAggConfig, rng: RandomSource) -> RingArray:
     """Stochastically round ``x * scale`` and embed it into Z_{2^b}.
 
     The vector is processed in cache-sized chunks (converted to float64
@@ -151,8 +156,9 @@ def quantize(x: object, config: SecAggConfig, rng: np.random.Generator) -> RingA
         Shape ``(vector_length,)``, finite, ``|x_j| <= value_bound``.
     config : SecAggConfig
         The round's configuration (scale, bits).
-    rng : numpy.random.Generator
-        Source of the rounding coins; nothing is drawn from it if ``x`` is invalid.
+    rng : ChaCha20Random or numpy.random.Generator
+        Source of the rounding coins (:func:`common.rng.secure_generator` in
+        production); nothing is drawn from it if ``x`` is invalid.
 
     Returns
     -------
@@ -164,8 +170,8 @@ def quantize(x: object, config: SecAggConfig, rng: np.random.Generator) -> RingA
     DataError
         On an invalid input (see :func:`check_input`).
     """
-    if not isinstance(rng, np.random.Generator):
-        raise DataError("quantize needs a numpy Generator")
+    if not isinstance(rng, ChaCha20Random | np.random.Generator):
+        raise DataError("quantize needs a ChaCha20Random or a numpy Generator")
     x = _check_array(x, config)
     length = config.vector_length
     chunk = max(1, min(length, CHUNK_WORDS))
