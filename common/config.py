@@ -26,7 +26,7 @@ WORKLOADS = ("train", "echo")
 MAX_SECAGG_SETUP_ROUNDS = 32
 PARTITIONS = ("iid", "dirichlet")
 SAMPLINGS = ("fixed", "poisson")
-ACCOUNTANTS = ("prv", "rdp")
+ACCOUNTANTS = ("pld", "prv", "rdp")  # common.dp.accounting: pld exact, rdp looser
 DEVICES = ("auto", "cpu", "cuda")
 # Fields earlier versions stored that are gone (fault injection moved to simulations.faults).
 RETIRED_FIELDS = ("drop_rate", "drop_stage")
@@ -87,7 +87,7 @@ class RunConfig:
     dp_batch_size: int = 0
     dp_local_epochs: int = 1
     dp_learning_rate: float = 4.0
-    accountant: str = "prv"
+    accountant: str = "pld"
     # client-level DP at the server (DP-FedAvg)
     central_dp: bool = False
     noise_multiplier: float = 1.0
