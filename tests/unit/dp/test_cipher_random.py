@@ -69,6 +69,8 @@ def test_normal_scales_and_shifts_like_numpy() -> None:
     np.testing.assert_allclose(a, 2.0 + 3.0 * b, rtol=0, atol=1e-15)
     assert isinstance(ChaCha20Random(KEY).normal(), float)
     assert ChaCha20Random(KEY).normal(0.0, 1.0, size=()).shape == ()
+    assert ChaCha20Random(KEY).standard_normal(0).shape == (0,)
+    assert ChaCha20Random(KEY).random((2, 0)).shape == (2, 0)
 
 
 def test_two_fresh_streams_differ_and_one_key_repeats() -> None:
