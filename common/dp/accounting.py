@@ -102,6 +102,7 @@ _GAUSSIAN_TOLERANCE = 1e-12
 _MIN_GRID, _MAX_GRID = 1e-7, 1e-2
 _MAX_NOISE_MULTIPLIER = 1e6
 _MIN_NOISE_MULTIPLIER = 1e-2
+_MAX_SEARCH_STEPS = 200
 _EPSILON_TOLERANCE = 0.01
 _CACHE_SIZE = 512
 
@@ -423,19 +424,8 @@ def _search_noise_multiplier(
     aim = target - tolerance / 2.0
     low, eps_low = 0.0, math.inf  # eps_at(low) > target once low > 0
     high, eps_high = math.inf, 0.0  # eps_at(high) <= target once high is finite
-    z = start
-    factor = 1.25
-    while True:
-        if z > _MAX_NOISE_MULTIPLIER:
-            raise ConfigurationError(
-                f"cannot reach epsilon {target} at delta {delta}: the prior history "
-                "leaves no room for further steps"
-            )
-        if z < _MIN_NOISE_MULTIPLIER:
-            raise ConfigurationError(
-                f"epsilon {target} at delta {delta} needs a noise multiplier below "
-                f"{_MIN_NOISE_MULTIPLIER}"
-            )
+    z, factor = start, 1.25
+    for step in range(_MAX_SEARCH_STEPS):
         eps = eps_at(z)
         if eps > target:
             low, eps_low = z, eps
@@ -443,32 +433,38 @@ def _search_noise_multiplier(
             high, eps_high = z, eps
             if target - eps <= tolerance:
                 return z
-        if low > 0.0 and math.isfinite(high):
-            break
-        jump = (eps / aim) if 0.0 < eps < math.inf and aim > 0.0 else 1.0
-        if z == start:  # first step: the epsilon * z = constant guess, a little past it
-            z = z * jump * (1.02 if eps > target else 0.98)
-        elif eps > target:
-            z = max(z * factor, z * jump)
-        else:
-            z = min(z / factor, z * jump)
-        factor *= factor
-    for i in range(200):
-        if high - low <= 1e-12 * high:
+        if not (low > 0.0 and math.isfinite(high)):  # still one-sided: jump, then widen
+            jump = eps / aim if 0.0 < eps < math.inf and aim > 0.0 else 1.0
+            if step == 0:  # the epsilon * z = constant guess, a little past it
+                guess = z * jump * (1.02 if eps > target else 0.98)
+            else:
+                guess = max(z * factor, z * jump) if eps > target else min(z / factor, z * jump)
+                factor *= factor
+            clamped = min(_MAX_NOISE_MULTIPLIER, max(_MIN_NOISE_MULTIPLIER, guess))
+            if clamped == z:
+                raise _unreachable(target, delta, too_noisy=eps > target)
+            z = clamped
+        elif high - low <= 1e-12 * high:
             return high
-        if i % 4 == 3 or not 0.0 < eps_high < target or aim <= 0.0:
-            mid = (low + high) / 2.0
+        elif step % 4 == 3 or not 0.0 < eps_high < target or aim <= 0.0:
+            z = (low + high) / 2.0
         else:
             t = math.log(eps_low / aim) / math.log(eps_low / eps_high)
-            mid = math.exp(math.log(low) + min(0.9, max(0.1, t)) * math.log(high / low))
-        eps_mid = eps_at(mid)
-        if eps_mid > target:
-            low, eps_low = mid, eps_mid
-        else:
-            high, eps_high = mid, eps_mid
-            if target - eps_mid <= tolerance:
-                return high
-    return high
+            z = math.exp(math.log(low) + min(0.9, max(0.1, t)) * math.log(high / low))
+    if math.isfinite(high):
+        return high
+    raise ConfigurationError(f"no noise multiplier found for epsilon {target} at delta {delta}")
+
+
+def _unreachable(target: float, delta: float, *, too_noisy: bool) -> ConfigurationError:
+    if too_noisy:
+        return ConfigurationError(
+            f"cannot reach epsilon {target} at delta {delta}: the prior history leaves no "
+            f"room for further steps (even noise multiplier {_MAX_NOISE_MULTIPLIER:g} exceeds it)"
+        )
+    return ConfigurationError(
+        f"epsilon {target} at delta {delta} needs a noise multiplier below {_MIN_NOISE_MULTIPLIER}"
+    )
 
 
 class ClientSampling(StrEnum):

@@ -110,13 +110,6 @@ def _assert_exact(ours: float, events: Sequence[PrivacyEvent]) -> float:
     return upper
 
 
-def _check_record_level(z: float, q: float, steps: int) -> float:
-    events = [PrivacyEvent(z, q, steps)]
-    ours = epsilon_for(events, DELTA)
-    _assert_exact(ours, events)
-    return ours
-
-
 def test_grid_spans_epsilon_from_a_tenth_to_twenty() -> None:
     eps = [epsilon_for([PrivacyEvent(z, q, k)], DELTA) for z, q, k in GRID]
     assert min(eps) <= 0.1 and max(eps) >= 20.0
@@ -124,19 +117,19 @@ def test_grid_spans_epsilon_from_a_tenth_to_twenty() -> None:
     assert {k for _, _, k in GRID} >= {1, 1000}
 
 
-@pytest.mark.parametrize(("z", "q", "steps"), FAST)
+def _cells(
+    grid: Sequence[tuple[float, float, int]], fast: Sequence[tuple[float, float, int]]
+) -> list:
+    """The grid's cells as parameters; those not in ``fast`` run only with ``-m slow``."""
+    return [pytest.param(*c, marks=() if c in fast else pytest.mark.slow) for c in grid]
+
+
+@pytest.mark.parametrize(("z", "q", "steps"), _cells(GRID, FAST))
 def test_record_level_epsilon_is_within_one_percent_of_dp_accounting_pld(
     z: float, q: float, steps: int
 ) -> None:
-    _check_record_level(z, q, steps)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("z", "q", "steps"), [c for c in GRID if c not in FAST])
-def test_record_level_epsilon_is_within_one_percent_of_dp_accounting_pld_full_grid(
-    z: float, q: float, steps: int
-) -> None:
-    _check_record_level(z, q, steps)
+    events = [PrivacyEvent(z, q, steps)]
+    _assert_exact(epsilon_for(events, DELTA), events)
 
 
 def test_mixed_history_epsilon_is_within_one_percent_of_dp_accounting_pld() -> None:
@@ -163,31 +156,26 @@ def test_client_level_epsilon_is_within_one_percent_of_dp_accounting_pld(
     _assert_exact(acc.epsilon(DELTA), [PrivacyEvent(z, q, rounds, PrivacyLevel.CLIENT)])
 
 
-CALIBRATION = [(1.0, 0.01, 1000), (20.0, 1.0, 1), (0.1, 1.0, 100)]
-CALIBRATION_SLOW = [(0.1, 0.01, 1000), (5.0, 0.1, 100), (20.0, 0.01, 1000), (3.0, 0.3, 1)]
+CALIBRATION = [
+    (1.0, 0.01, 1000),
+    (20.0, 1.0, 1),
+    (0.1, 1.0, 100),
+    (0.1, 0.01, 1000),
+    (5.0, 0.1, 100),
+    (20.0, 0.01, 1000),
+    (3.0, 0.3, 1),
+]
 
 
-def _check_calibration(target: float, q: float, steps: int) -> None:
+@pytest.mark.parametrize(("target", "q", "steps"), _cells(CALIBRATION, CALIBRATION[:3]))
+def test_calibrated_noise_hits_its_target_by_dp_accounting_pld(
+    target: float, q: float, steps: int
+) -> None:
     z = calibrate_noise_multiplier(target, DELTA, q, steps)
     events = [PrivacyEvent(z, q, steps)]
     reached = epsilon_for(events, DELTA)
     assert target * (1 - 0.005) <= reached <= target
     assert _assert_exact(reached, events) == pytest.approx(target, rel=REL)
-
-
-@pytest.mark.parametrize(("target", "q", "steps"), CALIBRATION)
-def test_calibrated_noise_hits_its_target_by_dp_accounting_pld(
-    target: float, q: float, steps: int
-) -> None:
-    _check_calibration(target, q, steps)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("target", "q", "steps"), CALIBRATION_SLOW)
-def test_calibrated_noise_hits_its_target_by_dp_accounting_pld_full_grid(
-    target: float, q: float, steps: int
-) -> None:
-    _check_calibration(target, q, steps)
 
 
 @pytest.mark.slow
