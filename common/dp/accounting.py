@@ -248,7 +248,8 @@ def _pld_or_gaussian_epsilon(history: History, delta: float) -> float:
         sigma = _gaussian_sigma(history)
         if sigma is None:
             raise ConfigurationError("an empty history has no Gaussian to account")
-        exact = dp_accounting.get_epsilon_gaussian(sigma, delta, tol=_GAUSSIAN_TOLERANCE)
+        with np.errstate(divide="ignore"):  # log1p(-1) on a branch it then discards
+            exact = dp_accounting.get_epsilon_gaussian(sigma, delta, tol=_GAUSSIAN_TOLERANCE)
         return float(exact) + _GAUSSIAN_TOLERANCE
     return pld_epsilon(history, delta, pld_grid(history, delta))
 
@@ -306,7 +307,8 @@ def _gaussian_noise_multiplier(
 
     if any(q != 1.0 for _, q, _ in prior):
         return None
-    sigma = float(dp_accounting.get_sigma_gaussian(target_epsilon, delta))
+    with np.errstate(divide="ignore"):
+        sigma = float(dp_accounting.get_sigma_gaussian(target_epsilon, delta))
     prior_inverse_variance = sum(k / z**2 for z, _, k in prior)
     room = 1.0 / sigma**2 - prior_inverse_variance
     if room <= 0.0:
@@ -424,7 +426,7 @@ def _search_noise_multiplier(
     aim = target - tolerance / 2.0
     low, eps_low = 0.0, math.inf  # eps_at(low) > target once low > 0
     high, eps_high = math.inf, 0.0  # eps_at(high) <= target once high is finite
-    z, factor = start, 1.25
+    z, factor = min(_MAX_NOISE_MULTIPLIER, max(_MIN_NOISE_MULTIPLIER, start)), 1.25
     for step in range(_MAX_SEARCH_STEPS):
         eps = eps_at(z)
         if eps > target:
@@ -459,8 +461,8 @@ def _search_noise_multiplier(
 def _unreachable(target: float, delta: float, *, too_noisy: bool) -> ConfigurationError:
     if too_noisy:
         return ConfigurationError(
-            f"cannot reach epsilon {target} at delta {delta}: the prior history leaves no "
-            f"room for further steps (even noise multiplier {_MAX_NOISE_MULTIPLIER:g} exceeds it)"
+            f"cannot reach epsilon {target} at delta {delta} with a noise multiplier up to "
+            f"{_MAX_NOISE_MULTIPLIER:g} (after the prior history, if any)"
         )
     return ConfigurationError(
         f"epsilon {target} at delta {delta} needs a noise multiplier below {_MIN_NOISE_MULTIPLIER}"

@@ -387,7 +387,8 @@ def test_sim_client_epsilon_prints_the_calibrated_multiplier_and_the_learning_wa
 
 
 def test_sim_unreachable_client_epsilon_is_one_line_exit_2(invoke: Invoke) -> None:
-    result = invoke(SIM, "--central-dp", "--client-epsilon", "1e-9")
+    # At delta 1e-5 exact accounting reaches 1e-9 (z ~ 9e4); at 1e-12 it needs z > 1e6.
+    result = invoke(SIM, "--central-dp", "--client-epsilon", "1e-9", "--delta", "1e-12")
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
