@@ -131,7 +131,11 @@ def test_forked_child_draws_other_noise_than_its_parent() -> None:
 
 def test_central_noise_from_the_stream_has_calibrated_std() -> None:
     result = noise_aggregate(
-        [np.zeros(N)], 4, noise_multiplier=1.3, clip_norm=0.7, rng=secure_generator()
+        [np.zeros(N)],
+        denominator=4.0,
+        noise_multiplier=1.3,
+        sensitivity=0.7,
+        rng=secure_generator(),
     )
     expected = 1.3 * 0.7 / 4
     lo = stats.chi2.ppf(ALPHA / 2, N - 1) * expected**2 / (N - 1)
