@@ -68,7 +68,9 @@ PRELOAD = (
     "client.agent",
     "client.training",
     "client.privacy",
+    "client.dp_noise",
     "client.ledger",
+    "dp_accounting",
 )
 
 # Flower's SubprocessExecutor starts the SuperExec as this command, by name
