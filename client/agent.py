@@ -479,7 +479,7 @@ def _train(
 
     from client.ledger import SiteLedger
     from client.privacy import make_private, validate_model
-    from client.training import make_loader, secret_seed, train_local
+    from client.training import make_loader, train_local
 
     cfg = site.cfg
     if not cfg.dp:
@@ -511,7 +511,7 @@ def _train(
         optimizer = torch.optim.SGD(base.parameters(), lr=cfg.dp_learning_rate)
         batch = dp_batch_size(cfg, len(data.y_train))
         loader = make_loader(data.train, batch, shuffle=False, seed=None)
-        noise = torch.Generator(device=device).manual_seed(secret_seed())
+        # No noise_generator: the step noise comes from a fresh ChaCha20 stream (common.rng).
         private_model, private_opt, private_loader, handle = make_private(
             base,
             optimizer,
@@ -519,7 +519,6 @@ def _train(
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=noise,
         )
         stats = train_local(
             private_model,

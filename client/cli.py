@@ -173,6 +173,15 @@ def start_cmd(
             "one installed before; it must list this site's identity key."
         ),
     ] = None,
+    cold_clientapp: Annotated[
+        bool,
+        typer.Option(
+            "--cold-clientapp",
+            help="Start every message's ClientApp as a new flwr-clientapp process (Flower's "
+            "own way) instead of forking it from a template with its imports done "
+            "(default: forked, seconds faster per message; still one process per message).",
+        ),
+    ] = False,
 ) -> None:
     """Start a Flower SuperNode whose fedseal ClientApp trains on --data.
 
@@ -186,7 +195,9 @@ def start_cmd(
     TLS is on unless --insecure is given: one TLS handshake under --ca (chain
     and host name checked) comes first, and a failure is one line naming its
     cause. A SuperLink that is not up yet is waited for (--max-retries,
-    --max-wait-time). The site exits 0 when its run ends (after the run's
+    --max-wait-time). Each message's ClientApp is a fresh process forked from a
+    template that has its imports done (client.warm_exec; --cold-clientapp for
+    Flower's own process start). The site exits 0 when its run ends (after the run's
     final audit head is witnessed) unless --keep-running is given, and on
     SIGTERM or Ctrl-C (its SuperNode is stopped within about a second).
     """
@@ -254,9 +265,14 @@ def start_cmd(
         if reached:
             checked = f"TLS verified under {ca}" if ca is not None else "INSECURE, no TLS"
             typer.echo(f"SuperLink at {superlink} answers ({checked})")
+            env = flower_env(state_dir / "flwr")
+            if not cold_clientapp:
+                from client.warm_exec import warm_env
+
+                env = warm_env(env, state_dir / "flwr" / "bin")
             ending = run_supernode(
                 argv,
-                flower_env(state_dir / "flwr"),
+                env,
                 site_state=site_state,
                 superlink=superlink,
                 auth_key=auth_key,

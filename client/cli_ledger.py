@@ -41,7 +41,9 @@ def show_cmd(
     ] = None,
     accountant: Annotated[
         str | None,
-        typer.Option(help="prv or rdp for the totals (default: each dataset's latest entry's)."),
+        typer.Option(
+            help="pld, prv or rdp for the totals (default: each dataset's latest entry's)."
+        ),
     ] = None,
 ) -> None:
     """List the ledger's history and per-dataset record-level epsilon totals."""

@@ -70,7 +70,12 @@ from sqlalchemy.orm import registry
 from sqlmodel import Field, Session, SQLModel, select
 
 from client.state import create_private_file, private_dir, read_private_file
-from common.dp.accounting import epsilon_for, validate_accountant, validate_delta
+from common.dp.accounting import (
+    DEFAULT_ACCOUNTANT,
+    epsilon_for,
+    validate_accountant,
+    validate_delta,
+)
 from common.dp.events import PrivacyEvent, PrivacyLevel
 from common.errors import (
     ConfigurationError,
@@ -522,7 +527,7 @@ class SiteLedger:
         except ConfigurationError as exc:
             raise RecordError(f"the ledger holds an invalid row for {dataset_id!r}: {exc}") from exc
 
-    def spent(self, dataset_id: str, delta: float, accountant: str = "prv") -> float:
+    def spent(self, dataset_id: str, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
         """Record-level epsilon of the full history of ``dataset_id`` at ``delta``.
 
         Reserved and confirmed rows of every run count.
@@ -603,7 +608,7 @@ class SiteLedger:
             Record-level event the round will apply (planned steps).
         delta : float
             Delta at which the budget is checked, in (0, 1).
-        accountant : {"prv", "rdp"}
+        accountant : {"pld", "prv", "rdp"}
             Accountant of the check.
         budget : float
             Lifetime record-level epsilon budget of the dataset, ``> 0``.

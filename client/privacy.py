@@ -11,9 +11,13 @@ The steps actually taken are the record-level
 :class:`~common.dp.events.PrivacyEvent` ``(noise_multiplier, sample_rate,
 steps)`` that :class:`DpSgdHandle` reports and the site ledger accounts.
 The guarantee is against anyone who sees the model updates that leave the
-site (the server, other sites), assuming the noise generator is not
-observed. Opacus draws the noise from torch's generator; with
-``secure_mode=True`` it uses ``torchcsprng`` (not installed by default).
+site (the server, other sites) and does not observe the site's process
+memory: by default the noise comes from :func:`common.rng.secure_generator`,
+a ChaCha20 keystream keyed from the OS CSPRNG (:mod:`client.dp_noise`
+puts it into Opacus' optimizer), not from torch's generator. A seeded
+``torch.Generator`` (Opacus' own noise path) is for reproducible tests and
+benchmarks only; ``secure_mode=True`` is Opacus' ``torchcsprng`` path (not
+installed by default).
 
 Without Poisson sampling the accountant's assumption does not hold; the
 handle then refuses to produce an event (:class:`NotSupportedError`) rather
@@ -41,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from common.config import FULL_BATCH_DP_CAP
 from common.dp.accounting import (
+    DEFAULT_ACCOUNTANT,
     AccountantName,
     calibrate_noise_multiplier,
     epsilon_for,
@@ -49,6 +54,7 @@ from common.dp.accounting import (
 )
 from common.dp.events import PrivacyEvent, PrivacyLevel
 from common.errors import ConfigurationError, NotSupportedError
+from common.rng import ChaCha20Random, secure_generator
 
 __all__ = [
     "DpSgdHandle",
@@ -144,6 +150,7 @@ class DpSgdHandle:
         "grad_sample_mode",
         "max_grad_norm",
         "noise_multiplier",
+        "noise_source",
         "poisson_sampling",
         "sample_rate",
     )
@@ -152,6 +159,7 @@ class DpSgdHandle:
         self,
         engine: Any,
         *,
+        noise_source: str,
         noise_multiplier: float,
         max_grad_norm: float,
         sample_rate: float,
@@ -160,6 +168,9 @@ class DpSgdHandle:
         criterion: nn.Module | None,
     ) -> None:
         self._engine = engine
+        #: Where the step noise comes from: ``"chacha20"`` (fedseal's stream, the
+        #: default), ``"torch"`` (a caller's torch generator) or ``"torchcsprng"``.
+        self.noise_source = noise_source
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.sample_rate = sample_rate
@@ -194,7 +205,7 @@ class DpSgdHandle:
             self.noise_multiplier, self.sample_rate, self.steps, PrivacyLevel.RECORD
         )
 
-    def epsilon(self, delta: float, accountant: str = "prv") -> float:
+    def epsilon(self, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
         """Record-level epsilon of this session alone (the ledger composes sessions)."""
         return epsilon_for([self.event()], delta, accountant)
 
@@ -209,7 +220,7 @@ def make_private(
     poisson_sampling: bool = True,
     grad_sample_mode: str = "hooks",
     secure_mode: bool = False,
-    noise_generator: torch.Generator | None = None,
+    noise_generator: torch.Generator | ChaCha20Random | None = None,
     criterion: nn.Module | None = None,
     max_physical_batch_size: int | None = MAX_PHYSICAL_BATCH_SIZE,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader[Any], DpSgdHandle]:
@@ -217,7 +228,8 @@ def make_private(
 
     The model must already be valid (:func:`validate_model`) and its
     parameters on the device training will use; the optimizer must hold the
-    model's parameters. Noise is generated on that device.
+    model's parameters. Noise is drawn from a cryptographic stream on the
+    CPU and moved to that device (a torch generator draws on the device).
 
     Parameters
     ----------
@@ -234,9 +246,13 @@ def make_private(
         Opacus per-sample gradient implementation; ``"ghost"`` is ghost
         clipping, which needs :attr:`DpSgdHandle.criterion` as the loss.
     secure_mode : bool
-        Use a cryptographically secure noise generator (needs ``torchcsprng``).
-    noise_generator : torch.Generator, optional
-        Seeded generator for reproducible tests; refused with ``secure_mode``.
+        Opacus' own secure noise (needs ``torchcsprng``) instead of fedseal's stream.
+    noise_generator : ChaCha20Random or torch.Generator, optional
+        Where the noise comes from. ``None`` (production): a fresh
+        :func:`common.rng.secure_generator`. A ``ChaCha20Random``: that
+        stream (keyed for reproducible tests). A ``torch.Generator``: Opacus
+        draws from it (reproducible benchmarks and tests only; not secret).
+        Refused with ``secure_mode``.
     criterion : nn.Module, optional
         Loss for ghost clipping (default cross-entropy).
     max_physical_batch_size : int, optional
@@ -281,20 +297,22 @@ def make_private(
         raise ConfigurationError(
             "the model is not DP-compatible (call validate_model first): " + "; ".join(problems)
         )
-    if noise_generator is not None:
+    torch_generator: torch.Generator | None = None
+    if isinstance(noise_generator, torch.Generator):
         device = next(model.parameters()).device
         if noise_generator.device.type != device.type:
             raise ConfigurationError(
                 f"noise_generator is on {noise_generator.device}, the model on {device}"
             )
-    from opacus import PrivacyEngine
-
-    try:
-        engine = PrivacyEngine(accountant="prv", secure_mode=secure_mode)
-    except ImportError as exc:
-        raise NotSupportedError(
-            "secure_mode needs the torchcsprng package, which is not installed"
-        ) from exc
+        torch_generator = noise_generator
+    elif noise_generator is not None and not isinstance(noise_generator, ChaCha20Random):
+        raise ConfigurationError(
+            "noise_generator must be a ChaCha20Random or a torch.Generator, "
+            f"got {type(noise_generator).__name__}"
+        )
+    if secure_mode and noise_generator is not None:
+        raise ConfigurationError("secure_mode draws its own noise: pass no noise_generator")
+    engine = _engine(secure_mode, torch_generator, noise_generator)
     kwargs: dict[str, Any] = {}
     if grad_sample_mode == "ghost":
         kwargs["criterion"] = criterion if criterion is not None else nn.CrossEntropyLoss()
@@ -307,7 +325,7 @@ def make_private(
             max_grad_norm=float(max_grad_norm),
             poisson_sampling=poisson_sampling,
             grad_sample_mode=grad_sample_mode,
-            noise_generator=noise_generator,
+            noise_generator=torch_generator,
             **kwargs,
         )
     except (NotImplementedError, ValueError) as exc:
@@ -327,6 +345,7 @@ def make_private(
         )
     handle = DpSgdHandle(
         engine,
+        noise_source=_noise_label(secure_mode, torch_generator),
         noise_multiplier=float(noise_multiplier),
         max_grad_norm=float(max_grad_norm),
         sample_rate=1.0 / len(data_loader),
@@ -335,6 +354,33 @@ def make_private(
         criterion=dp_criterion,
     )
     return private_model, dp_optimizer, loader, handle
+
+
+def _engine(
+    secure_mode: bool,
+    torch_generator: torch.Generator | None,
+    noise_generator: torch.Generator | ChaCha20Random | None,
+) -> Any:
+    """The Opacus engine for the chosen noise source (see :func:`make_private`)."""
+    if secure_mode or torch_generator is not None:
+        from opacus import PrivacyEngine
+
+        try:
+            return PrivacyEngine(accountant="prv", secure_mode=secure_mode)
+        except ImportError as exc:
+            raise NotSupportedError(
+                "secure_mode needs the torchcsprng package, which is not installed"
+            ) from exc
+    from client.dp_noise import CipherNoisePrivacyEngine
+
+    source = noise_generator if isinstance(noise_generator, ChaCha20Random) else None
+    return CipherNoisePrivacyEngine(source if source is not None else secure_generator())
+
+
+def _noise_label(secure_mode: bool, torch_generator: torch.Generator | None) -> str:
+    if secure_mode:
+        return "torchcsprng"
+    return "torch" if torch_generator is not None else "chacha20"
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +403,7 @@ class SiteDpPlan:
         prior history given to :func:`plan_site_dp`).
     delta : float
         Delta of ``planned_epsilon``.
-    accountant : {"prv", "rdp"}
+    accountant : {"pld", "prv", "rdp"}
         Accountant of ``planned_epsilon``.
     """
 
@@ -387,7 +433,7 @@ def plan_site_dp(
     batch_size: int,
     local_epochs: int,
     planned_rounds: int,
-    accountant: str = "prv",
+    accountant: str = DEFAULT_ACCOUNTANT,
     noise_multiplier: float | None = None,
     *,
     prior_events: tuple[PrivacyEvent, ...] = (),

@@ -26,7 +26,7 @@ WORKLOADS = ("train", "echo")
 MAX_SECAGG_SETUP_ROUNDS = 32
 PARTITIONS = ("iid", "dirichlet")
 SAMPLINGS = ("fixed", "poisson")
-ACCOUNTANTS = ("prv", "rdp")
+ACCOUNTANTS = ("pld", "prv", "rdp")  # common.dp.accounting: pld exact, rdp looser
 DEVICES = ("auto", "cpu", "cuda")
 # Fields earlier versions stored that are gone (fault injection moved to simulations.faults).
 RETIRED_FIELDS = ("drop_rate", "drop_stage")
@@ -87,11 +87,14 @@ class RunConfig:
     dp_batch_size: int = 0
     dp_local_epochs: int = 1
     dp_learning_rate: float = 4.0
-    accountant: str = "prv"
+    accountant: str = "pld"
     # client-level DP at the server (DP-FedAvg)
     central_dp: bool = False
     noise_multiplier: float = 1.0
     delta: float = 1e-5
+    # target client-level epsilon over the planned rounds; > 0: the commands calibrate
+    # noise_multiplier to it (server.privacy.calibrate_client_noise); 0: noise_multiplier as given
+    client_epsilon: float = 0.0
     # update clipping (client's job): L2 bound C on each site's update whenever
     # central DP or secure aggregation is on
     clip_norm: float = 5.0
@@ -125,15 +128,13 @@ class RunConfig:
                 or not (0.0 < value < 1.0)
             ):
                 raise ConfigurationError(f"{name} must lie in (0, 1), got {value!r}")
-        if isinstance(self.site_noise_multiplier, bool) or not (
-            isinstance(self.site_noise_multiplier, int | float)
-            and math.isfinite(self.site_noise_multiplier)
-            and self.site_noise_multiplier >= 0
-        ):
-            raise ConfigurationError(
-                f"site_noise_multiplier must be >= 0 (0 = derive from site_epsilon), got {self.site_noise_multiplier!r}"
-            )
+        _optional_float(
+            "site_noise_multiplier", self.site_noise_multiplier, "derive from site_epsilon"
+        )
         _positive_float("clip_norm", self.clip_norm)
+        _optional_float("client_epsilon", self.client_epsilon, "use noise_multiplier")
+        if self.client_epsilon > 0 and not self.central_dp:
+            raise ConfigurationError("client_epsilon targets client-level DP: it needs central_dp")
         t = self.secagg_threshold
         if not (0.5 < t <= 1.0 or (t > 1.0 and float(t).is_integer())):
             raise ConfigurationError(
@@ -285,6 +286,17 @@ def _positive_float(name: str, value: object) -> None:
         or value <= 0
     ):
         raise ConfigurationError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _optional_float(name: str, value: object, zero_means: str) -> None:
+    """A finite number ``>= 0`` whose 0 means ``zero_means``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigurationError(f"{name} must be >= 0 (0 = {zero_means}), got {value!r}")
 
 
 def _fraction(name: str, value: object) -> None:

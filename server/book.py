@@ -205,7 +205,8 @@ class RunBook:
                 "central_dp_applied",
                 {
                     "round": server_round,
-                    "contributors": agg.central.contributors,
+                    "denominator": agg.central.denominator,
+                    "sensitivity": agg.central.sensitivity,
                     "noise_std": agg.central.noise_std,
                     "sampling": cfg.client_sampling,
                 },
@@ -237,14 +238,24 @@ class RunBook:
                     node_id=site.node_id,
                 )
 
-    def round_done(self, result: RoundResult, model_bytes: bytes) -> None:
-        """A finished round: its result, the new model version, and a fresh seal."""
-        self.round_finished(result.round, result.to_json())
+    def round_done(
+        self, result: RoundResult, model_bytes: bytes, released: RoundResult | None = None
+    ) -> None:
+        """A finished round: its result, the new model version, and a fresh seal.
+
+        ``released`` is the round as it may leave the coordinator
+        (:meth:`RoundResult.released`, default ``result``): it is what the
+        round's metrics keep (reports and resumes read them) and its accepted
+        sites are the version's participants, so under client-level DP the
+        record's round rows and model cards carry no count.
+        """
+        public = released if released is not None else result
+        self.round_finished(result.round, public.to_json())
         self.model_version(
             result.round,
             model_bytes,
             {"accuracy": result.accuracy, "loss": result.loss},
-            [s.node_id for s in result.sites if s.accepted],
+            [s.node_id for s in public.sites if s.accepted],
             record_level_epsilon=max(
                 (
                     x.record_level_epsilon
@@ -258,15 +269,18 @@ class RunBook:
         )
         self.seal()
 
-    def round_failed(self, result: RoundResult) -> None:
+    def round_failed(self, result: RoundResult, released: RoundResult | None = None) -> None:
         """A failed round: closed as failed with its reason (``round_failed``), no version; sealed.
 
         The model stays as it was and nothing was released, so no spend,
         energy or model version is recorded for it (:meth:`aggregated` booked
-        the aggregator's events, which say what went wrong).
+        the aggregator's events, which say what went wrong). The audit event
+        keeps the full reason; the round's metrics are ``released`` (as in
+        :meth:`round_done`).
         """
+        public = released if released is not None else result
         self.record.fail_round(
-            self.run_id, result.round, result.failure or "failed", result.to_json()
+            self.run_id, result.round, result.failure or "failed", public.to_json()
         )
         self.seal()
 

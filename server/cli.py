@@ -172,6 +172,7 @@ def start_cmd(
     members = _print_roster(server_settings)
     if members and not run_config.wait_sites:
         run_config = dataclasses.replace(run_config, wait_sites=members)
+    run_config = _planned_sites(run_config)
     if run_config.wait_sites:
         out.print(
             f"round 1 starts when {run_config.wait_sites} sites are connected "
@@ -263,10 +264,8 @@ def _report_run(db_url: str, run_id: str, code: int, result_dir: Path, state_dir
                 if r.get("failed"):
                     out.print(f"round {r['round']}: failed: {r['failure']}", soft_wrap=True)
                     continue
-                out.print(
-                    f"round {r['round']}: accuracy={r['accuracy']} loss={r['loss']} "
-                    f"participants={r['participants']}"
-                )
+                counts = "" if r["participants"] is None else f" participants={r['participants']}"
+                out.print(f"round {r['round']}: accuracy={r['accuracy']} loss={r['loss']}{counts}")
             out.print(f"results: {result}")
     if run.status != "finished":
         err.print(
@@ -595,6 +594,25 @@ def _check_signing_key(server_settings: ServerSettings) -> None:
         return  # no record yet (the run creates it) or unreachable (the ServerApp will say)
     with record:
         signing_key_for(record, server_settings.key_dir)
+
+
+def _planned_sites(cfg: RunConfig) -> RunConfig:
+    """Under client-level DP, ``num_sites`` (the ``N`` of the fixed denominator q*N) from --wait-sites.
+
+    ``--wait-sites`` defaults to the roster's members; without either the
+    coordinator cannot know ``N`` and refuses, since dividing by the sites
+    that happen to take part would publish their number.
+    """
+    if not cfg.central_dp:
+        return cfg
+    if not cfg.wait_sites:
+        from common.errors import ConfigurationError
+
+        raise ConfigurationError(
+            "--central-dp divides each round's noised sum by q*N with N the planned sites: "
+            "give --wait-sites N or --roster"
+        )
+    return dataclasses.replace(cfg, num_sites=cfg.wait_sites)
 
 
 def _check_dropout_tolerance(cfg: RunConfig, allowed: bool) -> None:

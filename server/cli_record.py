@@ -327,7 +327,8 @@ def _card(record: SqlRecord, v: ModelVersion) -> dict[str, Any]:
         "energy": {
             "kwh": v.energy_kwh,
             "co2eq_g": sum(e.co2eq_g for e in energy),
-            "reports": len(energy),
+            # how many site-rounds trained: withheld under client-level DP (server.results)
+            "reports": None if v.client_level_epsilon is not None else len(energy),
             "estimated": any(e.estimated for e in energy),
         },
     }
@@ -367,9 +368,8 @@ def show_cmd(
     )
     flag = " (includes estimates)" if e["estimated"] else ""
     out.print("[bold]energy[/bold] (run so far, up to this round)")
-    out.print(
-        f"  {_fmt(e['kwh'])} kWh, {_fmt(e['co2eq_g'])} gCO2eq from {e['reports']} site reports{flag}"
-    )
+    source = "" if e["reports"] is None else f" from {e['reports']} site reports"
+    out.print(f"  {_fmt(e['kwh'])} kWh, {_fmt(e['co2eq_g'])} gCO2eq{source}{flag}")
 
 
 def _sealing_key(record: SqlRecord, keys: Path | None, what: str) -> Ed25519PrivateKey:

@@ -14,7 +14,7 @@ import time
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.errors import ProtocolAbort
+from common.errors import ConfigurationError, ProtocolAbort
 from common.rng import secure_generator, seeded_generator
 
 NODE_WAIT_POLL_S = 1.0
@@ -23,19 +23,84 @@ WAIT_PROGRESS_S = 10.0
 log = logging.getLogger("flwr.fedseal.server")
 
 
+def fixed_cohort_size(cfg: RunConfig, available: int) -> int:
+    """Sites a ``fixed`` cohort draws from ``available`` ones: ``max(min_sites, ceil(f * n))``, at most n."""
+    return min(available, max(cfg.min_sites, math.ceil(cfg.fraction_train * available)))
+
+
+def planned_sites(cfg: RunConfig) -> int:
+    """``N``, the number of sites the run is planned for (``num_sites``).
+
+    A simulation has ``num_sites`` virtual sites; ``fedseal-server start``
+    sets it from the roster's members or ``--wait-sites`` under client-level
+    DP. It is public (the roster is), fixed before any round, and never the
+    number of sites that happen to be connected or to take part.
+    """
+    return cfg.num_sites
+
+
+def dp_denominator(cfg: RunConfig) -> float:
+    """The fixed denominator of DP-FedAvg's mean (:mod:`common.dp.central`).
+
+    ``q * N`` under Poisson sampling (the expected number of contributors),
+    the planned cohort size ``fixed_cohort_size(cfg, N)`` for a fixed cohort;
+    ``N`` from :func:`planned_sites`. Known before the run, so dividing by it
+    releases nothing about who took part.
+    """
+    n = planned_sites(cfg)
+    if cfg.sampling == "poisson":
+        return cfg.fraction_train * n
+    return float(fixed_cohort_size(cfg, n))
+
+
+def min_secure_cohort(cfg: RunConfig) -> int:
+    """The smallest cohort secure aggregation runs for with ``cfg``'s threshold and bits.
+
+    2 for a threshold fraction; more for a threshold count ``t`` (it needs
+    ``k >= t`` neighbours). Found by asking :func:`common.secagg.make_config`
+    itself, so the rule lives in one place.
+
+    Raises
+    ------
+    ConfigurationError
+        If no cohort up to the protocol's maximum satisfies the configuration.
+    """
+    from common.secagg.params import MAX_COHORT, make_config
+
+    for n in range(2, MAX_COHORT + 1):
+        try:
+            make_config(
+                run_id=0,
+                round=0,
+                cohort=list(range(1, n + 1)),
+                identities=[i.to_bytes(32, "big") for i in range(1, n + 1)],
+                threshold=cfg.secagg_threshold_value,
+                value_bound=cfg.clip_norm,
+                vector_length=1,
+                bits=cfg.secagg_bits,
+            )
+        except ConfigurationError:
+            continue
+        return n
+    raise ConfigurationError(
+        f"no secure-aggregation cohort works with threshold {cfg.secagg_threshold} "
+        f"at {cfg.secagg_bits} bits"
+    )
+
+
 def sample_cohort(node_ids: list[int], cfg: RunConfig, server_round: int) -> list[int]:
     """Choose this round's sites.
 
-    ``fixed``: ``max(min_sites, ceil(fraction_train * n))`` sites uniformly without
-    replacement (reproducible from the run seed). ``poisson``: each site
-    independently with probability ``fraction_train``, from OS entropy, as
-    privacy amplification by sampling assumes.
+    ``fixed``: :func:`fixed_cohort_size` sites uniformly without replacement
+    (reproducible from the run seed). ``poisson``: each site independently
+    with probability ``fraction_train``, from OS entropy, as privacy
+    amplification by sampling assumes (the cohort may be empty).
     """
     nodes = sorted(node_ids)
     if cfg.sampling == "poisson":
         rng = secure_generator()
         return [n for n in nodes if rng.random() < cfg.fraction_train]
-    k = min(len(nodes), max(cfg.min_sites, math.ceil(cfg.fraction_train * len(nodes))))
+    k = fixed_cohort_size(cfg, len(nodes))
     rng = seeded_generator(cfg.seed * 1_000_003 + server_round)
     picked = rng.choice(len(nodes), size=k, replace=False)  # indices: node ids exceed int64
     return sorted(nodes[int(i)] for i in picked)
@@ -82,8 +147,7 @@ def wait_for_sites(grid: Grid, expected: int, timeout_s: float) -> tuple[list[in
 
 def expected_cohort(cfg: RunConfig) -> int:
     """The cohort size a run expects: from ``wait_sites`` (else ``min_sites``) connected sites."""
-    sites = cfg.wait_sites or cfg.min_sites
-    return min(sites, max(cfg.min_sites, math.ceil(cfg.fraction_train * sites)))
+    return fixed_cohort_size(cfg, cfg.wait_sites or cfg.min_sites)
 
 
 def secure_dropout_tolerance(cfg: RunConfig) -> tuple[int, int, int, int]:

@@ -40,4 +40,4 @@ def aggregator_for(
         )
     else:
         inner = PlainAggregator(vector_length, cfg.clip_norm if cfg.central_dp else None)
-    return CentralDP(inner, cfg) if cfg.central_dp else inner
+    return CentralDP(inner, cfg, vector_length=vector_length) if cfg.central_dp else inner

@@ -20,6 +20,12 @@ One quantity per axes, each with a title and a y-label that names its unit:
 A round that failed (or never closed) released nothing: its accuracy, loss,
 ε and energy are drawn as gaps (NaN, never zero) and the round is shaded on
 every per-round axes, labelled in the legend.
+
+Under client-level DP (the run's ``central_dp``) the report shows nothing
+that depends on how many sites took part (:meth:`server.results.RoundResult.released`):
+the sites and duration axes and the per-round energy bars say the figures
+are withheld, and the energy line gives the run's total without the number
+of site reports.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ __all__ = ["ReportFigures", "ReportPaths", "report_figures", "write_report"]
 NAN = float("nan")
 FAILED_LABEL = "failed round (no model update)"
 OPEN_LABEL = "unfinished round"
+WITHHELD_TEXT = "withheld under client-level DP\n(it depends on how many sites took part)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +158,7 @@ def _metric_axes(
     return True
 
 
-def _metrics_figure(rounds: list[RoundInfo]) -> Figure:
+def _metrics_figure(rounds: list[RoundInfo], client_level: bool) -> Figure:
     fig, axes = plt.subplots(2, 2, figsize=(9, 6))
     ax_acc, ax_loss, ax_sites, ax_secs = axes.flat
 
@@ -166,27 +173,34 @@ def _metrics_figure(rounds: list[RoundInfo]) -> Figure:
     _mark_rounds(ax_loss, rounds)
     _finish_axes(ax_loss, "Loss of the global model", "cross-entropy loss (nats)", rounds)
 
-    sampled = _metric_axes(
-        ax_sites,
-        rounds,
-        "sampled",
-        "sampled",
-        "tab:gray",
-        released=False,
-        marker="s",
-        linestyle="--",
-    )
-    accepted = _metric_axes(
-        ax_sites, rounds, "participants", "accepted (participants)", "tab:green", released=False
-    )
-    if not (sampled or accepted):
-        _empty(ax_sites, "no site counts recorded")
+    if client_level:
+        _empty(ax_sites, WITHHELD_TEXT)
+    else:
+        sampled = _metric_axes(
+            ax_sites,
+            rounds,
+            "sampled",
+            "sampled",
+            "tab:gray",
+            released=False,
+            marker="s",
+            linestyle="--",
+        )
+        accepted = _metric_axes(
+            ax_sites, rounds, "participants", "accepted (participants)", "tab:green", released=False
+        )
+        if not (sampled or accepted):
+            _empty(ax_sites, "no site counts recorded")
     ax_sites.set_ylim(bottom=0)
     ax_sites.yaxis.set_major_locator(MaxNLocator(integer=True))
     _mark_rounds(ax_sites, rounds)
     _finish_axes(ax_sites, "Sites per round", "sites (count)", rounds)
 
-    if not _metric_axes(ax_secs, rounds, "seconds", "round duration", "tab:purple", released=False):
+    if client_level:
+        _empty(ax_secs, WITHHELD_TEXT)
+    elif not _metric_axes(
+        ax_secs, rounds, "seconds", "round duration", "tab:purple", released=False
+    ):
         _empty(ax_secs, "no durations recorded")
     ax_secs.set_ylim(bottom=0)
     _mark_rounds(ax_secs, rounds)
@@ -237,16 +251,20 @@ def _epsilon_figure(
     return fig
 
 
-def _energy_figure(rounds: list[RoundInfo], record: SqlRecord, run_id: str) -> Figure:
+def _energy_figure(
+    rounds: list[RoundInfo], record: SqlRecord, run_id: str, client_level: bool
+) -> Figure:
     per_round: dict[int, float] = defaultdict(float)
     estimated_rounds: set[int] = set()
-    for e in record.energy(run_id):
+    for e in [] if client_level else record.energy(run_id):
         per_round[e.round] += e.energy_kwh
         if e.estimated:
             estimated_rounds.add(e.round)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = sorted(per_round)
-    if xs:
+    if client_level:
+        _empty(ax, WITHHELD_TEXT)
+    elif xs:
         bars = ax.bar(xs, [per_round[x] for x in xs], color="tab:green", label="kWh (all sites)")
         for x, bar in zip(xs, bars, strict=True):
             if x in estimated_rounds:
@@ -272,14 +290,19 @@ def report_figures(record: SqlRecord, run_id: str) -> ReportFigures:
     RecordError
         If the run is unknown or the record cannot be read.
     """
-    record.get_run(run_id)
+    client_level = _client_level_dp(record, run_id)
     rounds = record.rounds(run_id)
     versions = record.list_versions(run_id)
     return ReportFigures(
-        metrics=_metrics_figure(rounds),
+        metrics=_metrics_figure(rounds, client_level),
         epsilon=_epsilon_figure(rounds, versions, record.privacy(run_id)),
-        energy=_energy_figure(rounds, record, run_id),
+        energy=_energy_figure(rounds, record, run_id, client_level),
     )
+
+
+def _client_level_dp(record: SqlRecord, run_id: str) -> bool:
+    """Whether the run released under client-level DP (its recorded ``central_dp``)."""
+    return bool(record.get_run(run_id).config.get("central_dp"))
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -332,6 +355,11 @@ def write_report(record: SqlRecord, run_id: str, out_dir: Path) -> ReportPaths:
         if failed
         else ""
     )
+    reports = (
+        "over the run (per-round figures withheld under client-level DP)"
+        if _client_level_dp(record, run_id)
+        else f"from {len(energy)} site reports"
+    )
     total_kwh = sum(e.energy_kwh for e in energy)
     total_co2 = sum(e.co2eq_g for e in energy)
     body = f"""<!doctype html>
@@ -345,7 +373,7 @@ Model versions: {len(versions)}{f" (latest {last.version}, sha256 <code>{last.sh
 <p>Audit log: <strong>{html.escape(report.summary())}</strong>
 (checked against the key stored in the record; verify with the trusted key using
 <code>fedseal-server audit verify --public-key</code>).</p>
-<p>Energy: {total_kwh:.6g} kWh, {total_co2:.6g} gCO2eq from {len(energy)} site reports
+<p>Energy: {total_kwh:.6g} kWh, {total_co2:.6g} gCO2eq {reports}
 ({"includes estimates" if estimated else "all measured"}).</p>
 <h2>Metrics</h2>{img(accuracy_png)}
 <h2>Privacy</h2><p>Record-level ε (per training record at a site) and client-level ε

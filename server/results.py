@@ -1,8 +1,16 @@
-"""Per-round results: what the server reports to observers and writes as JSON."""
+"""Per-round results: what the server reports to observers and writes as JSON.
+
+A :class:`RoundResult` holds everything the coordinator knows about a round.
+What leaves the coordinator (``result.json`` and ``--json``, the record's
+round metrics that reports and model cards are drawn from, the round's log
+line) is :meth:`RoundResult.released`: under client-level DP that view keeps
+nothing that depends on how many sites took part (see its docstring); the
+coordinator's own audit log keeps who was sampled and who contributed.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from common.config import RunConfig
@@ -46,9 +54,9 @@ class RoundResult:
     round: int
     accuracy: float | None
     loss: float | None
-    participants: int
-    sampled: int
-    seconds: float
+    participants: int | None  # None: withheld (released under client-level DP)
+    sampled: int | None  # likewise
+    seconds: float | None  # likewise
     sites: tuple[SiteOutcome, ...] = field(default_factory=tuple)
     # "central" (the server's held-out split, the metric of record), "federated" (the sites'
     # local-test figures), "withheld" (no held-out split, and under DP the sites release
@@ -59,6 +67,35 @@ class RoundResult:
     energy: dict[str, float | bool] | None = None  # kwh, co2eq_g, estimated (sum over sites)
     failed: bool = False  # the round ended without a model update (see ``failure``)
     failure: str | None = None  # why it failed
+
+    def released(self, client_level_dp: bool) -> RoundResult:
+        """The round as it may leave the coordinator.
+
+        Without client-level DP, the round itself. Under client-level DP the
+        realised count is the one thing the noise does not hide (dividing by
+        it, or publishing it, gives ``delta >= q^N``: :mod:`common.dp.central`),
+        so everything that depends on it is withheld: ``participants`` and
+        ``sampled``, the per-site outcomes (``sites``: who was asked, who
+        refused, their record-level figures), the secure-aggregation counts
+        (``secagg``: the threshold and degree are resolved from the cohort
+        size), the round's energy (zero exactly when nobody trained) and its
+        duration (a noise-only round takes no time), and the failure text
+        (it may quote counts; it stays in the audit log's ``round_failed``).
+        What remains (accuracy, loss, epsilon, whether the round failed) is
+        computed from the released model or fixed by the plan.
+        """
+        if not client_level_dp:
+            return self
+        return replace(
+            self,
+            participants=None,
+            sampled=None,
+            seconds=None,
+            sites=(),
+            secagg=None,
+            energy=None,
+            failure=WITHHELD_FAILURE if self.failed else None,
+        )
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -72,6 +109,12 @@ class RoundResult:
         fields["sites"] = tuple(SiteOutcome(**s) for s in fields.get("sites", ()))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in fields.items() if k in known})
+
+
+WITHHELD_FAILURE = (
+    "the round failed; under client-level DP its reason stays in the coordinator's "
+    "audit log (round_failed)"
+)
 
 
 class RoundObserver(Protocol):
@@ -135,16 +178,28 @@ ENERGY_WITHHELD = (
 
 
 def result_document(
-    run_id: str, cfg: RunConfig, results: list[RoundResult], stopped: str | None
+    run_id: str,
+    cfg: RunConfig,
+    results: list[RoundResult],
+    stopped: str | None,
+    client_level: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A run's results as the JSON document fedseal prints (``--json``) and writes."""
-    accepted = [s for r in results for s in r.sites if s.accepted]
+    """A run's results as the JSON document fedseal prints (``--json``) and writes.
+
+    Every round as released (:meth:`RoundResult.released`); ``client_level``
+    (from :class:`server.privacy.ClientLevelOutlook`) describes the central
+    noise: its fixed denominator, sensitivity and std on the mean. What the
+    privacy block says about the sites (their reported deltas, who scaled on
+    private records) is read from the released rounds only.
+    """
+    rounds = [r.released(cfg.central_dp) for r in results]
+    accepted = [s for r in rounds for s in r.sites if s.accepted]
     site_deltas = sorted({s.record_level_delta for s in accepted if s.record_level_delta})
     private_scaling = sorted({s.node_id for s in accepted if s.private_scaling})
     return {
         "run_id": run_id,
         "config": asdict(cfg),
-        "rounds": [r.to_json() for r in results],
+        "rounds": [r.to_json() for r in rounds],
         "failed_rounds": [r.round for r in results if r.failed],
         "stopped": stopped,
         "evaluation": {
@@ -174,6 +229,7 @@ def result_document(
                 if cfg.client_sampling == "poisson"
                 else "fixed cohort: accounted without amplification (q=1)"
             ),
+            "client_level": client_level,
             "units": {
                 "record_level_epsilon": "per site dataset, DP-SGD (example-level), lifetime total from the site ledger, at the site's own delta (sites[].record_level_delta)",
                 "client_level_epsilon": "per run, DP-FedAvg (site-level)",

@@ -14,6 +14,15 @@ aggregation, and DP-FedAvg's sensitivity (C on the sum) assumes unit weights.
 Aggregators return what happened as data; :class:`server.book.RunBook`, the
 record's one writer, books it.
 
+Under client-level DP (:class:`server.privacy.CentralDP`) every cohort is
+released, however small: the realised count decides nothing the released
+outputs show. ``min_sites`` then bounds the connected sites, not the
+contributors; more admitted sites than the planned ``N`` fail the round (the
+fixed denominator and the rounding slack assume at most ``N``); the round's
+result leaves the coordinator only as :meth:`~server.results.RoundResult.released`
+(no counts, per-site outcomes, energy or duration) in ``result.json``, the
+record's round metrics and model versions, and the log.
+
 A failed round ends the round, not the run (DESIGN.md §7): the aggregator's
 events are booked, the round is closed as failed with its reason
 (``round_failed``), the global model stays as it was, nothing is released
@@ -150,29 +159,20 @@ class FederatedRun:
                     break
                 result = self.run_round(server_round)
                 self.results.append(result)
+                released = self._released(result)
                 if self.book is not None:
                     if result.failed:
-                        self.book.round_failed(result)
+                        self.book.round_failed(result, released)
                     else:
                         model = self.global_vector.astype(np.float32).tobytes()
-                        self.book.round_done(result, model)
+                        self.book.round_done(result, model, released)
                 self.observer.on_round(result)
-                if result.failed:
-                    log.warning("round %d failed: %s", server_round, result.failure)
-                else:
-                    log.info(
-                        "round %d: accuracy=%s loss=%s participants=%d/%d",
-                        server_round,
-                        _fmt(result.accuracy),
-                        _fmt(result.loss),
-                        result.participants,
-                        result.sampled,
-                    )
+                _log_round(released)
                 self._check_failed_rounds()
             if self.results and all(r.failed for r in self.results):
                 raise ProtocolAbort(
                     f"no round of run {self.run_id} succeeded ({len(self.results)} failed); "
-                    f"last: {self.results[-1].failure}"
+                    f"last: {self._released(self.results[-1]).failure}"
                 )
         except FedsealError as exc:
             if self.book is not None:
@@ -192,6 +192,10 @@ class FederatedRun:
             )
         return self.results
 
+    def _released(self, result: RoundResult) -> RoundResult:
+        """``result`` as it may leave the coordinator (counts withheld under client-level DP)."""
+        return result.released(self.privacy is not None)
+
     def _last_round(self) -> int:
         """The last round the run reached (0 before the first): the final head's group id."""
         return max(self.first_round - 1, self.reached)
@@ -203,7 +207,7 @@ class FederatedRun:
         if len(tail) == limit and all(r.failed for r in tail):
             raise ProtocolAbort(
                 f"{limit} failed rounds in a row (max_failed_rounds={limit}); "
-                f"last: {tail[-1].failure}"
+                f"last: {self._released(tail[-1]).failure}"
             )
 
     def run_round(self, server_round: int) -> RoundResult:
@@ -235,13 +239,23 @@ class FederatedRun:
                 f"at least {self.cfg.min_sites} (see the site_refused events); "
                 "the global model is unchanged",
             )
+        if self.privacy is not None and len(nodes) > self.privacy.population:
+            return self._unfilled(
+                server_round,
+                start,
+                f"round {server_round}: {len(nodes)} admitted sites connected, more than the "
+                f"{self.privacy.population} the run is planned for (num_sites; --wait-sites or "
+                "the roster in a deployment): client-level DP's fixed denominator and noise "
+                "assume at most that many; the global model is unchanged",
+            )
         cohort = sample_cohort(nodes, self.cfg, server_round)
         if self.book is not None:
             self.book.round_started(server_round, cohort)
         agg = self.aggregator.aggregate(
             RoundInput(server_round, cohort, self.global_vector), self.exchange
         )
-        require_contributors(agg, self.cfg.min_sites, server_round, len(cohort))
+        if self.privacy is None:  # under client-level DP every cohort is released
+            require_contributors(agg, self.cfg.min_sites, server_round, len(cohort))
         if self.book is not None:
             self.book.aggregated(server_round, agg, self.cfg)
         failed = agg.failure is not None
@@ -348,7 +362,28 @@ class FederatedRun:
 
     def result_doc(self) -> dict[str, Any]:
         """The run's results as the JSON document fedseal prints and writes."""
-        return result_document(self.run_id, self.cfg, self.results, self.stopped)
+        outlook = self.privacy.outlook.to_json() if self.privacy is not None else None
+        released = [self._released(r) for r in self.results]
+        return result_document(self.run_id, self.cfg, released, self.stopped, outlook)
+
+
+def _log_round(result: RoundResult) -> None:
+    """The round's log line, from its released view (no counts under client-level DP)."""
+    if result.failed:
+        log.warning("round %d failed: %s", result.round, result.failure)
+        return
+    counts = (
+        ""
+        if result.participants is None
+        else f" participants={result.participants}/{result.sampled}"
+    )
+    log.info(
+        "round %d: accuracy=%s loss=%s%s",
+        result.round,
+        _fmt(result.accuracy),
+        _fmt(result.loss),
+        counts,
+    )
 
 
 def _fmt(value: float | None) -> str:

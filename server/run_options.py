@@ -174,7 +174,12 @@ SHARED_OPTIONS: tuple[RunOption, ...] = (
     ),
     _option("rounds", "--rounds", "-r", help="Federated rounds."),
     _option("fraction_train", "--fraction", help="Fraction of the sites sampled per round."),
-    _option("min_sites", "--min-sites", help="Fewest sites (usable updates) a round accepts."),
+    _option(
+        "min_sites",
+        "--min-sites",
+        help="Fewest sites (usable updates) a round accepts; under --central-dp, fewest "
+        "connected sites (every cohort is released, whatever its size).",
+    ),
     _option(
         "sampling",
         "--sampling",
@@ -241,6 +246,13 @@ SHARED_OPTIONS: tuple[RunOption, ...] = (
     ),
     _option("delta", "--delta", help="Client-level delta."),
     _option(
+        "client_epsilon",
+        "--client-epsilon",
+        help="Target client-level epsilon over --rounds (with --central-dp): sets the noise "
+        "multiplier z that meets it at --delta, overriding --noise-multiplier; 0 = use "
+        "--noise-multiplier.",
+    ),
+    _option(
         "clip_norm",
         "--clip-norm",
         help="L2 bound C on each site's update (with secure aggregation or central DP).",
@@ -292,14 +304,19 @@ def build_run_config(values: Mapping[str, Any]) -> RunConfig:
     Returns
     -------
     RunConfig
-        The validated configuration (fields not in ``values`` keep their default).
+        The validated configuration (fields not in ``values`` keep their default),
+        its noise multiplier calibrated to ``client_epsilon`` when one is set
+        (:func:`server.privacy.calibrate_client_noise`).
 
     Raises
     ------
     typer.Exit
-        With code 2 after printing ``error: <field problem>`` when a value is invalid.
+        With code 2 after printing ``error: <field problem>`` when a value is
+        invalid or the epsilon target cannot be met.
     """
-    return RunConfig(**values)
+    from server.privacy import calibrate_client_noise
+
+    return calibrate_client_noise(RunConfig(**values))
 
 
 def with_run_options(

@@ -112,6 +112,7 @@ def run_cmd(
 ) -> None:
     """Run a federated simulation and report accuracy and loss per round."""
     cfg, faults = _simulation_config(run_config, clients, drop_rate, drop_stage)
+    _say_client_level_noise(cfg)
 
     from simulations.engine import run_simulation, stdout_to_stderr
 
@@ -192,11 +193,11 @@ def run_cmd(
             str(r["round"]),
             _accuracy_cell(r),
             "n/a" if r["loss"] is None else f"{r['loss']:.4f}",
-            f"{r['participants']}/{r['sampled']}",
+            "withheld" if r["participants"] is None else f"{r['participants']}/{r['sampled']}",
             _site_epsilon_cell(r),
             "-" if r["client_level_epsilon"] is None else f"{r['client_level_epsilon']:.3f}",
-            str(sum(1 for s in r["sites"] if s["refused"])),
-            f"{r['seconds']:.2f}",
+            "-" if r["participants"] is None else str(sum(1 for s in r["sites"] if s["refused"])),
+            "-" if r["seconds"] is None else f"{r['seconds']:.2f}",
         )
     Console().print(table)
     if (note := doc.get("evaluation", {}).get("note")) is not None:
@@ -312,6 +313,40 @@ def _simulation_config(
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     return cfg, faults
+
+
+@one_line_errors
+def _say_client_level_noise(cfg: RunConfig) -> None:
+    """Under client-level DP: the calibrated noise multiplier, and a warning when it drowns learning.
+
+    The warning compares the noise std on the mean update per coordinate,
+    ``z * Delta / D`` (:func:`server.privacy.client_level_outlook`), with
+    ``C / sqrt(d)``, the typical coordinate of an update clipped to ``C``.
+
+    Raises
+    ------
+    typer.Exit
+        With code 2 after one ``error:`` line when the configuration cannot be
+        calibrated (e.g. too few secure-aggregation bits for the sites).
+    """
+    if not cfg.central_dp:
+        return
+    from common.records import ModelSpec
+    from common.task import task_for
+    from server.privacy import client_level_outlook
+
+    if cfg.client_epsilon > 0:
+        err.print(
+            f"client-level epsilon {cfg.client_epsilon:g} (delta {cfg.delta:g}) over "
+            f"{cfg.rounds} rounds at sampling rate {cfg.client_sample_rate:g}: "
+            f"noise multiplier z = {cfg.noise_multiplier:.4g}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    size = ModelSpec.of(task_for(cfg).build(seed=cfg.seed).state_dict()).size
+    warning = client_level_outlook(cfg, size).warning()
+    if warning is not None:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
 
 
 def _write_report(out: Path, run_id: str) -> Path:

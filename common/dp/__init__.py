@@ -8,6 +8,7 @@ client-level accountant).
 
 from common.dp.accounting import (
     ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
     AccountantName,
     ClientLevelAccountant,
     ClientSampling,
@@ -21,6 +22,7 @@ from common.dp.noise import add_gaussian_noise, central_noise_std
 
 __all__ = [
     "ACCOUNTANTS",
+    "DEFAULT_ACCOUNTANT",
     "AccountantName",
     "CentralDpResult",
     "ClientLevelAccountant",

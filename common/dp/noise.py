@@ -4,15 +4,19 @@ Guarantee
 ---------
 :func:`add_gaussian_noise` returns ``x + e`` with ``e`` i.i.d. normal of mean 0
 and standard deviation ``std``, drawn from the caller's
-:class:`numpy.random.Generator`. Added to a statistic of L2 sensitivity
+:data:`~common.rng.RandomSource`. Added to a statistic of L2 sensitivity
 ``C`` with ``std = z * C`` (:func:`central_noise_std`), it is the Gaussian
 mechanism with noise multiplier ``z`` (Dwork & Roth 2014, Thm. A.1;
 Mironov 2017, Prop. 7 for its Rényi DP). The guarantee holds against anyone
 who does not observe the generator's state: production callers pass
-:func:`common.rng.secure_generator`, tests a seeded one. Floating-point
-sampling is assumed to be a faithful Gaussian (Mironov's 2012 floating-point
-attack on the Laplace mechanism is out of scope for this threat model).
-Inputs are never mutated; the global numpy/Python generators are never used.
+:func:`common.rng.secure_generator` (a ChaCha20 keystream under a key from
+the OS CSPRNG; unpredictable to anyone who does not observe the process's
+memory), tests a seeded numpy generator. The noise is drawn in float64 and
+added in float64 before the cast back; what the sampler does and does not
+do about floating-point attacks (Mironov 2012; Jin et al. 2022) is stated
+in :class:`common.rng.ChaCha20Random`: the mechanism is accounted as the
+ideal Gaussian. Inputs are never mutated; the global numpy/Python
+generators are never used.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from common.errors import ConfigurationError, DataError
+from common.rng import ChaCha20Random, RandomSource
 
 __all__ = ["add_gaussian_noise", "central_noise_std"]
 
@@ -66,7 +71,7 @@ def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
     return z * c
 
 
-def _noised(array: npt.NDArray[np.generic], std: float, rng: np.random.Generator) -> FloatArray:
+def _noised(array: npt.NDArray[np.generic], std: float, rng: RandomSource) -> FloatArray:
     arr = np.asarray(array)
     if arr.dtype == np.bool_ or arr.dtype.kind not in "fiu":
         raise DataError(f"cannot add noise to an array of dtype {arr.dtype}")
@@ -80,20 +85,20 @@ def _noised(array: npt.NDArray[np.generic], std: float, rng: np.random.Generator
 
 @overload
 def add_gaussian_noise(
-    vector: npt.NDArray[np.generic], std: float, rng: np.random.Generator
+    vector: npt.NDArray[np.generic], std: float, rng: RandomSource
 ) -> FloatArray: ...
 
 
 @overload
 def add_gaussian_noise(
-    vector: Sequence[npt.NDArray[np.generic]], std: float, rng: np.random.Generator
+    vector: Sequence[npt.NDArray[np.generic]], std: float, rng: RandomSource
 ) -> list[FloatArray]: ...
 
 
 def add_gaussian_noise(
     vector: npt.NDArray[np.generic] | Sequence[npt.NDArray[np.generic]],
     std: float,
-    rng: np.random.Generator,
+    rng: RandomSource,
 ) -> FloatArray | list[FloatArray]:
     """Return ``vector`` plus i.i.d. ``N(0, std^2)`` noise on every coordinate.
 
@@ -105,8 +110,9 @@ def add_gaussian_noise(
     std : float
         Noise standard deviation ``>= 0``, in the units of ``vector``; with
         ``0`` the result is an exact copy.
-    rng : numpy.random.Generator
-        Source of the noise (see :mod:`common.rng`).
+    rng : ChaCha20Random or numpy.random.Generator
+        Source of the noise: :func:`common.rng.secure_generator` in
+        production, a seeded generator only in simulations and tests.
 
     Returns
     -------
@@ -116,13 +122,13 @@ def add_gaussian_noise(
     Raises
     ------
     ConfigurationError
-        If ``std`` is negative or not finite, or ``rng`` is not a Generator.
+        If ``std`` is negative or not finite, or ``rng`` is not a random source.
     DataError
         If the values are not numeric.
     """
     s = _check_real("std", std, positive=False)
-    if not isinstance(rng, np.random.Generator):
-        raise ConfigurationError("rng must be a numpy.random.Generator (see common.rng)")
+    if not isinstance(rng, ChaCha20Random | np.random.Generator):
+        raise ConfigurationError("rng must be a ChaCha20Random or numpy Generator (see common.rng)")
     if isinstance(vector, np.ndarray):
         return _noised(vector, s, rng)
     return [_noised(a, s, rng) for a in vector]

@@ -71,7 +71,7 @@ from common.errors import (
     ProtocolAbort,
     ProtocolError,
 )
-from common.rng import secure_bytes
+from common.rng import RandomSource, secure_bytes
 from common.secagg.graph import neighbour_graph
 from common.secagg.messages import (
     AdvertiseKeysReply,
@@ -427,7 +427,7 @@ class SecAggClient:
         return ShareKeysReply(config.run_id, config.round, self._node_id, tuple(ciphertexts))
 
     def collect_masked(
-        self, request: CollectMaskedRequest, update: np.ndarray, rng: np.random.Generator
+        self, request: CollectMaskedRequest, update: np.ndarray, rng: RandomSource
     ) -> CollectMaskedReply:
         """Stage COLLECT_MASKED: store neighbours' shares; send the masked quantised input.
 
@@ -437,8 +437,8 @@ class SecAggClient:
             Share ciphertexts addressed to this client.
         update : numpy.ndarray
             The (already clipped) input, shape ``(vector_length,)``, ``|x| <= value_bound``.
-        rng : numpy.random.Generator
-            Coins for stochastic rounding.
+        rng : ChaCha20Random or numpy.random.Generator
+            Coins for stochastic rounding (:func:`common.rng.secure_generator` in production).
 
         Raises
         ------
@@ -455,7 +455,7 @@ class SecAggClient:
         return self._guard(lambda: self._collect_masked(request, update, rng))
 
     def _collect_masked(
-        self, request: CollectMaskedRequest, update: np.ndarray, rng: np.random.Generator
+        self, request: CollectMaskedRequest, update: np.ndarray, rng: RandomSource
     ) -> CollectMaskedReply:
         config = self._config
         if self._encryption is None or self._mask is None or self._seed is None:

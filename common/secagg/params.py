@@ -234,16 +234,31 @@ def default_neighbours(n: int) -> int:
     return _normalise_degree(max(1, math.ceil(NEIGHBOUR_FACTOR * math.log2(n))), n)
 
 
+def default_scale(value_bound: float, bits: int, n: int) -> float:
+    """The scale :func:`make_config` gives ``n`` clients by default: the largest that cannot wrap.
+
+    The largest float ``s <= floor((2^(b-1) - 1) / n) / value_bound`` with
+    ``n * ceil(value_bound * s) <= 2^(b-1) - 1``; it never grows with ``n``,
+    so the scale of a cohort of at most ``n`` clients is at least this one.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``n`` clients cannot share a ``bits``-bit ring at all.
+    """
+    largest = ((1 << (bits - 1)) - 1) // n
+    if largest < 1:
+        raise ConfigurationError(f"{n} clients cannot share a {bits}-bit ring without wrapping")
+    chosen = largest / value_bound
+    while math.ceil(value_bound * chosen) > largest:
+        chosen = math.nextafter(chosen, 0.0)
+    return chosen
+
+
 def _choose_scale(value_bound: float, bits: int, n: int, scale: float | None) -> float:
     limit = (1 << (bits - 1)) - 1
     if scale is None:
-        largest = limit // n
-        if largest < 1:
-            raise ConfigurationError(f"{n} clients cannot share a {bits}-bit ring without wrapping")
-        chosen = largest / value_bound
-        while math.ceil(value_bound * chosen) > largest:
-            chosen = math.nextafter(chosen, 0.0)
-        return chosen
+        return default_scale(value_bound, bits, n)
     if type(scale) is not float or not math.isfinite(scale) or scale <= 0:
         raise ConfigurationError(f"scale must be a positive finite float, got {scale!r}")
     if n * math.ceil(value_bound * scale) > limit:

@@ -23,19 +23,38 @@ cohort size; :func:`~common.secagg.params.make_config` ensures
    ``M < fl(value_bound s) + 1 <= value_bound s (1 + u) + 1``; (1) gives ``|B| < m / s``; one rounding
    per product gives ``|C| <= m u value_bound``. Summing proves the bound,
    which :func:`error_bound` returns.
+4. Sensitivity after rounding (:func:`quantised_l2_bound`). For one input with
+   ``||x||_2 <= C`` (``d`` coordinates), what it adds to the exact sum of step 2
+   read back at scale ``s`` is ``q / s``, and ``||q / s||_2 < C (1 + u) + sqrt(d) / s``.
+   Proof: ``q / s = x + (y - x s) / s + (q - y) / s``. One rounding per product
+   gives ``|y_j - x_j s| <= u |x_j| s``, so the middle term's norm is at most
+   ``u C``; by (1) every coordinate of the last term is below ``1 / s`` in
+   magnitude, so its norm is below ``sqrt(d) / s``; the triangle inequality
+   finishes. The bound is approached when every coordinate is rounded up from
+   just above an integer, so nothing smaller holds for every coin sequence.
+   Hence one site moves the secure sum by up to ``C + sqrt(d) / s``, not ``C``:
+   that, not ``C``, is the L2 sensitivity a DP mechanism on a secure sum is
+   calibrated to (issue 13 measured norms up to 7.05 for ``C = 5`` at 8 bits).
 
-The generator is passed in (never a global one); use
-:func:`common.rng.secure_generator` in production so the rounding noise is
-unpredictable to the server.
+The generator is passed in (never a global one). Production callers pass
+:func:`common.rng.secure_generator` (a ChaCha20 keystream keyed from the OS
+CSPRNG), so the rounding coins are unpredictable to the server and to anyone
+who does not observe the site's process memory; a seeded numpy generator is
+for simulations and tests only. The coins are the 53-bit uniforms of
+:meth:`common.rng.ChaCha20Random.random`: ``P[B_j = 1]`` differs from the
+fractional part by less than ``2^-53``.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import numpy.typing as npt
 
 from common.crypto.prg import CHUNK_WORDS, RingArray
-from common.errors import DataError
+from common.errors import ConfigurationError, DataError
+from common.rng import ChaCha20Random, RandomSource
 from common.secagg.params import SecAggConfig
 
 
@@ -43,6 +62,54 @@ def error_bound(config: SecAggConfig, count: int) -> float:
     """The per-coordinate bound on ``|dequantize_sum(S) - sum x|`` for ``count`` inputs."""
     unit = 2.0**-53
     return count * (1.0 + unit) / config.scale + 3.0 * count * unit * config.value_bound
+
+
+def rounding_slack(vector_length: int, scale: float) -> float:
+    """``sqrt(d) / s``: a strict bound on ``||q / s - x||_2`` from stochastic rounding (item 4).
+
+    Raises
+    ------
+    ConfigurationError
+        Unless ``vector_length`` is a positive int and ``scale`` positive and finite.
+    """
+    if isinstance(vector_length, bool) or not isinstance(vector_length, int) or vector_length < 1:
+        raise ConfigurationError(f"vector_length must be a positive int, got {vector_length!r}")
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise ConfigurationError(f"scale must be a positive finite number, got {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigurationError(f"scale must be a positive finite number, got {scale!r}")
+    return math.sqrt(vector_length) / float(scale)
+
+
+def quantised_l2_bound(clip_norm: float, vector_length: int, scale: float) -> float:
+    """L2 bound on one quantised input as it reaches the dequantised sum (module item 4).
+
+    Parameters
+    ----------
+    clip_norm : float
+        ``C > 0``: the input's L2 norm before quantisation (its clipping bound).
+    vector_length : int
+        ``d``, coordinates per input.
+    scale : float
+        The quantisation scale ``s`` (``SecAggConfig.scale``); a smaller scale
+        gives a larger bound, so pass the smallest scale any round can get.
+
+    Returns
+    -------
+    float
+        ``C (1 + 2^-40) + sqrt(d) / s``, strictly above ``||q / s||_2`` (it
+        covers the ``u C`` of item 4 with room to spare).
+
+    Raises
+    ------
+    ConfigurationError
+        For a value outside its domain.
+    """
+    if isinstance(clip_norm, bool) or not isinstance(clip_norm, int | float):
+        raise ConfigurationError(f"clip_norm must be a positive finite number, got {clip_norm!r}")
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ConfigurationError(f"clip_norm must be a positive finite number, got {clip_norm!r}")
+    return float(clip_norm) * (1.0 + 2.0**-40) + rounding_slack(vector_length, scale)
 
 
 def _check_array(x: object, config: SecAggConfig) -> np.ndarray:
@@ -75,7 +142,7 @@ def check_input(x: object, config: SecAggConfig) -> npt.NDArray[np.float64]:
     return values
 
 
-def quantize(x: object, config: SecAggConfig, rng: np.random.Generator) -> RingArray:
+def quantize(x: object, config: SecAggConfig, rng: RandomSource) -> RingArray:
     """Stochastically round ``x * scale`` and embed it into Z_{2^b}.
 
     The vector is processed in cache-sized chunks (converted to float64
@@ -89,8 +156,9 @@ def quantize(x: object, config: SecAggConfig, rng: np.random.Generator) -> RingA
         Shape ``(vector_length,)``, finite, ``|x_j| <= value_bound``.
     config : SecAggConfig
         The round's configuration (scale, bits).
-    rng : numpy.random.Generator
-        Source of the rounding coins; nothing is drawn from it if ``x`` is invalid.
+    rng : ChaCha20Random or numpy.random.Generator
+        Source of the rounding coins (:func:`common.rng.secure_generator` in
+        production); nothing is drawn from it if ``x`` is invalid.
 
     Returns
     -------
@@ -102,8 +170,8 @@ def quantize(x: object, config: SecAggConfig, rng: np.random.Generator) -> RingA
     DataError
         On an invalid input (see :func:`check_input`).
     """
-    if not isinstance(rng, np.random.Generator):
-        raise DataError("quantize needs a numpy Generator")
+    if not isinstance(rng, ChaCha20Random | np.random.Generator):
+        raise DataError("quantize needs a ChaCha20Random or a numpy Generator")
     x = _check_array(x, config)
     length = config.vector_length
     chunk = max(1, min(length, CHUNK_WORDS))

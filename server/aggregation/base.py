@@ -43,11 +43,17 @@ class RoundInput:
 
 @dataclass(frozen=True, slots=True)
 class ClientLevelRelease:
-    """A round's client-level DP release (DP-FedAvg), as the central-DP wrapper made it."""
+    """A round's client-level DP release (DP-FedAvg), as the central-DP wrapper made it.
+
+    ``noise_std`` is the noise on the sum (``z * sensitivity``), ``denominator``
+    the fixed ``D`` the noised sum was divided by; none of it depends on how
+    many sites took part.
+    """
 
     epsilon: float
     noise_std: float
-    contributors: int
+    denominator: float
+    sensitivity: float
 
 
 @dataclass(slots=True)

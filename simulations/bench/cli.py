@@ -9,7 +9,8 @@ Commands
     The secure-aggregation primitives alone against the ChaCha20 keystream
     ceiling (:mod:`simulations.bench.secagg_primitives`).
 ``dp``
-    DP-SGD step time against non-private training
+    DP-SGD step time against non-private training, with Opacus' torch noise
+    and fedseal's ChaCha20 noise side by side, and the noise draw alone
     (:mod:`simulations.bench.dp_sgd`, loaded only when asked for).
 ``deploy``
     Round time on Flower's Deployment Engine, 3 sites on loopback: Flower's
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -213,17 +215,22 @@ def primitives_cmd(
     Console().print(table)
 
 
-def _load_dp_bench() -> Callable[..., Sequence[dict[str, Any]]]:
+def _load_dp_bench() -> tuple[Callable[..., Sequence[dict[str, Any]]], ...]:
     try:
         from simulations.bench import dp_sgd
     except ImportError as exc:
         raise typer.BadParameter(f"the DP-SGD benchmark is not available: {exc}") from None
-    bench = getattr(dp_sgd, "bench_dp_sgd", None)
-    if not callable(bench):
+    benches = (getattr(dp_sgd, "bench_dp_sgd", None), getattr(dp_sgd, "bench_noise_draw", None))
+    if not all(callable(b) for b in benches):
         raise typer.BadParameter(
-            "the DP-SGD benchmark is not available: simulations.bench.dp_sgd has no bench_dp_sgd"
+            "the DP-SGD benchmark is not available: simulations.bench.dp_sgd has no "
+            "bench_dp_sgd or bench_noise_draw"
         )
-    return bench  # type: ignore[no-any-return]
+    return benches  # type: ignore[return-value]
+
+
+def _spread_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.to_json() if hasattr(v, "to_json") else v for k, v in row.items()}
 
 
 @bench_app.command("dp")
@@ -232,20 +239,50 @@ def dp_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per mode.")] = 30,
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 5,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            "--repeats",
+            min=1,
+            help="Repeats, variants interleaved; ratios are taken within each repeat and "
+            "reported as the median and min-max.",
+        ),
+    ] = 3,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
     ] = False,
 ) -> None:
-    """Time a DP-SGD (Opacus) step against a non-private one."""
+    """Time a DP-SGD (Opacus) step against a non-private one, torch vs ChaCha20 noise."""
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter(f"expected cpu or cuda, got {device!r}", param_hint="--device")
-    bench = _load_dp_bench()
-    rows = list(bench(device, batch_size=batch_size, steps=steps, warmup=warmup))
+    bench, draw_bench = _load_dp_bench()
+    # Opacus' ghost clipping warns on every step that the inputs need no grad.
+    warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
+    warnings.filterwarnings("ignore", message="Full backward hook", category=UserWarning)
+    rows = list(bench(device, batch_size=batch_size, steps=steps, warmup=warmup, repeats=repeats))
+    draws = list(draw_bench(device, repeats=repeats))
     if json_out:
-        _emit_json({"rows": rows})
+        _emit_json(
+            {
+                "rows": [_spread_json(r) for r in rows],
+                "noise_draw": [_spread_json(r) for r in draws],
+            }
+        )
         return
-    table = Table(title=f"DP-SGD step time vs non-private ({device}, batch {batch_size})")
-    columns = ("model", "params", "mode", "step ms", "x non-private", "note")
+    table = Table(
+        title=f"DP-SGD step time ({device}, batch {batch_size}): median (min-max) over "
+        f"{repeats} interleaved repeats"
+    )
+    columns = (
+        "model",
+        "params",
+        "mode",
+        "noise",
+        "step ms",
+        "x non-private",
+        "x torch noise",
+        "note",
+    )
     for title in columns:
         table.add_column(title, justify="right" if title in ("params", "step ms") else "left")
     for row in rows:
@@ -253,11 +290,25 @@ def dp_cmd(
             str(row.get("model", "")),
             str(row.get("params", "")),
             str(row.get("mode", "")),
-            _fmt(row.get("step_ms"), ".3f"),
-            _fmt(row.get("ratio_vs_non_private"), ".2f"),
+            str(row.get("noise", "")),
+            _spread(row.get("step_ms"), ".3f"),
+            _spread(row.get("ratio_vs_non_private"), ".2f"),
+            _spread(row.get("ratio_vs_torch_noise"), ".2f"),
             str(row.get("error") or ""),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    draw_table = Table(title=f"One float32 noise draw on {device}: median (min-max) ms")
+    for title in ("values", "noise", "draw ms", "x torch noise"):
+        draw_table.add_column(title, justify="right")
+    for row in draws:
+        draw_table.add_row(
+            str(row["size"]),
+            str(row["noise"]),
+            _spread(row["draw_ms"], ".3f"),
+            _spread(row["ratio_vs_torch_noise"], ".2f"),
+        )
+    console.print(draw_table)
 
 
 @bench_app.command("deploy")

@@ -213,3 +213,11 @@ def test_deploy_bench_one_repeat_three_rounds_reports_every_variant() -> None:
     assert all(r["round_s"]["median"] > 0 for r in rows.values())
     assert rows["flower"]["exchanges"] == 1 and rows["plain"]["exchanges"] == 1
     assert rows["secure"]["exchanges"] >= 3  # masked, consistency, unmask after the setup
+
+
+def test_a_warm_task_starting_before_the_pull_is_logged_takes_no_start_time() -> None:
+    """A forked task (client.warm_exec) may log its start before the SuperNode logs the pull."""
+    warm = STAMPED_LOG.replace("101.750", "100.200")
+    (_, m), _ = exchange_phases(warm)
+    assert m["start"] == 0.0
+    assert m["pull"] == 0.25

@@ -5,7 +5,8 @@ runs every message's ClientApp; a child reports its own peak resident set
 (``VmHWM`` of ``/proc/self/status``: anonymous memory plus the mapped
 cache pages it touched), which includes the interpreter with ``client.app``
 (flwr, torch) and opacus imported, as a site's ClientApp process under
-``--dp`` has them; pandas only where it parses (the ``imports`` phase
+``--dp`` has them, and every module a site's forked task inherits from its
+template (:data:`client.warm_exec.PRELOAD`); pandas only where it parses (the ``imports`` phase
 measures the baseline alone).
 """
 
@@ -35,9 +36,16 @@ from pathlib import Path
 
 phase, csv_path, state = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 
+import importlib
+
 import client.app  # noqa: F401  (what Flower loads in a ClientApp process)
 import opacus  # noqa: F401  (and what a site under --dp imports for DP-SGD and its plan)
 import torch
+
+from client.warm_exec import PRELOAD
+
+for module in PRELOAD:  # what a site's forked task has imported (client.warm_exec)
+    importlib.import_module(module)
 
 from client.agent import dp_batch_size
 from client.privacy import make_private, validate_model

@@ -148,7 +148,7 @@ def test_plain_with_clip_norm_reclips_and_weighs_every_site_the_same() -> None:
 
 def test_central_dp_refuses_an_aggregator_without_clipping() -> None:
     with pytest.raises(ConfigurationError, match="clipped"):
-        CentralDP(PlainAggregator(D), cfg(central_dp=True))
+        CentralDP(PlainAggregator(D), cfg(central_dp=True), vector_length=D)
 
 
 def test_central_dp_noises_the_sum_with_std_z_c_and_commits_one_event() -> None:
@@ -162,9 +162,10 @@ def test_central_dp_noises_the_sum_with_std_z_c_and_commits_one_event() -> None:
             outcomes = [SiteOutcome(n, True) for n in round_input.cohort]
             return Aggregate(np.zeros(size), 4.0, list(round_input.cohort), outcomes)
 
-    wrapper = CentralDP(Fixed(), config)
+    wrapper = CentralDP(Fixed(), config, vector_length=size)
     agg = wrapper.aggregate(RoundInput(1, [1, 2, 3, 4], np.zeros(size)), exchange=None)  # type: ignore[arg-type]
-    # mean = noise / 4 with noise ~ N(0, (z C)^2): std of the mean z*C/4 = 0.5
+    # mean = noise / D with noise ~ N(0, (z C)^2) and D = 4 planned sites (fixed cohort of
+    # all num_sites): std of the mean z*C/4 = 0.5
     assert agg.central is not None and agg.central.noise_std == pytest.approx(2.0)
     assert float(np.std(agg.mean())) == pytest.approx(0.5, rel=0.03)
     assert len(wrapper.accountant.events) == 1 and agg.central.epsilon > 0
@@ -173,13 +174,15 @@ def test_central_dp_noises_the_sum_with_std_z_c_and_commits_one_event() -> None:
 def test_central_dp_adds_no_noise_and_spends_nothing_on_a_failed_round() -> None:
     config = cfg(central_dp=True, min_sites=3)
 
-    class TooFew:
+    class Failed:
         clipped_to = 1.0
 
         def aggregate(self, round_input: RoundInput, exchange: Exchange) -> Aggregate:
-            return Aggregate(np.zeros(D), 2.0, [1, 2], [])
+            agg = Aggregate(np.zeros(D), 2.0, [1, 2], [])
+            agg.failure = ProtocolAbort("the protocol gave up")
+            return agg
 
-    wrapper = CentralDP(TooFew(), config)
+    wrapper = CentralDP(Failed(), config, vector_length=D)
     agg = wrapper.aggregate(RoundInput(1, [1, 2, 3], np.zeros(D)), exchange=None)  # type: ignore[arg-type]
     assert isinstance(agg.failure, ProtocolAbort) and agg.central is None
     assert agg.mean_update is None and wrapper.accountant.events == ()

@@ -173,7 +173,7 @@ def test_loop_failed_round_under_central_dp_adds_no_noise_and_spends_nothing(
         3: summed([1000, 1001], 0.1),
     }
     config = cfg(rounds=3, central_dp=True, clip_norm=1.0)
-    central = CentralDP(ClippedScript(script), config)
+    central = CentralDP(ClippedScript(script), config, vector_length=D)
     run, record = booked_run(tmp_path, config, central)  # type: ignore[arg-type]
     results = run.execute()
     assert central.accountant.rounds == 2

@@ -67,9 +67,22 @@ VALUES: dict[str, tuple[str, object]] = {
     "accountant": ("rdp", "rdp"),
     "noise_multiplier": ("0.7", 0.7),
     "delta": ("1e-6", 1e-6),
+    "client_epsilon": ("2", 2.0),
     "clip_norm": ("2.5", 2.5),
     "secagg_threshold": ("3", 3.0),
     "secagg_setup_rounds": ("4", 4),
+}
+
+
+# Options valid only with others: (command, field) -> (extra arguments, the fields they set).
+# fedseal-server start takes client-level DP's N from --wait-sites (or the roster).
+COMPANIONS: dict[tuple[str, str], tuple[list[str], dict[str, object]]] = {
+    (SIM, "client_epsilon"): (["--central-dp"], {"central_dp": True}),
+    (SERVER, "client_epsilon"): (
+        ["--central-dp", "--wait-sites", "4"],
+        {"central_dp": True, "wait_sites": 4, "num_sites": 4},
+    ),
+    (SERVER, "central_dp"): (["--wait-sites", "4"], {"wait_sites": 4, "num_sites": 4}),
 }
 
 
@@ -177,8 +190,13 @@ def test_each_run_option_reaches_the_run_config(
     invoke: Invoke, command: str, option: RunOption
 ) -> None:
     args, value = _changed(option)
-    cfg = _captured(invoke(command, *args))
-    assert cfg == RunConfig().replace(**{option.field: value})
+    extra, companions = COMPANIONS.get((command, option.field), ([], {}))
+    cfg = _captured(invoke(command, *args, *extra))
+    expected = RunConfig().replace(**companions, **{option.field: value})
+    if option.field == "client_epsilon":  # the target sets the noise multiplier
+        assert cfg.noise_multiplier != expected.noise_multiplier
+        expected = expected.replace(noise_multiplier=cfg.noise_multiplier)
+    assert cfg == expected
 
 
 def test_values_table_covers_every_valued_option() -> None:
@@ -352,3 +370,31 @@ def test_with_run_options_refuses_a_parameter_named_like_a_field() -> None:
 def test_run_option_for_unknown_field_refused() -> None:
     with pytest.raises(ValueError, match="not a RunConfig field"):
         RunOption("no_such_field", ("--no-such-field",), "help")
+
+
+def test_sim_client_epsilon_prints_the_calibrated_multiplier_and_the_learning_warning(
+    invoke: Invoke,
+) -> None:
+    from common.dp import PrivacyEvent, PrivacyLevel, epsilon_for
+
+    result = invoke(SIM, "--central-dp", "--client-epsilon", "4", "--rounds", "3")
+    cfg = _captured(result)
+    event = PrivacyEvent(cfg.noise_multiplier, 1.0, 1, PrivacyLevel.CLIENT)
+    assert epsilon_for([event] * 3, cfg.delta, cfg.accountant) <= 4.0
+    assert f"noise multiplier z = {cfg.noise_multiplier:.4g}" in result.stderr
+    # 10 sites cannot learn under client-level DP: the run is warned, with the noise on the mean
+    assert "warning:" in result.stderr and "noise std on the mean" in result.stderr
+
+
+def test_sim_unreachable_client_epsilon_is_one_line_exit_2(invoke: Invoke) -> None:
+    # At delta 1e-5 exact accounting reaches 1e-9 (z ~ 9e4); at 1e-12 it needs z > 1e6.
+    result = invoke(SIM, "--central-dp", "--client-epsilon", "1e-9", "--delta", "1e-12")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+
+
+def test_server_central_dp_without_planned_sites_is_refused(invoke: Invoke) -> None:
+    result = invoke(SERVER, "--central-dp")
+    assert result.exit_code == 2, result.output
+    assert "--wait-sites" in result.stderr
