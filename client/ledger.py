@@ -367,16 +367,13 @@ def _mechanism(
     dataset_id: str, run_id: str, round: int, event: PrivacyEvent, delta: float, accountant: str
 ) -> dict[str, Any]:
     """The columns a new mechanism row shares (:class:`_RoundMechanism`), from its event."""
-    return {
-        "dataset_id": dataset_id,
-        "run_id": run_id,
-        "round": round,
-        "noise_multiplier": event.noise_multiplier,
-        "sample_rate": event.sample_rate,
-        "delta": delta,
-        "accountant": accountant,
-        "created_at": datetime.now(UTC),
-    }
+    key = {"dataset_id": dataset_id, "run_id": run_id, "round": round}
+    mechanism = {"noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate}
+    return (
+        key
+        | mechanism
+        | {"delta": delta, "accountant": accountant, "created_at": datetime.now(UTC)}
+    )
 
 
 def _participation(row: ParticipationRow) -> ParticipationEntry:
