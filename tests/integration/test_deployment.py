@@ -39,6 +39,7 @@ from server.record.keys import load_public_key
 pytestmark = pytest.mark.deployment
 
 
+@pytest.mark.e2e  # minutes: CI's own step, with the chaos suite
 def test_deployment_three_sites_own_policies_one_refuses_the_run_completes(
     federation: Federation, tmp_path: Path
 ) -> None:
@@ -210,6 +211,7 @@ def test_killed_coordinator_resumes_with_node_auth_its_allow_list_and_policy(
     assert trained == {node_id(tmp_path / f"site{i}.log") for i in range(2)}
 
 
+@pytest.mark.e2e  # minutes: CI's own step, with the chaos suite
 def test_deployment_tls_node_auth_two_sites_two_rounds_complete(tmp_path: Path) -> None:
     """SecAgg+ and DP-SGD over TLS and node authentication, every instruction signed and checked.
 
