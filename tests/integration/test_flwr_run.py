@@ -38,6 +38,7 @@ def _kill_local_superlink(flwr_home: Path) -> None:
 
 
 @pytest.mark.skipif(not (REPO / "pyproject.toml").is_file(), reason="needs the source tree")
+@pytest.mark.e2e  # a whole `flwr run` (about a minute): CI's own step, with the chaos suite
 def test_flwr_run_local_simulation_completes(tmp_path: Path) -> None:
     flwr_home = tmp_path / "flwr-home"
     env = dict(os.environ)

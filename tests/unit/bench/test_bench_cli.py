@@ -67,6 +67,7 @@ def _tiny_row(*extra: str) -> dict[str, object]:
     return row
 
 
+@pytest.mark.slow  # a real bench run (two interleaved repeats): -m slow
 def test_secagg_repeats_interleave_and_report_the_ratio_spread() -> None:
     row = _tiny_row("--no-flower", "--repeats", "2")
     samples = row["samples"]
@@ -82,7 +83,7 @@ def test_secagg_repeats_interleave_and_report_the_ratio_spread() -> None:
     assert row["flower_over_fedseal"] is None
 
 
-@pytest.mark.slow  # a real bench run; the interleaved test above runs the same cell twice
+@pytest.mark.slow  # a real bench run, one repeat
 def test_secagg_tiny_cell_without_flower_json_has_positive_fedseal_times() -> None:
     row = _tiny_row("--no-flower", "--repeats", "1")
     for key in ("plain_s", "fedseal_s"):
