@@ -13,7 +13,6 @@ another one (``make_client_app(trainer=...)``), e.g. a test's fake.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -61,7 +60,7 @@ if TYPE_CHECKING:
     # crypto must not pay for them.
     import torch
 
-    from client.ledger import LedgerEntry, SiteLedger, Spend
+    from client.ledger import SiteLedger, Spend
     from client.privacy import SiteDpPlan
     from client.training import TrainStats
 
@@ -293,8 +292,8 @@ def dp_batch_size(cfg: RunConfig, dataset_size: int) -> int:
     return dp_expected_batch_size(cfg.dp_batch_size, dataset_size)
 
 
-def round_plan(site: SiteContext, data: SiteData, history: Sequence[LedgerEntry]) -> RoundPlan:
-    """This round's DP-SGD plan, from the site's own budget, delta and ledger history.
+def round_plan(site: SiteContext, data: SiteData, ledger: SiteLedger) -> RoundPlan:
+    """This round's DP-SGD plan, from the site's own budget, delta, noisy size and history.
 
     The one place a DP round's mechanism is worked out: the participation
     decision's dry run and the training's reservation both use it, so both
@@ -303,9 +302,16 @@ def round_plan(site: SiteContext, data: SiteData, history: Sequence[LedgerEntry]
 
     1. the dataset id is declared (:func:`client.site.declares_dataset_id`):
        a content-hash id would hand an edited file a fresh budget;
-    2. ``delta < 1/n`` for the training split (``n`` stays here: the
-       refusal names the rule only);
-    3. the dataset's history before this run leaves room in the budget.
+    2. the dataset's noisy size ``n~`` is released, once per dataset
+       (:meth:`~client.ledger.SiteLedger.public_size`, charged to the
+       ledger; refused if the budget cannot pay for it);
+    3. ``delta < 1/n~`` (the refusal, like the plan, is a function of the
+       released ``n~`` only, never of ``n``);
+    4. the dataset's history before this run leaves room in the budget.
+
+    The plan (sampling rate, steps, normaliser) is made from ``n~``
+    (:mod:`client.privacy`, "Adjacency"), so nothing it puts in a reply
+    depends on ``n`` except through the charged release.
 
     The noise multiplier is the larger of two calibrations (Opacus' search,
     :func:`client.privacy.plan_site_dp`): the run's own target
@@ -320,8 +326,8 @@ def round_plan(site: SiteContext, data: SiteData, history: Sequence[LedgerEntry]
         The round's instruction.
     data : SiteData
         The site's data (its size and dataset id).
-    history : sequence of LedgerEntry
-        The dataset's ledger rows (:meth:`client.ledger.SiteLedger.history`).
+    ledger : SiteLedger
+        The site's privacy ledger (the dataset's history and noisy size).
 
     Raises
     ------
@@ -330,15 +336,26 @@ def round_plan(site: SiteContext, data: SiteData, history: Sequence[LedgerEntry]
     PrivacyBudgetExceeded
         The history leaves no room for another run in the budget.
     """
+    from client.privacy import noisy_size
     from common.dp.accounting import epsilon_for
 
     if not data.declared_id:
         raise RoundRefused(UNDECLARED_DATASET_ID)
     budget, delta = site_budget(site, data.dataset_id)
-    n = len(data.y_train)
+    cfg = site.cfg
+    true_size = len(data.y_train)
+    released = ledger.public_size(
+        data.dataset_id,
+        noise_std=size_noise_std(site),
+        draw=lambda: noisy_size(true_size, size_noise_std(site)),
+        delta=delta,
+        accountant=cfg.accountant,
+        budget=budget,
+    )
+    n = released.noisy_size
     if not delta < 1.0 / n:
         raise RoundRefused(DELTA_NOT_BELOW_ONE_OVER_N, rule="privacy.delta")
-    cfg = site.cfg
+    history = ledger.history(data.dataset_id)
     prior = tuple(e.event for e in history if e.run_id != site.run_id)
     try:
         plan = _cached_plan(
@@ -402,6 +419,37 @@ def _cached_plan(
         run.noise_multiplier,
         prior_events=prior,
     )
+
+
+SIZE_NOISE_KEY = "dp-size-noise"
+
+
+def size_noise_std(site: SiteContext) -> float:
+    """Std of the noise on the site's released dataset size: its node config, else the default.
+
+    The site's own setting (node config ``dp-size-noise``), never the
+    coordinator's: the release is charged to the site's budget either way,
+    but a coordinator could otherwise ask for a noise that spends it.
+
+    Raises
+    ------
+    ConfigurationError
+        The value is not a finite number > 0.
+    """
+    import math
+
+    from client.privacy import PUBLIC_SIZE_NOISE_STD
+
+    raw = site.context.node_config.get(SIZE_NOISE_KEY, PUBLIC_SIZE_NOISE_STD)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(
+            f"node config '{SIZE_NOISE_KEY}' must be a number > 0, got {raw!r}"
+        )
+    return value
 
 
 def site_budget(site: SiteContext, dataset_id: str) -> tuple[float, float]:
@@ -499,7 +547,7 @@ def _train(
 
     ledger = SiteLedger(site.directory / LEDGER_FILE)
     try:
-        planned = round_plan(site, data, ledger.history(data.dataset_id))
+        planned = round_plan(site, data, ledger)
         plan = planned.plan
         entry = planned.reserve(ledger)
         base = validate_model(model).to(device)
@@ -509,9 +557,10 @@ def _train(
             )
         # Plain SGD: momentum (or Adam) carries each step's noise into the next ones.
         optimizer = torch.optim.SGD(base.parameters(), lr=cfg.dp_learning_rate)
-        batch = dp_batch_size(cfg, len(data.y_train))
+        batch = dp_batch_size(cfg, plan.public_size)
         loader = make_loader(data.train, batch, shuffle=False, seed=None)
         # No noise_generator: the step noise comes from a fresh ChaCha20 stream (common.rng).
+        # The sampling rate and normaliser are the plan's (from the released size, not n).
         private_model, private_opt, private_loader, handle = make_private(
             base,
             optimizer,
@@ -519,6 +568,8 @@ def _train(
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True,
+            sample_rate=plan.sample_rate,
+            expected_batch_size=plan.expected_batch,
         )
         stats = train_local(
             private_model,

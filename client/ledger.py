@@ -30,6 +30,14 @@ site sees its own client-level exposure (:meth:`SiteLedger.client_exposure`)
 without trusting the coordinator's record. Record-level and client-level
 figures are kept apart and never added.
 
+The public size (table ``public_size``, same file): a dataset's size is
+private (add/remove adjacency), so a DP plan is made from a noisy size
+``n~ = n + N(0, sigma^2)`` released once per dataset, a Gaussian mechanism
+of sensitivity 1 charged as the record-level event ``(sigma, 1.0, 1)``
+(row ``run_id = "public-size"``, round 0) in the same transaction that
+stores ``n~`` (:meth:`SiteLedger.public_size`); every later plan reuses it
+(post-processing, nothing more to charge).
+
 The release log (table ``site_release``, same file): one row per
 (dataset, run, round) a site has answered a train request for, so that a
 site releases at most one data-dependent reply per round whatever the
@@ -86,10 +94,12 @@ from common.errors import (
 from common.sqlite import sqlite_engine
 
 __all__ = [
+    "PUBLIC_SIZE_RUN",
     "ClientExposure",
     "DatasetTotal",
     "LedgerEntry",
     "ParticipationEntry",
+    "PublicSize",
     "ReleaseClaim",
     "ReleaseEntry",
     "SiteLedger",
@@ -141,6 +151,38 @@ class ParticipationRow(_RoundMechanism, table=True):
     __table_args__ = (
         UniqueConstraint("dataset_id", "run_id", "round", name="uq_participation_run_round"),
     )
+
+
+class PublicSizeRow(_LedgerModel, table=True):
+    """A dataset's released noisy size (SQL row): drawn once, charged once, reused."""
+
+    __tablename__ = "public_size"
+
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: str = Field(unique=True)
+    noisy_size: int
+    noise_std: float
+    entry_id: int
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+PUBLIC_SIZE_RUN = "public-size"
+"""The ``run_id`` of the ledger row that charges a dataset's noisy-size release (round 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublicSize:
+    """A dataset's noisy size as released: ``n~``, the noise std and the charging entry."""
+
+    dataset_id: str
+    noisy_size: int
+    noise_std: float
+    entry_id: int
+
+    @property
+    def event(self) -> PrivacyEvent:
+        """The release's record-level event: the Gaussian mechanism, sensitivity 1."""
+        return PrivacyEvent(self.noise_std, 1.0, 1, PrivacyLevel.RECORD)
 
 
 _ENGINES: dict[tuple[int, str, str], Engine] = {}
@@ -723,6 +765,90 @@ class SiteLedger:
                     row.state = CONFIRMED
                     row.confirmed_at = datetime.now(UTC)
                     session.add(row)
+        except SQLAlchemyError as exc:
+            raise RecordError(f"cannot write the privacy ledger {self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------ the public size
+    def public_size(
+        self,
+        dataset_id: str,
+        *,
+        noise_std: float,
+        draw: Callable[[], int],
+        delta: float,
+        accountant: str,
+        budget: float,
+    ) -> PublicSize:
+        """The dataset's released noisy size: the stored one, else drawn, charged and stored.
+
+        In one ``BEGIN IMMEDIATE`` transaction: an earlier release is returned
+        as it is (whatever ``noise_std`` now says: the value is public
+        already, reusing it costs nothing); otherwise the budget check of
+        :meth:`reserve` for the event ``(noise_std, 1.0, 1)``, then
+        ``draw()`` (which returns ``n + noise``, see
+        :func:`client.privacy.noisy_size`), then the charging row
+        (``run_id`` :data:`PUBLIC_SIZE_RUN`, confirmed) and the size row,
+        committed together. The value exists outside this process only
+        once both rows are durable: a crash before the commit leaves
+        neither, and nothing was released.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            The history plus the release would exceed ``budget``: nothing drawn or written.
+        RecordError
+            The database fails, or holds a size row without its charge.
+        ConfigurationError
+            For invalid arguments.
+        """
+        if isinstance(noise_std, bool) or not (
+            isinstance(noise_std, int | float) and math.isfinite(noise_std) and noise_std > 0
+        ):
+            raise ConfigurationError(f"noise_std must be finite and > 0, got {noise_std!r}")
+        event = PrivacyEvent(float(noise_std), 1.0, 1, PrivacyLevel.RECORD)
+        d, name, limit = _check_reserve_args(
+            dataset_id, PUBLIC_SIZE_RUN, 0, event, delta, accountant, budget
+        )
+        try:
+            with self._session() as session:
+                row = session.exec(
+                    select(PublicSizeRow).where(PublicSizeRow.dataset_id == dataset_id)
+                ).first()
+                if row is None:
+                    if self._row(session, dataset_id, PUBLIC_SIZE_RUN, 0) is not None:
+                        raise RecordError(
+                            f"the ledger charges a size release of {dataset_id!r} it does "
+                            "not hold: the ledger was edited"
+                        )
+                    spend = self._spend(session, dataset_id, event, d, name, limit, recorded=False)
+                    if spend.exceeds:
+                        raise spend.error()
+                    size = draw()
+                    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                        raise ConfigurationError(f"a noisy size must be an int >= 1, got {size!r}")
+                    now = datetime.now(UTC)
+                    charge = LedgerRow(
+                        **_mechanism(dataset_id, PUBLIC_SIZE_RUN, 0, event, d, name),
+                        steps=1,
+                        state=CONFIRMED,
+                        confirmed_at=now,
+                    )
+                    session.add(charge)
+                    session.flush()
+                    row = PublicSizeRow(
+                        dataset_id=dataset_id,
+                        noisy_size=size,
+                        noise_std=event.noise_multiplier,
+                        entry_id=_entry(charge).id,
+                    )
+                    session.add(row)
+                    session.flush()
+                elif session.get(LedgerRow, row.entry_id) is None:
+                    raise RecordError(
+                        f"the size release of {dataset_id!r} has lost its ledger charge: "
+                        "the ledger was edited"
+                    )
+                return PublicSize(dataset_id, row.noisy_size, row.noise_std, row.entry_id)
         except SQLAlchemyError as exc:
             raise RecordError(f"cannot write the privacy ledger {self.path}: {exc}") from exc
 

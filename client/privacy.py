@@ -23,6 +23,24 @@ Without Poisson sampling the accountant's assumption does not hold; the
 handle then refuses to produce an event (:class:`NotSupportedError`) rather
 than report an epsilon that is not proven.
 
+Adjacency and what the plan may depend on
+-----------------------------------------
+A site's dataset size ``n`` is private (add/remove one record, the
+adjacency of the Poisson-sampled Gaussian accountant). Everything that
+leaves the site is therefore a function of ``n~`` (:func:`noisy_size`), a
+release of ``n`` through the Gaussian mechanism (sensitivity 1 under
+add/remove) charged once per dataset in the site ledger, never of ``n``
+itself: the sampling rate ``q = 1/ceil(n~/b)``, the steps
+``epochs * ceil(n~/b)`` and the normaliser ``q * n~`` (the expected batch
+the noised sum is divided by). Opacus would divide by ``q * n``: the
+update's noise then has std ``z C / (q n)``, and its spread over the
+model's coordinates gives ``n`` away (to a few percent at a thousand
+coordinates) whatever ``z`` is. With a public normaliser the update is
+``(clipped sum + noise) / (q n~)``, post-processing of the Gaussian
+mechanism on the sum. Poisson sampling with a public ``q`` is accounted by
+``(z, q, steps)`` alone, whatever ``n`` is; a stale ``n~`` (the file grew)
+changes the batch size, never the guarantee.
+
 Memory: the expected batch is bounded (:func:`dp_expected_batch_size`:
 ``dp_batch_size = 0`` means full batch only up to
 :data:`~common.config.FULL_BATCH_DP_CAP` examples), and each Poisson batch is
@@ -61,6 +79,7 @@ __all__ = [
     "SiteDpPlan",
     "dp_expected_batch_size",
     "make_private",
+    "noisy_size",
     "plan_site_dp",
     "validate_model",
 ]
@@ -68,6 +87,33 @@ __all__ = [
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 # Most examples whose per-sample gradients exist at once (a Poisson batch is split into these).
 MAX_PHYSICAL_BATCH_SIZE = 1024
+PUBLIC_SIZE_NOISE_STD = 20.0
+"""Default std of the noise on a site's released size: costs eps 0.16 alone at delta 1e-5,
+about +0.01 on a DP-SGD history of eps 2-14 (PLD); a site sets its own (node config
+``dp-size-noise``)."""
+
+
+def noisy_size(n: int, noise_std: float, rng: ChaCha20Random | None = None) -> int:
+    """``max(1, round(n + N(0, noise_std^2)))``: the dataset size as a site may release it.
+
+    Under add/remove adjacency ``n`` has sensitivity 1, so ``n + N(0,
+    sigma^2)`` is the Gaussian mechanism with noise multiplier ``sigma``
+    (the ledger charges the event ``(sigma, 1.0, 1)``); rounding and the
+    floor at 1 are post-processing. The noise is drawn from a fresh
+    :func:`common.rng.secure_generator` unless ``rng`` is given (tests).
+
+    Raises
+    ------
+    ConfigurationError
+        ``n`` not a positive int, or ``noise_std`` not finite and > 0.
+    """
+    size = _positive_int("dataset_size", n)
+    if isinstance(noise_std, bool) or not (
+        isinstance(noise_std, int | float) and math.isfinite(noise_std) and noise_std > 0
+    ):
+        raise ConfigurationError(f"noise_std must be finite and > 0, got {noise_std!r}")
+    source = rng if rng is not None else secure_generator()
+    return max(1, round(size + float(noise_std) * source.standard_normal()))
 
 
 def dp_expected_batch_size(dp_batch_size: int, dataset_size: int) -> int:
@@ -223,6 +269,8 @@ def make_private(
     noise_generator: torch.Generator | ChaCha20Random | None = None,
     criterion: nn.Module | None = None,
     max_physical_batch_size: int | None = MAX_PHYSICAL_BATCH_SIZE,
+    sample_rate: float | None = None,
+    expected_batch_size: float | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader[Any], DpSgdHandle]:
     """Wrap model, optimizer and loader for DP-SGD with Opacus.
 
@@ -259,6 +307,15 @@ def make_private(
         Split each sampled batch into physical batches of at most this many
         examples (Opacus' ``BatchMemoryManager``); the optimizer steps, with
         noise, once per sampled batch. ``None``: no splitting.
+    sample_rate, expected_batch_size : float, optional
+        A plan made from public quantities (:class:`SiteDpPlan`: its
+        ``sample_rate`` and ``expected_batch``): each step samples every
+        record with probability ``sample_rate`` (``int(1/sample_rate)``
+        steps an epoch) and the noised sum is divided by
+        ``expected_batch_size``. Given together, with Poisson sampling.
+        Without them Opacus' own choice: ``1/len(data_loader)`` and
+        ``len(dataset) * sample_rate``, both functions of the dataset's
+        size (see the module notes).
 
     Returns
     -------
@@ -292,6 +349,21 @@ def make_private(
         )
     if max_physical_batch_size is not None:
         _positive_int("max_physical_batch_size", max_physical_batch_size)
+    if (sample_rate is None) != (expected_batch_size is None):
+        raise ConfigurationError("sample_rate and expected_batch_size go together")
+    if sample_rate is not None and expected_batch_size is not None:
+        if not poisson_sampling:
+            raise ConfigurationError("a public sample_rate needs Poisson sampling")
+        if not (isinstance(sample_rate, int | float) and 0 < sample_rate <= 1):
+            raise ConfigurationError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if not (
+            isinstance(expected_batch_size, int | float)
+            and math.isfinite(expected_batch_size)
+            and expected_batch_size > 0
+        ):
+            raise ConfigurationError(
+                f"expected_batch_size must be finite and > 0, got {expected_batch_size!r}"
+            )
     problems = _unsupported_layers(model)
     if problems:
         raise ConfigurationError(
@@ -335,6 +407,18 @@ def make_private(
     else:
         private_model, dp_optimizer, loader = wrapped
         dp_criterion = None
+    rate = 1.0 / len(data_loader)
+    if sample_rate is not None and expected_batch_size is not None:
+        from opacus.data_loader import DPDataLoader
+
+        rate = float(sample_rate)
+        loader = DPDataLoader(
+            data_loader.dataset,
+            sample_rate=rate,
+            collate_fn=data_loader.collate_fn,
+            generator=data_loader.generator,
+        )
+        dp_optimizer.expected_batch_size = float(expected_batch_size)  # type: ignore[attr-defined]
     if max_physical_batch_size is not None:
         from opacus.utils.batch_memory_manager import wrap_data_loader
 
@@ -348,7 +432,7 @@ def make_private(
         noise_source=_noise_label(secure_mode, torch_generator),
         noise_multiplier=float(noise_multiplier),
         max_grad_norm=float(max_grad_norm),
-        sample_rate=1.0 / len(data_loader),
+        sample_rate=rate,
         poisson_sampling=poisson_sampling,
         grad_sample_mode=grad_sample_mode,
         criterion=dp_criterion,
@@ -405,6 +489,9 @@ class SiteDpPlan:
         Delta of ``planned_epsilon``.
     accountant : {"pld", "prv", "rdp"}
         Accountant of ``planned_epsilon``.
+    public_size : int
+        The dataset size the plan was made from (a site's noisy size
+        :func:`noisy_size`, never its true ``n``).
     """
 
     noise_multiplier: float
@@ -414,6 +501,12 @@ class SiteDpPlan:
     planned_epsilon: float
     delta: float
     accountant: AccountantName
+    public_size: int
+
+    @property
+    def expected_batch(self) -> float:
+        """The normaliser of the noised sum: ``sample_rate * public_size``."""
+        return self.sample_rate * self.public_size
 
     def round_event(self) -> PrivacyEvent:
         """The record-level event of one planned round (what the ledger reserves)."""
@@ -482,4 +575,5 @@ def plan_site_dp(
         planned_epsilon=planned,
         delta=d,
         accountant=name,
+        public_size=n,
     )

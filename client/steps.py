@@ -75,7 +75,7 @@ def decide_participation(
         data = site.data()
         with SiteLedger(site.directory / LEDGER_FILE) as ledger:
             try:
-                planned = round_plan(site, data, ledger.history(data.dataset_id))
+                planned = round_plan(site, data, ledger)
             except RoundRefused as exc:
                 budget_reason = str(exc)
                 if exc.rule is not None:

@@ -184,8 +184,13 @@ def _opacus_epsilon(history: History, delta: float, accountant: AccountantName) 
         warnings.simplefilter("ignore", RuntimeWarning)
         if accountant == "rdp":
             return float(acc.get_epsilon(delta=delta))
-        first = float(acc.get_epsilon(delta=delta))  # upper end at eps_error = 0.01, >= true
-        return float(acc.get_epsilon(delta=delta, eps_error=PRV_RELATIVE_ERROR * first))
+        try:
+            first = float(acc.get_epsilon(delta=delta))  # upper end at eps_error = 0.01, >= true
+            return float(acc.get_epsilon(delta=delta, eps_error=PRV_RELATIVE_ERROR * first))
+        except ValueError:
+            # Opacus' PRV cannot size its grid when epsilon is ~0 (a large delta over a
+            # weak history: "Number of samples ... must be non-negative"); PLD bounds it.
+            return _pld_or_gaussian_epsilon(history, delta)
 
 
 def _gaussian_sigma(history: History) -> float | None:
@@ -266,7 +271,8 @@ def _epsilon_of_history(history: History, delta: float, accountant: AccountantNa
         eps = _opacus_epsilon(history, delta, accountant)
     if math.isnan(eps):
         raise ConfigurationError(f"accountant {accountant!r} returned NaN for {history!r}")
-    return eps
+    # RDP's conversion can go below 0 at a large delta: epsilon 0 is then a valid bound.
+    return max(eps, 0.0)
 
 
 def epsilon_for(

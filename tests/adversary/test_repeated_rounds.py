@@ -27,7 +27,7 @@ from pinned_sites import echo_cfg, pinned_policies
 
 from client.agent import LocalUpdate, SiteContext, Trainer, compute_update
 from client.app import make_client_app
-from client.ledger import SiteLedger
+from client.ledger import PUBLIC_SIZE_RUN, SiteLedger
 from client.state import LEDGER_FILE
 from common.audit.instruction import InstructionSigner
 from common.audit.seal import SignedHead, sign_head
@@ -143,13 +143,14 @@ def test_same_plain_train_instruction_three_times_one_release_one_charge(tmp_pat
     content = train_request(ex, model=state_dict_to_vector(model.state_dict()))
     first = release_bytes(ask(ex, content))
     with s.ledger() as ledger:
-        (entry,) = ledger.history()
+        size, entry = ledger.history()  # the noisy size's release, then the round
         spent = ledger.spent(entry.dataset_id, entry.delta, "rdp")
+    assert size.run_id == PUBLIC_SIZE_RUN
     replies = [release_bytes(ask(ex, content)) for _ in range(2)]
     assert replies == [first, first]
     assert s.trainer.calls == [(NODE, 1)]
     with s.ledger() as ledger:
-        assert ledger.history() == [entry] and entry.state == "confirmed"  # one charge
+        assert ledger.history() == [size, entry] and entry.state == "confirmed"  # one charge
         assert ledger.spent(entry.dataset_id, entry.delta, "rdp") == spent > 0
         (release,) = ledger.releases()
     assert (release.ledger_entry_id, release.resent, release.refused) == (entry.id, 2, 0)

@@ -149,3 +149,26 @@ def test_evaluate_under_secure_aggregation_sends_no_test_count(tmp_path: Path) -
     plain = _evaluate(tmp_path / "plain", _digits(secagg=False))
     assert set(plain.keys()) == {"num-examples", "loss", "accuracy"}
     assert plain["num-examples"] > 0  # a plain federation without DP weighs by it
+
+
+def _raise(exc: Exception):  # type: ignore[no-untyped-def]
+    def handler(msg: Message, context: object) -> Message:
+        raise exc
+
+    return handler
+
+
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
+def test_a_failure_reaches_the_coordinator_as_its_kind_not_its_text(dp: bool) -> None:
+    """Flower would send ``str(exc)``: a parser's message can quote a record's value."""
+    from common.errors import DataError
+
+    cfg = vector_cfg(central_dp=dp, noise_multiplier=1.0)
+    leak = ValueError("could not convert '212.5' (patient 4711, glucose) to an int")
+    reply = disclosure_mod(instruction(cfg), site_context(), _raise(leak))
+    assert reply.has_error()
+    assert reply.error.reason.startswith("ValueError") and "4711" not in reply.error.reason
+    own = DataError("the label column holds 11 classes, the run expects 10")
+    reason = disclosure_mod(instruction(cfg), site_context(), _raise(own)).error.reason
+    # fedseal's own errors name rules: their text leaves only when nothing is claimed private
+    assert ("11 classes" in reason) is (not dp) and reason.startswith("DataError")

@@ -102,13 +102,14 @@ def test_calibration_aims_at_what_the_history_left_not_the_full_budget(tmp_path:
     cfg = _digits_cfg(rounds=3, site_epsilon=4.0)
     site = _digits_site(tmp_path, cfg)
     data = site.data()
-    fresh = round_plan(site, data, []).plan
     with SiteLedger(site.directory / LEDGER_FILE) as ledger:
+        fresh = round_plan(site, data, ledger).plan  # the history: the noisy size's release
         ledger.reserve(data.dataset_id, "earlier-run", 1, PrivacyEvent(4.0, 1.0, 2), 1e-5, "rdp", 9)
         ledger.reserve(data.dataset_id, site.run_id, 1, fresh.round_event(), 1e-5, "rdp", 9)
+        planned = round_plan(site, data, ledger).plan
         history = ledger.history(data.dataset_id)
-    planned = round_plan(site, data, history).plan
-    prior = [history[0].event]
+    assert [e.run_id for e in history] == ["public-size", "earlier-run", site.run_id]
+    prior = [history[0].event, history[1].event]
     # the history before this run plus all of this run's rounds fits in the budget ...
     run_rounds = PrivacyEvent(
         planned.noise_multiplier, planned.sample_rate, 3 * planned.steps_per_round
