@@ -8,6 +8,8 @@
 # (scram-sha-256) authentication, and writes
 #   FEDSEAL_TEST_PG_URL=postgresql+psycopg://fedseal:PASSWORD@127.0.0.1:PORT/postgres
 #   FEDSEAL_TEST_PG_DATA=DIR   (stop with: pg_ctl -D DIR stop)
+#   FEDSEAL_TEST_PG_CTL=PATH   (that pg_ctl)
+#   FEDSEAL_TEST_PG_OWNER=postgres when run as root (pg_ctl must run as it), else empty
 # to ENV_FILE for the caller to source. Exits non-zero if anything fails.
 set -euo pipefail
 
@@ -73,5 +75,7 @@ umask 077
 {
   echo "FEDSEAL_TEST_PG_URL=$url"
   echo "FEDSEAL_TEST_PG_DATA=$base/data"
+  echo "FEDSEAL_TEST_PG_CTL=$bindir/pg_ctl"
+  echo "FEDSEAL_TEST_PG_OWNER=${run_as[*]:+postgres}"
 } >"$env_file"
 echo "postgres.sh: PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (data in $base/data)" >&2
