@@ -322,9 +322,11 @@ def canary_scores(
             logits = model.to("cpu")(torch.from_numpy(inputs))
         at_canary = logits[rows, labels]
         at_neutral = logits[-1, labels]
-        return (at_canary - at_neutral).double().numpy()
+        lifted: np.ndarray = (at_canary - at_neutral).double().numpy()
+        return lifted
 
-    return lift(final) - lift(initial)
+    scores: np.ndarray = lift(final) - lift(initial)
+    return scores
 
 
 def held_out_accuracy(cfg: RunConfig, model: torch.nn.Module, design: CanaryDesign) -> float:

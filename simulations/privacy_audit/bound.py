@@ -75,11 +75,13 @@ def _p_values(m: int, r: int, v: int, epsilons: np.ndarray, delta: float) -> np.
     q = expit(epsilons)  # accuracy of epsilon-DP randomised response
     tail = binom.sf(v - 1, r, q)  # P[B >= v]
     if delta == 0.0 or v == 0:
-        return np.minimum(tail, 1.0)
+        capped: np.ndarray = np.minimum(tail, 1.0)
+        return capped
     below = np.arange(v - 1, -1, -1)  # B = v-1, v-2, ..., 0
     pmf = binom.pmf(below[None, :], r, q[:, None])
     window = np.cumsum(pmf, axis=1) / np.arange(1, v + 1)  # P[v - i <= B < v] / i, i = 1..v
-    return np.minimum(tail + 2.0 * m * delta * window.max(axis=1), 1.0)
+    bound: np.ndarray = np.minimum(tail + 2.0 * m * delta * window.max(axis=1), 1.0)
+    return bound
 
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
@@ -115,6 +117,7 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     ):
         raise ConfigurationError(f"epsilon must be finite and >= 0, got {epsilon!r}")
     return float(_p_values(m, r, v, np.array([float(epsilon)]), d)[0])
+
 
 def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
     """The largest epsilon that ``v`` correct guesses out of ``r`` reject at ``confidence``.
