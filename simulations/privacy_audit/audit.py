@@ -27,8 +27,16 @@ and the ``k-`` lowest out, and :func:`~simulations.privacy_audit.bound.epsilon_l
 turns the correct guesses into the empirical lower bound. What the bound
 covers: the canary site's records, against whoever sees the final model.
 
-Client-level DP (whole sites as canaries, under ``central_dp``) is not
-built; :data:`CLIENT_LEVEL_NOT_BUILT` says so.
+Client-level DP (DP-FedAvg, ``central_dp``): the canaries are whole sites
+(:func:`write_client_level_files`). The run has ``D`` data sites and ``m``
+canary sites, all planned (``N = D + m``, so the fixed denominator and the
+sensitivity do not depend on the draw); canary site ``j`` holds the one
+record of canary ``j`` when included, and otherwise holds no canary and
+refuses every round through its own site policy (a site that takes no part
+contributes nothing to the sum: add/remove of a site, the adjacency the
+client-level accountant assumes). The claim is the run's client-level
+epsilon (the last round's ``client_level_epsilon``); the bound covers a
+site's whole contribution, against whoever sees the final model.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "CLIENT_LEVEL_NOT_BUILT",
+    "LEVELS",
     "CANARY_PARTITION",
     "AuditResult",
     "AuditSitesApp",
@@ -83,10 +91,15 @@ REFERENCE = (
     "Steinke, Nasr & Jagielski, Privacy Auditing with One (1) Training Run, NeurIPS 2023 "
     "(arXiv:2305.08846): main theorem, (epsilon, delta) case, computed as in its Appendix D"
 )
-CLIENT_LEVEL_NOT_BUILT = (
-    "the client-level audit (whole sites as canaries under --central-dp) is not built; "
-    "only the record-level audit of site DP-SGD is"
-)
+LEVELS = ("record", "client")
+EXCLUDED_SITE_POLICY = """# fedseal privacy audit: an excluded canary site takes part in no round.
+kind = "site"
+schema = 1
+name = "audit: excluded canary site (refuses every round)"
+
+[privacy]
+require_dp = true  # the client-level audit run trains without DP-SGD: every round is refused
+"""
 SCORE = (
     "black-box on the final global model: logit of the canary's label at the canary minus "
     "at the all-middle input, less the same for the initial model"
@@ -101,6 +114,7 @@ def dataset_id(partition: int) -> str:
 def audit_run_config(
     canaries: int,
     *,
+    level: str = "record",
     sites: int = 3,
     rounds: int = 3,
     site_epsilon: float = 1.0,
@@ -112,32 +126,62 @@ def audit_run_config(
     secagg: bool = True,
     seed: int = 0,
 ) -> RunConfig:
-    """The run an audit trains: record-level DP-SGD on digits rows with ``canaries`` canary features.
+    """The run an audit trains: digits rows with ``canaries`` canary features, a linear model.
 
-    A linear model (fedseal's model under record-level DP), full-batch
-    Poisson DP-SGD (sampling rate 1, the default ``dp_batch_size = 0``),
-    ``site_epsilon`` the target each site calibrates its noise to, over the
-    planned rounds. Everything else is :class:`~common.config.RunConfig`'s
-    default.
+    ``level="record"``: record-level DP-SGD at each of ``sites`` sites,
+    full-batch Poisson DP-SGD (sampling rate 1, the default
+    ``dp_batch_size = 0``), ``site_epsilon`` the target each site calibrates
+    its noise to over the planned rounds, at ``site_delta``.
+
+    ``level="client"``: DP-FedAvg at the server (``central_dp``, no
+    record-level DP), ``sites`` data sites plus one site per canary, every
+    site in every round (a fixed cohort: no amplification), the noise
+    multiplier calibrated to ``site_epsilon`` as the client-level target at
+    ``site_delta`` (:func:`server.privacy.calibrate_client_noise`).
+
+    Everything else is :class:`~common.config.RunConfig`'s default.
+
+    Raises
+    ------
+    ConfigurationError
+        An unknown level, or values :class:`~common.config.RunConfig` refuses.
     """
+    from server.privacy import calibrate_client_noise
+
+    if level not in LEVELS:
+        raise ConfigurationError(f"level must be one of {', '.join(LEVELS)}; got {level!r}")
     design = CanaryDesign(canaries, *_base_shape())
+    common: dict[str, Any] = {
+        "dataset": "custom",
+        "num_features": design.num_features,
+        "num_classes": design.num_classes,
+        "model": "linear",
+        "rounds": rounds,
+        "accountant": accountant,
+        "secagg": secagg,
+        "seed": seed,
+    }
+    if level == "client":
+        total = sites + canaries
+        cfg = RunConfig(
+            **common,
+            num_sites=total,
+            min_sites=min(2, total),
+            central_dp=True,
+            client_epsilon=site_epsilon,
+            delta=site_delta,
+        )
+        return calibrate_client_noise(cfg)
     return RunConfig(
-        dataset="custom",
-        num_features=design.num_features,
-        num_classes=design.num_classes,
-        model="linear",
+        **common,
         num_sites=sites,
         min_sites=min(2, sites),
-        rounds=rounds,
         dp=True,
         site_epsilon=site_epsilon,
         site_delta=site_delta,
         dp_local_epochs=dp_local_epochs,
         dp_learning_rate=dp_learning_rate,
         max_grad_norm=max_grad_norm,
-        accountant=accountant,
-        secagg=secagg,
-        seed=seed,
     )
 
 
@@ -148,26 +192,44 @@ def _base_shape() -> tuple[int, int]:
     return features, classes
 
 
+def level_of(cfg: RunConfig) -> str:
+    """``"client"`` under DP-FedAvg (``central_dp``), ``"record"`` under site DP-SGD alone.
+
+    Raises
+    ------
+    ConfigurationError
+        Neither level of DP is on, or both are (one audit tests one guarantee).
+    """
+    if cfg.central_dp and cfg.dp:
+        raise ConfigurationError("audit one level at a time: record (dp) or client (central_dp)")
+    if cfg.central_dp:
+        return "client"
+    if not cfg.dp:
+        raise ConfigurationError("an audit needs record-level (dp) or client-level (central_dp) DP")
+    return "record"
+
+
 def design_for(cfg: RunConfig) -> CanaryDesign:
     """The canary design an audit run's configuration implies.
 
     Raises
     ------
     ConfigurationError
-        Not a record-level audit run: no site DP, client-level DP on, or a
-        dataset other than the digits rows plus at least one canary feature.
+        No DP to audit, a dataset other than the digits rows plus at least
+        one canary feature, or (client level) no data site beside the
+        canary sites.
     """
-    if cfg.central_dp:
-        raise ConfigurationError(CLIENT_LEVEL_NOT_BUILT)
-    if not cfg.dp:
-        raise ConfigurationError("the record-level audit needs site DP-SGD (dp)")
+    level = level_of(cfg)
     base, classes = _base_shape()
     if cfg.dataset != "custom" or cfg.num_classes != classes or cfg.num_features <= base:
         raise ConfigurationError(
             "an audit run is a custom dataset of the digits rows and one feature per canary "
             "(audit_run_config)"
         )
-    return CanaryDesign(cfg.num_features - base, base, classes)
+    design = CanaryDesign(cfg.num_features - base, base, classes)
+    if level == "client" and cfg.num_sites <= design.count:
+        raise ConfigurationError("a client-level audit needs data sites beside its canary sites")
+    return design
 
 
 def _pool_and_holdout(cfg: RunConfig) -> tuple[Dataset, Dataset]:
@@ -238,22 +300,60 @@ def plant_canary_site(
     return path
 
 
+def _data_shares(cfg: RunConfig, sites: int) -> list[Dataset]:
+    """The digits training pool cut iid into ``sites`` shares (seeded by the run's seed)."""
+    pool, _ = _pool_and_holdout(cfg)
+    parts = iid_partition(len(pool), sites, seeded_generator(cfg.seed))
+    return [pool.subset(part) for part in parts]
+
+
 def write_site_files(
     cfg: RunConfig, directory: Path, design: CanaryDesign, included: np.ndarray
 ) -> dict[int, Path]:
     """Every site's file: its iid share of the digits training pool, padded; site 0 with canaries."""
     directory.mkdir(parents=True, exist_ok=True)
-    pool, _ = _pool_and_holdout(cfg)
-    parts = iid_partition(len(pool), cfg.num_sites, seeded_generator(cfg.seed))
     files: dict[int, Path] = {}
-    for i, part in enumerate(parts):
-        share = pool.subset(part)
+    for i, share in enumerate(_data_shares(cfg, cfg.num_sites)):
         if i == CANARY_PARTITION:
             files[i] = plant_canary_site(cfg, directory, share.x, share.y, design, included)
         else:
             files[i] = directory / f"site-{i}.npz"
             np.savez(files[i], x=pad_rows(share.x, design), y=share.y)
     return files
+
+
+def write_client_level_files(
+    cfg: RunConfig, directory: Path, design: CanaryDesign, included: np.ndarray
+) -> dict[int, dict[str, str]]:
+    """The client-level audit's sites: their node configs, with files and (excluded) a policy.
+
+    Sites ``0 .. D-1`` hold iid shares of the digits pool (padded); site
+    ``D + j`` is canary site ``j``: its file is canary ``j``'s one record
+    when it is included; when it is not, its file holds only the neutral
+    row (no canary anywhere) and its node config names a site policy that
+    refuses every round (:data:`EXCLUDED_SITE_POLICY`), so it contributes
+    nothing while the planned ``N`` stays ``D + m``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    data_sites = cfg.num_sites - design.count
+    configs: dict[int, dict[str, str]] = {}
+    for i, share in enumerate(_data_shares(cfg, data_sites)):
+        path = directory / f"site-{i}.npz"
+        np.savez(path, x=pad_rows(share.x, design), y=share.y)
+        configs[i] = site_node_config(path, i)
+    refusing = directory / "excluded-canary-site.toml"
+    refusing.write_text(EXCLUDED_SITE_POLICY, encoding="utf-8")
+    rows, labels = design.rows(), design.labels
+    for j, inc in enumerate(np.asarray(included, dtype=bool)):
+        i = data_sites + j
+        path = directory / f"site-{i}.npz"
+        if inc:
+            np.savez(path, x=rows[j : j + 1], y=labels[j : j + 1])
+            configs[i] = site_node_config(path, i)
+        else:
+            np.savez(path, x=design.neutral_row(), y=np.zeros(1, np.int64))
+            configs[i] = {**site_node_config(path, i), "policy-path": str(refusing)}
+    return configs
 
 
 class AuditSitesApp(ClientApp):
@@ -432,18 +532,21 @@ def run_audit(
     FedsealError
         The run failed or produced no model.
     """
-    from client.ledger import SiteLedger
-    from client.state import LEDGER_FILE
     from simulations.engine import run_simulation
 
     design = design_for(cfg)
+    level = level_of(cfg)
+    delta = cfg.site_delta if level == "record" else cfg.delta
     guess(np.zeros(design.count), guesses_in, guesses_out)  # the counts fit, before any work
-    epsilon_lower_bound(design.count, 0, 0, cfg.site_delta, confidence)  # confidence checked
+    epsilon_lower_bound(design.count, 0, 0, delta, confidence)  # confidence checked
     if (out_dir / "record.db").exists():
         raise ConfigurationError(f"{out_dir} already holds a run: an audit needs a fresh directory")
     included = draw_inclusion(design.count, inclusion_rng)
-    files = write_site_files(cfg, out_dir / DATA_DIR, design, included)
-    node_configs = {i: site_node_config(path, i) for i, path in files.items()}
+    if level == "record":
+        files = write_site_files(cfg, out_dir / DATA_DIR, design, included)
+        node_configs = {i: site_node_config(path, i) for i, path in files.items()}
+    else:
+        node_configs = write_client_level_files(cfg, out_dir / DATA_DIR, design, included)
 
     def wrap(app: ClientApp) -> ClientApp:
         audited: ClientApp = AuditSitesApp(app, node_configs)
@@ -464,6 +567,53 @@ def run_audit(
     scores = canary_scores(final, _model(cfg), design)
     correct_in, correct_out = count_correct(guess(scores, guesses_in, guesses_out), included)
     r, v = guesses_in + guesses_out, correct_in + correct_out
+    claim = (
+        _record_level_claim(cfg, out_dir, run_id)
+        if level == "record"
+        else _client_level_claim(cfg, design, results[-1].client_level_epsilon)
+    )
+    return AuditResult(
+        level=level,
+        claimed_epsilon=claim.epsilon,
+        delta=delta,
+        accountant=cfg.accountant,
+        epsilon_lower_bound=epsilon_lower_bound(design.count, r, v, delta, confidence),
+        confidence=confidence,
+        p_value_at_claimed=p_value(design.count, r, v, claim.epsilon, delta),
+        canaries=design.count,
+        included=int(included.sum()),
+        guesses_in=guesses_in,
+        guesses_out=guesses_out,
+        correct_in=correct_in,
+        correct_out=correct_out,
+        noise_multiplier=claim.noise_multiplier,
+        sample_rate=claim.sample_rate,
+        steps=claim.steps,
+        held_out_accuracy=held_out_accuracy(cfg, final, design),
+        run_id=run_id,
+        run_directory=str(out_dir),
+        canary_site=claim.canary_site,
+        dataset_id=claim.dataset_id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """What the audited run says it spent, and where that figure comes from."""
+
+    epsilon: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    canary_site: str
+    dataset_id: str
+
+
+def _record_level_claim(cfg: RunConfig, out_dir: Path, run_id: str) -> _Claim:
+    """The canary site's ledger: its lifetime epsilon for its dataset, and this run's DP-SGD."""
+    from client.ledger import SiteLedger
+    from client.state import LEDGER_FILE
+
     site = f"site-{CANARY_PARTITION}"
     did = dataset_id(CANARY_PARTITION)
     with SiteLedger(out_dir / "sites" / site / LEDGER_FILE) as ledger:
@@ -471,26 +621,14 @@ def run_audit(
         rows = [e for e in ledger.history(did) if e.run_id == run_id]
     if not rows or not math.isfinite(claimed):
         raise FedsealError("the canary site's ledger records no DP-SGD for the audited run")
-    return AuditResult(
-        level="record",
-        claimed_epsilon=claimed,
-        delta=cfg.site_delta,
-        accountant=cfg.accountant,
-        epsilon_lower_bound=epsilon_lower_bound(design.count, r, v, cfg.site_delta, confidence),
-        confidence=confidence,
-        p_value_at_claimed=p_value(design.count, r, v, claimed, cfg.site_delta),
-        canaries=design.count,
-        included=int(included.sum()),
-        guesses_in=guesses_in,
-        guesses_out=guesses_out,
-        correct_in=correct_in,
-        correct_out=correct_out,
-        noise_multiplier=rows[0].noise_multiplier,
-        sample_rate=rows[0].sample_rate,
-        steps=sum(e.steps for e in rows),
-        held_out_accuracy=held_out_accuracy(cfg, final, design),
-        run_id=run_id,
-        run_directory=str(out_dir),
-        canary_site=site,
-        dataset_id=did,
-    )
+    steps = sum(e.steps for e in rows)
+    return _Claim(claimed, rows[0].noise_multiplier, rows[0].sample_rate, steps, site, did)
+
+
+def _client_level_claim(cfg: RunConfig, design: CanaryDesign, epsilon: float | None) -> _Claim:
+    """The run's client-level epsilon after its last round, and the DP-FedAvg plan."""
+    if epsilon is None or not math.isfinite(epsilon):
+        raise FedsealError("the audited run released no client-level epsilon")
+    first = cfg.num_sites - design.count
+    sites = f"sites {first}..{cfg.num_sites - 1}"
+    return _Claim(epsilon, cfg.noise_multiplier, cfg.client_sample_rate, cfg.rounds, sites, "-")

@@ -1,4 +1,4 @@
-"""Record-level canaries: their design, their inclusion draw, planting, and the guesses.
+"""Canaries: their design, their inclusion draw, planting, and the guesses.
 
 The design: a feature of its own per canary
 -------------------------------------------
@@ -26,6 +26,10 @@ The score (:func:`simulations.privacy_audit.audit.canary_scores`) is black-box o
 the logit of the canary's label at the canary minus that logit at the
 all-middle input, less the same difference for the initial model. For a
 linear model it is exactly the change of that one weight over the run.
+
+At the client level the same records are the canaries' whole data: canary
+site ``j`` holds canary ``j`` alone, and its update is the only one that
+touches canary ``j``'s feature.
 
 Inclusion is drawn independently with probability 1/2 per canary
 (:func:`draw_inclusion`), from a generator the caller passes (the command

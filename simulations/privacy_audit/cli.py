@@ -39,6 +39,9 @@ class Level(StrEnum):
     client = "client"
 
 
+DEFAULT_CANARIES = {Level.record: 200, Level.client: 64}
+
+
 class _RoundProgress:
     """Advances a rich progress task once per round of the audited run."""
 
@@ -64,29 +67,28 @@ def audit_privacy_cmd(
     level: Annotated[
         Level,
         typer.Option(
-            help="record: canaries are records at one site (site DP-SGD). "
-            "client: whole sites as canaries (central DP) -- not built.",
+            help="record: canaries are records at site 0 (site DP-SGD). "
+            "client: canaries are whole sites (DP-FedAvg, central DP).",
             rich_help_panel=AUDIT_PANEL,
         ),
     ] = Level.record,
     canaries: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--canaries",
             "-m",
             min=2,
-            help="m: canaries, each included with probability 1/2 (one model input each).",
+            help="m: canaries, each included with probability 1/2 (one model input each; "
+            "default 200 records, or 64 sites).",
             rich_help_panel=AUDIT_PANEL,
         ),
-    ] = 200,
+    ] = None,
     guesses_in: Annotated[int | None, _guesses("k+: highest scores guessed 'in'")] = None,
     guesses_out: Annotated[int | None, _guesses("k-: lowest scores guessed 'out'")] = None,
     confidence: Annotated[
         float,
         typer.Option(
-            min=0.5,
-            max=0.999999,
-            help="Confidence of the lower bound.",
+            help="Confidence of the lower bound, in (0, 1).",
             rich_help_panel=AUDIT_PANEL,
         ),
     ] = 0.95,
@@ -94,7 +96,8 @@ def audit_privacy_cmd(
         float,
         typer.Option(
             min=1e-6,
-            help="Record-level epsilon each site calibrates its DP-SGD noise to (the claim).",
+            help="Target epsilon the noise is calibrated to (record-level at each site, "
+            "or client-level at the server).",
             rich_help_panel=RUN_PANEL,
         ),
     ] = 1.0,
@@ -108,7 +111,8 @@ def audit_privacy_cmd(
             "--clients",
             "-n",
             min=1,
-            help="Virtual sites (site 0 holds the canaries).",
+            help="Sites with real data (record: site 0 also holds the canaries; "
+            "client: the canary sites come on top).",
             rich_help_panel=RUN_PANEL,
         ),
     ] = 3,
@@ -117,26 +121,33 @@ def audit_privacy_cmd(
         int,
         typer.Option(
             min=1,
-            help="DP-SGD epochs per round (full batch: one step each).",
+            help="Record level: DP-SGD epochs per round (full batch: one step each).",
             rich_help_panel=RUN_PANEL,
         ),
     ] = 5,
     dp_learning_rate: Annotated[
-        float, typer.Option(min=1e-9, help="DP-SGD learning rate.", rich_help_panel=RUN_PANEL)
+        float,
+        typer.Option(
+            min=1e-9, help="Record level: DP-SGD learning rate.", rich_help_panel=RUN_PANEL
+        ),
     ] = 4.0,
     max_grad_norm: Annotated[
         float,
         typer.Option(
-            min=1e-9, help="Per-sample gradient clipping bound C.", rich_help_panel=RUN_PANEL
+            min=1e-9, help="Record level: per-sample clipping bound C.", rich_help_panel=RUN_PANEL
         ),
     ] = 1.0,
     accountant: Annotated[
         Accountant, typer.Option(help="Privacy accountant.", rich_help_panel=RUN_PANEL)
     ] = Accountant("pld"),
     secagg: Annotated[
-        bool,
-        typer.Option(help="Secure aggregation of the sites' updates.", rich_help_panel=RUN_PANEL),
-    ] = True,
+        bool | None,
+        typer.Option(
+            help="Secure aggregation of the sites' updates (default: on for record, off for "
+            "client, which then audits DP-FedAvg's central noise on a plain sum).",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = None,
     seed: Annotated[
         int,
         typer.Option(min=0, help="Model initialisation and data split.", rich_help_panel=RUN_PANEL),
@@ -166,12 +177,16 @@ def audit_privacy_cmd(
     epsilon the canary site's ledger claims for the run: a bound above the
     claim, at that confidence, means the run leaked more than it says.
 
+    --level client audits client-level DP (DP-FedAvg, --central-dp) the same
+    way with whole sites as canaries: m canary sites beside the data sites,
+    each holding its canary record when included and refusing every round
+    (its own site policy) when not; the claim is the run's client-level
+    epsilon.
+
     The audited run is a custom-dataset run: the digits rows of each site
     plus one feature per canary, which only that canary touches (see
-    simulations/privacy_audit/canaries.py for the design). The client-level
-    audit is not built.
+    simulations/privacy_audit/canaries.py for the design).
     """
-    from simulations.privacy_audit.audit import CLIENT_LEVEL_NOT_BUILT
 
     def fail(message: str, code: int) -> typer.Exit:
         err.print(
@@ -184,10 +199,15 @@ def audit_privacy_cmd(
             sys.stdout.flush()
         return typer.Exit(code)
 
-    if level is Level.client:
-        raise fail(CLIENT_LEVEL_NOT_BUILT, 2)
-    k_in = canaries // 4 if guesses_in is None else guesses_in
-    k_out = canaries // 4 if guesses_out is None else guesses_out
+    m = canaries if canaries is not None else DEFAULT_CANARIES[level]
+    from simulations.privacy_audit.bound import epsilon_lower_bound
+
+    try:
+        epsilon_lower_bound(m, 0, 0, 0.0, confidence)  # the confidence's domain, before any work
+    except FedsealError as exc:
+        raise fail(str(exc), 2) from None
+    k_in = m // 4 if guesses_in is None else guesses_in
+    k_out = m // 4 if guesses_out is None else guesses_out
     if out is None:
         out = Path("runs") / time.strftime("audit-%Y%m%d-%H%M%S")
     if (out / "record.db").exists():
@@ -203,7 +223,8 @@ def audit_privacy_cmd(
 
     try:
         cfg = audit_run_config(
-            canaries,
+            m,
+            level=level.value,
             sites=clients,
             rounds=rounds,
             site_epsilon=site_epsilon,
@@ -212,7 +233,7 @@ def audit_privacy_cmd(
             dp_learning_rate=dp_learning_rate,
             max_grad_norm=max_grad_norm,
             accountant=accountant.value,
-            secagg=secagg,
+            secagg=secagg if secagg is not None else level is Level.record,
             seed=seed,
         )
     except FedsealError as exc:
@@ -264,7 +285,12 @@ def result_table(result: AuditResult) -> Table:
         else "[red]bound > claim: the run leaks more than it claims[/red]"
     )
     rows = [
-        ("claimed epsilon (canary site's ledger)", f"{result.claimed_epsilon:.4f}"),
+        (
+            "claimed epsilon ("
+            + ("canary site's ledger" if result.level == "record" else "run's client-level")
+            + ")",
+            f"{result.claimed_epsilon:.4f}",
+        ),
         ("delta", f"{result.delta:g}"),
         (
             f"empirical lower bound ({result.confidence:.0%} confidence)",
@@ -275,7 +301,8 @@ def result_table(result: AuditResult) -> Table:
         ("guesses k+ / k-", f"{result.guesses_in} / {result.guesses_out}"),
         ("correct (in + out)", f"{result.correct} ({result.correct_in} + {result.correct_out})"),
         (
-            "noise multiplier, sampling rate, steps",
+            "noise multiplier, sampling rate, "
+            + ("steps" if result.level == "record" else "rounds"),
             f"{result.noise_multiplier:.4g}, {result.sample_rate:g}, {result.steps}",
         ),
         ("held-out accuracy", f"{result.held_out_accuracy:.4f}"),

@@ -1,11 +1,17 @@
-"""Test-only: the DP-SGD noise draw replaced by zeros, in this process and in Ray's workers.
+"""Test-only: DP noise draws replaced by zeros, in this process and in Ray's workers.
 
-The switch the privacy audit's slow test needs to show the audit can fail:
-with the noise off, everything else of DP-SGD stays as it is (Poisson
-sampling, per-sample clipping, the optimizer's scaling, the accountant,
-the ledger and hence the claimed epsilon); only
-:func:`client.dp_noise.gaussian_like`, where every step's noise is drawn,
-returns zeros.
+The switches the privacy audit's slow tests need to show the audit can
+fail: with the noise off, everything else stays as it is (Poisson
+sampling, clipping, scaling, the accountants, the ledgers and hence the
+claimed epsilon); only the draw returns zeros:
+
+* record level: :func:`client.dp_noise.gaussian_like`, where every DP-SGD
+  step's noise is drawn, at the sites (:func:`switch_off_noise`, and
+  :class:`NoiseOffClientApp` for the Ray workers);
+* client level: :func:`common.dp.central.add_gaussian_noise`, where
+  DP-FedAvg's noise is drawn, at the coordinator
+  (:func:`without_central_noise`; the ServerApp runs in a thread of the
+  test's own process, so a ``monkeypatch`` reaches it).
 
 Why it reaches the sites: ``fedseal-sim`` runs each site's ClientApp in a
 Ray actor, another process, which a pytest ``monkeypatch`` of this process
@@ -23,6 +29,10 @@ in is a Python caller passing :class:`NoiseOffClientApp` to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -31,6 +41,13 @@ from flwr.clientapp import ClientApp
 def zero_noise(source: object, std: float, references: list[torch.Tensor]) -> list[torch.Tensor]:
     """What :func:`client.dp_noise.gaussian_like` returns with the noise off: zeros, drawn from nothing."""
     return [torch.zeros_like(r) for r in references]
+
+
+def without_central_noise(
+    vector: Sequence[npt.NDArray[np.generic]], std: float, rng: object
+) -> list[npt.NDArray[np.float64]]:
+    """What :func:`common.dp.central.add_gaussian_noise` returns with the noise off: copies, in float64."""
+    return [np.array(v, dtype=np.float64) for v in vector]
 
 
 def switch_off_noise() -> None:

@@ -20,17 +20,21 @@ from common.errors import ConfigurationError
 from common.models import build_model
 from common.rng import seeded_generator
 from common.task import task_for
+from policies import load_site_policy
 from simulations.cli import app
 from simulations.privacy_audit.audit import (
     AuditSitesApp,
     audit_run_config,
     canary_scores,
     design_for,
+    level_of,
     site_node_config,
+    write_client_level_files,
     write_site_files,
 )
 from simulations.privacy_audit.canaries import (
     HIGH,
+    MIDDLE,
     CanaryDesign,
     count_correct,
     draw_inclusion,
@@ -184,24 +188,44 @@ def test_audit_sites_app_gives_each_partition_its_file_and_refuses_others() -> N
         wrapped(message, context)  # type: ignore[arg-type]
 
 
-def test_audit_config_refuses_client_level_and_non_audit_runs() -> None:
+def test_audit_config_knows_its_level_and_refuses_non_audit_runs() -> None:
     cfg = audit_run_config(10)
     assert design_for(cfg).count == 10 and cfg.dp and cfg.model == "linear"
-    with pytest.raises(ConfigurationError, match="client-level audit"):
+    assert level_of(cfg) == "record"
+    client = audit_run_config(10, level="client", sites=2, site_epsilon=1.0)
+    assert level_of(client) == "client" and client.central_dp and not client.dp
+    assert client.num_sites == 12 and client.client_epsilon == 1.0
+    with pytest.raises(ConfigurationError, match="one level at a time"):
         design_for(cfg.replace(central_dp=True))
-    with pytest.raises(ConfigurationError, match="site DP-SGD"):
+    with pytest.raises(ConfigurationError, match="needs record-level"):
         design_for(cfg.replace(dp=False))
     with pytest.raises(ConfigurationError, match="custom dataset"):
         design_for(cfg.replace(dataset="digits"))
+    with pytest.raises(ConfigurationError, match="data sites"):
+        design_for(client.replace(num_sites=10, min_sites=2))
+    with pytest.raises(ConfigurationError, match="level"):
+        audit_run_config(10, level="site")
 
 
-def test_cli_client_level_says_it_is_not_built(tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        app, ["audit-privacy", "--level", "client", "--json", "--out", str(tmp_path / "a")]
-    )
-    assert result.exit_code == 2
-    doc = json.loads(result.stdout)
-    assert doc["exit_code"] == 2 and "not built" in doc["error"]
+def test_client_level_sites_hold_their_canary_or_refuse_with_no_canary(tmp_path: Path) -> None:
+    cfg = audit_run_config(6, level="client", sites=2)
+    design = design_for(cfg)
+    included = np.array([True, False, True, True, False, False])
+    configs = write_client_level_files(cfg, tmp_path, design, included)
+    assert sorted(configs) == list(range(8))
+    for i in (0, 1):  # data sites: digits rows, nothing in the canary features
+        with np.load(configs[i]["data-path"]) as f:
+            assert len(f["y"]) > 100 and (f["x"][:, 64:] == MIDDLE).all()
+        assert "policy-path" not in configs[i]
+    for j, inc in enumerate(included):
+        node = configs[2 + j]
+        with np.load(node["data-path"]) as f:
+            holds = np.flatnonzero((f["x"][:, 64:] == HIGH).any(axis=0)).tolist()
+        assert holds == ([j] if inc else [])
+        assert ("policy-path" in node) == (not inc)
+        if not inc:
+            policy = load_site_policy(node["policy-path"])
+            assert policy.privacy.require_dp  # the run trains without DP-SGD: refused
 
 
 def test_cli_refuses_more_guesses_than_canaries_before_any_run(tmp_path: Path) -> None:
@@ -224,3 +248,27 @@ def test_cli_refuses_more_guesses_than_canaries_before_any_run(tmp_path: Path) -
     assert result.exit_code == 2
     assert "exceed the 10 canaries" in json.loads(result.stdout)["error"]
     assert not (out / "record.db").exists()
+
+
+@pytest.mark.parametrize("confidence", ["1.0", "0", "1.5"])
+def test_cli_confidence_outside_the_unit_interval_is_a_one_line_json_error(
+    tmp_path: Path, confidence: str
+) -> None:
+    out = tmp_path / "a"
+    result = CliRunner().invoke(
+        app,
+        [
+            "audit-privacy",
+            "--level",
+            "client",
+            "--confidence",
+            confidence,
+            "--json",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 2
+    (line,) = result.stdout.splitlines()
+    assert "confidence" in json.loads(line)["error"]
+    assert not out.exists()
