@@ -1,8 +1,8 @@
-"""One audited run: canaries planted at one site, one real simulation, a bound from its model.
+"""One audited run: canaries planted, one real simulation, a bound from its final model.
 
 What is audited
 ---------------
-Record-level DP-SGD at a site (:mod:`client.privacy`), as fedseal runs it:
+Record level: DP-SGD at a site (:mod:`client.privacy`), as fedseal runs it:
 the run goes through the simulation engine (:func:`simulations.engine.run_simulation`:
 Flower's Simulation Engine, the real ServerApp and ClientApp, secure
 aggregation as configured), every site trains with its own Opacus DP-SGD and
@@ -27,7 +27,7 @@ and the ``k-`` lowest out, and :func:`~simulations.privacy_audit.bound.epsilon_l
 turns the correct guesses into the empirical lower bound. What the bound
 covers: the canary site's records, against whoever sees the final model.
 
-Client-level DP (DP-FedAvg, ``central_dp``): the canaries are whole sites
+Client level: DP-FedAvg (``central_dp``), the canaries whole sites
 (:func:`write_client_level_files`). The run has ``D`` data sites and ``m``
 canary sites, all planned (``N = D + m``, so the fixed denominator and the
 sensitivity do not depend on the draw); canary site ``j`` holds the one
@@ -512,8 +512,8 @@ def run_audit(
     cfg : RunConfig
         An audit run (:func:`audit_run_config`).
     out_dir : Path
-        A fresh run directory (its sites' ledgers must hold no history: the
-        claim is this run's).
+        A fresh (missing or empty) run directory: its sites' ledgers then
+        hold no history, and the claim is this run's alone.
     inclusion_rng : RandomSource
         Where the canaries' fair coins come from (the command: the OS-keyed
         ChaCha20 stream).
@@ -528,7 +528,7 @@ def run_audit(
     ------
     ConfigurationError
         Not an audit configuration, guesses that do not fit, or a run
-        directory with a record already in it.
+        directory that is not empty.
     FedsealError
         The run failed or produced no model.
     """
@@ -539,8 +539,9 @@ def run_audit(
     delta = cfg.site_delta if level == "record" else cfg.delta
     guess(np.zeros(design.count), guesses_in, guesses_out)  # the counts fit, before any work
     epsilon_lower_bound(design.count, 0, 0, delta, confidence)  # confidence checked
-    if (out_dir / "record.db").exists():
-        raise ConfigurationError(f"{out_dir} already holds a run: an audit needs a fresh directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        # An earlier run's ledgers would add their spending to the claim, its record its model.
+        raise ConfigurationError(f"{out_dir} is not empty: an audit needs a fresh run directory")
     included = draw_inclusion(design.count, inclusion_rng)
     if level == "record":
         files = write_site_files(cfg, out_dir / DATA_DIR, design, included)

@@ -210,8 +210,8 @@ def audit_privacy_cmd(
     k_out = m // 4 if guesses_out is None else guesses_out
     if out is None:
         out = Path("runs") / time.strftime("audit-%Y%m%d-%H%M%S")
-    if (out / "record.db").exists():
-        raise fail(f"{out} already holds a run: an audit needs a fresh directory", 2)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise fail(f"{out} is not an empty directory: an audit needs a fresh run directory", 2)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -272,3 +272,10 @@ def test_cli_confidence_outside_the_unit_interval_is_a_one_line_json_error(
     (line,) = result.stdout.splitlines()
     assert "confidence" in json.loads(line)["error"]
     assert not out.exists()
+
+
+def test_cli_refuses_a_run_directory_that_is_not_empty(tmp_path: Path) -> None:
+    (tmp_path / "ledger-of-an-earlier-run").write_text("spent")
+    result = CliRunner().invoke(app, ["audit-privacy", "--json", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not an empty directory" in json.loads(result.stdout)["error"]
