@@ -165,7 +165,7 @@ def audit_privacy_cmd(
         bool, typer.Option("--verbose", "-v", help="Show Flower and Ray logs.")
     ] = False,
 ) -> None:
-    """Audit a run's record-level DP empirically: canaries, one training run, an epsilon lower bound.
+    """Audit a run's DP empirically (record or client level): canaries, one run, an epsilon lower bound.
 
     Follows Steinke, Nasr & Jagielski, "Privacy Auditing with One (1)
     Training Run" (NeurIPS 2023). m canary records, each included at site 0
