@@ -60,6 +60,10 @@ app.add_typer(
     bench_app, name="bench", help="Benchmarks against the named peers (ratios in one run)."
 )
 
+from simulations.privacy_audit.cli import audit_privacy_cmd  # noqa: E402
+
+app.command("audit-privacy")(audit_privacy_cmd)
+
 
 @app.callback()
 def _root() -> None:

@@ -13,8 +13,9 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.config import RunConfig
 from common.env import apply_safe_flower_env
@@ -22,6 +23,9 @@ from common.errors import RecordError
 from policies import SitePolicies
 from server.results import RoundObserver, RoundResult
 from simulations.faults import FaultPlan, SilencingGrid
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 
 class _Collector:
@@ -116,6 +120,7 @@ def run_simulation(
     total_cpus: int | None = None,
     verbose: bool = False,
     faults: FaultPlan | None = None,
+    wrap_client_app: Callable[[ClientApp], ClientApp] | None = None,
 ) -> tuple[str, list[RoundResult]]:
     """Run ``cfg.num_sites`` virtual sites for ``cfg.rounds`` rounds; return (run id, results).
 
@@ -129,7 +134,10 @@ def run_simulation(
     key, which every simulated site therefore pins), and ``result.json``. The ServerApp runs in
     a thread of this process and the ClientApps in Ray actors; Ray is shut
     down before returning, also on error. ``faults`` silences sites at a
-    secure-aggregation stage (:mod:`simulations.faults`).
+    secure-aggregation stage (:mod:`simulations.faults`). ``wrap_client_app``
+    wraps the sites' ClientApp from outside (the privacy audit gives its sites
+    their data files this way, :mod:`simulations.privacy_audit`); no command
+    line reaches it.
     """
     apply_safe_flower_env()
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -160,6 +168,9 @@ def run_simulation(
         roster_path=federation.path,
     )
 
+    client_app = make_client_app(federation.site_setup(site_policies))
+    if wrap_client_app is not None:
+        client_app = wrap_client_app(client_app)
     collector = _Collector(observer)
     level = logging.INFO if verbose else logging.WARNING
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
@@ -184,7 +195,7 @@ def run_simulation(
                 if faults is not None
                 else None,
             ),
-            client_app=make_client_app(federation.site_setup(site_policies)),
+            client_app=client_app,
             num_supernodes=cfg.num_sites,
             backend_config=backend_config,  # type: ignore[arg-type]
         )
