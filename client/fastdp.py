@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -204,16 +205,15 @@ class _Clipper:
     norms over all layers, the clip factors, and writes ``p.grad = S``.
     """
 
-    def __init__(
-        self, taps: list[_Tap], max_grad_norm: float, forbid_accumulation: bool
-    ) -> None:
+    def __init__(self, taps: list[_Tap], max_grad_norm: float, forbid_accumulation: bool) -> None:
         self.taps = taps
         self.max_grad_norm = max_grad_norm
         self.forbid_accumulation = forbid_accumulation
         self.queued = False
         self.last_norms: torch.Tensor | None = None
         self.methods: dict[str, LayerMethod] = {}
-        self._written: dict[int, tuple[torch.Tensor, int]] = {}
+        # Per parameter, the gradient tensor last written and its version (weakly held).
+        self._written: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
 
     def notify(self) -> None:
         if not self.queued:
@@ -268,7 +268,7 @@ class _Clipper:
             if (
                 self.forbid_accumulation
                 and seen is not None
-                and seen[0] is old
+                and seen[0]() is old
                 and seen[1] == old._version
             ):
                 raise ConfigurationError(
@@ -278,7 +278,7 @@ class _Clipper:
                 )
             old.add_(grad)
             grad = old
-        self._written[id(p)] = (grad, grad._version)
+        self._written[id(p)] = (weakref.ref(grad), grad._version)
 
 
 class _Tap:
@@ -565,9 +565,7 @@ class _LinearFn(torch.autograd.Function):
 
 class _Conv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, weight: Any, bias: Any, tap: _Conv2dTap
-    ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, tap: _Conv2dTap) -> torch.Tensor:
         m = tap.module
         ctx.tap = tap
         ctx.save_for_backward(x, weight)
@@ -581,9 +579,7 @@ class _Conv2dFn(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[0]:
             m = tap.module
-            gx = torch.nn.grad.conv2d_input(
-                x.shape, weight, g, m.stride, tap.padding, m.dilation
-            )
+            gx = torch.nn.grad.conv2d_input(x.shape, weight, g, m.stride, tap.padding, m.dilation)
         return gx, None, None, None
 
 
@@ -623,69 +619,57 @@ class _AffineFn(torch.autograd.Function):
         return gx, None, None, None, None
 
 
-def _plain_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
-    """The module's own forward (for no-grad passes: evaluation)."""
-    return type(module).forward.__get__(module)
+def _linear_run(tap: _Tap, x: torch.Tensor) -> torch.Tensor:
+    m = tap.module
+    return _LinearFn.apply(x, m.weight, m.bias, tap)  # type: ignore[no-any-return]
 
 
-def _linear_forward(tap: _Tap) -> Callable[[torch.Tensor], torch.Tensor]:
-    m, plain = tap.module, _plain_forward(tap.module)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return plain(x)
-        return _LinearFn.apply(x, m.weight, m.bias, tap)  # type: ignore[no-any-return]
-
-    return forward
+def _conv2d_run(tap: _Conv2dTap, x: torch.Tensor) -> torch.Tensor:
+    m = tap.module
+    if tap.pre_pad is not None:
+        x = F.pad(x, tap.pre_pad, mode=m.padding_mode)
+    return _Conv2dFn.apply(x, m.weight, m.bias, tap)  # type: ignore[no-any-return]
 
 
-def _conv2d_forward(tap: _Conv2dTap) -> Callable[[torch.Tensor], torch.Tensor]:
-    m, plain = tap.module, _plain_forward(tap.module)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return plain(x)
-        if tap.pre_pad is not None:
-            x = F.pad(x, tap.pre_pad, mode=m.padding_mode)
-        return _Conv2dFn.apply(x, m.weight, m.bias, tap)  # type: ignore[no-any-return]
-
-    return forward
+def _embedding_run(tap: _Tap, idx: torch.Tensor) -> torch.Tensor:
+    return _EmbeddingFn.apply(idx, tap.module.weight, tap)  # type: ignore[no-any-return]
 
 
-def _embedding_forward(tap: _Tap) -> Callable[[torch.Tensor], torch.Tensor]:
-    m, plain = tap.module, _plain_forward(tap.module)
-
-    def forward(idx: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return plain(idx)
-        return _EmbeddingFn.apply(idx, m.weight, tap)  # type: ignore[no-any-return]
-
-    return forward
-
-
-def _norm_forward(tap: _Tap) -> Callable[[torch.Tensor], torch.Tensor]:
-    m, plain = tap.module, _plain_forward(tap.module)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return plain(x)
-        if isinstance(m, nn.LayerNorm):
-            x_hat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-            shape: tuple[int, ...] = tuple(m.normalized_shape)
-        else:
-            x_hat = F.group_norm(x, m.num_groups, None, None, m.eps)
-            shape = (m.num_channels, *([1] * (x.ndim - 2)))
-        return _AffineFn.apply(x_hat, m.weight, m.bias, tap, shape)  # type: ignore[no-any-return]
-
-    return forward
+def _norm_run(tap: _Tap, x: torch.Tensor) -> torch.Tensor:
+    m = tap.module
+    if isinstance(m, nn.LayerNorm):
+        x_hat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        shape: tuple[int, ...] = tuple(m.normalized_shape)
+    else:
+        x_hat = F.group_norm(x, m.num_groups, None, None, m.eps)
+        shape = (m.num_channels, *([1] * (x.ndim - 2)))
+    return _AffineFn.apply(x_hat, m.weight, m.bias, tap, shape)  # type: ignore[no-any-return]
 
 
-_TAPS: dict[type, tuple[type[_Tap], Callable[..., Callable[[torch.Tensor], torch.Tensor]]]] = {
-    nn.Linear: (_LinearTap, _linear_forward),
-    nn.Conv2d: (_Conv2dTap, _conv2d_forward),
-    nn.Embedding: (_EmbeddingTap, _embedding_forward),
-    nn.LayerNorm: (_AffineTap, _norm_forward),
-    nn.GroupNorm: (_AffineTap, _norm_forward),
+class _PatchedForward:
+    """A layer's forward: the tapped one with autograd on, the layer's own otherwise.
+
+    An object (not a closure) so that ``copy.deepcopy`` of a wrapped model
+    copies its taps with it.
+    """
+
+    __slots__ = ("run", "tap")
+
+    def __init__(self, tap: _Tap, run: Callable[..., torch.Tensor]) -> None:
+        self.tap, self.run = tap, run
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # evaluation: the layer's own forward
+            return type(self.tap.module).forward(self.tap.module, x)  # type: ignore[no-any-return]
+        return self.run(self.tap, x)
+
+
+_TAPS: dict[type, tuple[type[_Tap], Callable[..., torch.Tensor]]] = {
+    nn.Linear: (_LinearTap, _linear_run),
+    nn.Conv2d: (_Conv2dTap, _conv2d_run),
+    nn.Embedding: (_EmbeddingTap, _embedding_run),
+    nn.LayerNorm: (_AffineTap, _norm_run),
+    nn.GroupNorm: (_AffineTap, _norm_run),
 }
 
 
@@ -723,10 +707,10 @@ class FastClippingModule(nn.Module):
         for name, sub in model.named_modules():
             if not _trainable(sub):
                 continue
-            tap_cls, make_forward = _TAPS[type(sub)]
+            tap_cls, run = _TAPS[type(sub)]
             tap = tap_cls(name or "<root>", sub, ref)
             taps.append(tap)
-            sub.forward = make_forward(tap)  # type: ignore[method-assign]
+            sub.forward = _PatchedForward(tap, run)  # type: ignore[method-assign]
             self._patched.append(sub)
         self._clipper = _Clipper(taps, float(max_grad_norm), forbid_accumulation)
         ref.append(self._clipper)

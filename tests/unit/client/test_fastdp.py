@@ -146,9 +146,9 @@ def test_fast_sequence_layers_choose_the_cheaper_norm_with_a_reason() -> None:
 
 def test_fast_embedding_with_padding_and_repeated_tokens_equals_the_loop() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Embedding(9, 4, padding_idx=0), nn.Flatten(), nn.Linear(5 * 4, 3)
-    ).to(F64)
+    model = nn.Sequential(nn.Embedding(9, 4, padding_idx=0), nn.Flatten(), nn.Linear(5 * 4, 3)).to(
+        F64
+    )
     x = torch.tensor([[1, 1, 2, 0, 0], [3, 4, 3, 3, 8], [0, 0, 0, 0, 0], [5, 6, 7, 8, 1]])
     y = torch.tensor([0, 1, 2, 1])
     _, norms = _loop_reference(copy.deepcopy(model), x, y, CLIP)
@@ -213,12 +213,16 @@ def test_fast_outlier_example_moves_the_clipped_sum_by_at_most_the_bound() -> No
     clipped_a, _ = _private_sum(model, "fast", with_outlier, y, CLIP)
     keep = torch.arange(8) != 3
     clipped_b, _ = _private_sum(model, "fast", x[keep], y[keep], CLIP)
-    moved = torch.sqrt(sum((a - b).square().sum() for a, b in zip(clipped_a, clipped_b)))
+    moved = torch.sqrt(
+        sum((a - b).square().sum() for a, b in zip(clipped_a, clipped_b, strict=True))
+    )
     assert float(moved) <= CLIP * (1 + 1e-6)
     # With clipping effectively off the same record moves the sum by orders of magnitude more.
     unclipped_a, _ = _private_sum(model, "fast", with_outlier, y, 1e30)
     unclipped_b, _ = _private_sum(model, "fast", x[keep], y[keep], 1e30)
-    moved_off = torch.sqrt(sum((a - b).square().sum() for a, b in zip(unclipped_a, unclipped_b)))
+    moved_off = torch.sqrt(
+        sum((a - b).square().sum() for a, b in zip(unclipped_a, unclipped_b, strict=True))
+    )
     assert float(moved_off) > 1e3 * CLIP
 
 
@@ -298,6 +302,10 @@ def test_fast_no_grad_forward_and_remove_give_the_plain_model() -> None:
     with torch.no_grad():
         torch.testing.assert_close(fast(x), expected)
     torch.testing.assert_close(fast(x).detach(), expected, rtol=1e-5, atol=1e-6)
+    copied = copy.deepcopy(fast)  # its own taps: gradients land in the copy only
+    nn.functional.cross_entropy(copied(x), torch.zeros(5, dtype=torch.long)).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in copied.parameters())
     plain = fast.remove()
     assert plain is model and "forward" not in vars(model.head)
     torch.testing.assert_close(model(x).detach(), expected)
