@@ -311,9 +311,10 @@ def dp_cmd(
 ) -> None:
     """Time a DP-SGD step against a non-private one: Opacus hooks, ghost, fedseal fast.
 
-    Each private mode runs with torch noise (Opacus' generator, for comparison)
-    and ChaCha20 noise (fedseal's production stream); "x ghost" compares the
-    fast path with Opacus ghost clipping on the same noise in the same repeat.
+    Each private mode runs with no noise (z = 0: the clipping cost alone, not
+    private), torch noise (Opacus' generator, for comparison) and ChaCha20 noise
+    (fedseal's production stream); "x ghost" compares the fast path with Opacus
+    ghost clipping on the same noise in the same repeat.
     """
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter(f"expected cpu or cuda, got {device!r}", param_hint="--device")

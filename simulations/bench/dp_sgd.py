@@ -7,8 +7,10 @@ weights and the same fixed batch are trained for a number of steps
 mode: Opacus per-sample gradients via hooks, Opacus ghost clipping (two
 backward passes) and fedseal's fast path (:mod:`client.fastdp`: one backward
 pass, ghost norms + book-keeping). Each private mode runs with its noise
-from torch's generator (Opacus' own path, reproducible and not secret) and
-from fedseal's ChaCha20 stream (``common.rng``, the production path).
+from torch's generator (Opacus' own path, reproducible and not secret),
+from fedseal's ChaCha20 stream (``common.rng``, the production path), and
+with none (noise multiplier 0: no draw, not private; what the clipping
+path alone costs).
 
 The figure per variant is the median step time after warm-up. The variants
 are interleaved over ``repeats`` repeats (each repeat runs every variant
@@ -84,7 +86,8 @@ MODELS: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], int], tuple[
 # The widths of the previous, fixed-size version of this benchmark (17k and 38k parameters).
 DEFAULT_WIDTHS = {"mlp": 128, "cnn": 16}
 MODES = ("non_private", "hooks", "ghost", "fast")
-NOISES = ("torch", "chacha20")
+# "none": noise multiplier 0, no draw at all (the clipping path's own cost; not private).
+NOISES = ("none", "torch", "chacha20")
 NOISE_SIZES = (100_000, 1_000_000)
 # Above this many parameters hooks mode (batch x params per-sample gradients) is skipped.
 HOOKS_MAX_PARAMS = 2_000_000
@@ -159,19 +162,20 @@ def _make_step(
         loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(x.cpu(), y.cpu()), batch_size=len(y)
         )
-        generator = torch.Generator(device=x.device).manual_seed(0) if noise == "torch" else None
+        seeded = noise in ("torch", "none")
+        generator = torch.Generator(device=x.device).manual_seed(0) if seeded else None
         # A fixed batch (no Poisson sampling) so every variant sees the same data.
         model, optimizer, _, handle = make_private(
             model,
             optimizer,
             loader,
-            noise_multiplier=1.0,
+            noise_multiplier=0.0 if noise == "none" else 1.0,
             max_grad_norm=max_grad_norm,
             poisson_sampling=False,
             grad_sample_mode=mode,
             noise_generator=generator,
         )
-        if handle.noise_source != noise:
+        if handle.noise_source != ("torch" if noise == "none" else noise):
             raise RuntimeError(f"asked for {noise} noise, Opacus got {handle.noise_source}")
         if handle.grad_sample_mode != mode:
             raise RuntimeError(f"asked for mode {mode}, make_private ran {handle.grad_sample_mode}")

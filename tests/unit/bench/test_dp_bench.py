@@ -17,7 +17,13 @@ def test_dp_bench_reports_each_noise_source_with_spread_over_repeats() -> None:
         models=("mlp",), modes=("non_private", "hooks"), steps=1, warmup=0, repeats=3
     )
     by_noise = {(r["mode"], r["noise"]): r for r in rows}
-    assert set(by_noise) == {("non_private", "-"), ("hooks", "torch"), ("hooks", "chacha20")}
+    assert set(by_noise) == {
+        ("non_private", "-"),
+        ("hooks", "none"),
+        ("hooks", "torch"),
+        ("hooks", "chacha20"),
+    }
+    assert by_noise[("hooks", "none")]["error"] is None
     cipher = by_noise[("hooks", "chacha20")]
     assert cipher["error"] is None
     spread = cipher["ratio_vs_torch_noise"]
@@ -39,7 +45,7 @@ def test_dp_bench_cli_json_is_one_document() -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     noises = {r["noise"] for r in doc["rows"]}
-    assert {"torch", "chacha20"} <= noises
+    assert {"none", "torch", "chacha20"} <= noises
     assert all("median" in r["draw_ms"] for r in doc["noise_draw"])
     modes = {r["mode"] for r in doc["rows"]}
     assert {"non_private", "hooks", "ghost", "fast"} <= modes
