@@ -256,7 +256,7 @@ def test_fast_noise_std_is_z_c_over_the_expected_batch() -> None:
     assert handle.steps == 5
 
 
-def test_fast_poisson_epoch_with_physical_batches_counts_one_step_per_sample() -> None:
+def _poisson_epoch(mode: str) -> tuple[object, list[torch.Tensor], list[torch.Tensor]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     g = torch.Generator().manual_seed(0)
@@ -268,16 +268,24 @@ def test_fast_poisson_epoch_with_physical_batches_counts_one_step_per_sample() -
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         max_physical_batch_size=4,
+        grad_sample_mode=mode,
     )
-    assert handle.grad_sample_mode == "fast"
+    assert handle.grad_sample_mode == mode
     before = [p.detach().clone() for p in model.parameters()]
     for xb, yb in loader:  # empty physical batches included
         dp_opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(private(xb), yb).backward()
         dp_opt.step()
-    assert handle.steps == 3
-    assert handle.event().sample_rate == pytest.approx(1 / 3)
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    return handle, before, list(model.parameters())
+
+
+def test_fast_poisson_epoch_with_physical_batches_reports_the_hooks_event() -> None:
+    handle, before, after = _poisson_epoch("fast")
+    hooks_handle, _, _ = _poisson_epoch("hooks")
+    assert handle.steps == 3  # type: ignore[attr-defined]
+    assert handle.event() == hooks_handle.event()  # type: ignore[attr-defined]
+    assert handle.event().sample_rate == pytest.approx(1 / 3)  # type: ignore[attr-defined]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_fast_second_backward_before_zero_grad_under_poisson_is_refused() -> None:
