@@ -53,6 +53,7 @@ records nor the step the accountant sees.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,8 @@ __all__ = [
     "validate_model",
 ]
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
+# "auto": the fast path (client.fastdp) when it clips the model exactly, else "hooks".
+GRAD_SAMPLE_MODES = ("auto", "fast", "hooks", "ghost")
 # Most examples whose per-sample gradients exist at once (a Poisson batch is split into these).
 MAX_PHYSICAL_BATCH_SIZE = 1024
 PUBLIC_SIZE_NOISE_STD = 20.0
@@ -264,7 +266,7 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     poisson_sampling: bool = True,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "auto",
     secure_mode: bool = False,
     noise_generator: torch.Generator | ChaCha20Random | None = None,
     criterion: nn.Module | None = None,
@@ -290,9 +292,13 @@ def make_private(
     poisson_sampling : bool
         Replace the loader's batching by Poisson sampling (required for the
         reported epsilon).
-    grad_sample_mode : {"hooks", "ghost"}
-        Opacus per-sample gradient implementation; ``"ghost"`` is ghost
+    grad_sample_mode : {"auto", "fast", "hooks", "ghost"}
+        Per-sample clipping: ``"fast"`` is :mod:`client.fastdp` (one backward
+        pass; falls back to ``"hooks"``, logged, for a model it cannot clip
+        exactly); ``"auto"`` (default) is ``"fast"`` with that fallback;
+        ``"hooks"`` Opacus' per-sample gradients; ``"ghost"`` Opacus' ghost
         clipping, which needs :attr:`DpSgdHandle.criterion` as the loss.
+        :attr:`DpSgdHandle.grad_sample_mode` says which one ran.
     secure_mode : bool
         Opacus' own secure noise (needs ``torchcsprng``) instead of fedseal's stream.
     noise_generator : ChaCha20Random or torch.Generator, optional
@@ -369,6 +375,9 @@ def make_private(
         raise ConfigurationError(
             "the model is not DP-compatible (call validate_model first): " + "; ".join(problems)
         )
+    from client.fastdp import choose_grad_sample_mode, make_private_fast
+
+    grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode)
     torch_generator: torch.Generator | None = None
     if isinstance(noise_generator, torch.Generator):
         device = next(model.parameters()).device
@@ -388,8 +397,11 @@ def make_private(
     kwargs: dict[str, Any] = {}
     if grad_sample_mode == "ghost":
         kwargs["criterion"] = criterion if criterion is not None else nn.CrossEntropyLoss()
+    make = engine.make_private
+    if grad_sample_mode == "fast":
+        make = functools.partial(make_private_fast, engine)
     try:
-        wrapped = engine.make_private(
+        wrapped = make(
             module=model,
             optimizer=optimizer,
             data_loader=data_loader,

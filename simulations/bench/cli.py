@@ -9,9 +9,10 @@ Commands
     The secure-aggregation primitives alone against the ChaCha20 keystream
     ceiling (:mod:`simulations.bench.secagg_primitives`).
 ``dp``
-    DP-SGD step time against non-private training, with Opacus' torch noise
-    and fedseal's ChaCha20 noise side by side, and the noise draw alone
-    (:mod:`simulations.bench.dp_sgd`, loaded only when asked for).
+    DP-SGD step time against non-private training by model size: Opacus'
+    hooks and ghost clipping and fedseal's fast path, each with torch and
+    ChaCha20 noise, and the noise draw alone (:mod:`simulations.bench.dp_sgd`,
+    loaded only when asked for).
 ``deploy``
     Round time on Flower's Deployment Engine, 3 sites on loopback: Flower's
     minimal FedAvg app vs fedseal plain vs fedseal secure, with where each
@@ -233,12 +234,49 @@ def _spread_json(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v.to_json() if hasattr(v, "to_json") else v for k, v in row.items()}
 
 
+def parse_param_counts(text: str, option: str) -> list[int]:
+    """Parse comma-separated parameter counts, ``1e6`` notation allowed (``"1e5,2_000_000"``).
+
+    Raises
+    ------
+    typer.BadParameter
+        On an empty list, a value that is not a whole number, or one below 1.
+    """
+    values: list[int] = []
+    for part in text.split(","):
+        item = part.strip().replace("_", "").lower()
+        try:
+            value = float(item) if "e" in item else int(item)
+        except ValueError:
+            value = 0
+        if not (isinstance(value, int) or value.is_integer()) or value < 1:
+            raise typer.BadParameter(
+                f"expected comma-separated positive counts such as 1e5,1e6, got {text!r}",
+                param_hint=option,
+            )
+        values.append(int(value))
+    return values
+
+
 @bench_app.command("dp")
 def dp_cmd(
+    params: Annotated[
+        str,
+        typer.Option(
+            "--params",
+            help="Parameter counts to reach by widening each model, e.g. 1e5,1e6,1e7 "
+            "(the cnn stops at 2e6, hooks mode above --hooks-max-params).",
+        ),
+    ] = "1e5,1e6",
+    models: Annotated[
+        str, typer.Option("--models", help="Comma-separated models: mlp, cnn.")
+    ] = "mlp,cnn",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per mode.")] = 30,
-    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 5,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Timed steps per variant and repeat.")
+    ] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 3,
     repeats: Annotated[
         int,
         typer.Option(
@@ -248,18 +286,69 @@ def dp_cmd(
             "reported as the median and min-max.",
         ),
     ] = 3,
+    hooks_max_params: Annotated[
+        str,
+        typer.Option(
+            "--hooks-max-params",
+            help="Skip Opacus hooks mode (batch x params per-sample gradients) above this size.",
+        ),
+    ] = "2e6",
+    clock: Annotated[
+        str,
+        typer.Option(
+            "--clock",
+            help="wall (elapsed) or cpu (process CPU time: steadier on a shared machine; "
+            "CPU devices only).",
+        ),
+    ] = "wall",
+    threads: Annotated[
+        int,
+        typer.Option("--threads", min=0, help="torch CPU threads (0: torch's default)."),
+    ] = 0,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
     ] = False,
 ) -> None:
-    """Time a DP-SGD (Opacus) step against a non-private one, torch vs ChaCha20 noise."""
+    """Time a DP-SGD step against a non-private one: Opacus hooks, ghost, fedseal fast.
+
+    Each private mode runs with no noise (z = 0: the clipping cost alone, not
+    private), torch noise (Opacus' generator, for comparison) and ChaCha20 noise
+    (fedseal's production stream); "x ghost" compares the fast path with Opacus
+    ghost clipping on the same noise in the same repeat.
+    """
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter(f"expected cpu or cuda, got {device!r}", param_hint="--device")
+    sizes = tuple(parse_param_counts(params, "--params"))
+    (hooks_cap,) = parse_param_counts(hooks_max_params, "--hooks-max-params")
+    model_names = tuple(m.strip() for m in models.split(",") if m.strip())
+    if not model_names or any(m not in ("mlp", "cnn") for m in model_names):
+        raise typer.BadParameter(f"expected mlp and/or cnn, got {models!r}", param_hint="--models")
+    if clock not in ("wall", "cpu"):
+        raise typer.BadParameter(f"expected wall or cpu, got {clock!r}", param_hint="--clock")
+    if clock == "cpu" and device == "cuda":
+        raise typer.BadParameter("CPU time misses the GPU's work: use --clock wall on cuda")
     bench, draw_bench = _load_dp_bench()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     # Opacus' ghost clipping warns on every step that the inputs need no grad.
     warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
     warnings.filterwarnings("ignore", message="Full backward hook", category=UserWarning)
-    rows = list(bench(device, batch_size=batch_size, steps=steps, warmup=warmup, repeats=repeats))
+    warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+    rows = list(
+        bench(
+            device,
+            batch_size=batch_size,
+            steps=steps,
+            warmup=warmup,
+            repeats=repeats,
+            models=model_names,
+            params=sizes,
+            hooks_max_params=hooks_cap,
+            clock=clock,
+        )
+    )
     draws = list(draw_bench(device, repeats=repeats))
     if json_out:
         _emit_json(
@@ -269,9 +358,10 @@ def dp_cmd(
             }
         )
         return
+    threads_used = rows[0].get("threads") if rows else None
     table = Table(
-        title=f"DP-SGD step time ({device}, batch {batch_size}): median (min-max) over "
-        f"{repeats} interleaved repeats"
+        title=f"DP-SGD step time ({device}, batch {batch_size}, {steps} steps, {clock} clock, "
+        f"{threads_used} threads): median (min-max) over {repeats} interleaved repeats"
     )
     columns = (
         "model",
@@ -281,22 +371,28 @@ def dp_cmd(
         "step ms",
         "x non-private",
         "x torch noise",
+        "x ghost",
         "note",
     )
     for title in columns:
-        table.add_column(title, justify="right" if title in ("params", "step ms") else "left")
+        table.add_column(
+            title,
+            justify="right" if title in ("params", "step ms") else "left",
+            no_wrap=title != "note",
+        )
     for row in rows:
         table.add_row(
             str(row.get("model", "")),
-            str(row.get("params", "")),
+            f"{row['params']:,}" if isinstance(row.get("params"), int) else "",
             str(row.get("mode", "")),
             str(row.get("noise", "")),
-            _spread(row.get("step_ms"), ".3f"),
+            _spread(row.get("step_ms"), ".2f"),
             _spread(row.get("ratio_vs_non_private"), ".2f"),
             _spread(row.get("ratio_vs_torch_noise"), ".2f"),
+            _spread(row.get("ratio_vs_ghost"), ".2f"),
             str(row.get("error") or ""),
         )
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # ten columns of spreads
     console.print(table)
     draw_table = Table(title=f"One float32 noise draw on {device}: median (min-max) ms")
     for title in ("values", "noise", "draw ms", "x torch noise"):

@@ -1,20 +1,30 @@
-"""DP-SGD step-time benchmark: Opacus private steps vs non-private, and the noise source.
+"""DP-SGD step-time benchmark: fedseal's fast clipping vs Opacus vs non-private, by model size.
 
-For each model (an MLP on 64-feature digits-like vectors, a small CNN on
-1x8x8 images), the same initial weights and the same fixed batch are trained
-for a number of steps (forward, backward, optimizer step) without privacy,
-with Opacus per-sample gradients via hooks, and with ghost clipping; each
-private mode runs with its noise from torch's generator (Opacus' own path)
-and from fedseal's ChaCha20 stream (``common.rng``, the production path).
-The figure per variant is the median step time after warm-up; the variants
-are interleaved over ``repeats`` repeats, and ratios (to non-private, and of
-ChaCha20 to torch noise) are taken within each repeat and reported as the
-median and min-max over repeats. A second table times the noise draw alone
-(float32 tensors of a given size on the device). The data are synthetic
-(seeded), so nothing is downloaded.
+For each model (an MLP on 64-feature vectors, a small CNN on 1x8x8
+images), widened to reach each requested parameter count, the same initial
+weights and the same fixed batch are trained for a number of steps
+(forward, backward, optimizer step) without privacy and with each private
+mode: Opacus per-sample gradients via hooks, Opacus ghost clipping (two
+backward passes) and fedseal's fast path (:mod:`client.fastdp`: one backward
+pass, ghost norms + book-keeping). Each private mode runs with its noise
+from torch's generator (Opacus' own path, reproducible and not secret),
+from fedseal's ChaCha20 stream (``common.rng``, the production path), and
+with none (noise multiplier 0: no draw, not private; what the clipping
+path alone costs).
 
-Run: ``fedseal-sim bench dp [--device cuda] [--repeats 3]`` or
-``python -m simulations.bench.dp_sgd``.
+The figure per variant is the median step time after warm-up. The variants
+are interleaved over ``repeats`` repeats (each repeat runs every variant
+once, starting one variant later than the previous repeat), and ratios (to
+non-private, of ChaCha20 to torch noise, and of the fast path to ghost
+clipping with the same noise) are taken within each repeat and reported as
+the median and min-max over repeats. Hooks mode materialises ``batch x
+params`` per-sample gradients; above ``hooks_max_params`` it is skipped
+and the row says why. A second table times the noise draw alone (float32
+tensors of a given size on the device). The data are synthetic (seeded),
+so nothing is downloaded.
+
+Run: ``fedseal-sim bench dp [--params 1e5,1e6,1e7] [--device cuda] [--repeats 3]``
+or ``python -m simulations.bench.dp_sgd``.
 """
 
 from __future__ import annotations
@@ -34,35 +44,68 @@ from common.rng import secure_generator
 from simulations.bench.secagg import Spread
 
 NUM_CLASSES = 10
+MLP_FEATURES = 64
 
 
-def _mlp() -> nn.Module:
+def _mlp(width: int) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES)
+        nn.Linear(MLP_FEATURES, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, NUM_CLASSES),
     )
 
 
-def _cnn() -> nn.Module:
+def _cnn(width: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
+        nn.Conv2d(1, width, 3, padding=1),
         nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
+        nn.Linear(2 * width * 4 * 4, 64),
         nn.ReLU(),
         nn.Linear(64, NUM_CLASSES),
     )
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "mlp": (_mlp, (64,)),
-    "cnn": (_cnn, (1, 8, 8)),
+def _mlp_params(width: int) -> int:
+    return (MLP_FEATURES + 1) * width + (width + 1) * width + (width + 1) * NUM_CLASSES
+
+
+def _cnn_params(width: int) -> int:
+    return 10 * width + (9 * width + 1) * 2 * width + (32 * width + 1) * 64 + 65 * NUM_CLASSES
+
+
+MODELS: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], int], tuple[int, ...]]] = {
+    "mlp": (_mlp, _mlp_params, (MLP_FEATURES,)),
+    "cnn": (_cnn, _cnn_params, (1, 8, 8)),
 }
-MODES = ("non_private", "hooks", "ghost")
-NOISES = ("torch", "chacha20")
+# The widths of the previous, fixed-size version of this benchmark (17k and 38k parameters).
+DEFAULT_WIDTHS = {"mlp": 128, "cnn": 16}
+MODES = ("non_private", "hooks", "ghost", "fast")
+# "none": noise multiplier 0, no draw at all (the clipping path's own cost; not private).
+NOISES = ("none", "torch", "chacha20")
 NOISE_SIZES = (100_000, 1_000_000)
+# Above this many parameters hooks mode (batch x params per-sample gradients) is skipped.
+HOOKS_MAX_PARAMS = 2_000_000
+# The CNN's compute grows with its width squared times the positions; beyond this it is skipped.
+CNN_MAX_PARAMS = 2_000_000
+
+
+def width_for(model: str, params: int) -> int:
+    """The smallest width at which ``model`` has at least ``params`` parameters."""
+    count = MODELS[model][1]
+    width = 1
+    while count(width) < params:
+        width *= 2
+    low, high = width // 2, width
+    while low + 1 < high:
+        mid = (low + high) // 2
+        low, high = (mid, high) if count(mid) < params else (low, mid)
+    return max(high, 1)
 
 
 def _batch(
@@ -79,16 +122,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_steps(
+    step: Callable[[], None],
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Median of ``steps`` timed calls after ``warmup`` untimed ones, on ``clock``."""
     for _ in range(warmup):
         step()
     _sync(device)
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        start = clock()
         step()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -109,20 +162,23 @@ def _make_step(
         loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(x.cpu(), y.cpu()), batch_size=len(y)
         )
-        generator = torch.Generator(device=x.device).manual_seed(0) if noise == "torch" else None
+        seeded = noise in ("torch", "none")
+        generator = torch.Generator(device=x.device).manual_seed(0) if seeded else None
         # A fixed batch (no Poisson sampling) so every variant sees the same data.
         model, optimizer, _, handle = make_private(
             model,
             optimizer,
             loader,
-            noise_multiplier=1.0,
+            noise_multiplier=0.0 if noise == "none" else 1.0,
             max_grad_norm=max_grad_norm,
             poisson_sampling=False,
             grad_sample_mode=mode,
             noise_generator=generator,
         )
-        if handle.noise_source != noise:
+        if handle.noise_source != ("torch" if noise == "none" else noise):
             raise RuntimeError(f"asked for {noise} noise, Opacus got {handle.noise_source}")
+        if handle.grad_sample_mode != mode:
+            raise RuntimeError(f"asked for mode {mode}, make_private ran {handle.grad_sample_mode}")
         if handle.criterion is not None:
             loss_fn = handle.criterion
 
@@ -150,11 +206,37 @@ def _row(
         "device": dev.type,
         "batch_size": batch,
         "params": params,
+        "threads": torch.get_num_threads(),
         "step_ms": None,
         "ratio_vs_non_private": None,
         "ratio_vs_torch_noise": None,
+        "ratio_vs_ghost": None,
         "error": None,
     }
+
+
+def _ratio(a: list[float], b: list[float]) -> Spread | None:
+    """Per-repeat ratios ``a / b`` as a Spread (None unless both ran every repeat)."""
+    if not a or len(a) != len(b):
+        return None
+    return Spread.of([x / y for x, y in zip(a, b, strict=True)])
+
+
+def _cells(
+    requested: tuple[int, ...] | None, models: tuple[str, ...]
+) -> list[tuple[str, int, int | None, str | None]]:
+    """``(model, width, target, skip reason)`` per cell; widths reach each requested count."""
+    cells: list[tuple[str, int, int | None, str | None]] = []
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        for target in requested or (None,):
+            width = DEFAULT_WIDTHS[name] if target is None else width_for(name, target)
+            skip = None
+            if name == "cnn" and target is not None and target > CNN_MAX_PARAMS:
+                skip = f"skipped: cnn above {CNN_MAX_PARAMS:.0e} params (seconds a step)"
+            cells.append((name, width, target, skip))
+    return cells
 
 
 def bench_dp_sgd(
@@ -168,61 +250,76 @@ def bench_dp_sgd(
     models: tuple[str, ...] = ("mlp", "cnn"),
     modes: tuple[str, ...] = MODES,
     noises: tuple[str, ...] = NOISES,
+    params: tuple[int, ...] | None = None,
+    hooks_max_params: int = HOOKS_MAX_PARAMS,
+    clock: str = "wall",
 ) -> list[dict[str, Any]]:
-    """Step time per model, mode and noise source over interleaved repeats.
+    """Step time per model size, mode and noise source over interleaved repeats.
 
-    Returns one dict per (model, mode, noise): ``model``, ``mode``, ``noise``
-    (``"-"`` for non-private), ``device``, ``batch_size``, ``params``, and
-    :class:`~simulations.bench.secagg.Spread` figures (median, min, max over
-    repeats) ``step_ms``, ``ratio_vs_non_private`` and, for ChaCha20 noise,
-    ``ratio_vs_torch_noise`` (the same mode with torch noise, same repeat);
-    ``error`` names a variant Opacus cannot run instead of a time.
+    ``params``: parameter counts to reach by widening each model (``None``:
+    the fixed small widths of :data:`DEFAULT_WIDTHS`). Returns one dict per
+    (model, size, mode, noise): ``model``, ``mode``, ``noise`` (``"-"`` for
+    non-private), ``device``, ``batch_size``, ``params`` (the count reached),
+    and :class:`~simulations.bench.secagg.Spread` figures (median, min, max
+    over repeats) ``step_ms``, ``ratio_vs_non_private``, for ChaCha20 noise
+    ``ratio_vs_torch_noise`` (same mode, torch noise, same repeat) and for
+    the fast path ``ratio_vs_ghost`` (Opacus ghost clipping, same noise,
+    same repeat); ``error`` says why a variant has no time (skipped, or
+    failed to run). ``clock``: ``"wall"`` (elapsed time) or ``"cpu"`` (the
+    process's CPU time, all threads: on a machine shared with other work
+    it varies far less than elapsed time; on CUDA it misses the device's
+    time, so use ``"wall"`` there).
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available")
     rows: list[dict[str, Any]] = []
-    for name in models:
-        build, shape = MODELS[name]
-        torch.manual_seed(0)
-        base = build().to(dev)
-        x, y = _batch(shape, batch_size, dev)
-        params = sum(p.numel() for p in base.parameters())
+    for name, width, _, skip in _cells(params, models):
+        build, count, shape = MODELS[name]
         variants = _variants(modes, noises)
-        cells = {v: _row(name, params, v[0], v[1], dev, batch_size) for v in variants}
+        cells = {v: _row(name, count(width), v[0], v[1], dev, batch_size) for v in variants}
+        if skip is not None:  # one row says so
+            row = _row(name, count(width), "-", "-", dev, batch_size)
+            row["error"] = skip
+            rows.append(row)
+            continue
+        torch.manual_seed(0)
+        base = build(width).to(dev)
+        x, y = _batch(shape, batch_size, dev)
         built: dict[tuple[str, str], Callable[[], None]] = {}
         for v in variants:
+            if v[0] == "hooks" and count(width) > hooks_max_params:
+                gib = batch_size * count(width) * 4 / 2**30
+                cells[v]["error"] = (
+                    f"skipped: above {hooks_max_params:.0e} params (per-sample grads {gib:.1f} GiB)"
+                )
+                continue
             try:
                 built[v] = _make_step(v[0], v[1], base, x, y, max_grad_norm)
             except Exception as exc:  # noqa: BLE001 - report, do not hide, a failing mode
                 cells[v]["error"] = f"{type(exc).__name__}: {exc}"
         times: dict[tuple[str, str], list[float]] = {v: [] for v in built}
-        for _ in range(repeats):  # interleaved: each repeat runs every variant once
-            for v, step in built.items():
+        order = list(built)
+        for r in range(repeats):  # interleaved; each repeat starts one variant later
+            for v in order[r % len(order) :] + order[: r % len(order)]:
                 try:
-                    times[v].append(_time_steps(step, dev, warmup, steps))
+                    times[v].append(_time_steps(built[v], dev, warmup, steps, CLOCKS[clock]))
                 except Exception as exc:  # noqa: BLE001
                     cells[v]["error"] = f"{type(exc).__name__}: {exc}"
-        base_times = times.get(("non_private", "-"), [])
-        for v, ts in times.items():
-            if cells[v]["error"] or not ts:
-                continue
+        del built
+        ok = {v: ts for v, ts in times.items() if not cells[v]["error"] and ts}
+        base_times = ok.get(("non_private", "-"), [])
+        for v, ts in ok.items():
             cells[v]["step_ms"] = Spread.of([t * 1e3 for t in ts])
-            if len(base_times) == len(ts):
-                cells[v]["ratio_vs_non_private"] = Spread.of(
-                    [t / b for t, b in zip(ts, base_times, strict=True)]
-                )
-            torch_times = times.get((v[0], "torch"), [])
-            if (
-                v[1] == "chacha20"
-                and len(torch_times) == len(ts)
-                and not cells[(v[0], "torch")]["error"]
-            ):
-                cells[v]["ratio_vs_torch_noise"] = Spread.of(
-                    [t / b for t, b in zip(ts, torch_times, strict=True)]
-                )
+            cells[v]["ratio_vs_non_private"] = _ratio(ts, base_times)
+            if v[1] == "chacha20":
+                cells[v]["ratio_vs_torch_noise"] = _ratio(ts, ok.get((v[0], "torch"), []))
+            if v[0] == "fast":
+                cells[v]["ratio_vs_ghost"] = _ratio(ts, ok.get(("ghost", v[1]), []))
         rows.extend(cells[v] for v in variants)
     return rows
 
