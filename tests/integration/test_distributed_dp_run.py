@@ -37,3 +37,5 @@ def test_distributed_dp_simulation_releases_every_round_within_the_target(tmp_pa
     for r in doc["rounds"]:  # counts withheld, as under central client-level DP
         assert r["participants"] is None and r["sites"] == []
     assert "distributed-skellam" in proc.stderr
+    # the HTML report names the mechanism too
+    assert "distributed-skellam" in (tmp_path / "report" / "report.html").read_text()
