@@ -290,6 +290,8 @@ def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | No
     _clear(context)  # a new setup discards whatever an earlier one left
     first = configs[0]
     reason, decisions = _participation(site, first)
+    if reason is None and cfg.distributed_dp:
+        reason = distributed_noise_refusal(site)
     if reason is not None:
         return refusal(msg, reason, decisions)
     requests = record_to_bundle(
@@ -400,6 +402,33 @@ def handle_masked(
     # The train path's metrics go with the masked input as far as the disclosure mod
     # (client.mods.disclosure): the norm and the example count never leave this site.
     return with_decisions(_reply(msg, reply.encode_parts(), metrics), decisions)
+
+
+def distributed_noise_refusal(site: SiteContext) -> str | None:
+    """Why this site will not add noise for the run's distributed DP, or None.
+
+    The run settings come from the coordinator, so the site holds them to
+    its own policy's floor on the noise multiplier
+    (``rounds.min_distributed_noise_multiplier``) and to their own claim (the
+    noise must give the ``client_epsilon`` the settings state,
+    :func:`common.dp.distributed.check_run_noise`), at the keys stage, before
+    any key exists.
+    """
+    from common.dp.distributed import check_run_noise
+
+    policy = site.policy()
+    floor = policy.rounds.min_distributed_noise_multiplier if policy is not None else 0.0
+    z = site.cfg.noise_multiplier
+    if z < floor:
+        return (
+            f"policy: distributed DP noise multiplier {z:g} is below this site's floor "
+            f"{floor:g} (rounds.min_distributed_noise_multiplier)"
+        )
+    try:
+        check_run_noise(site.cfg, site.task.parameter_count())
+    except ConfigurationError as exc:
+        return f"policy: {exc}"
+    return None
 
 
 def _distributed_encoding(

@@ -138,3 +138,31 @@ def test_distributed_dp_needs_secure_aggregation_and_enough_bits() -> None:
     with pytest.raises(ConfigurationError, match="secagg_bits"):
         RunConfig(distributed_dp=True, secagg_bits=12)
     assert RunConfig(distributed_dp=True).central_dp  # client-level DP is on
+
+
+def _site(cfg: RunConfig, floor: float | None) -> Any:
+    from types import SimpleNamespace
+
+    policy = (
+        None
+        if floor is None
+        else SimpleNamespace(rounds=SimpleNamespace(min_distributed_noise_multiplier=floor))
+    )
+    task = SimpleNamespace(parameter_count=lambda: D)
+    return SimpleNamespace(cfg=cfg, policy=lambda: policy, task=task)
+
+
+def test_a_site_refuses_a_coordinators_run_settings_with_too_little_noise() -> None:
+    """The run settings come from the coordinator: the site's own floor and their own
+    epsilon claim decide, at the keys stage."""
+    from client.secure import distributed_noise_refusal
+
+    honest = calibrate_run_noise(CFG.replace(client_epsilon=4.0), D)
+    assert distributed_noise_refusal(_site(honest, 0.5)) is None
+    # a coordinator asking for less noise than its own epsilon claim
+    cheat = honest.replace(noise_multiplier=honest.noise_multiplier * 0.7)
+    assert "client_epsilon" in (distributed_noise_refusal(_site(cheat, 0.5)) or "")
+    # or dropping the claim and the noise together: the site's floor holds
+    bare = CFG.replace(noise_multiplier=0.1)
+    assert "floor" in (distributed_noise_refusal(_site(bare, 0.5)) or "")
+    assert distributed_noise_refusal(_site(bare, 0.05)) is None
