@@ -38,6 +38,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
@@ -267,6 +268,10 @@ def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | No
     )
     configs = [SecAggConfig.decode(raw) for raw in raw_configs]
     expected = site.task.parameter_count()
+    if cfg.distributed_dp:  # the rotation pads the update to a power of two
+        from common.dp.skellam import padded_length
+
+        expected = padded_length(expected)
     for i, config in enumerate(configs):
         if config.round != server_round + i:
             raise ProtocolError(
@@ -276,6 +281,8 @@ def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | No
             raise ProtocolError("prepared rounds must share one run and one cohort")
         if config.value_bound != cfg.clip_norm:
             raise ProtocolError("secure-aggregation value bound differs from the run's clip norm")
+        if cfg.distributed_dp and config.bits != cfg.secagg_bits:
+            raise ProtocolError("secure-aggregation ring bits differ from the run's secagg_bits")
         if config.vector_length != expected:
             raise ProtocolError(
                 f"secure-aggregation vector length {config.vector_length} != model size {expected}"
@@ -283,6 +290,8 @@ def handle_keys(msg: Message, context: Context, site_root: SiteSetup | Path | No
     _clear(context)  # a new setup discards whatever an earlier one left
     first = configs[0]
     reason, decisions = _participation(site, first)
+    if reason is None and cfg.distributed_dp:
+        reason = distributed_noise_refusal(site)
     if reason is not None:
         return refusal(msg, reason, decisions)
     requests = record_to_bundle(
@@ -380,11 +389,71 @@ def handle_masked(
     metrics = trained.content.metric_records[KEY_METRICS]
     if "update-norm" not in metrics:  # only a clipped update may be masked: |x| <= C
         raise ConfigurationError("the train path did not clip the update to be masked")
-    reply = client.collect_masked(request, reply_update(trained), secure_generator())
+    if site.cfg.distributed_dp:
+        reply = client.collect_masked(
+            request,
+            _distributed_encoding(site, config, reply_update(trained)),
+            secure_generator(),
+            encoded=True,
+        )
+    else:
+        reply = client.collect_masked(request, reply_update(trained), secure_generator())
     _save(context, config, client, key)
     # The train path's metrics go with the masked input as far as the disclosure mod
     # (client.mods.disclosure): the norm and the example count never leave this site.
     return with_decisions(_reply(msg, reply.encode_parts(), metrics), decisions)
+
+
+def distributed_noise_refusal(site: SiteContext) -> str | None:
+    """Why this site will not add noise for the run's distributed DP, or None.
+
+    The run settings come from the coordinator, so the site holds them to
+    its own policy's floor on the noise multiplier
+    (``rounds.min_distributed_noise_multiplier``) and to their own claim (the
+    noise must give the ``client_epsilon`` the settings state,
+    :func:`common.dp.distributed.check_run_noise`), at the keys stage, before
+    any key exists.
+    """
+    from common.dp.distributed import check_run_noise
+
+    policy = site.policy()
+    floor = policy.rounds.min_distributed_noise_multiplier if policy is not None else 0.0
+    z = site.cfg.noise_multiplier
+    if z < floor:
+        return (
+            f"policy: distributed DP noise multiplier {z:g} is below this site's floor "
+            f"{floor:g} (rounds.min_distributed_noise_multiplier)"
+        )
+    try:
+        check_run_noise(site.cfg, site.task.parameter_count())
+    except ConfigurationError as exc:
+        return f"policy: {exc}"
+    return None
+
+
+def _distributed_encoding(
+    site: SiteContext, config: SecAggConfig, update: np.ndarray
+) -> np.ndarray:
+    """Distributed DP (:mod:`common.dp.skellam`): this site's noised ring vector for the round.
+
+    The noise parameters come from the run settings this site holds
+    (:func:`common.dp.distributed.check_run_noise`, which also refuses a noise
+    multiplier below the run's own client-level epsilon target) and the
+    round's threshold from the configuration this site checked; the rotation
+    from that configuration's public bytes. Nothing in the coordinator's
+    request sets the noise.
+    """
+    from common.dp.distributed import check_run_noise
+    from common.dp.skellam import encode_update, rotation_key
+
+    params = check_run_noise(site.cfg, site.task.parameter_count())
+    return encode_update(
+        np.asarray(update),
+        params,
+        rotation_key(config.encode()),
+        config.threshold,
+        secure_generator(),
+    )
 
 
 def handle_consistency(

@@ -95,6 +95,9 @@ class RunConfig:
     # target client-level epsilon over the planned rounds; > 0: the commands calibrate
     # noise_multiplier to it (server.privacy.calibrate_client_noise); 0: noise_multiplier as given
     client_epsilon: float = 0.0
+    # distributed DP (common.dp.skellam): client-level DP whose noise each site adds before
+    # masking (needs secagg; implies central_dp, the client-level switch); the server adds none
+    distributed_dp: bool = False
     # update clipping (client's job): L2 bound C on each site's update whenever
     # central DP or secure aggregation is on
     clip_norm: float = 5.0
@@ -133,6 +136,17 @@ class RunConfig:
         )
         _positive_float("clip_norm", self.clip_norm)
         _optional_float("client_epsilon", self.client_epsilon, "use noise_multiplier")
+        if self.distributed_dp:
+            if not self.secagg:
+                raise ConfigurationError(
+                    "distributed_dp adds the noise at the sites before secure aggregation's "
+                    "masking: it needs secagg (use central_dp for plain aggregation)"
+                )
+            if not 16 <= self.secagg_bits <= 32:
+                raise ConfigurationError(
+                    f"distributed_dp needs secagg_bits in [16, 32], got {self.secagg_bits!r}"
+                )
+            object.__setattr__(self, "central_dp", True)  # client-level DP, noise at the sites
         if self.client_epsilon > 0 and not self.central_dp:
             raise ConfigurationError("client_epsilon targets client-level DP: it needs central_dp")
         t = self.secagg_threshold

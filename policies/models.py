@@ -272,6 +272,8 @@ class SiteRoundRules:
     nothing beyond the sum while ``c < t``, and each site's mask hides among
     its ``k`` neighbours, so a site refuses a round whose ``t``, ``t/k`` or
     ``k`` fall below its own floors before any secret of that round exists.
+    ``min_distributed_noise_multiplier`` is the floor on the noise a
+    distributed-DP round asks the site to add (:mod:`common.dp.skellam`).
     """
 
     require_secure_aggregation: bool = boolean(True)
@@ -280,6 +282,9 @@ class SiteRoundRules:
     min_secagg_threshold: int = integer(2, ge=1)
     min_secagg_threshold_fraction: float = number(0.5, ge=0.5, le=1.0)
     min_secagg_neighbours: int = integer(2, ge=1)
+    # Distributed DP (the site adds the noise before masking): the smallest noise multiplier
+    # z (the target noise of t survivors has variance (z Delta_2)^2) this site adds its share of.
+    min_distributed_noise_multiplier: float = number(0.5, ge=0.0)
 
     def __post_init__(self) -> None:
         raise_problems(self)

@@ -199,15 +199,18 @@ class RunBook:
                 noise_multiplier=cfg.noise_multiplier,
                 sample_rate=cfg.client_sample_rate,
                 steps=1,
-                accountant=cfg.accountant,
+                accountant=agg.central.accountant or cfg.accountant,
             )
             self.event(
-                "central_dp_applied",
+                "central_dp_applied"
+                if agg.central.mechanism == "central-gaussian"
+                else "client_level_dp_applied",
                 {
                     "round": server_round,
                     "denominator": agg.central.denominator,
                     "sensitivity": agg.central.sensitivity,
                     "noise_std": agg.central.noise_std,
+                    "mechanism": agg.central.mechanism,
                     "sampling": cfg.client_sampling,
                 },
             )

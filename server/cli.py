@@ -612,7 +612,13 @@ def _planned_sites(cfg: RunConfig) -> RunConfig:
             "--central-dp divides each round's noised sum by q*N with N the planned sites: "
             "give --wait-sites N or --roster"
         )
-    return dataclasses.replace(cfg, num_sites=cfg.wait_sites)
+    planned = dataclasses.replace(cfg, num_sites=cfg.wait_sites)
+    if planned.distributed_dp:  # the wrap bound (and so gamma and z) depends on N
+        from common.dp.distributed import calibrate_run_noise
+        from common.task import task_for
+
+        return calibrate_run_noise(planned, task_for(planned).parameter_count())
+    return planned
 
 
 def _check_dropout_tolerance(cfg: RunConfig, allowed: bool) -> None:

@@ -3,7 +3,8 @@
 Written once, here: secure aggregation (sites clip, the server sees only the
 sum) when ``secagg`` is on, else plain FedAvg (re-clipped by the server
 under central DP); :class:`server.privacy.CentralDP` around either when
-``central_dp`` is on.
+``central_dp`` is on; :class:`server.distributed.DistributedDP` around the
+secure aggregator when ``distributed_dp`` is on (the sites add the noise).
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ def aggregator_for(
     secure aggregator binds (:mod:`server.aggregation.admission`).
     """
     inner: Aggregator
+    if cfg.distributed_dp:  # the sites noise before masking; the rotation pads to 2^k
+        from common.dp.skellam import padded_length
+        from server.distributed import DistributedDP
+
+        secure = SecAggAggregator(
+            cfg,
+            int(run_id, 16),
+            padded_length(vector_length),
+            judge,
+            roster=roster,
+            admission=admission,
+        )
+        return DistributedDP(secure, cfg, vector_length=vector_length)
     if cfg.secagg:
         inner = SecAggAggregator(
             cfg, int(run_id, 16), vector_length, judge, roster=roster, admission=admission

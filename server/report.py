@@ -36,6 +36,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -300,6 +301,25 @@ def report_figures(record: SqlRecord, run_id: str) -> ReportFigures:
     )
 
 
+def _mechanisms(config: dict[str, Any]) -> str:
+    """Which DP mechanisms the run's recorded configuration ran, in words."""
+    parts = []
+    if config.get("dp"):
+        parts.append("record-level DP-SGD at the sites (Opacus)")
+    if config.get("distributed_dp"):
+        parts.append(
+            "distributed client-level DP (distributed-skellam: each site adds Skellam noise "
+            "before secure aggregation's masking; the coordinator adds none; accountant "
+            "rdp-skellam)"
+        )
+    elif config.get("central_dp"):
+        parts.append(
+            "central client-level DP (DP-FedAvg: Gaussian noise added by the coordinator; "
+            f"accountant {config.get('accountant', 'pld')})"
+        )
+    return "; ".join(parts) if parts else "none"
+
+
 def _client_level_dp(record: SqlRecord, run_id: str) -> bool:
     """Whether the run released under client-level DP (its recorded ``central_dp``)."""
     return bool(record.get_run(run_id).config.get("central_dp"))
@@ -377,7 +397,8 @@ Model versions: {len(versions)}{f" (latest {last.version}, sha256 <code>{last.sh
 ({"includes estimates" if estimated else "all measured"}).</p>
 <h2>Metrics</h2>{img(accuracy_png)}
 <h2>Privacy</h2><p>Record-level ε (per training record at a site) and client-level ε
-(per site's participation) protect different units and are never added.</p>{img(epsilon_png)}
+(per site's participation) protect different units and are never added.</p>
+<p>Mechanisms: {html.escape(_mechanisms(record.get_run(run_id).config))}.</p>{img(epsilon_png)}
 <h2>Energy</h2>{img(energy_png)}
 <h2>Model versions</h2>
 <table><tr><th>version</th><th>round</th><th>sha256</th><th>ε record</th><th>ε client</th><th>kWh so far</th><th>tags</th></tr>{rows}</table>

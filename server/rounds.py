@@ -57,6 +57,7 @@ from server.aggregation.base import Aggregator, RoundEvent, RoundInput, require_
 from server.aggregation.exchange import GridExchange
 from server.book import RunBook, code_hash
 from server.cohort import sample_cohort, wait_for_nodes, wait_for_sites
+from server.distributed import DistributedDP
 from server.evaluation import Evaluator
 from server.pipeline import aggregator_for
 from server.policy_gate import PolicyGate
@@ -131,7 +132,9 @@ class FederatedRun:
             roster=roster,
             admission=self.admission,
         )
-        self.privacy = self.aggregator if isinstance(self.aggregator, CentralDP) else None
+        self.privacy = (
+            self.aggregator if isinstance(self.aggregator, CentralDP | DistributedDP) else None
+        )
 
     # ------------------------------------------------------------------ rounds
     def execute(self) -> list[RoundResult]:

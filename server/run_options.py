@@ -242,6 +242,15 @@ SHARED_OPTIONS: tuple[RunOption, ...] = (
         help="Client-level DP-FedAvg noise at the server.",
     ),
     _option(
+        "distributed_dp",
+        "--distributed-dp/--no-distributed-dp",
+        help="Client-level DP with the noise added by the sites (distributed Skellam "
+        "mechanism) before secure aggregation's masking: the coordinator never sees an "
+        "un-noised sum and adds no noise. Needs --secagg and 16 to 32 --secagg-bits; turns "
+        "client-level DP on by itself. --central-dp alone keeps the server's Gaussian noise "
+        "(after unmasking with --secagg; the only choice with --no-secagg).",
+    ),
+    _option(
         "noise_multiplier", "--noise-multiplier", help="DP-FedAvg noise multiplier z (std z*C)."
     ),
     _option("delta", "--delta", help="Client-level delta."),
@@ -262,6 +271,12 @@ SHARED_OPTIONS: tuple[RunOption, ...] = (
         "secagg_threshold",
         "--secagg-threshold",
         help="SecAgg+ threshold: fraction of neighbours in (0.5, 1], or a count > 1.",
+    ),
+    _option(
+        "secagg_bits",
+        "--secagg-bits",
+        help="Ring bits per coordinate of secure aggregation (8 to 53; 16 to 32 with "
+        "--distributed-dp, where 20 is plenty: the wrap-around bound is checked).",
     ),
     _option("secagg_setup_rounds", "--secagg-setup-rounds", help=_SECAGG_SETUP_ROUNDS_HELP, min=1),
 )
@@ -316,7 +331,13 @@ def build_run_config(values: Mapping[str, Any]) -> RunConfig:
     """
     from server.privacy import calibrate_client_noise
 
-    return calibrate_client_noise(RunConfig(**values))
+    cfg = RunConfig(**values)
+    if cfg.distributed_dp:  # the Skellam accountant, at the model's size
+        from common.dp.distributed import calibrate_run_noise
+        from common.task import task_for
+
+        return calibrate_run_noise(cfg, task_for(cfg).parameter_count())
+    return calibrate_client_noise(cfg)
 
 
 def with_run_options(

@@ -348,6 +348,19 @@ def _say_client_level_noise(cfg: RunConfig) -> None:
             soft_wrap=True,
         )
     size = ModelSpec.of(task_for(cfg).build(seed=cfg.seed).state_dict()).size
+    if cfg.distributed_dp:  # the sites' Skellam noise (server.distributed)
+        from common.dp.distributed import check_run_noise
+        from common.dp.skellam import MECHANISM
+
+        params = check_run_noise(cfg, size)
+        err.print(
+            f"{MECHANISM}: {cfg.secagg_bits} ring bits, gamma {params.gamma:.4g}, target "
+            f"noise std {params.noise_std(params.threshold):.3g} on the sum (at least "
+            f"{params.threshold} survivors), each site adds 1/t of it",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     warning = client_level_outlook(cfg, size).warning()
     if warning is not None:
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)

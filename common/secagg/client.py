@@ -66,6 +66,7 @@ from common.crypto.prg import SEED_SIZE, RingArray, add_masks_inplace, expand_se
 from common.crypto.shamir import VALUE_SIZE, decode_value, encode_value, split_secret
 from common.errors import (
     ConfigurationError,
+    DataError,
     FedsealError,
     IntegrityError,
     ProtocolAbort,
@@ -427,7 +428,12 @@ class SecAggClient:
         return ShareKeysReply(config.run_id, config.round, self._node_id, tuple(ciphertexts))
 
     def collect_masked(
-        self, request: CollectMaskedRequest, update: np.ndarray, rng: RandomSource
+        self,
+        request: CollectMaskedRequest,
+        update: np.ndarray,
+        rng: RandomSource,
+        *,
+        encoded: bool = False,
     ) -> CollectMaskedReply:
         """Stage COLLECT_MASKED: store neighbours' shares; send the masked quantised input.
 
@@ -439,6 +445,9 @@ class SecAggClient:
             The (already clipped) input, shape ``(vector_length,)``, ``|x| <= value_bound``.
         rng : ChaCha20Random or numpy.random.Generator
             Coins for stochastic rounding (:func:`common.rng.secure_generator` in production).
+        encoded : bool
+            ``update`` is already a vector of ring words in ``[0, 2^b)`` (distributed DP,
+            :func:`common.dp.skellam.encode_update`): it is masked as it is.
 
         Raises
         ------
@@ -452,10 +461,10 @@ class SecAggClient:
             If any ciphertext fails to authenticate (tampered, replayed, re-labelled).
         """
         self._enter(request, CollectMaskedRequest)
-        return self._guard(lambda: self._collect_masked(request, update, rng))
+        return self._guard(lambda: self._collect_masked(request, update, rng, encoded))
 
     def _collect_masked(
-        self, request: CollectMaskedRequest, update: np.ndarray, rng: RandomSource
+        self, request: CollectMaskedRequest, update: np.ndarray, rng: RandomSource, encoded: bool
     ) -> CollectMaskedReply:
         config = self._config
         if self._encryption is None or self._mask is None or self._seed is None:
@@ -471,7 +480,7 @@ class SecAggClient:
                 f"node {self._node_id} received shares from {len(senders)} neighbours, fewer "
                 f"than the threshold {config.threshold}"
             )
-        masked = quantize(update, config, rng)
+        masked = _check_encoded(update, config) if encoded else quantize(update, config, rng)
         held: dict[int, tuple[int, int]] = {}
         for entry in request.ciphertexts:
             peer = self._peers[entry.node_id]
@@ -713,3 +722,22 @@ def _state_key(key: bytes, config: SecAggConfig, node_id: int) -> bytes:
 
 def _state_associated_data(config: SecAggConfig, node_id: int) -> bytes:
     return LABEL_CLIENT_STATE + config.digest() + struct.pack(">Q", node_id)
+
+
+def _check_encoded(words: object, config: SecAggConfig) -> np.ndarray:
+    """An already-encoded input: ``vector_length`` ring words below ``2^bits``, copied.
+
+    Raises
+    ------
+    DataError
+        Otherwise.
+    """
+    if (
+        not isinstance(words, np.ndarray)
+        or words.shape != (config.vector_length,)
+        or words.dtype.kind != "u"
+    ):
+        raise DataError(f"an encoded input must be {config.vector_length} unsigned ring words")
+    if words.size and int(words.max()) >= 1 << config.bits:
+        raise DataError(f"an encoded input has words outside Z_2^{config.bits}")
+    return words.astype(config.dtype)

@@ -54,6 +54,8 @@ class ClientLevelRelease:
     noise_std: float
     denominator: float
     sensitivity: float
+    mechanism: str = "central-gaussian"
+    accountant: str | None = None  # None: the run's accountant
 
 
 @dataclass(slots=True)
@@ -77,6 +79,9 @@ class Aggregate:
     failure: FedsealError | None = None
     mean_update: np.ndarray | None = None
     central: ClientLevelRelease | None = None
+    # secure aggregation's exact signed integer sum and the round's encoded configuration
+    # (distributed DP decodes them: server.distributed)
+    unmasked: tuple[np.ndarray, bytes, int] | None = None
 
     def event(self, kind: str, payload: Mapping[str, Any]) -> None:
         self.events.append(RoundEvent(kind, dict(payload)))

@@ -179,6 +179,8 @@ class SecAggAggregator:
             self._abort(agg, server_round, exc, facts)
             return agg
         self._book_outcome(agg, server_round, cohort, done)
+        config = prepared.server.config
+        agg.unmasked = (done.result.sum_int, config.encode(), config.threshold)
         return agg
 
     def _setup_rounds(self, server_round: int) -> list[int]:

@@ -132,7 +132,13 @@ def _median_after_first(times: Sequence[float]) -> float:
 
 
 def echo_config(
-    clients: int, params: int, rounds: int, *, secagg: bool, setup_rounds: int | None = None
+    clients: int,
+    params: int,
+    rounds: int,
+    *,
+    secagg: bool,
+    setup_rounds: int | None = None,
+    distributed_dp: bool = False,
 ) -> RunConfig:
     """A run whose sites return a fixed update for a ``params``-long parameter vector."""
     fields: dict[str, Any] = dict(
@@ -158,15 +164,30 @@ def echo_config(
     for name, spec in known.items():
         if name.endswith("dp") and str(spec.type) == "bool":
             fields[name] = False
+    if distributed_dp:  # the one DP variant timed: the sites' noise is part of the protocol
+        fields.update(distributed_dp=True, secagg_bits=20)
     return RunConfig(**fields)
 
 
 def time_fedseal(
-    clients: int, params: int, rounds: int, *, secagg: bool, setup_rounds: int | None = None
+    clients: int,
+    params: int,
+    rounds: int,
+    *,
+    secagg: bool,
+    setup_rounds: int | None = None,
+    distributed_dp: bool = False,
 ) -> float:
     from simulations.engine import run_simulation
 
-    cfg = echo_config(clients, params, rounds, secagg=secagg, setup_rounds=setup_rounds)
+    cfg = echo_config(
+        clients,
+        params,
+        rounds,
+        secagg=secagg,
+        setup_rounds=setup_rounds,
+        distributed_dp=distributed_dp,
+    )
     _, results = run_simulation(cfg, cpus_per_site=1.0)
     return _median_after_first([r.seconds for r in results])
 

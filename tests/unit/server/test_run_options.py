@@ -70,6 +70,7 @@ VALUES: dict[str, tuple[str, object]] = {
     "client_epsilon": ("2", 2.0),
     "clip_norm": ("2.5", 2.5),
     "secagg_threshold": ("3", 3.0),
+    "secagg_bits": ("24", 24),
     "secagg_setup_rounds": ("4", 4),
 }
 
@@ -83,6 +84,12 @@ COMPANIONS: dict[tuple[str, str], tuple[list[str], dict[str, object]]] = {
         {"central_dp": True, "wait_sites": 4, "num_sites": 4},
     ),
     (SERVER, "central_dp"): (["--wait-sites", "4"], {"wait_sites": 4, "num_sites": 4}),
+    # distributed DP is client-level DP too (central_dp on), with the noise at the sites
+    (SIM, "distributed_dp"): ([], {"central_dp": True}),
+    (SERVER, "distributed_dp"): (
+        ["--wait-sites", "4"],
+        {"central_dp": True, "wait_sites": 4, "num_sites": 4},
+    ),
 }
 
 
