@@ -12,7 +12,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.e2e  # a whole run (about 45 s): CI's chaos step runs it
 def test_poisson_tenth_of_ten_sites_completes_every_round(tmp_path):
     rounds = 4
     cmd = [

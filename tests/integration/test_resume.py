@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from client.ledger import PUBLIC_SIZE_RUN, SiteLedger
 from server.record import SqlRecord, load_public_key
 
@@ -26,6 +28,7 @@ def _versions(db: Path) -> int:
         return 0
 
 
+@pytest.mark.e2e  # a whole run (about 45 s): CI's chaos step runs it
 def test_killed_simulation_resumes_without_counting_twice(tmp_path: Path) -> None:
     out = tmp_path / "run"
     base = [
