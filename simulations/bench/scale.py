@@ -14,6 +14,11 @@ worker actor, their helpers). The peak of the *sum* is the figure:
   over-counts shared pages (an upper bound), and is the only figure where
   PSS is unreadable.
 
+It also keeps each process's CPU time (user + system) as last seen: their
+sum is the work the run did on all cores together, which on a shared
+machine says more than the wall time (``cpu_s / cores`` is the wall time
+the same work needs at best on an idle machine of that many cores).
+
 Linux only (it reads ``/proc``); a sampler period of 0.2 s misses peaks
 shorter than that. Nothing here touches the run's privacy: it reads
 process memory sizes and the run's own ``result.json``.
@@ -42,11 +47,13 @@ RESULT_FILE = "scale.json"
 
 @dataclass(frozen=True, slots=True)
 class TreeMemory:
-    """One sample of a process tree: summed PSS and RSS in bytes, and how many processes."""
+    """One sample of a process tree: summed PSS and RSS in bytes, how many processes, and
+    each one's CPU seconds so far (user + system, ``/proc/<pid>/stat``)."""
 
     pss_bytes: int | None  # None: some process's PSS was unreadable
     rss_bytes: int
     processes: int
+    cpu_s: dict[int, float] = field(default_factory=dict)
 
 
 def _process_table() -> tuple[dict[int, list[int]], dict[int, int]]:
@@ -97,11 +104,25 @@ def _kib_field(path: Path, name: str) -> int | None:
     return None
 
 
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds ``pid`` has used so far (None: it is gone)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S  # utime, stime
+
+
 def tree_memory(root: int) -> TreeMemory:
-    """The summed PSS and RSS of ``root``'s process tree now."""
+    """The summed PSS and RSS of ``root``'s process tree now, and each process's CPU time."""
     pss_total: int | None = 0
     rss_total = 0
     count = 0
+    cpu: dict[int, float] = {}
     for pid in process_tree(root):
         rss = _kib_field(PROC / str(pid) / "status", "VmRSS")
         if rss is None:
@@ -110,7 +131,9 @@ def tree_memory(root: int) -> TreeMemory:
         rss_total += rss
         pss = _kib_field(PROC / str(pid) / "smaps_rollup", "Pss")
         pss_total = None if pss is None or pss_total is None else pss_total + pss
-    return TreeMemory(pss_total, rss_total, count)
+        if (used := _cpu_seconds(pid)) is not None:
+            cpu[pid] = used
+    return TreeMemory(pss_total, rss_total, count, cpu)
 
 
 @dataclass(slots=True)
@@ -127,6 +150,7 @@ class PeakSampler:
     peak_rss_bytes: int = 0
     peak_processes: int = 0
     samples: int = 0
+    cpu_s: dict[int, float] = field(default_factory=dict)  # each process's last-seen CPU time
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -136,10 +160,17 @@ class PeakSampler:
         self.samples += 1
         self.peak_rss_bytes = max(self.peak_rss_bytes, now.rss_bytes)
         self.peak_processes = max(self.peak_processes, now.processes)
+        self.cpu_s.update(now.cpu_s)
         if now.pss_bytes is None or self.peak_pss_bytes is None:
             self.peak_pss_bytes = None
         else:
             self.peak_pss_bytes = max(self.peak_pss_bytes, now.pss_bytes)
+
+    @property
+    def total_cpu_s(self) -> float:
+        """CPU seconds the tree used, as last seen of each process (a process's last
+        :attr:`period_s` before it exited is missed)."""
+        return sum(self.cpu_s.values())
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -169,6 +200,7 @@ class ScaleResult:
     peak_rss_mib: float
     peak_processes: int
     samples: int
+    cpu_s: float  # user + system seconds of every process of the run (all cores together)
     load_average_before: tuple[float, float, float]
     load_average_after: tuple[float, float, float]
     cpus: int
@@ -245,6 +277,7 @@ def run_scale(
         peak_rss_mib=round(sampler.peak_rss_bytes / mib),
         peak_processes=sampler.peak_processes,
         samples=sampler.samples,
+        cpu_s=round(sampler.total_cpu_s, 1),
         load_average_before=load_before,
         load_average_after=os.getloadavg(),
         cpus=os.cpu_count() or 1,
