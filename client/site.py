@@ -3,7 +3,10 @@
 In deployment the SuperNode's node config names the site's data file
 (``data-path``); in simulation Flower gives each virtual node a
 ``partition-id`` of ``num-partitions`` and the site takes that share of the
-embedded dataset's training pool (never the server's held-out part).
+embedded dataset's training pool (never the server's held-out part). A
+process that runs many simulated sites (a Ray actor) holds the dataset once,
+read-only, and partitions it once; each site's splits are row numbers into
+it (:func:`site_rows`), not copies.
 
 Feature scaling (:func:`common.data.scaler_for`): the site's declared
 public bounds (node config ``feature-bounds``, ``fedseal-client start
