@@ -3,7 +3,10 @@
 In deployment the SuperNode's node config names the site's data file
 (``data-path``); in simulation Flower gives each virtual node a
 ``partition-id`` of ``num-partitions`` and the site takes that share of the
-embedded dataset's training pool (never the server's held-out part).
+embedded dataset's training pool (never the server's held-out part). A
+process that runs many simulated sites (a Ray actor) holds the dataset once,
+read-only, and partitions it once; each site's splits are row numbers into
+it (:func:`site_rows`), not copies.
 
 Feature scaling (:func:`common.data.scaler_for`): the site's declared
 public bounds (node config ``feature-bounds``, ``fedseal-client start
@@ -45,10 +48,10 @@ from common.data import (
     Dataset,
     Examples,
     FeatureBounds,
+    holdout_indices,
     load_builtin,
     load_site_file,
     scaler_for,
-    split_holdout_stratified,
     split_indices,
 )
 from common.data_cache import file_sha256, load_site_file_cached
@@ -99,16 +102,58 @@ class SiteData:
 
 
 def site_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> Dataset:
-    """The simulated site's share of the embedded dataset's training pool."""
+    """The simulated site's share of the embedded dataset's training pool (a copy)."""
+    data, rows = site_rows(cfg, partition_id, num_partitions)
+    return data.subset(rows)
+
+
+def site_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[Dataset, np.ndarray]:
+    """The embedded dataset and the row numbers (into it) of the simulated site's share.
+
+    The dataset is the process's one read-only copy (:func:`common.data.load_builtin`)
+    and the partition of its training pool is made once per process and
+    federation size (:func:`_partitions`), so a process that runs many
+    simulated sites holds the data once and each site only its row numbers.
+    """
     if not (0 <= partition_id < num_partitions):
         raise ConfigurationError(f"partition-id {partition_id} outside [0, {num_partitions})")
-    pool, _ = split_holdout_stratified(load_builtin(cfg.dataset), cfg.test_fraction, cfg.seed)
-    rng = seeded_generator(cfg.seed)
-    if cfg.partition == "iid":
+    data = load_builtin(cfg.dataset, synthetic_rows=cfg.synthetic_rows)
+    parts = _partitions(
+        cfg.dataset,
+        cfg.synthetic_rows,
+        cfg.test_fraction,
+        cfg.seed,
+        cfg.partition,
+        cfg.alpha,
+        num_partitions,
+    )
+    return data, parts[partition_id]
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(
+    dataset: str,
+    synthetic_rows: int,
+    test_fraction: float,
+    seed: int,
+    partition: str,
+    alpha: float,
+    num_partitions: int,
+) -> tuple[np.ndarray, ...]:
+    """Every simulated site's rows of the training pool (read-only), made once per process."""
+    data = load_builtin(dataset, synthetic_rows=synthetic_rows)
+    pool, _ = holdout_indices(data, test_fraction, seed)
+    rng = seeded_generator(seed)
+    if partition == "iid":
         parts = iid_partition(len(pool), num_partitions, rng)
     else:
-        parts = dirichlet_partition(pool.y, num_partitions, cfg.alpha, rng)
-    return pool.subset(parts[partition_id])
+        parts = dirichlet_partition(data.y[pool], num_partitions, alpha, rng)
+    out = []
+    for part in parts:
+        rows = pool[part]
+        rows.setflags(write=False)
+        out.append(rows)
+    return tuple(out)
 
 
 def load_site_data(
@@ -213,6 +258,7 @@ def _load_cached(
 ) -> SiteData:
     node_config = dict(node_key)
     dataset_id = site_dataset_id(cfg, node_config)
+    rows: np.ndarray | None = None  # a simulated site's rows of the shared dataset
     if "data-path" in node_config:
         path = Path(node_config["data-path"])
         label_column = node_config.get("label-column", "label")
@@ -230,11 +276,15 @@ def _load_cached(
         if cfg.dataset == "custom":
             raise ConfigurationError("dataset 'custom' needs a data-path in the node config")
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        data = site_partition(cfg, pid, n)
+        # A view: the process's shared dataset and this site's row numbers, never a copy.
+        data, rows = site_rows(cfg, pid, n)
     task.shape_examples(data.x[:1])  # the run's feature count, or ConfigurationError
     # Split with a generator keyed by the dataset id, so reruns give the same split.
     digest = int.from_bytes(hashlib.sha256(dataset_id.encode()).digest()[:8], "big")
-    train, test = split_indices(len(data), LOCAL_TEST_FRACTION, seeded_generator(digest))
+    count = len(data) if rows is None else len(rows)
+    train, test = split_indices(count, LOCAL_TEST_FRACTION, seeded_generator(digest))
+    if rows is not None:
+        train, test = rows[train], rows[test]
     scaler = scaler_for(
         data,
         private=cfg.dp,

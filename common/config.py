@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from common.data import SYNTHETIC_DEFAULT_ROWS, check_synthetic_rows
 from common.errors import ConfigurationError
 
-DATASETS = ("digits", "breast_cancer", "custom")
+DATASETS = ("digits", "breast_cancer", "synthetic", "custom")
 MODELS = ("auto", "mlp", "cnn", "linear", "vector")
 # "train": sites train on their data. "echo": sites skip training and return a fixed
 # update (protocol benchmarks measure aggregation cost alone).
@@ -52,6 +53,9 @@ class RunConfig:
     partition: str = "iid"
     alpha: float = 0.5
     test_fraction: float = 0.2
+    # rows of the generated "synthetic" dataset (common.data.make_synthetic); other datasets
+    # ignore it. The default gives each of 1,000 sites 100+ training records.
+    synthetic_rows: int = SYNTHETIC_DEFAULT_ROWS
     # federation
     num_sites: int = 10  # simulation only: virtual sites
     rounds: int = 5
@@ -179,6 +183,7 @@ class RunConfig:
         _non_negative_int("num_classes", self.num_classes)
         _fraction("fraction_train", self.fraction_train)
         _positive_float("alpha", self.alpha)
+        check_synthetic_rows(self.synthetic_rows)
         _positive_float("learning_rate", self.learning_rate)
         _positive_float("round_timeout_s", self.round_timeout_s)
         _non_negative_int("wait_sites", self.wait_sites)

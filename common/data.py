@@ -20,6 +20,7 @@ parsing again.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import numpy as np
 
 from common.errors import ConfigurationError, DataError
 
-BUILTIN_DATASETS = ("digits", "breast_cancer")
+BUILTIN_DATASETS = ("digits", "breast_cancer", "synthetic")
 MAX_SITE_FILE_BYTES = 2 * 1024**3
 SITE_FILE_SUFFIXES = (".csv", ".npz")
 # Rows parsed at once (a CSV block as float64: BLOCK_ROWS x columns x 8 bytes).
@@ -236,8 +237,108 @@ class Dataset:
         )
 
 
-def load_builtin(name: str) -> Dataset:
-    """Load one of scikit-learn's bundled datasets (no network access)."""
+# ---------------------------------------------------------------- the generated dataset
+
+# ``synthetic``: scikit-learn's ``make_classification`` with these published settings and
+# seed, so that it is the same public table everywhere (nothing downloaded, no run's seed
+# in it) and large enough for federations of a thousand sites (1,000 sites x 100+
+# training records at the default size, :data:`SYNTHETIC_DEFAULT_ROWS`).
+SYNTHETIC_SEED = 15_000
+SYNTHETIC_FEATURES = 20
+SYNTHETIC_INFORMATIVE = 12
+SYNTHETIC_CLASSES = 10
+SYNTHETIC_CLASS_SEP = 1.5
+SYNTHETIC_BOUND = 6.0
+SYNTHETIC_DEFAULT_ROWS = 160_000
+SYNTHETIC_MIN_ROWS = 2 * SYNTHETIC_CLASSES
+SYNTHETIC_MAX_ROWS = 10_000_000
+# The published range of every synthetic feature: values are clipped to it when the table
+# is made, so scaling by it (record-level DP, :func:`scaler_for`) uses no one's records.
+SYNTHETIC_BOUNDS = FeatureBounds.uniform(-SYNTHETIC_BOUND, SYNTHETIC_BOUND)
+
+
+def check_synthetic_rows(rows: object) -> int:
+    """``rows`` if it is a valid size of the synthetic dataset.
+
+    Raises
+    ------
+    ConfigurationError
+        Not an integer in ``[SYNTHETIC_MIN_ROWS, SYNTHETIC_MAX_ROWS]``.
+    """
+    if (
+        isinstance(rows, bool)
+        or not isinstance(rows, int)
+        or not SYNTHETIC_MIN_ROWS <= rows <= SYNTHETIC_MAX_ROWS
+    ):
+        raise ConfigurationError(
+            f"synthetic_rows must be an integer in [{SYNTHETIC_MIN_ROWS}, "
+            f"{SYNTHETIC_MAX_ROWS}], got {rows!r}"
+        )
+    return rows
+
+
+def make_synthetic(rows: int = SYNTHETIC_DEFAULT_ROWS) -> Dataset:
+    """The generated ``synthetic`` dataset of ``rows`` rows (float32, 20 features, 10 classes).
+
+    ``make_classification`` (Guyon 2003's design: Gaussian clusters on the
+    vertices of a hypercube, plus noise features) with the module's published
+    settings and :data:`SYNTHETIC_SEED`; a given ``rows`` always gives the
+    same table. Every feature is clipped to ``[-SYNTHETIC_BOUND,
+    SYNTHETIC_BOUND]`` (:data:`SYNTHETIC_BOUNDS`, declared as the dataset's
+    published bounds, like digits' 0..16); the clip touches only the far
+    tails of the Gaussians.
+
+    Raises
+    ------
+    ConfigurationError
+        ``rows`` outside :func:`check_synthetic_rows`' range.
+    """
+    from sklearn.datasets import make_classification
+    from threadpoolctl import threadpool_limits
+
+    # One BLAS thread: the same bits whatever the machine's thread count, and no stall of
+    # OpenBLAS's thread pool in a thread of a process that also runs Ray (seen in the
+    # ServerApp's thread, where the multi-threaded product did not finish for minutes).
+    with threadpool_limits(limits=1, user_api="blas"):
+        x, y = make_classification(
+            n_samples=check_synthetic_rows(rows),
+            n_features=SYNTHETIC_FEATURES,
+            n_informative=SYNTHETIC_INFORMATIVE,
+            n_redundant=0,
+            n_classes=SYNTHETIC_CLASSES,
+            n_clusters_per_class=1,
+            class_sep=SYNTHETIC_CLASS_SEP,
+            random_state=SYNTHETIC_SEED,
+        )
+    x = np.clip(x, -SYNTHETIC_BOUND, SYNTHETIC_BOUND).astype(np.float32)
+    return Dataset(x, y.astype(np.int64), SYNTHETIC_CLASSES, "synthetic", None, SYNTHETIC_BOUNDS)
+
+
+def load_builtin(name: str, *, synthetic_rows: int = SYNTHETIC_DEFAULT_ROWS) -> Dataset:
+    """One of the built-in datasets (no network access): scikit-learn's bundled or generated.
+
+    Loaded (or generated) once per process and shared: the arrays of the
+    returned dataset are read-only, so every simulated site of a process
+    can take views of them (:mod:`client.site`) instead of copies.
+    ``synthetic_rows`` is the size of ``synthetic`` (:func:`make_synthetic`)
+    and ignored for the others.
+    """
+    if name not in BUILTIN_DATASETS:
+        raise DataError(
+            f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}"
+        )
+    return _load_builtin(name, synthetic_rows if name == "synthetic" else 0)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_builtin(name: str, synthetic_rows: int) -> Dataset:
+    data = make_synthetic(synthetic_rows) if name == "synthetic" else _load_bundled(name)
+    data.x.setflags(write=False)
+    data.y.setflags(write=False)
+    return data
+
+
+def _load_bundled(name: str) -> Dataset:
     from sklearn import datasets as skd
 
     if name == "digits":
@@ -742,10 +843,18 @@ def split_holdout_stratified(
     Simulated sites share only the first part; the second part is the server's
     own evaluation data.
     """
+    pool, holdout = holdout_indices(data, test_fraction, seed)
+    return data.subset(pool), data.subset(holdout)
+
+
+def holdout_indices(
+    data: Dataset, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted row numbers of :func:`split_holdout_stratified`'s two parts (no copies)."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(data))
     pool, holdout = train_test_split(
         idx, test_size=test_fraction, random_state=seed, stratify=data.y
     )
-    return data.subset(np.sort(pool)), data.subset(np.sort(holdout))
+    return np.sort(pool), np.sort(holdout)

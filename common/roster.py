@@ -213,6 +213,10 @@ class Roster:
     _by_identity: dict[bytes, RosterMember] = field(
         init=False, repr=False, compare=False, hash=False, default_factory=dict
     )
+    # The canonical signed bytes and their digest, made once: every message a site handles
+    # checks the roster, and at a thousand members the bytes take milliseconds to build.
+    _signed: bytes = field(init=False, repr=False, compare=False, hash=False, default=b"")
+    _digest: bytes = field(init=False, repr=False, compare=False, hash=False, default=b"")
 
     def __post_init__(self) -> None:
         _check_header(self.federation, self.version, self.coordinator_key)
@@ -224,6 +228,16 @@ class Roster:
         if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_BYTES:
             raise ConfigurationError(f"roster signature must be {SIGNATURE_BYTES} bytes")
         object.__setattr__(self, "_by_identity", {m.identity_key: m for m in members})
+        signed = _signed_bytes(
+            self.federation, self.version, self.coordinator_key, members, self.authority_key
+        )
+        object.__setattr__(self, "_signed", signed)
+        object.__setattr__(self, "_digest", hashlib.sha256(signed).digest())
+
+    def __hash__(self) -> int:
+        # Equal rosters have equal digests (and signatures): consistent with the field-wise
+        # equality, without hashing a thousand members on every cache look-up.
+        return hash((self._digest, self.signature))
 
     def signed_bytes(self) -> bytes:
         """The canonical bytes the authority signs: domain, then each field length-prefixed.
@@ -233,13 +247,11 @@ class Roster:
         name || identity key || node-auth key (flag, text)``; every variable
         field is prefixed with its length (u32, big-endian).
         """
-        return _signed_bytes(
-            self.federation, self.version, self.coordinator_key, self.members, self.authority_key
-        )
+        return self._signed
 
     def digest(self) -> bytes:
         """SHA-256 of :meth:`signed_bytes` (32 bytes): what ``trust.roster_digest`` pins."""
-        return hashlib.sha256(self.signed_bytes()).digest()
+        return self._digest
 
     def member_by_identity(self, identity_key: bytes) -> RosterMember | None:
         """The member with this identity key (32 raw bytes), or None."""

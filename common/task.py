@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.config import RunConfig
-from common.data import Dataset, load_builtin
+from common.data import SYNTHETIC_CLASSES, SYNTHETIC_FEATURES, Dataset, load_builtin
 from common.errors import ConfigurationError
 
 if TYPE_CHECKING:  # torch is imported when a model is built, not with the task
@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # torch is imported when a model is built, not with the task
 BUILTIN_SHAPES: dict[str, tuple[int, int, tuple[int, int, int] | None]] = {
     "digits": (64, 10, (1, 8, 8)),
     "breast_cancer": (30, 2, None),
+    "synthetic": (SYNTHETIC_FEATURES, SYNTHETIC_CLASSES, None),
 }
 
 

@@ -161,10 +161,10 @@ class RunBook:
 
     # ---------------------------------------------------------------- rounds
     def nodes_seen(self, node_ids: Sequence[int]) -> None:
-        for n in node_ids:
-            if n not in self._nodes:
-                self.record.record_node(self.run_id, n, True, "connected")
-                self._nodes.add(n)
+        new = list(dict.fromkeys(n for n in node_ids if n not in self._nodes))
+        if new:
+            self.record.record_nodes(self.run_id, new, True, "connected")  # one commit
+            self._nodes.update(new)
 
     def node_admission(self, node_id: int, allowed: bool, reason: str) -> None:
         """A node's admission decision under the server policy (recorded once per node)."""

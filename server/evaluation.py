@@ -45,7 +45,9 @@ class HeldOut:
 
     def __init__(self, cfg: RunConfig, task: TaskSpec) -> None:
         _, holdout = split_holdout_stratified(
-            load_builtin(cfg.dataset), cfg.test_fraction, cfg.seed
+            load_builtin(cfg.dataset, synthetic_rows=cfg.synthetic_rows),
+            cfg.test_fraction,
+            cfg.seed,
         )
         scaler = scaler_for(holdout, private=cfg.dp)
         self.x = task.shape_examples(scaler.transform(holdout.x))

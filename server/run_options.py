@@ -290,6 +290,13 @@ SIMULATED_DATA_OPTIONS: tuple[RunOption, ...] = (
         choices=PARTITIONS,
     ),
     _option("alpha", "--alpha", help="Dirichlet concentration (dirichlet partition)."),
+    _option(
+        "synthetic_rows",
+        "--synthetic-rows",
+        help="Rows of the generated dataset (--dataset synthetic); the default gives "
+        "1,000 sites 100+ training records each.",
+        min=1,
+    ),
 )
 SITE_FILE_OPTIONS: tuple[RunOption, ...] = (
     _option(

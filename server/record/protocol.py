@@ -173,6 +173,19 @@ class Record(Protocol):
         """Record an admission decision and append ``node_admitted`` / ``node_denied``."""
         ...
 
+    def record_nodes(
+        self,
+        run_id: str,
+        node_ids: Sequence[int],
+        admitted: bool,
+        reason: str,
+        *,
+        name: str | None = None,
+        actor: str = "server",
+    ) -> list[NodeEntry]:
+        """:meth:`record_node` for each of ``node_ids``, in order, in one transaction."""
+        ...
+
     def nodes(self, run_id: str) -> list[NodeEntry]:
         """Admission decisions of a run, in order."""
         ...

@@ -172,26 +172,47 @@ class Runs:
         actor: str = "server",
     ) -> NodeEntry:
         """Record an admission decision and append ``node_admitted`` / ``node_denied``."""
-        nid = check_node_id(node_id)
-        when = utc_now()
+        return self.record_nodes(run_id, [node_id], admitted, reason, name=name, actor=actor)[0]
 
-        def work(session: Session) -> NodeEntry:
+    def record_nodes(
+        self,
+        run_id: str,
+        node_ids: Sequence[int],
+        admitted: bool,
+        reason: str,
+        *,
+        name: str | None = None,
+        actor: str = "server",
+    ) -> list[NodeEntry]:
+        """:meth:`record_node` for each of ``node_ids``, in order, in one transaction.
+
+        Each node gets its own row and its own audit event, exactly as one
+        call per node would write them; one commit instead of one per node
+        (a thousand sites connecting at once cost a thousand synced commits).
+        """
+        nids = [(n, check_node_id(n)) for n in node_ids]
+        when = utc_now()
+        kind = "node_admitted" if admitted else "node_denied"
+
+        def work(session: Session) -> list[NodeEntry]:
             require_run(session, run_id)
-            session.add(
-                NodeRow(
-                    run_id=run_id,
-                    node_id=nid,
-                    name=name,
-                    admitted=bool(admitted),
-                    reason=reason,
-                    time=when,
+            out = []
+            for node_id, nid in nids:
+                session.add(
+                    NodeRow(
+                        run_id=run_id,
+                        node_id=nid,
+                        name=name,
+                        admitted=bool(admitted),
+                        reason=reason,
+                        time=when,
+                    )
                 )
-            )
-            kind = "node_admitted" if admitted else "node_denied"
-            self._audit.append(
-                session, run_id, kind, actor, {"node_id": nid, "name": name, "reason": reason}
-            )
-            return NodeEntry(run_id, node_id, name, bool(admitted), reason, when)
+                self._audit.append(
+                    session, run_id, kind, actor, {"node_id": nid, "name": name, "reason": reason}
+                )
+                out.append(NodeEntry(run_id, node_id, name, bool(admitted), reason, when))
+            return out
 
         return self._db.write(work)
 

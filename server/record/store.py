@@ -221,6 +221,19 @@ class SqlRecord:
         """Record an admission decision (:meth:`Runs.record_node`)."""
         return self._runs.record_node(run_id, node_id, admitted, reason, name=name, actor=actor)
 
+    def record_nodes(
+        self,
+        run_id: str,
+        node_ids: Sequence[int],
+        admitted: bool,
+        reason: str,
+        *,
+        name: str | None = None,
+        actor: str = "server",
+    ) -> list[NodeEntry]:
+        """The same decision for many nodes, in one transaction (:meth:`Runs.record_nodes`)."""
+        return self._runs.record_nodes(run_id, node_ids, admitted, reason, name=name, actor=actor)
+
     def nodes(self, run_id: str) -> list[NodeEntry]:
         """Admission decisions of a run (:meth:`Runs.nodes`)."""
         return self._runs.nodes(run_id)

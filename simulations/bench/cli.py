@@ -519,3 +519,62 @@ def breakdown_table(report: Any) -> Table:
                 *(_fmt(p.median if (p := phases.get(name)) else None, ".2f") for name, _ in PHASES),
             )
     return table
+
+
+@bench_app.command("scale")
+def scale_cmd(
+    out: Annotated[
+        Path, typer.Option("--out", help="Fresh run directory (the run's, plus scale.json).")
+    ],
+    clients: Annotated[int, typer.Option("--clients", min=2, help="Virtual sites.")] = 1000,
+    fraction: Annotated[float, typer.Option("--fraction", help="Sites sampled per round.")] = 0.1,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Rounds.")] = 10,
+    dp: Annotated[bool, typer.Option("--dp/--no-dp", help="Record-level DP-SGD.")] = True,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout", help="Seconds before the run is killed.")
+    ] = 3600.0,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """One `fedseal-sim run --dataset synthetic` of many sites (secure aggregation on): wall
+    time and the peak memory summed over all its processes, Ray's included
+    (:mod:`simulations.bench.scale`)."""
+    from simulations.bench.scale import run_scale
+
+    args = [
+        "--dataset",
+        "synthetic",
+        "--clients",
+        str(clients),
+        "--fraction",
+        str(fraction),
+        "--rounds",
+        str(rounds),
+        "--dp" if dp else "--no-dp",
+        "--secagg",
+    ]
+    try:
+        result = run_scale(args, out, timeout_s=timeout_s)
+    except FedsealError as exc:
+        err.print(f"[red]benchmark failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if json_out:
+        _emit_json(result.to_json())
+    else:
+        table = Table(title=f"fedseal-sim run at scale ({result.started_utc})")
+        for col in ("sites", "rounds done", "wall s", "peak PSS MiB", "peak RSS MiB", "load 1m"):
+            table.add_column(col, justify="right")
+        table.add_row(
+            str(clients),
+            f"{result.rounds_completed}/{rounds}",
+            f"{result.wall_s:.0f}",
+            _fmt(result.peak_pss_mib, ".0f"),
+            f"{result.peak_rss_mib:.0f}",
+            f"{result.load_average_before[0]:.1f}-{result.load_average_after[0]:.1f}",
+        )
+        Console().print(table)
+        Console().print(f"{result.command}; figures in {out / 'scale.json'}, log in run.log")
+    if result.exit_code != 0:
+        err.print(f"[red]the run failed (exit {result.exit_code}); see {out / 'run.log'}[/red]")
+        raise typer.Exit(1)

@@ -45,6 +45,7 @@ VALUES: dict[str, tuple[str, object]] = {
     "num_classes": ("3", 3),
     "partition": ("dirichlet", "dirichlet"),
     "alpha": ("0.25", 0.25),
+    "synthetic_rows": ("5000", 5000),
     "rounds": ("7", 7),
     "fraction_train": ("0.5", 0.5),
     "min_sites": ("3", 3),
