@@ -343,11 +343,11 @@ def round_plan(site: SiteContext, data: SiteData, ledger: SiteLedger) -> RoundPl
         raise RoundRefused(UNDECLARED_DATASET_ID)
     budget, delta = site_budget(site, data.dataset_id)
     cfg = site.cfg
-    true_size = len(data.y_train)
+    true_size, noise_std = len(data.y_train), size_noise_std(site)
     released = ledger.public_size(
         data.dataset_id,
-        noise_std=size_noise_std(site),
-        draw=lambda: noisy_size(true_size, size_noise_std(site)),
+        noise_std=noise_std,
+        draw=lambda: noisy_size(true_size, noise_std),
         delta=delta,
         accountant=cfg.accountant,
         budget=budget,

@@ -68,6 +68,7 @@ approximately.
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import weakref
@@ -281,7 +282,7 @@ class _Clipper:
         self._written[id(p)] = (weakref.ref(grad), grad._version)
 
 
-class _Tap:
+class _Tap(abc.ABC):
     """One layer: its records of the current pass and its per-example maths."""
 
     kind = ""
@@ -302,14 +303,17 @@ class _Tap:
             if isinstance(p, nn.Parameter) and p.requires_grad:
                 yield pname, p
 
+    @abc.abstractmethod
     def prepare(self) -> LayerMethod:
-        raise NotImplementedError
+        """Each layer kind's own (prepare); the base class has none."""
 
+    @abc.abstractmethod
     def sq_norms(self) -> torch.Tensor:
-        raise NotImplementedError
+        """Each layer kind's own (sq_norms); the base class has none."""
 
+    @abc.abstractmethod
     def clipped_sums(self, factor: torch.Tensor) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-        raise NotImplementedError
+        """Each layer kind's own (clipped_sums); the base class has none."""
 
 
 def _ghost_or_materialise(
@@ -351,11 +355,13 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
 class _MatrixTap(_Tap):
     """Shared maths of Linear and Conv2d: ``grad_i W = G_i^T A_i`` over positions."""
 
+    @abc.abstractmethod
     def _matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Each layer kind's own (_matrices); the base class has none."""
 
+    @abc.abstractmethod
     def _bias_rows(self) -> torch.Tensor:
-        raise NotImplementedError
+        """Each layer kind's own (_bias_rows); the base class has none."""
 
     def prepare(self) -> LayerMethod:
         a, g = self._matrices()  # (B, T, d_in), (B, T, d_out)
